@@ -1,0 +1,327 @@
+"""Invariants of advmoe.py. CPU only, offline (synthetic data), a few minutes on 2 cores:
+    python -m pytest -q test_advmoe.py
+"""
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import advmoe as A
+
+HERE = Path(__file__).resolve().parent
+torch.set_num_threads(2)
+
+
+def tiny(**kw) -> A.Settings:
+    """Settings for fast CPU runs on the synthetic set."""
+    base = dict(dataset="synthetic", arch="resnet18", method="advmoe", ratio=0.25, epochs=1, batch_size=32,
+                synthetic_train=64, synthetic_test=16, test_steps=3, quick_eval_n=0, device="cpu", log_every=1000)
+    return A.Settings(**{**base, **kw})
+
+
+def moe(arch="resnet18", **kw) -> A.MoECNN:
+    return A.MoECNN(arch, 10, 32, kw.pop("ratio", 0.5), kw.pop("n_experts", 2), **kw)
+
+
+# ---------------------------------------------------------------------------------------- models
+@pytest.mark.parametrize("arch,dense_params", [("resnet18", 11_173_962), ("wrn28_10", 36_479_194),
+                                               ("vgg16", 14_724_042), ("densenet", 176_122)])
+def test_parameter_counts_shapes_and_cost(arch, dense_params):
+    x = torch.rand(2, 3, 32, 32)
+    dense, sdense, mixture = A.MoECNN(arch, 10, 32), A.MoECNN(arch, 10, 32, 0.5, 1), moe(arch)
+    # Dense matches the published size of each backbone (CIFAR versions, 10 classes).
+    assert A.count_params(dense)["total"] == dense_params
+    # S-Dense keeps r*C channels everywhere: about r^2 of the parameters.
+    assert 0.2 < A.count_params(sdense)["total"] / dense_params < 0.3
+    # MoE at N=2, r=0.5: two S-Dense-sized experts per routed layer plus routers.
+    routers = A.count_params(mixture)["routers"]
+    assert routers > 0 and A.count_params(mixture)["total"] > 1.8 * A.count_params(sdense)["total"]
+    for model in (dense, sdense, mixture):
+        assert model(x).shape == (2, 10)
+    g_dense, g_sdense, g_moe = (A.gflops_per_input(m, x) for m in (dense, sdense, mixture))
+    # Per input, MoE = S-Dense pathway + routers, under half of Dense (the paper's claim, counted as executed).
+    assert g_sdense < g_moe < 1.01 * g_sdense
+    assert g_moe < 0.5 * g_dense
+
+
+@pytest.mark.parametrize("size", [64, 224])
+def test_imagenet_size_inputs(size):
+    for arch in ("resnet18", "vgg16"):
+        model = A.MoECNN(arch, 200, size, 0.5, 2)
+        logits, gates = model(torch.rand(2, 3, size, size), return_routing=True)
+        assert logits.shape == (2, 200) and len(gates) > 0
+
+
+def test_return_routing_lists_every_moe_layer():
+    model = moe("resnet18")
+    logits, gates = model(torch.rand(5, 3, 32, 32), return_routing=True)
+    assert len(gates) == 16  # two routed convs in each of 8 blocks
+    for g in gates:
+        assert g.logits.shape == (5, 2) and g.choice.shape == (5,)
+        assert torch.equal(g.scale.detach(), torch.ones(5))  # straight-through: value exactly 1
+    assert torch.equal(model(torch.zeros(1, 3, 32, 32)), model(torch.zeros(1, 3, 32, 32)))  # no state kept
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "wrn28_10", "vgg16", "densenet"])
+@pytest.mark.parametrize("router", ["layer", "global"])
+def test_sparse_path_equals_masked_reference(arch, router):
+    """Outputs, gradients (routers included) and BatchNorm running statistics, float64, train and eval."""
+    torch.manual_seed(0)
+    sparse = moe(arch, ratio=0.25 if arch == "wrn28_10" else 0.5, router=router).double()
+    masked = copy.deepcopy(sparse)
+    x = torch.rand(8, 3, 32, 32, dtype=torch.float64)
+    for training in (True, False):
+        results = []
+        for model, dispatch in ((sparse, "sparse"), (masked, "masked")):
+            model.train(training).zero_grad()
+            logits, gates = model(x, return_routing=True, dispatch=dispatch)
+            logits.square().sum().backward()
+            grads = [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in model.parameters()]
+            results.append((logits.detach(), grads, torch.stack([g.choice for g in gates]), list(model.buffers())))
+        (ys, gs, cs, bs), (ym, gm, cm, bm) = results
+        assert torch.equal(cs, cm)
+        if router == "layer" and training:  # meaningful only if inputs really go to different experts
+            assert any(len(c.unique()) > 1 for c in cs)
+        torch.testing.assert_close(ys, ym, rtol=1e-10, atol=1e-10)
+        for a, b in zip(gs, gm):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+        for a, b in zip(bs, bm):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_sparse_path_updates_per_expert_batchnorm_statistics():
+    model = moe("resnet18").train()
+    layer = model.backbone.blocks[0].conv1
+    before = layer.bn.running_mean.clone()
+    _, gates = model(torch.rand(16, 3, 32, 32), return_routing=True)
+    used = gates[0].choice.unique().tolist()
+    for e in range(2):
+        changed = not torch.equal(before[layer.expert(e)], layer.bn.running_mean[layer.expert(e)])
+        assert changed == (e in used)
+
+
+def test_gradients_reach_every_router():
+    for router in ("layer", "global"):
+        torch.manual_seed(0)
+        model = moe("resnet18", ratio=0.25, router=router)
+        s = tiny(router=router)
+        x, y = torch.rand(16, 3, 32, 32), torch.randint(10, (16,))
+        loss, _ = A.robust_loss(model, x, y, s)
+        loss.backward()
+        for name, p in model.named_parameters():
+            if "router" in name:
+                assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_forced_routing_sends_every_input_to_one_expert():
+    model = moe("resnet18").eval()
+    _, gates = model(torch.rand(6, 3, 32, 32), return_routing=True, force=1)
+    assert all(bool((g.choice == 1).all()) for g in gates)
+
+
+# --------------------------------------------------------------------------------- attacks, losses
+def calibrated(model, n=64):
+    """Set BatchNorm running statistics to one batch's statistics so that eval mode is meaningful at init."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = 1.0
+    with torch.no_grad():
+        model.train()(torch.rand(n, 3, 32, 32))
+    return model
+
+
+def test_pgd_stays_in_ball_and_box_and_raises_the_loss():
+    torch.manual_seed(0)
+    model = calibrated(moe("resnet18", ratio=0.25))
+    x, y, eps = torch.rand(16, 3, 32, 32), torch.randint(10, (16,)), 8 / 255
+    x[:4] = 0.0  # inputs at the box's edges
+    x[4:8] = 1.0
+    objective = A.ce_objective(model, y)
+    x_adv = A.pgd(model, x, objective, eps, 2 / 255, 10)
+    assert (x_adv - x).abs().max() <= eps + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+    assert model.training  # the attack restored the mode it found
+    noisy = (x + eps * (2 * torch.rand_like(x) - 1)).clamp(0, 1)
+    with torch.no_grad(), A.evaluating(model):
+        clean, random, attacked = objective(x), objective(noisy), objective(x_adv)
+    assert attacked > 1.2 * clean and attacked > 1.2 * random
+    s = tiny()
+    x_tr = A.training_attack(model, x, y, s)
+    assert (x_tr - x).abs().max() <= s.eps + 1e-6 and x_tr.min() >= 0 and x_tr.max() <= 1
+
+
+def test_kl_is_finite_where_softmax_underflows():
+    p = torch.tensor([[1e4, -1e4, 0.0]], requires_grad=True)
+    q = torch.tensor([[-1e4, 1e4, 0.0]], requires_grad=True)
+    kl = A.kl_from_logits(p, q)
+    kl.backward()
+    assert torch.isfinite(kl) and torch.isfinite(p.grad).all() and torch.isfinite(q.grad).all()
+    a = torch.randn(4, 10)
+    torch.testing.assert_close(A.kl_from_logits(a, a), torch.tensor(0.0))
+
+
+def test_trades_loss_matches_its_formula():
+    logits, logits_adv, y = torch.randn(8, 10), torch.randn(8, 10), torch.randint(10, (8,))
+    p, q = logits.softmax(1), logits_adv.softmax(1)
+    expected = F.cross_entropy(logits, y) + 6.0 * (p * (p.log() - q.log())).sum(1).mean()
+    torch.testing.assert_close(A.trades_loss(logits, logits_adv, y, 6.0), expected)
+
+
+def test_balance_term_is_one_when_balanced_and_larger_when_collapsed():
+    s = tiny(balance=1.0)
+    y = torch.zeros(4, dtype=torch.long)
+    uniform = A.top1_gate(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]))
+    collapsed = A.top1_gate(torch.tensor([[5.0, 0.0]] * 4))
+    assert A.routing_regularizer([uniform], y, s) < A.routing_regularizer([collapsed], y, s)
+    assert abs(A.routing_regularizer([collapsed], y, s).item() - 2 * 0.9933) < 1e-3  # N * 1 * P_0
+
+
+# ------------------------------------------------------------------------------------ training
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_each_advmoe_level_changes_only_its_own_parameters():
+    torch.manual_seed(0)
+    s = tiny()
+    model = A.build_model(s, 10, 32)
+    opts = A.make_optimizers(model, s, torch.device("cpu"))
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(10, (16,))
+    for name, is_router in (("phi", True), ("psi", False)):
+        before = snapshot(model)
+        A.level(model, opts[name], x, y, s)
+        moved = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+        own = {n for n, _ in model.named_parameters() if ("router" in n) == is_router}
+        assert moved and moved <= own, moved - own   # something moved, and only this level's parameters
+        assert len(moved) > 0.9 * len(own)           # and nearly all of them (a few may get no gradient)
+
+
+def test_advmoe_step_uses_two_batches_and_reports_both_levels():
+    torch.manual_seed(0)
+    s = tiny()
+    model = A.build_model(s, 10, 32)
+    opts = A.make_optimizers(model, s, torch.device("cpu"))
+    batches = [(torch.rand(8, 3, 32, 32), torch.randint(10, (8,))) for _ in range(2)]
+    stats = A.train_step(model, opts, batches, s)
+    assert {"loss", "router_loss", "acc", "acc_adv", "top_share"} <= set(stats)
+    assert set(opts) == {"phi", "psi"}
+    assert not set(map(id, opts["phi"].param_groups[0]["params"])) & set(map(id, opts["psi"].param_groups[0]["params"]))
+
+
+def test_tiny_learnable_run_beats_chance(tmp_path):
+    s = tiny(method="moe", epochs=4, synthetic_train=512, synthetic_test=64, lr=0.05, out=str(tmp_path))
+    result = A.train(s, log=lambda _: None)
+    assert result["sa"] > 30 and result["ra"] > 15  # chance is 10%
+    assert len(result["routing"]["usage_clean"]) == 16
+
+
+def test_resume_continues_exactly(tmp_path, monkeypatch):
+    settings = dict(method="advmoe", epochs=2, synthetic_train=64, test_steps=2, quick_eval_n=16)
+    full = A.train(tiny(out=str(tmp_path / "full"), **settings), log=lambda _: None)
+    # A run killed right after its first checkpoint was written ...
+    save = A.save_checkpoint
+
+    def save_then_die(path, *args):
+        save(path, *args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(A, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        A.train(tiny(out=str(tmp_path / "part"), **settings), log=lambda _: None)
+    monkeypatch.setattr(A, "save_checkpoint", save)
+    # ... and resumed ends where the uninterrupted run ended.
+    part = A.train(tiny(out=str(tmp_path / "part"), resume=True, **settings), log=lambda _: None)
+    a = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert (full["sa"], full["ra"], full["routing"]) == (part["sa"], part["ra"], part["routing"])
+    assert [r["loss"] for r in full["history"]] == [r["loss"] for r in part["history"]]
+
+
+def test_checkpoint_from_another_model_is_refused(tmp_path):
+    A.train(tiny(out=str(tmp_path), synthetic_train=32, test_steps=1), log=lambda _: None)
+    s = tiny(method="moe", out=str(tmp_path), resume=True)
+    model = A.build_model(s, 10, 32)
+    with pytest.raises(A.ConfigError, match="method 'advmoe' != 'moe'"):
+        A.load_checkpoint(tmp_path / "checkpoint.pt", model, A.make_optimizers(model, s, torch.device("cpu")), s)
+
+
+# ---------------------------------------------------------------------------------- data
+def test_augment_crops_and_flips():
+    x = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    centre = A.augment(x, torch.full((3, 2), 4), torch.zeros(3, dtype=torch.bool), 4)
+    torch.testing.assert_close(centre, x.float() / 255)
+    flipped = A.augment(x, torch.full((3, 2), 4), torch.ones(3, dtype=torch.bool), 4)
+    torch.testing.assert_close(flipped, x.flip(-1).float() / 255)
+    shifted = A.augment(x, torch.tensor([[0, 4]] * 3), torch.zeros(3, dtype=torch.bool), 4)
+    assert (shifted[:, :, :4] == 0).all()  # 4 rows of zero padding on top
+    torch.testing.assert_close(shifted[:, :, 4:], x[:, :, :28].float() / 255)
+
+
+# ----------------------------------------------------------------------------- CLI end to end
+def cli(*args, cwd=HERE):
+    return subprocess.run([sys.executable, str(HERE / "advmoe.py"), *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_cli_trains_evaluates_reports(tmp_path):
+    run = tmp_path / "runs" / "a"
+    args = ["--dataset", "synthetic", "--arch", "resnet18", "--method", "advmoe", "--epochs", "2", "--ratio", "0.25",
+            "--synthetic-train", "64", "--synthetic-test", "16", "--batch-size", "32", "--test-steps", "2",
+            "--quick-eval-n", "16", "--device", "cpu", "--out", str(run)]
+    done = cli(*args)
+    assert done.returncode == 0, done.stderr
+    assert "epoch 1/2" in done.stdout and "SA" in done.stdout
+    result = json.loads((run / "result.json").read_text())
+    for key in ("dataset", "arch", "method", "ratio", "n_experts", "router", "epochs", "seed", "sa", "ra", "gflops",
+                "params", "routing", "train_seconds", "device", "torch"):
+        assert key in result, key
+    assert result["epochs"] == 2 and 0 <= result["ra"] <= 100 and result["gflops"] > 0
+    assert not list(run.glob(".*"))  # no temporary files left behind
+    evaluated = cli("--eval-only", str(run / "checkpoint.pt"), "--out", str(tmp_path / "runs" / "b"),
+                    "--test-steps", "2", "--device", "cpu")
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert json.loads((tmp_path / "runs" / "b" / "result.json").read_text())["sa"] == result["sa"]
+    reported = cli("report", str(tmp_path / "runs"))
+    assert reported.returncode == 0 and "| AdvMoE |" in reported.stdout and (tmp_path / "runs" / "report.md").exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--arch", "resnet50"], "unknown --arch"),
+    (["--dataset", "mnist"], "unknown --dataset"),
+    (["--method", "magic"], "unknown --method"),
+    (["--ratio", "0"], "outside (0, 1]"),
+    (["--ratio", "1.5"], "outside (0, 1]"),
+    (["--n-experts", "0"], "at least 1"),
+    (["--eps", "-0.5"], "negative"),
+    (["--dataset", "cifar10", "--no-download", "--data-dir", "/nonexistent"], "could not be downloaded"),
+    (["--dataset", "tinyimagenet", "--data-dir", "/nonexistent"], "ImageFolder"),
+    (["--dataset", "synthetic", "--out", "/proc/advmoe_cannot_write"], "cannot write"),
+    (["--eval-only", "/nonexistent/checkpoint.pt"], "does not exist"),
+])
+def test_bad_input_gives_one_line_error(args, needle, tmp_path):
+    done = cli(*args, "--device", "cpu", cwd=tmp_path)
+    assert done.returncode == 2
+    assert needle in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+
+
+def test_report_of_missing_folder_fails_cleanly(tmp_path):
+    done = cli("report", str(tmp_path / "nothing"))
+    assert done.returncode == 2 and "does not exist" in done.stderr
+
+
+# ------------------------------------------------------------------------------------- bench
+def test_bench_runs_and_is_sane(tmp_path):
+    out = tmp_path / "bench.json"
+    result = A.bench(["--arch", "resnet18", "--device", "cpu", "--batch", "4", "--infer-batch", "4", "--repeats", "1",
+                      "--out", str(out)], log=lambda _: None)
+    rows = {r["method"]: r for r in result["rows"]}
+    assert set(rows) == set(A.METHODS)
+    assert all(r["train_img_s"] > 0 for r in rows.values())
+    assert all(rows[m]["infer_img_s"] > 0 and rows[m]["latency_ms_b1"] > 0 for m in ("dense", "sdense", "moe"))
+    assert rows["moe"]["gflops"] < 0.5 * rows["dense"]["gflops"]
+    assert json.loads(out.read_text())["rows"] and out.with_suffix(".md").read_text().startswith("bench on")
