@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
@@ -71,6 +72,7 @@ DATASETS = ("cifar10", "cifar100", "tinyimagenet", "imagenet", "synthetic")
 METHODS = ("dense", "sdense", "moe", "advmoe")
 LOSSES = ("trades", "pgdat")
 ROUTERS = ("layer", "global")
+EVAL_ATTACKS = ("pgd", "router", "soft", "fixed", "square", "autoattack")
 
 
 # ==================================================================================================
@@ -120,10 +122,12 @@ class Settings:
     # ---- data --------------------------------------------------------------------------------------
     data_dir: str = setting("data", "where data sets live (CIFAR is downloaded here when possible)")
     download: bool = setting(True, "let torchvision download CIFAR when it is missing")
-    synthetic_train: int = setting(128, "training images of the synthetic data set")
-    synthetic_test: int = setting(32, "test images of the synthetic data set")
+    synthetic_train: int = setting(128, "training images of the synthetic data set (small: a smoke set for CPUs)")
+    synthetic_test: int = setting(16, "test images of the synthetic data set (PGD-50 of Dense WRN-28-10 costs ~9 s an image on 2 cores)")
     # ---- evaluation --------------------------------------------------------------------------------
     eval_n: int = setting(0, "test images for the final SA/RA (0: the whole test set)")
+    eval_attacks: str = setting("pgd", "comma-separated: pgd (the paper's RA) | router | soft | fixed (router-aware "
+                                       "PGD) | square | autoattack (need torchattacks); RA-worst over all of them")
     quick_eval_n: int = setting(500, "test images for the per-epoch SA / RA(PGD-10) check (0: skip)")
     eval_batch_size: int = setting(256, "batch size of evaluation and attacks at test time")
     # ---- run ---------------------------------------------------------------------------------------
@@ -159,6 +163,11 @@ class Settings:
         for name in ("epochs", "batch_size", "eval_batch_size", "synthetic_train", "synthetic_test", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
+        unknown = [a for a in self.eval_attacks.split(",") if a not in EVAL_ATTACKS]
+        if unknown:
+            raise ConfigError(f"unknown --eval-attacks {','.join(unknown)}: choose from {', '.join(EVAL_ATTACKS)}")
+        if {"square", "autoattack"} & set(self.eval_attacks.split(",")):
+            import_torchattacks()  # fail now, not after training
         if self.train_step_size < 0:
             self.train_step_size = 2.5 * self.eps / max(self.train_steps, 1)
         if self.test_step_size < 0:
@@ -209,16 +218,19 @@ class TensorData:
         self.x_train, self.y_train = (t.to(device) for t in train)
         self.x_test, self.y_test = (t.to(device) for t in test)
         self.num_classes, self.image_size, self.device = num_classes, self.x_train.shape[-1], device
+        self.shard = (0, 1)  # (rank, world size) under torchrun
 
     def train_batches(self, batch_size: int, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One shuffled epoch of augmented batches; the epoch's randomness is drawn at once on the CPU
-        (from `gen`, so an epoch's data is a function of the seed and the epoch) and moved in one copy."""
+        """One shuffled epoch of augmented batches. The epoch's randomness (order, crop offsets, flips) is
+        drawn at once on the CPU from `gen`, so it is a function of the seed and the epoch, and moved in one
+        copy. Distributed: every process draws the same shuffle and takes a disjoint part of it."""
         n, pad = len(self.y_train), 4
         perm = torch.randperm(n, generator=gen)
         shifts = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen)  # crop offsets in the padded image
         flips = torch.rand(n, generator=gen) < 0.5
-        perm, shifts, flips = (t.to(self.device, non_blocking=True) for t in (perm, shifts, flips))
-        for i in range(0, n - batch_size + 1, batch_size):  # drop the last partial batch, as is usual
+        rank, world = self.shard
+        perm, shifts, flips = (t.to(self.device, non_blocking=True) for t in (perm[rank::world], shifts, flips))
+        for i in range(0, len(perm) - batch_size + 1, batch_size):  # drop the last partial batch, as is usual
             idx = perm[i:i + batch_size]
             x = augment(self.x_train[idx], shifts[idx], flips[idx], pad)
             yield x, self.y_train[idx]
@@ -229,7 +241,7 @@ class TensorData:
             yield self.x_test[i:min(i + batch_size, n)].float() / 255, self.y_test[i:min(i + batch_size, n)]
 
     def train_len(self, batch_size: int) -> int:
-        return len(self.y_train) // batch_size
+        return len(self.y_train) // self.shard[1] // batch_size
 
 
 def augment(x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, pad: int) -> torch.Tensor:
@@ -260,18 +272,21 @@ class FolderData:
         self.train = ImageFolder(str(root / "train"), train_tf)
         self.test = ImageFolder(str(root / "val"), test_tf)
         self.num_classes, self.image_size, self.device, self.workers = len(self.train.classes), image_size, device, workers
+        self.shard = (0, 1)
 
-    def _loader(self, dataset, batch_size, shuffle, gen=None, drop_last=False):
-        return torch.utils.data.DataLoader(dataset, batch_size, shuffle=shuffle, generator=gen, drop_last=drop_last,
+    def _loader(self, dataset, batch_size, sampler=None, drop_last=False):
+        return torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, drop_last=drop_last,
                                            num_workers=self.workers, pin_memory=self.device.type == "cuda")
 
     def train_batches(self, batch_size, gen):
-        for x, y in self._loader(self.train, batch_size, True, gen, drop_last=True):
+        rank, world = self.shard
+        order = torch.randperm(len(self.train), generator=gen)[rank::world].tolist()  # same shuffle, own part
+        for x, y in self._loader(self.train, batch_size, order, drop_last=True):
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
     def test_batches(self, batch_size, limit=0):
         seen = 0
-        for x, y in self._loader(self.test, batch_size, False):
+        for x, y in self._loader(self.test, batch_size):
             if limit and seen >= limit:
                 return
             keep = batch_size if not limit else min(batch_size, limit - seen)
@@ -279,7 +294,7 @@ class FolderData:
             yield x[:keep].to(self.device), y[:keep].to(self.device)
 
     def train_len(self, batch_size):
-        return len(self.train) // batch_size
+        return len(self.train) // self.shard[1] // batch_size
 
 
 def synthetic_data(n_train: int, n_test: int, num_classes: int = 10, seed: int = 0):
@@ -355,13 +370,21 @@ def top1_gate(logits: torch.Tensor, noise: float = 0.0, force: torch.Tensor | No
     return Gate(logits, choice, scale)
 
 
+def straight_through(y: torch.Tensor, gate: Gate) -> torch.Tensor:
+    """y_b = s_b * E_{e(b)}(x_b) with s_b = 1 + p_{e(b)} - sg(p_{e(b)}): the chosen expert's output, and
+    the router's gradient. s is exactly 1, so without a gradient to carry the product is skipped."""
+    if not gate.scale.requires_grad:
+        return y
+    return y * gate.scale.to(y.dtype)[:, None, None, None]
+
+
 @dataclass
 class Routing:
     """Per-forward routing context, created by the model's forward and passed down (never stored on a
     module). Each MoE layer appends its Gate, so the caller gets every decision back."""
     gates: list = field(default_factory=list)
     shared: Gate | None = None              # the global router's gate, reused by every layer
-    dispatch: str = "sparse"                # "sparse" (real savings) | "masked" (simple reference)
+    dispatch: str = "sparse"                # "sparse" (real savings) | "masked" (reference) | "soft" (attacks)
     force: list | int | None = None         # per-layer choices (or one expert index) to impose
     noise: float = 0.0                      # router noise std (0 outside training)
 
@@ -407,9 +430,9 @@ class MoEConv(nn.Module):
         if self.n == 1:
             return self.conv_bn(x, 0)
         gate = self.route(x, routing)
-        if routing.dispatch == "masked":
-            return self.masked_forward(x, gate)
-        return self.sparse_forward(x, gate)
+        if routing.dispatch == "sparse":
+            return self.sparse_forward(x, gate)
+        return self.masked_forward(x, gate, soft=routing.dispatch == "soft")
 
     def route(self, x: torch.Tensor, routing: Routing) -> Gate:
         layer = len(routing.gates)
@@ -426,17 +449,22 @@ class MoEConv(nn.Module):
         """Group inputs by expert, one conv per group: only the chosen expert's channels are computed."""
         # One host sync per layer: group sizes decide the shapes of the convs that follow.
         counts = torch.bincount(gate.choice, minlength=self.n).tolist()
-        order = gate.choice.argsort()                                        # inputs sorted by expert
-        groups = x[order].split(counts)                                      # N x (b_e, cin, H, W)
-        y = torch.cat([self.conv_bn(xe, e) for e, xe in enumerate(groups) if len(xe)])  # (B, cout, H', W')
-        y = y[order.argsort()]                                               # back to input order
-        # y_b = s_b * E_{e(b)}(x_b), s_b = 1 + p_{e(b)} - sg(p_{e(b)})
-        return y * gate.scale.to(y.dtype)[:, None, None, None]
+        if max(counts) == len(x):  # one expert for the whole batch (always at batch 1): nothing to group
+            return straight_through(self.conv_bn(x, counts.index(len(x))), gate)
+        groups = gate.choice.argsort().split(counts)                        # N x (b_e,) input indices
+        y = None
+        for e, idx in enumerate(groups):
+            if len(idx):
+                ye = self.conv_bn(x[idx], e)                                 # (b_e, cout, H', W')
+                y = x.new_empty((len(x),) + ye.shape[1:], dtype=ye.dtype) if y is None else y
+                y.index_copy_(0, idx, ye)                                    # rows of the inputs routed to e
+        return straight_through(y, gate)
 
-    def masked_forward(self, x: torch.Tensor, gate: Gate) -> torch.Tensor:
+    def masked_forward(self, x: torch.Tensor, gate: Gate, soft: bool = False) -> torch.Tensor:
         """Reference: compute every expert for every input, then keep the chosen one. BatchNorm statistics
-        are taken per expert over the inputs routed to it (masked mean/variance), as the sparse path does;
-        running statistics are not updated here."""
+        are taken per expert over the inputs routed to it (masked mean/variance) and running statistics
+        updated, as the sparse path does. soft=True (attacks only): the same hard output, but the backward
+        pass sees the experts mixed by the router's probabilities (a surrogate gradient through routing)."""
         y = F.conv2d(x, self.weight, None, self.stride, self.padding)
         y = y.to(torch.promote_types(y.dtype, torch.float32))               # BatchNorm maths in >= float32
         y = rearrange(y, "b (n c) h w -> b n c h w", n=self.n)              # (B, N, cout, H, W)
@@ -452,8 +480,13 @@ class MoEConv(nn.Module):
             else:
                 mean, var = bn.running_mean.view(shape), bn.running_var.view(shape)
             y = (y - mean) / torch.sqrt(var + bn.eps) * bn.weight.view(shape) + bn.bias.view(shape)
-        y = (y * mask).sum(1)                                                 # (B, cout, H, W): chosen expert
-        return y * gate.scale.to(y.dtype)[:, None, None, None]
+        hard = straight_through((y * mask).sum(1), gate)                     # (B, cout, H, W): chosen expert
+        if not soft:
+            return hard
+        # y = y_hard + (y_soft - sg(y_soft)), y_soft = sum_e p_e E_e(x): hard value, soft gradient
+        probs = gate.logits.float().softmax(-1).to(y.dtype)[:, :, None, None, None]
+        mix = (y * probs).sum(1)
+        return hard + (mix - mix.detach())
 
 
     @torch.no_grad()
@@ -738,9 +771,9 @@ def kl_from_logits(p_logits: torch.Tensor, q_logits: torch.Tensor, reduction: st
                     log_target=True)
 
 
-def ce_objective(model: nn.Module, y: torch.Tensor, dispatch: str = "sparse") -> Callable:
-    """Attack objective sum_b CE(f(x'_b), y_b)."""
-    return lambda x_adv: F.cross_entropy(model(x_adv, dispatch=dispatch).float(), y, reduction="sum")
+def ce_objective(model: nn.Module, y: torch.Tensor, dispatch: str = "sparse", force=None) -> Callable:
+    """Attack objective sum_b CE(f(x'_b), y_b) (optionally with routing forced, see Routing.force)."""
+    return lambda x_adv: F.cross_entropy(model(x_adv, dispatch=dispatch, force=force).float(), y, reduction="sum")
 
 
 def training_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: Settings) -> torch.Tensor:
@@ -770,9 +803,7 @@ def routing_regularizer(gates: list[Gate], y: torch.Tensor, s: Settings) -> torc
     straight-through router falls into within an epoch. Terms, averaged over MoE layers:
       balance (Switch Transformer): N * sum_k f_k * P_k, f_k = fraction routed to k, P_k = mean p_k;
       supervision (NOTE(official code)): CE(router logits, y mod N), a fixed class-to-expert target."""
-    if not gates:
-        return torch.zeros((), device=y.device)
-    total = 0.0
+    total = torch.zeros((), device=y.device)
     for g in gates:
         probs = g.logits.float().softmax(-1)                                   # (B, N)
         n = probs.shape[1]
@@ -781,7 +812,7 @@ def routing_regularizer(gates: list[Gate], y: torch.Tensor, s: Settings) -> torc
             total = total + s.balance * n * (f * probs.mean(0)).sum()
         if s.router_supervision:
             total = total + s.router_supervision * F.cross_entropy(g.logits.float(), y % n)
-    return total / len(gates)
+    return total / max(len(gates), 1)
 
 
 def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: Settings):
@@ -837,8 +868,57 @@ def level(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torc
     params = [p for g in opt.param_groups for p in g["params"]]
     opt.zero_grad(set_to_none=True)
     loss.backward(inputs=params)  # gradients only for the parameters this level updates
+    average_gradients(params)
     opt.step()
     return stats
+
+
+def average_gradients(params: list[nn.Parameter]):
+    """Data parallelism under torchrun: the mean gradient over processes, in one flat all-reduce.
+    NOTE(ours): explicit rather than a DistributedDataParallel wrapper, because each AdvMoE level
+    back-propagates into its own parameters only, which DDP's reducer cannot follow. A parameter a
+    process did not reach counts as a zero gradient there, so no process waits for it."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
+
+
+def distributed(s: Settings) -> tuple[int, int, torch.device]:
+    """(rank, world size, device): joins the process group when started by torchrun (WORLD_SIZE > 1),
+    NCCL on CUDA (one GPU per process, cuda:LOCAL_RANK), gloo on the CPU."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, resolve_device(s.device)
+    device = resolve_device(s.device)
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def sync_model(model: nn.Module):
+    """Every process takes rank 0's parameters and buffers (BatchNorm running statistics)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for t in list(model.parameters()) + list(model.buffers()):
+            dist.broadcast(t.data if isinstance(t, nn.Parameter) else t, src=0)
+
+
+def ranks_identical(model: nn.Module) -> bool | None:
+    """Whether every process holds the same weights (checksums gathered from all ranks); None if alone."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    with torch.no_grad():
+        mine = torch.stack([p.double().sum() for p in model.parameters()]).cpu()
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return all(torch.equal(mine, other) for other in every)
 
 
 def train_step(model: nn.Module, opts: dict, batches: list, s: Settings) -> dict:
@@ -868,16 +948,22 @@ def autocast(s: Settings, device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=s.amp and device.type == "cuda")
 
 
-def train(s: Settings, log: Callable[[str], None] = print) -> dict:
-    """Train one model, evaluate it, and write <out>/result.json. Returns the result."""
+def train(s: Settings, log: Callable[[str], None] = print) -> dict | None:
+    """Train one model, evaluate it, and write <out>/result.json; returns the result. Under torchrun every
+    process trains on its part of each batch stream; rank 0 logs, checkpoints and evaluates (other ranks
+    return None)."""
+    rank, world, device = distributed(s)
+    lead = rank == 0
+    log = log if lead else (lambda _: None)
     out = Path(s.out or f"runs/{s.name}")
-    prepare_out(out)
-    device = resolve_device(s.device)
+    if lead:
+        prepare_out(out)
     torch.manual_seed(s.seed)
     if device.type == "cpu" and s.dataset != "synthetic":
         log(f"warning: training {s.dataset} on the CPU will be slow; a CUDA device is recommended")
     torch.backends.cudnn.benchmark = s.cudnn_benchmark and device.type == "cuda"
     data = load_data(s, device)
+    data.shard = (rank, world)
     model = build_model(s, data.num_classes, data.image_size).to(device)
     if device.type == "cuda" and s.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -887,41 +973,22 @@ def train(s: Settings, log: Callable[[str], None] = print) -> dict:
     if s.resume and ckpt_path.exists():
         start, history, train_seconds = load_checkpoint(ckpt_path, model, opts, s)
         log(f"resumed {ckpt_path} after epoch {start}")
+    elif world > 1:
+        torch.manual_seed(s.seed + rank)  # attack starts differ between processes
+    sync_model(model)
+    if data.train_len(s.batch_size) == 0:
+        raise ConfigError(f"--batch-size {s.batch_size} is larger than the training set (per process): lower it")
     # Training forwards may go through torch.compile; checkpoints and evaluation use the module itself.
     net = torch.compile(model) if s.compile else model
-    iters = data.train_len(s.batch_size)
-    if iters == 0:
-        raise ConfigError(f"--batch-size {s.batch_size} is larger than the training set: lower it")
-    streams = 2 if s.method == "advmoe" else 1
     with stop_on_signals() as stop:
         for epoch in range(start, s.epochs):
             t0 = time.perf_counter()
-            model.train()
-            # Alg. 1 line 3: B_phi and B_psi come from two independent shuffles (NOTE(ours)).
-            gens = [torch.Generator().manual_seed(s.seed * 1_000_003 + epoch * 7 + k) for k in range(streams)]
-            sums, bad_step = {}, torch.full((), -1, device=device)
-            for it, batches in enumerate(zip(*(data.train_batches(s.batch_size, g) for g in gens))):
-                set_lr(opts, (epoch * iters + it) / (s.epochs * iters))
-                with autocast(s, device):
-                    stats = train_step(net, opts, [prep(x, s, device) + (y,) for x, y in batches], s)
-                for k, v in stats.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                # remember the first non-finite step without a host sync
-                bad_step = torch.where((bad_step < 0) & ~torch.isfinite(stats["loss"]), it, bad_step)
-                if (it + 1) % s.log_every == 0:
-                    log(f"  epoch {epoch + 1} iter {it + 1}/{iters} loss {sums['loss'].item() / (it + 1):.4f}")
-                if stop:
-                    break
-            if stop:
-                raise Interrupted(f"interrupted by {stop[0]} in epoch {epoch + 1}: the checkpoint of epoch {epoch} "
-                                  f"in {out} is kept; continue with --resume")
-            if bad_step.item() >= 0:
-                raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, iteration {bad_step.item() + 1}: "
-                                         f"kept the checkpoint of epoch {epoch}; lower --lr or check the data")
+            row = {"epoch": epoch + 1, **train_epoch(net, opts, data, s, epoch, device, stop, log)}
+            sync_model(model)  # BatchNorm statistics of rank 0 everywhere
             train_seconds += time.perf_counter() - t0
-            row = {"epoch": epoch + 1, "seconds": round(time.perf_counter() - t0, 2),
-                   "lr": opts[next(iter(opts))].param_groups[0]["lr"]}
-            row.update({k: round(v.item() / (it + 1), 4) for k, v in sums.items()})
+            row.update(seconds=round(time.perf_counter() - t0, 2), lr=opts[next(iter(opts))].param_groups[0]["lr"])
+            if not lead:
+                continue
             if s.quick_eval_n and epoch + 1 < s.epochs:  # the final evaluation replaces the last one
                 quick = evaluate(model, data, s, steps=10, limit=s.quick_eval_n)
                 row.update(sa=quick["sa"], ra_pgd10=quick["ra"], usage=quick["routing"].get("usage_clean"))
@@ -929,7 +996,39 @@ def train(s: Settings, log: Callable[[str], None] = print) -> dict:
             log(format_row(row, s))
             save_checkpoint(ckpt_path, model, opts, s, epoch + 1, history, train_seconds)
             append_jsonl(out / "log.jsonl", row)
-    return finish(model, data, s, out, history, train_seconds, device, log)
+    identical = ranks_identical(model)
+    result = finish(model, data, s, out, history, train_seconds, device, log,
+                    {"world_size": world, "ranks_identical": identical}) if lead else None
+    if world > 1:
+        dist.barrier()
+    return result
+
+
+def train_epoch(net: nn.Module, opts: dict, data, s: Settings, epoch: int, device, stop: list, log) -> dict:
+    """One epoch of train_step; returns the epoch's mean statistics (one host sync, at the end)."""
+    iters = data.train_len(s.batch_size)
+    net.train()
+    # Alg. 1 line 3: B_phi and B_psi come from two independent shuffles (NOTE(ours)).
+    streams = 2 if s.method == "advmoe" else 1
+    gens = [torch.Generator().manual_seed(s.seed * 1_000_003 + epoch * 7 + k) for k in range(streams)]
+    sums, bad_step = {}, torch.full((), -1, device=device)
+    for it, batches in enumerate(zip(*(data.train_batches(s.batch_size, g) for g in gens))):
+        set_lr(opts, (epoch * iters + it) / (s.epochs * iters))
+        with autocast(s, device):
+            stats = train_step(net, opts, [prep(x, s, device) + (y,) for x, y in batches], s)
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + v
+        # remember the first non-finite step without a host sync
+        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(stats["loss"]), it, bad_step)
+        if (it + 1) % s.log_every == 0:
+            log(f"  epoch {epoch + 1} iter {it + 1}/{iters} loss {sums['loss'].item() / (it + 1):.4f}")
+        if stop:
+            raise Interrupted(f"interrupted by {stop[0]} in epoch {epoch + 1}: the checkpoint of epoch {epoch} is "
+                              f"kept; continue with --resume")
+    if bad_step.item() >= 0:
+        raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, iteration {bad_step.item() + 1}: kept the "
+                                 f"checkpoint of epoch {epoch}; lower --lr or check the data")
+    return {k: round(v.item() / (it + 1), 4) for k, v in sums.items()}
 
 
 def prep(x: torch.Tensor, s: Settings, device: torch.device) -> tuple[torch.Tensor]:
@@ -975,39 +1074,98 @@ def stop_on_signals():
 # ==================================================================================================
 # 8. Evaluation: SA, RA (PGD-50), routing statistics, GFLOPs counted on what executes
 # ==================================================================================================
-def evaluate(model: nn.Module, data, s: Settings, steps: int | None = None, limit: int = 0) -> dict:
-    """SA and RA (PGD with `steps`, CE, uniform start, at the training eps) in %, and routing statistics:
-    expert usage on clean and adversarial inputs, how often the attack flips a router's choice, and the
-    paper's 4-way split of adversarial examples (Sec. 4, Insight 2): (1) neither router nor prediction
-    fooled, (2) router fooled only, (3) prediction fooled only, (4) both. Router fooled = any layer's
-    choice differs from its clean choice. Router robustness = (1)+(3); MoE robustness = (1)+(2)."""
+def adversaries(name: str, model: nn.Module, x, y, s: Settings, gates: list[Gate], steps: int) -> list:
+    """The attacks of --eval-attacks, as (label, x_adv) pairs. Hard top-1 routing can hide gradients,
+    so plain PGD through the straight-through routers may overstate robustness; the router-aware attacks
+    below are losses for the same PGD, and Square is gradient-free (gradient masking cannot fool it)."""
+    def run(loss_fn):
+        return pgd(model, x, loss_fn, s.eps, s.test_step_size, steps, "uniform")
+
+    if name == "pgd":  # the paper's RA: CE through the straight-through routers
+        return [(f"pgd{steps}", run(ce_objective(model, y)))]
+    if name in ("square", "autoattack"):
+        return [(name, torchattacks_attack(name, model, x, y, s))]
+    if not gates:  # no routers: the router-aware attacks are plain PGD
+        return []
+    clean = [g.choice for g in gates]
+    if name == "router":
+        def router_loss(x_adv):
+            logits, gates_adv = model(x_adv, return_routing=True)
+            # CE(f(x'), y) + (1/L) sum_l CE(router_l(x'), e_l(x)): also push each router off its clean choice
+            push = sum(F.cross_entropy(g.logits.float(), c, reduction="sum") for g, c in zip(gates_adv, clean))
+            return F.cross_entropy(logits.float(), y, reduction="sum") + push / len(clean)
+        return [("router", run(router_loss))]
+    if name == "soft":  # hard forward, backward through experts mixed by router probabilities
+        return [("soft", run(ce_objective(model, y, dispatch="soft")))]
+    # "fixed": routing held fixed during the attack (each expert of a global router; the clean choices
+    # of per-layer routers); the adversarial input is then classified with the model's own routing.
+    forced = [(f"fixed{e}", e) for e in range(gates[0].logits.shape[1])] if model.global_router is not None \
+        else [("fixed", clean)]
+    return [(label, run(ce_objective(model, y, force=f))) for label, f in forced]
+
+
+def torchattacks_attack(name: str, model: nn.Module, x, y, s: Settings) -> torch.Tensor:
+    """Square (black-box, 5000 queries) or standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) from the
+    optional torchattacks package, in float32 on the model's own (sparse, hard) routing."""
+    torchattacks = import_torchattacks()
+    n_classes = model.backbone.fc.out_features
+    if name == "square":
+        attack = torchattacks.Square(model, norm="Linf", eps=s.eps, n_queries=5000, n_restarts=1, seed=s.seed)
+    else:
+        attack = torchattacks.AutoAttack(model, norm="Linf", eps=s.eps, version="standard", n_classes=n_classes,
+                                         seed=s.seed)
+    with torch.autocast(x.device.type, enabled=False), evaluating(model):
+        return attack(x.float(), y).detach()
+
+
+def import_torchattacks():
+    try:
+        import torchattacks
+    except ImportError:
+        raise ConfigError("--eval-attacks square/autoattack need the optional package torchattacks: "
+                          "pip install torchattacks") from None
+    return torchattacks
+
+
+def evaluate(model: nn.Module, data, s: Settings, steps: int | None = None, limit: int = 0,
+             attacks: tuple[str, ...] = ("pgd",)) -> dict:
+    """SA and RA in % (RA: PGD with `steps`, CE, uniform start, at the training eps), the RA of every other
+    attack asked for, RA-worst (an input counts only if it is classified correctly clean and under every
+    attack, as AutoAttack counts), and routing statistics of
+    the PGD attack: expert usage on clean and adversarial inputs, how often the attack flips a router's
+    choice, and the paper's 4-way split of adversarial examples (Sec. 4, Insight 2): (1) neither router nor
+    prediction fooled, (2) router fooled only, (3) prediction fooled only, (4) both. Router fooled = any
+    layer's choice differs from its clean choice. Router robustness = (1)+(3); MoE robustness = (1)+(2)."""
     steps = s.test_steps if steps is None else steps
+    attacks = ("pgd",) + tuple(a for a in attacks if a != "pgd")
     device = next(model.parameters()).device
-    n = correct = correct_adv = 0
+    n, correct, worst, per_attack = 0, 0, 0, {}
     usage = usage_adv = flips = split = None
     with evaluating(model):
         for x, y in data.test_batches(s.eval_batch_size, limit):
             x = prep(x, s, device)[0]
-            with autocast(s, device):
-                with torch.no_grad():
-                    logits, gates = model(x, return_routing=True)
-                x_adv = pgd(model, x, ce_objective(model, y), s.eps, s.test_step_size, steps, "uniform")
-                with torch.no_grad():
-                    logits_adv, gates_adv = model(x_adv, return_routing=True)
-            ok, ok_adv = logits.argmax(1) == y, logits_adv.argmax(1) == y
-            n, correct, correct_adv = n + len(y), correct + ok.sum(), correct_adv + ok_adv.sum()
-            if gates:
-                choice = torch.stack([g.choice for g in gates], 1)                 # (B, L)
-                choice_adv = torch.stack([g.choice for g in gates_adv], 1)
-                flipped = choice != choice_adv
-                fooled = flipped.any(1)
-                groups = torch.stack([~fooled & ok_adv, fooled & ok_adv, ~fooled & ~ok_adv, fooled & ~ok_adv])
-                batch = (expert_usage(gates) * len(y), expert_usage(gates_adv) * len(y), flipped.sum(0), groups.sum(1))
-                usage, usage_adv, flips, split = batch if usage is None else \
-                    tuple(a + b for a, b in zip((usage, usage_adv, flips, split), batch))
-    result = {"sa": round(100 * correct.item() / n, 2), "ra": round(100 * correct_adv.item() / n, 2), "n": n,
+            with autocast(s, device), torch.no_grad():
+                logits, gates = model(x, return_routing=True)
+            ok = logits.argmax(1) == y
+            survived = ok.clone()
+            for name in attacks:
+                with autocast(s, device):
+                    found = adversaries(name, model, x, y, s, gates, steps)
+                for label, x_adv in found:
+                    with autocast(s, device), torch.no_grad():
+                        logits_adv, gates_adv = model(x_adv, return_routing=True)
+                    ok_adv = logits_adv.argmax(1) == y
+                    per_attack[label] = per_attack.get(label, 0) + ok_adv.sum()
+                    survived &= ok_adv
+                    if name == "pgd" and gates:
+                        batch = routing_counts(gates, gates_adv, ok_adv)
+                        usage, usage_adv, flips, split = batch if usage is None else \
+                            tuple(a + b for a, b in zip((usage, usage_adv, flips, split), batch))
+            n, correct, worst = n + len(y), correct + ok.sum(), worst + survived.sum()
+    ras = {label: round(100 * v.item() / n, 2) for label, v in per_attack.items()}
+    result = {"sa": round(100 * correct.item() / n, 2), "ra": ras[f"pgd{steps}"], "n": n,
               "attack": f"PGD-{steps} (CE, eps {s.eps:.5f}, step {s.test_step_size:.5f}, uniform start)",
-              "routing": {}}
+              "attacks": ras, "ra_worst": round(100 * worst.item() / n, 2), "routing": {}}
     if usage is not None:
         split = [round(100 * v / n, 2) for v in split.tolist()]
         result["routing"] = {
@@ -1022,6 +1180,17 @@ def evaluate(model: nn.Module, data, s: Settings, steps: int | None = None, limi
     return result
 
 
+def routing_counts(gates: list[Gate], gates_adv: list[Gate], ok_adv: torch.Tensor):
+    """Per batch: inputs per expert per layer (clean, adversarial), flips per layer, 4-way split counts."""
+    choice = torch.stack([g.choice for g in gates], 1)                         # (B, L)
+    choice_adv = torch.stack([g.choice for g in gates_adv], 1)
+    flipped = choice != choice_adv
+    fooled = flipped.any(1)
+    groups = torch.stack([~fooled & ok_adv, fooled & ok_adv, ~fooled & ~ok_adv, fooled & ~ok_adv])
+    b = len(ok_adv)
+    return expert_usage(gates) * b, expert_usage(gates_adv) * b, flipped.sum(0), groups.sum(1)
+
+
 def gflops_per_input(model: nn.Module, x: torch.Tensor) -> float:
     """FLOPs of one eval forward, counted by torch's FlopCounterMode on the ops that actually run
     (convolutions and matrix products; a multiply-add counts 2), divided by the batch size. For MoE this
@@ -1032,24 +1201,28 @@ def gflops_per_input(model: nn.Module, x: torch.Tensor) -> float:
     return counter.get_total_flops() / len(x) / 1e9
 
 
-def finish(model, data, s: Settings, out: Path, history: list, train_seconds: float, device, log) -> dict:
-    """Final evaluation (PGD-50) and result.json."""
+def finish(model, data, s: Settings, out: Path, history: list, train_seconds: float, device, log,
+           extra: dict | None = None) -> dict:
+    """Final evaluation (PGD-50 and the other --eval-attacks) and result.json."""
     log(f"evaluating: SA and RA under PGD-{s.test_steps} on {s.eval_n or 'all'} test images")
     t0 = time.perf_counter()
-    ev = evaluate(model, data, s, limit=s.eval_n)
+    ev = evaluate(model, data, s, limit=s.eval_n, attacks=tuple(s.eval_attacks.split(",")))
     x = next(data.test_batches(min(s.eval_batch_size, 64)))[0]
     result = {
         "dataset": s.dataset, "arch": s.arch, "method": s.method, "ratio": s.model_ratio,
         "n_experts": s.model_experts, "router": s.router if s.model_experts > 1 else None,
         "loss": s.loss, "epochs": len(history), "seed": s.seed, "eps": s.eps,
-        "sa": ev["sa"], "ra": ev["ra"], "eval_n": ev["n"], "attack": ev["attack"],
+        "sa": ev["sa"], "ra": ev["ra"], "eval_n": ev["n"], "attack": ev["attack"], "attacks": ev["attacks"],
+        "ra_worst": ev["ra_worst"],
         "gflops": round(gflops_per_input(model, x), 4), "params": count_params(model), "routing": ev["routing"],
         "train_seconds": round(train_seconds, 1), "eval_seconds": round(time.perf_counter() - t0, 1),
         "device": device_name(device), "torch": torch.__version__, "commit": git_commit(),
-        "settings": dataclasses.asdict(s), "history": history,
+        **(extra or {}), "settings": dataclasses.asdict(s), "history": history,
     }
     write_json(out / "result.json", result)
-    log(f"SA {result['sa']:.2f}  RA {result['ra']:.2f}  GFLOPs {result['gflops']:.3f}  -> {out / 'result.json'}")
+    extra = "".join(f"  {k} {v:.2f}" for k, v in result["attacks"].items() if not k.startswith("pgd"))
+    log(f"SA {result['sa']:.2f}  RA {result['ra']:.2f}{extra}  RA-worst {result['ra_worst']:.2f}  "
+        f"GFLOPs {result['gflops']:.3f}  -> {out / 'result.json'}")
     return result
 
 
@@ -1230,6 +1403,7 @@ def bench(argv: list[str], log=print) -> dict:
     p.add_argument("--train-dispatch", default="sparse", choices=("sparse", "masked"))
     p.add_argument("--compile", action="store_true", help="torch.compile the model for the training steps")
     p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the methods")
+    p.add_argument("--skip-train", action="store_true", help="inference, latency and GFLOPs only")
     a = p.parse_args(argv)
     device = resolve_device(a.device)
     gpu = device.type == "cuda"
@@ -1258,20 +1432,26 @@ def bench(argv: list[str], log=print) -> dict:
                 with autocast(s, device):
                     train_step(net, opts, data, s)
 
-            t_train = median_seconds(step, device, warmup=3, repeats=repeats)
-            row = {"arch": arch, "method": method, "train_img_s": round(a.batch / t_train, 1),
-                   "train_step_ms": round(1000 * t_train, 2), "epoch_s_cifar": round(50000 / a.batch * t_train, 1)}
+            warmup = 3 if gpu else 1
+            row = {"arch": arch, "method": method}
+            if not a.skip_train:
+                t_train = median_seconds(step, device, warmup=warmup, repeats=repeats)
+                row.update(train_img_s=round(a.batch / t_train, 1), train_step_ms=round(1000 * t_train, 2),
+                           epoch_s_cifar=round(50000 / a.batch * t_train, 1))
             if method != "advmoe":  # inference of Dense, S-Dense, MoE (AdvMoE's model is the MoE's)
                 model.eval()
                 row["gflops"] = round(gflops_per_input(model, data[0][0][:16]), 4)
                 for b in (infer_batch, 1, 32):
                     x = prep(torch.rand(b, 3, 32, 32, device=device), s, device)[0]
+                    # Balanced routing (inputs alternate between experts; the routers still run): the
+                    # grouping's worst case, independent of what the briefly trained routers happen to do.
+                    balanced = torch.arange(b, device=device) % s.model_experts
 
                     def infer():
                         with torch.no_grad(), autocast(s, device):
-                            model(x)
+                            model(x, force=balanced)
 
-                    t = median_seconds(infer, device, warmup=3, repeats=repeats)
+                    t = median_seconds(infer, device, warmup=warmup, repeats=repeats)
                     if b == infer_batch:
                         row["infer_img_s"] = round(b / t, 1)
                         row["achieved_tflops"] = round(row["gflops"] * b / t / 1e3, 2)
@@ -1285,7 +1465,7 @@ def bench(argv: list[str], log=print) -> dict:
             for r in by.values():
                 if "infer_img_s" in r:
                     r["infer_speedup_vs_dense"] = round(r["infer_img_s"] / by["dense"]["infer_img_s"], 2)
-        if "sdense" in by and "advmoe" in by:
+        if "sdense" in by and "advmoe" in by and not a.skip_train:
             by["advmoe"]["step_time_vs_sdense"] = round(by["advmoe"]["train_step_ms"] / by["sdense"]["train_step_ms"], 2)
     result = {"device": name, "torch": torch.__version__, "commit": git_commit(), "batch": a.batch,
               "infer_batch": infer_batch, "repeats": repeats, "amp": a.amp and gpu, "router": a.router,

@@ -2,9 +2,13 @@
     python -m pytest -q test_advmoe.py
 """
 import copy
+import importlib.util
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -214,7 +218,7 @@ def test_advmoe_step_uses_two_batches_and_reports_both_levels():
 
 
 def test_tiny_learnable_run_beats_chance(tmp_path):
-    s = tiny(method="moe", epochs=4, synthetic_train=512, synthetic_test=64, lr=0.05, out=str(tmp_path))
+    s = tiny(method="moe", epochs=3, synthetic_train=256, synthetic_test=64, lr=0.05, out=str(tmp_path))
     result = A.train(s, log=lambda _: None)
     assert result["sa"] > 30 and result["ra"] > 15  # chance is 10%
     assert len(result["routing"]["usage_clean"]) == 16
@@ -297,16 +301,26 @@ def test_cli_trains_evaluates_reports(tmp_path):
     (["--ratio", "0"], "outside (0, 1]"),
     (["--ratio", "1.5"], "outside (0, 1]"),
     (["--n-experts", "0"], "at least 1"),
+    (["--method", "advmoe", "--n-experts", "1"], "needs --n-experts >= 2"),
     (["--eps", "-0.5"], "negative"),
+    (["--eval-attacks", "pgd,magic"], "unknown --eval-attacks"),
     (["--dataset", "cifar10", "--no-download", "--data-dir", "/nonexistent"], "could not be downloaded"),
     (["--dataset", "tinyimagenet", "--data-dir", "/nonexistent"], "ImageFolder"),
     (["--dataset", "synthetic", "--out", "/proc/advmoe_cannot_write"], "cannot write"),
     (["--eval-only", "/nonexistent/checkpoint.pt"], "does not exist"),
+    (["--dataset", "synthetic", "--batch-size", "100000"], "larger than the training set"),
 ])
-def test_bad_input_gives_one_line_error(args, needle, tmp_path):
-    done = cli(*args, "--device", "cpu", cwd=tmp_path)
-    assert done.returncode == 2
-    assert needle in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+def test_bad_input_gives_one_line_error(args, needle, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert A.main(args + ["--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert needle in err and len(err.strip().splitlines()) == 1 and err.startswith("advmoe: error:"), err
+
+
+def test_bad_input_exit_status_from_the_shell(tmp_path):
+    done = cli("--ratio", "2", cwd=tmp_path)
+    assert done.returncode == 2 and done.stderr.startswith("advmoe: error: --ratio 2.0 is outside (0, 1]")
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 def test_report_of_missing_folder_fails_cleanly(tmp_path):
@@ -325,3 +339,84 @@ def test_bench_runs_and_is_sane(tmp_path):
     assert all(rows[m]["infer_img_s"] > 0 and rows[m]["latency_ms_b1"] > 0 for m in ("dense", "sdense", "moe"))
     assert rows["moe"]["gflops"] < 0.5 * rows["dense"]["gflops"]
     assert json.loads(out.read_text())["rows"] and out.with_suffix(".md").read_text().startswith("bench on")
+
+
+# ------------------------------------------------------------------- adaptive evaluation (issue 4)
+def test_soft_surrogate_keeps_the_hard_forward_and_changes_the_gradient():
+    torch.manual_seed(0)
+    model = calibrated(moe("resnet18", ratio=0.25)).eval()
+    x = torch.rand(8, 3, 32, 32, requires_grad=True)
+    hard = model(x)
+    soft = model(x, dispatch="soft")
+    torch.testing.assert_close(hard, soft)
+    g_hard, = torch.autograd.grad(hard.sum(), x)
+    g_soft, = torch.autograd.grad(model(x, dispatch="soft").sum(), x)
+    assert not torch.allclose(g_hard, g_soft)
+
+
+@pytest.mark.parametrize("router", ["layer", "global"])
+def test_adaptive_attacks_and_ra_worst(router):
+    torch.manual_seed(0)
+    s = tiny(router=router, synthetic_test=24, test_steps=3, eval_batch_size=12)
+    data = A.load_data(s, torch.device("cpu"))
+    model = calibrated(A.build_model(s, 10, 32))
+    result = A.evaluate(model, data, s, attacks=("pgd", "router", "soft", "fixed"))
+    fixed = ["fixed0", "fixed1"] if router == "global" else ["fixed"]
+    assert set(result["attacks"]) == {"pgd3", "router", "soft", *fixed}
+    assert result["ra"] == result["attacks"]["pgd3"]
+    assert all(0 <= v <= result["sa"] + 1e-9 for v in [result["ra_worst"]])
+    assert result["ra_worst"] <= min(result["attacks"].values())
+    split = result["routing"]["split_4way"]
+    assert abs(sum(split.values()) - 100) < 0.05
+    assert abs(split["neither"] + split["router_only"] - result["ra"]) < 0.05  # MoE robustness = RA
+
+
+def test_square_and_autoattack_need_torchattacks(tmp_path):
+    if importlib.util.find_spec("torchattacks") is None:
+        with pytest.raises(A.ConfigError, match="pip install torchattacks"):
+            tiny(eval_attacks="pgd,square")
+    else:
+        s = tiny(eval_attacks="pgd,square", synthetic_test=8, test_steps=2)
+        model = calibrated(A.build_model(s, 10, 32))
+        result = A.evaluate(model, A.load_data(s, torch.device("cpu")), s, attacks=("pgd", "square"))
+        assert "square" in result["attacks"] and result["ra_worst"] <= result["attacks"]["square"]
+
+
+# ------------------------------------------------------------------------------- reliability
+def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
+    s = tiny(method="sdense", epochs=3, lr=1e30, momentum=0.0, out=str(tmp_path))
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at epoch \d+, iteration \d+"):
+        A.train(s, log=lambda _: None)
+    assert not (tmp_path / "result.json").exists()
+
+
+def test_sigterm_saves_a_resumable_run(tmp_path):
+    args = [sys.executable, str(HERE / "advmoe.py"), "--dataset", "synthetic", "--ratio", "0.25", "--epochs", "100",
+            "--synthetic-train", "64", "--batch-size", "16", "--quick-eval-n", "0", "--device", "cpu",
+            "--out", str(tmp_path)]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (tmp_path / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted by SIGTERM" in err and "--resume" in err
+    epoch = torch.load(tmp_path / "checkpoint.pt", weights_only=True)["epoch"]
+    assert epoch >= 1 and not (tmp_path / "result.json").exists()
+    resumed = cli(*args[2:-4], "--epochs", str(epoch + 1), "--device", "cpu", "--test-steps", "1", "--resume",
+                  "--out", str(tmp_path))
+    assert resumed.returncode == 0 and f"resumed {tmp_path / 'checkpoint.pt'} after epoch {epoch}" in resumed.stdout
+
+
+def test_two_process_training_with_gloo(tmp_path):
+    port = 29500 + os.getpid() % 1000
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
+                           str(HERE / "advmoe.py"), "--dataset", "synthetic", "--method", "advmoe", "--ratio", "0.25",
+                           "--synthetic-train", "64", "--synthetic-test", "8", "--batch-size", "8", "--epochs", "1",
+                           "--test-steps", "1", "--quick-eval-n", "0", "--device", "cpu", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["world_size"] == 2 and result["ranks_identical"] is True
+    assert done.stdout.count("SA ") == 1  # rank 0 alone reports
