@@ -11,6 +11,7 @@ Usage
     python advmoe.py --eval-only runs/try/checkpoint.pt --out runs/try_eval # evaluate a checkpoint
     python advmoe.py report runs/                                          # Table 1 from result.json files
     python advmoe.py bench --arch resnet18 --device cuda --out bench.json  # throughput, latency, GFLOPs
+    torchrun --nproc_per_node=8 advmoe.py --dataset imagenet ...          # several GPUs / nodes
     bash train_all.sh                                                      # every table of the paper
 
 Notation (paper -> code)
@@ -27,6 +28,8 @@ Paper -> code
     top-1 routing, straight-through     top1_gate
     Eq. (AT), TRADES                    trades_loss, training_attack, robust_loss
     PGD-50 evaluation, SA / RA          pgd, evaluate
+    adaptive attacks, RA-worst          adversaries (router-aware PGD, soft routing, fixed routing, Square, AutoAttack)
+    4-way split (Sec. 4, Insight 2)     evaluate -> result["routing"]["split_4way"]
     Eq. (1) / Algorithm 1 (AdvMoE)      train_step (method "advmoe")
     AT(Dense), AT(S-Dense), AT(MoE)     train_step (methods "dense", "sdense", "moe")
     GFLOPS column                       gflops_per_input (counted on what executes)
@@ -46,6 +49,8 @@ Deviations (each marked NOTE(ours) where it is made)
        backbone; 32 and 64 px inputs use a 3x3/1 stem.
     5. Two independent shuffles of the training set feed B_phi and B_psi; an epoch is one pass of B_psi.
     6. In the lower level the BatchNorm running statistics (buffers of psi) keep updating on B_phi.
+    7. Data parallelism (torchrun) averages each level's gradients with one all-reduce instead of wrapping
+       the model in DistributedDataParallel, whose reducer cannot follow a level's partial backward.
 """
 from __future__ import annotations
 
@@ -544,15 +549,17 @@ class Spec:
 
     def shared_conv(self, cin: int, cout: int, kernel: int, stride: int, bn: bool = True) -> nn.Module:
         """A dense layer shared by all experts (stem, projection shortcut), at pathway width."""
-        conv = nn.Conv2d(cin if cin == 3 else self.width(cin), self.width(cout), kernel, stride, kernel // 2, bias=False)
+        conv = nn.Conv2d(self.width(cin), self.width(cout), kernel, stride, kernel // 2, bias=False)
         return nn.Sequential(conv, nn.BatchNorm2d(self.width(cout))) if bn else conv
 
 
 def stem(spec: Spec, cout: int, image_size: int, bn: bool = True) -> nn.Module:
-    """NOTE(ours): 3x3/1 for 32-64 px inputs; a 7x7/2 conv + 3x3/2 max-pool for ImageNet-size inputs."""
-    if image_size < 128:
-        return spec.shared_conv(3, cout, 3, 1, bn)
-    conv = nn.Conv2d(3, spec.width(cout), 7, 2, 3, bias=False)
+    """The shared stem on the RGB image. NOTE(ours): 3x3/1 for 32-64 px inputs; a 7x7/2 conv + 3x3/2
+    max-pool for ImageNet-size inputs (with BatchNorm and ReLU before the pool)."""
+    small = image_size < 128
+    conv = nn.Conv2d(3, spec.width(cout), 3 if small else 7, 1 if small else 2, 1 if small else 3, bias=False)
+    if small:
+        return nn.Sequential(conv, nn.BatchNorm2d(spec.width(cout))) if bn else conv
     layers = [conv, nn.BatchNorm2d(spec.width(cout)), nn.ReLU()] if bn else [conv]
     return nn.Sequential(*layers, nn.MaxPool2d(3, 2, 1))
 
@@ -913,8 +920,9 @@ def distributed(s: Settings) -> tuple[int, int, torch.device]:
 def sync_model(model: nn.Module):
     """Every process takes rank 0's parameters and buffers (BatchNorm running statistics)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
-        for t in list(model.parameters()) + list(model.buffers()):
-            dist.broadcast(t.data if isinstance(t, nn.Parameter) else t, src=0)
+        with torch.no_grad():
+            for t in list(model.parameters()) + list(model.buffers()):
+                dist.broadcast(t, src=0)
 
 
 def ranks_identical(model: nn.Module) -> bool | None:
@@ -1340,7 +1348,8 @@ TABLE1_ROWS = (("sdense", "AT(S-Dense)"), ("moe", "AT(MoE)"), ("advmoe", "AdvMoE
 
 
 def report(folder: str) -> str:
-    """Markdown in the paper's Table 1 layout from every result.json below `folder`; blank = not run."""
+    """Markdown in the paper's Table 1 layout from every result.json below `folder`; blank = not run. When
+    several runs fill one cell, the last by path is shown; every run is listed under "Runs"."""
     root = Path(folder)
     if not root.is_dir():
         raise ConfigError(f"report folder {folder} does not exist: give the folder holding the runs' result.json")
@@ -1361,12 +1370,17 @@ def report(folder: str) -> str:
                 cells += [f"{r['sa']:.2f}", f"{r['ra']:.2f}", f"{r['gflops']:.3f}"] if r else ["", "", ""]
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines.append("")
-    lines += ["## Runs", "", "| dataset | arch | method | r | N | router | epochs | SA | RA | attack | GFLOPs | device | torch | commit |",
-              "|---|---|---|---:|---:|---|---:|---:|---:|---|---:|---|---|---|"]
+    lines += ["## Runs", "", "RA: the paper's PGD; other attacks (--eval-attacks) and RA-worst (robust under every "
+              "attack run) beside it.", "",
+              "| dataset | arch | method | r | N | router | epochs | SA | RA | attack | RA per attack | RA-worst | GFLOPs "
+              "| device | torch | commit |",
+              "|---|---|---|---:|---:|---|---:|---:|---:|---|---|---:|---:|---|---|---|"]
     for r in results:
+        others = ", ".join(f"{k} {v:.2f}" for k, v in r.get("attacks", {}).items() if not k.startswith("pgd"))
+        worst = f"{r['ra_worst']:.2f}" if "ra_worst" in r else ""
         lines.append(f"| {r['dataset']} | {r['arch']} | {r['method']} | {r['ratio']:g} | {r['n_experts']} | "
-                     f"{r['router'] or ''} | {r['epochs']} | {r['sa']:.2f} | {r['ra']:.2f} | {r['attack']} | "
-                     f"{r['gflops']:.3f} | {r['device']} | {r['torch']} | {(r['commit'] or '')[:10]} |")
+                     f"{r['router'] or ''} | {r['epochs']} | {r['sa']:.2f} | {r['ra']:.2f} | {r['attack']} | {others} | "
+                     f"{worst} | {r['gflops']:.3f} | {r['device']} | {r['torch']} | {(r['commit'] or '')[:10]} |")
     text = "\n".join(lines) + "\n"
     atomic_write(root / "report.md", lambda tmp: Path(tmp).write_text(text))
     return text

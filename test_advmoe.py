@@ -420,3 +420,10 @@ def test_two_process_training_with_gloo(tmp_path):
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["world_size"] == 2 and result["ranks_identical"] is True
     assert done.stdout.count("RA-worst") == 1  # rank 0 alone reports
+
+
+def test_readme_python_example_runs_as_written(tmp_path, monkeypatch):
+    text = (HERE / "README.md").read_text()
+    code = text.split("```python\n", 1)[1].split("```", 1)[0]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
