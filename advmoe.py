@@ -397,7 +397,8 @@ class Routing:
     gates: list = field(default_factory=list)
     shared: Gate | None = None              # the global router's gate, reused by every layer
     dispatch: str = "sparse"                # "sparse" (real savings) | "masked" (reference) | "soft" (attacks)
-    force: list | int | None = None         # per-layer choices (or one expert index) to impose
+    force: list | int | torch.Tensor | None = None  # per-layer choices, or one choice for every layer
+                                                    # (an expert index, or a (B,) tensor), to impose
     noise: float = 0.0                      # router noise std (0 outside training)
 
 
@@ -548,7 +549,7 @@ class Spec:
         return MoEConv(self.width(cin), self.width(cout), kernel, stride, self.n_experts, bn, self.layer_router)
 
     def shared_conv(self, cin: int, cout: int, kernel: int, stride: int, bn: bool = True) -> nn.Module:
-        """A dense layer shared by all experts (stem, projection shortcut), at pathway width."""
+        """A dense layer shared by all experts (a projection shortcut), at pathway width."""
         conv = nn.Conv2d(self.width(cin), self.width(cout), kernel, stride, kernel // 2, bias=False)
         return nn.Sequential(conv, nn.BatchNorm2d(self.width(cout))) if bn else conv
 
@@ -905,10 +906,9 @@ def average_gradients(params: list[nn.Parameter]):
 def distributed(s: Settings) -> tuple[int, int, torch.device]:
     """(rank, world size, device): joins the process group when started by torchrun (WORLD_SIZE > 1),
     NCCL on CUDA (one GPU per process, cuda:LOCAL_RANK), gloo on the CPU."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world, device = int(os.environ.get("WORLD_SIZE", "1")), resolve_device(s.device)
     if world == 1:
-        return 0, 1, resolve_device(s.device)
-    device = resolve_device(s.device)
+        return 0, 1, device
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
@@ -1038,8 +1038,8 @@ def train_epoch(net: nn.Module, opts: dict, data, s: Settings, epoch: int, devic
         if (it + 1) % s.log_every == 0:
             log(f"  epoch {epoch + 1} iter {it + 1}/{iters} loss {sums['loss'].item() / (it + 1):.4f}")
         if stop:
-            raise Interrupted(f"interrupted by {stop[0]} in epoch {epoch + 1}: the checkpoint of epoch {epoch} is "
-                              f"kept; continue with --resume")
+            kept = f"the checkpoint of epoch {epoch} is kept" if epoch else "no epoch had finished"
+            raise Interrupted(f"interrupted by {stop[0]} in epoch {epoch + 1}: {kept}; continue with --resume")
     if bad_step.item() >= 0:
         raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, iteration {bad_step.item() + 1}: kept the "
                                  f"checkpoint of epoch {epoch}; lower --lr or check the data")
@@ -1147,9 +1147,8 @@ def evaluate(model: nn.Module, data, s: Settings, steps: int | None = None, limi
              attacks: tuple[str, ...] = ("pgd",)) -> dict:
     """SA and RA in % (RA: PGD with `steps`, CE, uniform start, at the training eps), the RA of every other
     attack asked for, RA-worst (an input counts only if it is classified correctly clean and under every
-    attack, as AutoAttack counts), and routing statistics of
-    the PGD attack: expert usage on clean and adversarial inputs, how often the attack flips a router's
-    choice, and the paper's 4-way split of adversarial examples (Sec. 4, Insight 2): (1) neither router nor
+    attack, as AutoAttack counts), and routing statistics of the PGD attack: expert usage on clean and
+    adversarial inputs, how often the attack flips a router's choice, and the paper's 4-way split of adversarial examples (Sec. 4, Insight 2): (1) neither router nor
     prediction fooled, (2) router fooled only, (3) prediction fooled only, (4) both. Router fooled = any
     layer's choice differs from its clean choice. Router robustness = (1)+(3); MoE robustness = (1)+(2)."""
     steps = s.test_steps if steps is None else steps
@@ -1236,8 +1235,8 @@ def finish(model, data, s: Settings, out: Path, history: list, train_seconds: fl
         **(extra or {}), "settings": dataclasses.asdict(s), "history": history,
     }
     write_json(out / "result.json", result)
-    extra = "".join(f"  {k} {v:.2f}" for k, v in result["attacks"].items() if not k.startswith("pgd"))
-    log(f"SA {result['sa']:.2f}  RA {result['ra']:.2f}{extra}  RA-worst {result['ra_worst']:.2f}  "
+    others = "".join(f"  {k} {v:.2f}" for k, v in result["attacks"].items() if not k.startswith("pgd"))
+    log(f"SA {result['sa']:.2f}  RA {result['ra']:.2f}{others}  RA-worst {result['ra_worst']:.2f}  "
         f"GFLOPs {result['gflops']:.3f}  -> {out / 'result.json'}")
     return result
 
