@@ -76,7 +76,9 @@ from einops import rearrange
 
 ARCHS = ("resnet18", "wrn28_10", "vgg16", "densenet")
 DATASETS = ("cifar10", "cifar100", "tinyimagenet", "imagenet", "synthetic")
-METHODS = ("dense", "sdense", "moe", "advmoe")
+METHODS = ("dense", "sdense", "moe", "advmoe", "sparse", "standard")
+MOE_METHODS = ("moe", "advmoe", "standard")  # methods whose model is an MoE-CNN
+TRAIN_PARAMS = ("all", "routers", "backbone")
 LOSSES = ("trades", "pgdat")
 ROUTERS = ("layer", "global")
 EVAL_ATTACKS = ("pgd", "router", "soft", "fixed", "square", "autoattack")
@@ -102,10 +104,16 @@ class Settings:
     # ---- what to train --------------------------------------------------------------------------
     dataset: str = setting("cifar10", "cifar10 | cifar100 | tinyimagenet | imagenet | synthetic (offline)")
     arch: str = setting("resnet18", "resnet18 | wrn28_10 | vgg16 | densenet (DenseNet-BC-40, k=12)")
-    method: str = setting("advmoe", "dense | sdense | moe | advmoe: AT(Dense), AT(S-Dense), AT(MoE), AdvMoE")
+    method: str = setting("advmoe", "dense | sdense | moe | advmoe | sparse | standard: AT(Dense), AT(S-Dense), AT(MoE), "
+                                    "AdvMoE, AT(Sparse) (HYDRA channel pruning of a Dense model, then AT fine-tuning), "
+                                    "standard (natural, non-adversarial training of an MoE-CNN; Sec. 4)")
     ratio: float = setting(0.5, "r in (0,1]: an expert (and S-Dense) keeps r*C of a layer's C channels")
     n_experts: int = setting(2, "N >= 1: experts per MoE layer (moe, advmoe)")
     router: str = setting("layer", "layer: a gate per MoE layer (paper) | global: one image-level router (official code)")
+    init: str = setting("", "checkpoint.pt whose weights start the run (sparse: an AT(Dense) run; otherwise the same model)")
+    train_params: str = setting("all", "all | routers | backbone: which parameters the joint methods train (Sec. 4 "
+                                       "study: AT of the routers, then of the backbone, of an --init model)")
+    prune_epochs: int = setting(20, "sparse: epochs of score learning (weights frozen) before --epochs of fine-tuning")
     # ---- robust loss and attacks (eps and step sizes in pixel units of [0,1] images) ---------------
     loss: str = setting("trades", "trades (default, beta-weighted KL) | pgdat (Madry: CE on PGD examples)")
     beta: float = setting(6.0, "TRADES weight 1/lambda")
@@ -139,6 +147,11 @@ class Settings:
     eval_n: int = setting(0, "test images for the final SA/RA (0: the whole test set)")
     eval_attacks: str = setting("pgd", "comma-separated: pgd (the paper's RA) | router | soft | fixed (router-aware "
                                        "PGD) | square | autoattack (need torchattacks); RA-worst over all of them")
+    eval_aa: bool = setting(False, "also evaluate with AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square; needs "
+                                   "torchattacks): RA-AA, Table 2")
+    aa_n: int = setting(0, "test images for AutoAttack (the first ones of the evaluation; 0: all of --eval-n)")
+    iou_with: str = setting("", "router utility (Fig. 6): IoU of each input's MoE pathway with the static mask of this "
+                                "AT(Sparse) checkpoint.pt, on clean and PGD inputs (needs N*r = 1)")
     quick_eval_n: int = setting(500, "test images for the per-epoch SA / RA(PGD-10) check (0: skip)")
     square_queries: int = setting(5000, "queries of the Square attack (AutoAttack's standard 5000)")
     eval_batch_size: int = setting(256, "batch size of evaluation and attacks at test time")
@@ -166,33 +179,50 @@ class Settings:
             raise ConfigError(f"--ratio {self.ratio} is outside (0, 1]: an expert keeps a fraction r of the channels")
         if self.n_experts < 1:
             raise ConfigError(f"--n-experts {self.n_experts} must be at least 1")
-        if self.method in ("moe", "advmoe") and self.n_experts < 2:
+        if self.method in MOE_METHODS and self.n_experts < 2:
             raise ConfigError(f"--method {self.method} needs --n-experts >= 2 (with one expert use --method sdense)")
+        if self.method == "sparse" and self.ratio == 1:
+            raise ConfigError("--method sparse keeps a fraction --ratio of the channels: give --ratio below 1")
+        if self.train_params not in TRAIN_PARAMS:
+            raise ConfigError(f"unknown --train-params {self.train_params!r}: choose one of {', '.join(TRAIN_PARAMS)}")
+        if self.train_params != "all" and (self.method == "advmoe" or not self.init):
+            raise ConfigError(f"--train-params {self.train_params} freezes part of the model: use it with --init CKPT "
+                              f"and a joint method (moe, standard), not advmoe (whose levels already split it)")
+        if self.train_params == "routers" and self.method not in MOE_METHODS:
+            raise ConfigError(f"--train-params routers needs an MoE-CNN (--method moe or standard), not {self.method}")
         if self.eps == -1.0:
             self.eps = 2 / 255 if self.dataset in ("tinyimagenet", "imagenet") else 8 / 255
         if self.eps < 0:
             raise ConfigError(f"--eps {self.eps} is negative: give the l_inf radius in pixel units, e.g. 0.0314")
+        if self.prune_epochs < 0 or self.aa_n < 0:
+            raise ConfigError("--prune-epochs and --aa-n must be 0 or more")
         for name in ("epochs", "batch_size", "eval_batch_size", "synthetic_train", "synthetic_test", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
         unknown = [a for a in self.eval_attacks.split(",") if a not in EVAL_ATTACKS]
         if unknown:
             raise ConfigError(f"unknown --eval-attacks {','.join(unknown)}: choose from {', '.join(EVAL_ATTACKS)}")
-        if {"square", "autoattack"} & set(self.eval_attacks.split(",")):
+        if {"square", "autoattack"} & set(self.attacks):
             import_torchattacks()  # fail now, not after training
         if self.train_step_size < 0:
             self.train_step_size = 2.5 * self.eps / max(self.train_steps, 1)
         if self.test_step_size < 0:
             self.test_step_size = self.eps / 4
 
-    # The model a method trains, by parameters and not by copies of the backbone.
+    @property
+    def attacks(self) -> tuple[str, ...]:
+        """Every attack of the final evaluation: --eval-attacks, plus AutoAttack with --eval-aa."""
+        return tuple(self.eval_attacks.split(",")) + (("autoattack",) if self.eval_aa else ())
+
+    # The model a method trains, by parameters and not by copies of the backbone. AT(Sparse) ends as a
+    # network of S-Dense's shape (its pruned channels removed).
     @property
     def model_ratio(self) -> float:
         return 1.0 if self.method == "dense" else self.ratio
 
     @property
     def model_experts(self) -> int:
-        return self.n_experts if self.method in ("moe", "advmoe") else 1
+        return self.n_experts if self.method in MOE_METHODS else 1
 
     @property
     def name(self) -> str:
@@ -367,6 +397,7 @@ class Gate(NamedTuple):
     logits: torch.Tensor  # (B, N) router scores
     choice: torch.Tensor  # (B,) chosen expert, int64
     scale: torch.Tensor   # (B,) exactly 1.0 in value; carries the router's gradient (straight-through)
+    layer: str = ""       # the channel group the layer writes (MoEConv.gives), to match it with a Sparse mask
 
 
 def top1_gate(logits: torch.Tensor, noise: float = 0.0, force: torch.Tensor | None = None) -> Gate:
@@ -400,6 +431,18 @@ class Routing:
     force: list | int | torch.Tensor | None = None  # per-layer choices, or one choice for every layer
                                                     # (an expert index, or a (B,) tensor), to impose
     noise: float = 0.0                      # router noise std (0 outside training)
+    masks: dict | None = None               # Sparse-CNN pruning: channel group -> (C,) 0/1 mask (see prune)
+
+
+def keep_channels(x: torch.Tensor, routing: Routing, takes: tuple) -> torch.Tensor:
+    """Sparse-CNN mask learning: zero the input channels a layer does not keep. `takes` names the channel
+    groups of the input, concatenated in order (several for a DenseNet concatenation). Masking the inputs of
+    every layer that consumes channels makes the masked Dense network compute exactly what the network with
+    the pruned channels removed computes (see extract_sparse)."""
+    if routing.masks is None or not takes:
+        return x
+    m = torch.cat([routing.masks[g] for g in takes]).to(x.dtype)            # (C_in,)
+    return x * m.view(1, -1, *([1] * (x.dim() - 2)))
 
 
 class MoEConv(nn.Module):
@@ -413,9 +456,13 @@ class MoEConv(nn.Module):
     Dense), while the sparse path here convolves each input with its expert's filters only (cost r^2).
     """
 
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int, n_experts: int, bn: bool, router: bool):
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, n_experts: int, bn: bool, router: bool,
+                 takes: tuple = (), gives: str = ""):
         super().__init__()
         self.cin, self.cout, self.stride, self.padding, self.n = cin, cout, stride, kernel // 2, n_experts
+        # Wiring (structure, not state): the channel groups this layer reads and the group it writes. Layers
+        # joined by a residual sum write one group; they keep or prune the same channels (Sparse-CNN).
+        self.takes, self.gives = takes, gives
         self.weight = nn.Parameter(torch.empty(n_experts * cout, cin, kernel, kernel))
         nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
         # NOTE(ours): a BatchNorm per expert, stored as one BatchNorm over the N*cout channels; expert e
@@ -440,6 +487,7 @@ class MoEConv(nn.Module):
                             self.training, bn.momentum, bn.eps)
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        x = keep_channels(x, routing, self.takes)
         if self.n == 1:
             return self.conv_bn(x, 0)
         gate = self.route(x, routing)
@@ -455,6 +503,7 @@ class MoEConv(nn.Module):
             gate = routing.shared if force is None else top1_gate(routing.shared.logits, force=force)
         else:
             gate = top1_gate(self.router(x.mean((2, 3))), routing.noise, force)   # (B, N)
+        gate = gate._replace(layer=self.gives)
         routing.gates.append(gate)
         return gate
 
@@ -535,81 +584,114 @@ class GlobalRouter(nn.Module):
 # ==================================================================================================
 @dataclass(frozen=True)
 class Spec:
-    """What distinguishes Dense (r=1, N=1), S-Dense (r<1, N=1) and MoE-CNN (N>=2) for any backbone."""
+    """What distinguishes Dense (r=1, N=1), S-Dense (r<1, N=1) and MoE-CNN (N>=2) for any backbone.
+    Channel counts passed in are the Dense network's; a tuple of counts is a concatenation of groups."""
     ratio: float = 1.0
     n_experts: int = 1
     layer_router: bool = True
 
-    def width(self, channels: int) -> int:
-        """Channels of a layer in the pathway (= S-Dense): r * C, at least 1."""
+    def width(self, channels: int | tuple) -> int:
+        """Channels of a tensor in the pathway (= S-Dense): r * C, at least 1; of a concatenation, the sum of
+        its groups' widths (so a pruned Dense network and S-Dense have the same shapes at any r)."""
+        if isinstance(channels, tuple):
+            return sum(self.width(c) for c in channels)
         return max(1, round(self.ratio * channels))
 
-    def conv(self, cin: int, cout: int, kernel: int = 3, stride: int = 1, bn: bool = True) -> MoEConv:
-        """A routed conv; cin and cout are the Dense network's channel counts."""
-        return MoEConv(self.width(cin), self.width(cout), kernel, stride, self.n_experts, bn, self.layer_router)
+    def conv(self, cin, cout: int, kernel: int = 3, stride: int = 1, bn: bool = True, takes=(), gives="") -> MoEConv:
+        """A routed conv reading channel groups `takes` and writing group `gives` (see MoEConv)."""
+        return MoEConv(self.width(cin), self.width(cout), kernel, stride, self.n_experts, bn, self.layer_router,
+                       takes, gives)
 
-    def shared_conv(self, cin: int, cout: int, kernel: int, stride: int, bn: bool = True) -> nn.Module:
-        """A dense layer shared by all experts (a projection shortcut), at pathway width."""
-        conv = nn.Conv2d(self.width(cin), self.width(cout), kernel, stride, kernel // 2, bias=False)
-        return nn.Sequential(conv, nn.BatchNorm2d(self.width(cout))) if bn else conv
+    def shared_conv(self, cin, cout: int, kernel: int, stride: int, bn: bool = True, takes=(), gives="") -> MoEConv:
+        """A conv shared by all experts (stem, projection shortcut), at pathway width: an MoEConv with N = 1."""
+        return MoEConv(self.width(cin), self.width(cout), kernel, stride, 1, bn, False, takes, gives)
+
+    def bn(self, channels, takes: tuple) -> nn.BatchNorm2d:
+        """A pre-activation BatchNorm on the pathway, shared by all experts, labelled with its channel groups."""
+        bn = nn.BatchNorm2d(self.width(channels))
+        bn.takes = takes  # wiring, read by extract_sparse
+        return bn
 
 
-def stem(spec: Spec, cout: int, image_size: int, bn: bool = True) -> nn.Module:
+class Stem(nn.Module):
     """The shared stem on the RGB image. NOTE(ours): 3x3/1 for 32-64 px inputs; a 7x7/2 conv + 3x3/2
     max-pool for ImageNet-size inputs (with BatchNorm and ReLU before the pool)."""
-    small = image_size < 128
-    conv = nn.Conv2d(3, spec.width(cout), 3 if small else 7, 1 if small else 2, 1 if small else 3, bias=False)
-    if small:
-        return nn.Sequential(conv, nn.BatchNorm2d(spec.width(cout))) if bn else conv
-    layers = [conv, nn.BatchNorm2d(spec.width(cout)), nn.ReLU()] if bn else [conv]
-    return nn.Sequential(*layers, nn.MaxPool2d(3, 2, 1))
+
+    def __init__(self, spec: Spec, cout: int, image_size: int, bn: bool = True, gives: str = "stem"):
+        super().__init__()
+        self.pool = image_size >= 128
+        self.conv = MoEConv(3, spec.width(cout), 7 if self.pool else 3, 2 if self.pool else 1, 1, bn, False, (), gives)
+
+    def forward(self, x, routing):
+        x = self.conv(x, routing)
+        if self.pool:
+            x = F.max_pool2d(F.relu(x) if self.conv.bn is not None else x, 3, 2, 1)
+        return x
+
+
+class Classifier(nn.Linear):
+    """Global average pooling, then a linear layer on the pathway's channels (groups `takes`)."""
+
+    def __init__(self, spec: Spec, channels, num_classes: int, takes: tuple):
+        super().__init__(spec.width(channels), num_classes)
+        self.takes = takes
+
+    def forward(self, x, routing):
+        return super().forward(keep_channels(x.mean((2, 3)), routing, self.takes))
 
 
 class BasicBlock(nn.Module):
-    """ResNet block: relu(BN(conv2(relu(BN(conv1 x)))) + shortcut(x)); both 3x3 convs routed."""
+    """ResNet block: relu(BN(conv2(relu(BN(conv1 x)))) + shortcut(x)); both 3x3 convs routed. conv2 and the
+    projection shortcut write the stage's residual stream (one channel group)."""
 
-    def __init__(self, spec: Spec, cin: int, cout: int, stride: int):
+    def __init__(self, spec: Spec, cin: int, cout: int, stride: int, stream_in: str, stream: str, name: str):
         super().__init__()
-        self.conv1, self.conv2 = spec.conv(cin, cout, 3, stride), spec.conv(cout, cout, 3, 1)
-        self.shortcut = spec.shared_conv(cin, cout, 1, stride) if (stride != 1 or cin != cout) else None
+        self.conv1 = spec.conv(cin, cout, 3, stride, takes=(stream_in,), gives=f"{name}_mid")
+        self.conv2 = spec.conv(cout, cout, 3, 1, takes=(f"{name}_mid",), gives=stream)
+        self.shortcut = spec.shared_conv(cin, cout, 1, stride, takes=(stream_in,), gives=stream) \
+            if (stride != 1 or cin != cout) else None
 
     def forward(self, x, routing):
         out = self.conv2(F.relu(self.conv1(x, routing)), routing)
-        return F.relu(out + (x if self.shortcut is None else self.shortcut(x)))
+        return F.relu(out + (x if self.shortcut is None else self.shortcut(x, routing)))
 
 
 class ResNet18(nn.Module):
     def __init__(self, spec: Spec, num_classes: int, image_size: int):
         super().__init__()
-        self.stem = stem(spec, 64, image_size)
+        self.stem = Stem(spec, 64, image_size, gives="stage1")
         blocks, cin = [], 64
-        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
-            blocks += [BasicBlock(spec, cin, cout, stride), BasicBlock(spec, cout, cout, 1)]
+        for stage, (cout, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2)), 1):
+            stream_in = f"stage{max(stage - 1, 1)}"
+            blocks += [BasicBlock(spec, cin, cout, stride, stream_in, f"stage{stage}", f"block{2 * stage - 1}"),
+                       BasicBlock(spec, cout, cout, 1, f"stage{stage}", f"stage{stage}", f"block{2 * stage}")]
             cin = cout
         self.blocks = nn.ModuleList(blocks)
-        self.fc = nn.Linear(spec.width(512), num_classes)
+        self.fc = Classifier(spec, 512, num_classes, ("stage4",))
 
     def forward(self, x, routing):
-        x = F.relu(self.stem(x))
+        x = F.relu(self.stem(x, routing))
         for block in self.blocks:
             x = block(x, routing)
-        return self.fc(x.mean((2, 3)))
+        return self.fc(x, routing)
 
 
 class WideBlock(nn.Module):
     """Pre-activation wide block: conv2(relu(BN(conv1(relu(BN x))))) + shortcut. conv1 carries the middle
     BatchNorm (per expert); the first BatchNorm acts on the pathway and is shared (NOTE(ours))."""
 
-    def __init__(self, spec: Spec, cin: int, cout: int, stride: int):
+    def __init__(self, spec: Spec, cin: int, cout: int, stride: int, stream_in: str, stream: str, name: str):
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(spec.width(cin))
-        self.conv1, self.conv2 = spec.conv(cin, cout, 3, stride, bn=True), spec.conv(cout, cout, 3, 1, bn=False)
-        self.shortcut = spec.shared_conv(cin, cout, 1, stride, bn=False) if (stride != 1 or cin != cout) else None
+        self.bn1 = spec.bn(cin, (stream_in,))
+        self.conv1 = spec.conv(cin, cout, 3, stride, bn=True, takes=(stream_in,), gives=f"{name}_mid")
+        self.conv2 = spec.conv(cout, cout, 3, 1, bn=False, takes=(f"{name}_mid",), gives=stream)
+        self.shortcut = spec.shared_conv(cin, cout, 1, stride, bn=False, takes=(stream_in,), gives=stream) \
+            if (stride != 1 or cin != cout) else None
 
     def forward(self, x, routing):
         o = F.relu(self.bn1(x))
         out = self.conv2(F.relu(self.conv1(o, routing)), routing)
-        return out + (x if self.shortcut is None else self.shortcut(o))
+        return out + (x if self.shortcut is None else self.shortcut(o, routing))
 
 
 class WideResNet(nn.Module):
@@ -618,20 +700,22 @@ class WideResNet(nn.Module):
     def __init__(self, spec: Spec, num_classes: int, image_size: int, depth: int = 28, widen: int = 10):
         super().__init__()
         n = (depth - 4) // 6
-        self.stem = stem(spec, 16, image_size, bn=False)
-        blocks, cin = [], 16
-        for cout, stride in ((16 * widen, 1), (32 * widen, 2), (64 * widen, 2)):
-            blocks += [WideBlock(spec, cin if i == 0 else cout, cout, stride if i == 0 else 1) for i in range(n)]
-            cin = cout
+        self.stem = Stem(spec, 16, image_size, bn=False, gives="stem")
+        blocks, cin, stream_in = [], 16, "stem"
+        for stage, (cout, stride) in enumerate(((16 * widen, 1), (32 * widen, 2), (64 * widen, 2)), 1):
+            for i in range(n):
+                blocks.append(WideBlock(spec, cin, cout, stride if i == 0 else 1, stream_in, f"stage{stage}",
+                                        f"block{len(blocks) + 1}"))
+                cin, stream_in = cout, f"stage{stage}"
         self.blocks = nn.ModuleList(blocks)
-        self.bn = nn.BatchNorm2d(spec.width(cin))
-        self.fc = nn.Linear(spec.width(cin), num_classes)
+        self.bn = spec.bn(cin, (stream_in,))
+        self.fc = Classifier(spec, cin, num_classes, (stream_in,))
 
     def forward(self, x, routing):
-        x = self.stem(x)
+        x = self.stem(x, routing)
         for block in self.blocks:
             x = block(x, routing)
-        return self.fc(F.relu(self.bn(x)).mean((2, 3)))
+        return self.fc(F.relu(self.bn(x)), routing)
 
 
 class VGG16(nn.Module):
@@ -640,30 +724,34 @@ class VGG16(nn.Module):
 
     def __init__(self, spec: Spec, num_classes: int, image_size: int):
         super().__init__()
-        self.stem = stem(spec, 64, image_size)
-        layers, cin = [], 64
+        self.stem = Stem(spec, 64, image_size, gives="conv1")
+        layers, cin, k = [], 64, 1  # conv k writes channel group "conv{k}"
         for v in self.CFG[1:]:
-            layers.append(v if v == "M" else spec.conv(cin, v, 3, 1))
-            cin = cin if v == "M" else v
-        self.layers = nn.ModuleList([nn.MaxPool2d(2) if v == "M" else v for v in layers])
-        self.fc = nn.Linear(spec.width(512), num_classes)
+            if v == "M":
+                layers.append(nn.MaxPool2d(2))
+            else:
+                layers.append(spec.conv(cin, v, 3, 1, takes=(f"conv{k}",), gives=f"conv{k + 1}"))
+                cin, k = v, k + 1
+        self.layers = nn.ModuleList(layers)
+        self.fc = Classifier(spec, 512, num_classes, (f"conv{k}",))
 
     def forward(self, x, routing):
-        x = F.relu(self.stem(x))
+        x = F.relu(self.stem(x, routing))
         for layer in self.layers:
             x = layer(x) if isinstance(layer, nn.MaxPool2d) else F.relu(layer(x, routing))
-        return self.fc(x.mean((2, 3)))
+        return self.fc(x, routing)
 
 
 class DenseLayer(nn.Module):
     """DenseNet-BC bottleneck: BN-ReLU-conv1x1(4k)-BN-ReLU-conv3x3(k), output concatenated to the input.
-    The 1x1 conv carries the middle BatchNorm (per expert); the first acts on the shared pathway."""
+    The 1x1 conv carries the middle BatchNorm (per expert); the first acts on the shared pathway. `chans`
+    and `groups` list the Dense channel counts and names of the concatenated input."""
 
-    def __init__(self, spec: Spec, cin: int, growth: int):
+    def __init__(self, spec: Spec, chans: tuple, groups: tuple, growth: int, name: str):
         super().__init__()
-        self.bn = nn.BatchNorm2d(spec.width(cin))
-        self.conv1 = spec.conv(cin, 4 * growth, 1, 1, bn=True)
-        self.conv2 = spec.conv(4 * growth, growth, 3, 1, bn=False)
+        self.bn = spec.bn(chans, groups)
+        self.conv1 = spec.conv(chans, 4 * growth, 1, 1, bn=True, takes=groups, gives=f"{name}_mid")
+        self.conv2 = spec.conv(4 * growth, growth, 3, 1, bn=False, takes=(f"{name}_mid",), gives=name)
 
     def forward(self, x, routing):
         out = self.conv2(F.relu(self.conv1(F.relu(self.bn(x)), routing)), routing)
@@ -678,29 +766,30 @@ class DenseNet(nn.Module):
                  compression: float = 0.5):
         super().__init__()
         n = (depth - 4) // 6
-        c = 2 * growth
-        self.stem = stem(spec, c, image_size, bn=False)
-        layers = []
+        self.stem = Stem(spec, 2 * growth, image_size, bn=False, gives="stem")
+        chans, groups, layers = (2 * growth,), ("stem",), []
         for block in range(3):
             for _ in range(n):
-                layers.append(DenseLayer(spec, c, growth))
-                c += growth
+                name = f"layer{len(layers) + 1}"
+                layers.append(DenseLayer(spec, chans, groups, growth, name))
+                chans, groups = chans + (growth,), groups + (name,)
             if block < 2:
-                cout = int(c * compression)
-                layers.append(nn.ModuleDict({"bn": nn.BatchNorm2d(spec.width(c)), "conv": spec.conv(c, cout, 1, 1, bn=False)}))
-                c = cout
+                cout, name = int(sum(chans) * compression), f"transition{block + 1}"
+                layers.append(nn.ModuleDict({"bn": spec.bn(chans, groups),
+                                             "conv": spec.conv(chans, cout, 1, 1, bn=False, takes=groups, gives=name)}))
+                chans, groups = (cout,), (name,)
         self.layers = nn.ModuleList(layers)
-        self.bn = nn.BatchNorm2d(spec.width(c))
-        self.fc = nn.Linear(spec.width(c), num_classes)
+        self.bn = spec.bn(chans, groups)
+        self.fc = Classifier(spec, chans, num_classes, groups)
 
     def forward(self, x, routing):
-        x = self.stem(x)
+        x = self.stem(x, routing)
         for layer in self.layers:
             if isinstance(layer, DenseLayer):
                 x = layer(x, routing)
             else:  # transition
                 x = F.avg_pool2d(layer["conv"](F.relu(layer["bn"](x)), routing), 2)
-        return self.fc(F.relu(self.bn(x)).mean((2, 3)))
+        return self.fc(F.relu(self.bn(x)), routing)
 
 
 BACKBONES = {"resnet18": ResNet18, "wrn28_10": WideResNet, "vgg16": VGG16, "densenet": DenseNet}
@@ -720,9 +809,10 @@ class MoECNN(nn.Module):
         self.register_buffer("std", torch.tensor(mean_std[1]).view(1, 3, 1, 1))
         self.router_noise = router_noise  # a hyper-parameter, not state
 
-    def forward(self, x, return_routing: bool = False, dispatch: str = "sparse", force=None):
+    def forward(self, x, return_routing: bool = False, dispatch: str = "sparse", force=None, masks=None):
         x = (x - self.mean) / self.std
-        routing = Routing(dispatch=dispatch, force=force, noise=self.router_noise if self.training else 0.0)
+        routing = Routing(dispatch=dispatch, force=force, noise=self.router_noise if self.training else 0.0,
+                          masks=masks)
         if self.global_router is not None:
             routing.shared = top1_gate(self.global_router(x), routing.noise)
         logits = self.backbone(x, routing)
@@ -831,13 +921,19 @@ def routing_regularizer(gates: list[Gate], y: torch.Tensor, s: Settings) -> torc
 
 
 def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: Settings):
-    """A fresh training attack against the current model, then the training loss at (x, x_adv)."""
-    x_adv = training_attack(model, x, y, s)
-    logits_adv, gates_adv = model(x_adv, return_routing=True, dispatch=s.train_dispatch)
-    if s.loss == "trades":
+    """A fresh training attack against the current model, then the training loss at (x, x_adv).
+    (--method standard: natural training, CE(f(x), y), no attack: stage 1 of the Sec. 4 study.)"""
+    if s.method == "standard":
+        logits, gates = model(x, return_routing=True, dispatch=s.train_dispatch)
+        main, logits_adv, gates_adv = F.cross_entropy(logits.float(), y), logits, []
+    elif s.loss == "trades":
+        x_adv = training_attack(model, x, y, s)
+        logits_adv, gates_adv = model(x_adv, return_routing=True, dispatch=s.train_dispatch)
         logits, gates = model(x, return_routing=True, dispatch=s.train_dispatch)
         main = trades_loss(logits, logits_adv, y, s.beta)
     else:  # pgdat: min CE(f(x_adv), y)
+        x_adv = training_attack(model, x, y, s)
+        logits_adv, gates_adv = model(x_adv, return_routing=True, dispatch=s.train_dispatch)
         logits, gates = logits_adv, []
         main = F.cross_entropy(logits_adv.float(), y)
     reg = routing_regularizer(gates + gates_adv, y, s)
@@ -859,7 +955,8 @@ def expert_usage(gates: list[Gate]) -> torch.Tensor:
 # ==================================================================================================
 def make_optimizers(model: nn.Module, s: Settings, device: torch.device) -> dict[str, torch.optim.Optimizer]:
     """AdvMoE: one SGD for the routers phi and one for the backbone psi (same settings and schedule).
-    Joint methods: one SGD over everything."""
+    Joint methods: one SGD over everything, or over phi or psi alone (--train-params, the Sec. 4 study).
+    NOTE(ours): with psi frozen, BatchNorm running statistics (buffers of psi) still follow the data."""
     kw = dict(lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
     if device.type == "cuda":
         kw["fused"] = True
@@ -867,7 +964,8 @@ def make_optimizers(model: nn.Module, s: Settings, device: torch.device) -> dict
     psi = {"params": backbone_params(model), "base_lr": s.lr}
     if s.method == "advmoe":
         return {"phi": torch.optim.SGD([phi], **kw), "psi": torch.optim.SGD([psi], **kw)}
-    return {"all": torch.optim.SGD([psi] + ([phi] if phi["params"] else []), **kw)}
+    groups = {"all": [psi] + ([phi] if phi["params"] else []), "routers": [phi], "backbone": [psi]}[s.train_params]
+    return {"all": torch.optim.SGD(groups, **kw)}
 
 
 def set_lr(opts: dict, progress: float):
@@ -950,6 +1048,11 @@ def train_step(model: nn.Module, opts: dict, batches: list, s: Settings) -> dict
     return stats
 
 
+def place(model: nn.Module, s: Settings, device: torch.device) -> nn.Module:
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if (device.type == "cuda" and s.channels_last) else model
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -979,23 +1082,34 @@ def train(s: Settings, log: Callable[[str], None] = print) -> dict | None:
     torch.backends.cudnn.benchmark = s.cudnn_benchmark and device.type == "cuda"
     data = load_data(s, device)
     data.shard = (rank, world)
-    model = build_model(s, data.num_classes, data.image_size).to(device)
-    if device.type == "cuda" and s.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+    model = place(build_model(s, data.num_classes, data.image_size), s, device)
     opts = make_optimizers(model, s, device)
-    start, history, train_seconds = 0, [], 0.0
+    start, history, train_seconds, extra = 0, [], 0.0, {}
     ckpt_path = out / "checkpoint.pt"
-    if s.resume and ckpt_path.exists():
-        start, history, train_seconds = load_checkpoint(ckpt_path, model, opts, s)
-        log(f"resumed {ckpt_path} after epoch {start}")
-    elif world > 1:
-        torch.manual_seed(s.seed + rank)  # attack starts differ between processes
-    sync_model(model)
+    if s.iou_with:  # fail now, not after training
+        router_utility_tables(model, s.iou_with)
     if data.train_len(s.batch_size) == 0:
         raise ConfigError(f"--batch-size {s.batch_size} is larger than the training set (per process): lower it")
-    # Training forwards may go through torch.compile; checkpoints and evaluation use the module itself.
-    net = torch.compile(model) if s.compile else model
+    if s.resume and ckpt_path.exists():
+        start, history, train_seconds, extra = load_checkpoint(ckpt_path, model, opts, s)
+        log(f"resumed {ckpt_path} after epoch {start}")
+    else:
+        if s.init and s.method != "sparse":
+            load_init(model, s.init, {k: getattr(s, k) for k in IDENTITY if k != "method"})
+        if world > 1:
+            torch.manual_seed(s.seed + rank)  # attack starts differ between processes
     with stop_on_signals() as stop:
+        if s.method == "sparse" and start == 0:  # AT(Sparse): prune, then fine-tune below
+            t0 = time.perf_counter()
+            state, mask, prune_history = prune(s, data, device, stop, log)
+            model.load_state_dict(state)
+            train_seconds += time.perf_counter() - t0
+            extra = {**mask, "prune_history": prune_history}
+            log(f"pruned to {sum(map(len, mask['keep'].values()))} of {sum(mask['sizes'].values())} channels; "
+                f"fine-tuning for {s.epochs} epochs")
+        sync_model(model)
+        # Training forwards may go through torch.compile; checkpoints and evaluation use the module itself.
+        net = torch.compile(model) if s.compile else model
         for epoch in range(start, s.epochs):
             t0 = time.perf_counter()
             row = {"epoch": epoch + 1, **train_epoch(net, opts, data, s, epoch, device, stop, log)}
@@ -1009,11 +1123,14 @@ def train(s: Settings, log: Callable[[str], None] = print) -> dict | None:
                 row.update(sa=quick["sa"], ra_pgd10=quick["ra"], usage=quick["routing"].get("usage_clean"))
             history.append(row)
             log(format_row(row, s))
-            save_checkpoint(ckpt_path, model, opts, s, epoch + 1, history, train_seconds)
+            save_checkpoint(ckpt_path, model, opts, s, epoch + 1, history, train_seconds, extra)
             append_jsonl(out / "log.jsonl", row)
     identical = ranks_identical(model)
-    result = finish(model, data, s, out, history, train_seconds, device, log,
-                    {"world_size": world, "ranks_identical": identical}) if lead else None
+    info = {"world_size": world, "ranks_identical": identical}
+    if s.method == "sparse":
+        info["sparse"] = {"init": s.init or None, "prune_epochs": len(extra["prune_history"]),
+                          "kept": {g: len(v) for g, v in extra["keep"].items()}, "prune_history": extra["prune_history"]}
+    result = finish(model, data, s, out, history, train_seconds, device, log, info) if lead else None
     if world > 1:
         dist.barrier()
     return result
@@ -1087,7 +1204,142 @@ def stop_on_signals():
 
 
 # ==================================================================================================
-# 8. Evaluation: SA, RA (PGD-50), routing statistics, GFLOPs counted on what executes
+# 8. AT(Sparse): robustness-aware channel pruning of a Dense network (HYDRA, for channels)
+# ==================================================================================================
+def channel_groups(model: nn.Module) -> dict[str, int]:
+    """Every channel group of a model (see MoEConv.takes/gives) and its number of channels."""
+    return {m.gives: m.weight.shape[0] for m in model.modules() if isinstance(m, MoEConv)}
+
+
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """1 on the k highest scores, 0 elsewhere; straight-through: d mask / d scores = identity (HYDRA)."""
+    hard = torch.zeros_like(scores).scatter_(0, scores.topk(k).indices, 1.0)
+    return hard + (scores - scores.detach())
+
+
+class ChannelScores(nn.Module):
+    """A Dense network whose channels are kept by learned importance scores, one per channel of every group:
+    its forward is the Dense network with each group's top r*C channels kept (the others zeroed where they
+    are read). The scores are the only parameters trained; the Dense weights stay frozen."""
+
+    def __init__(self, dense: MoECNN, ratio: float):
+        super().__init__()
+        self.dense, self.spec = dense, Spec(ratio)
+        # HYDRA starts the scores in proportion to the weights: here the norm of the filters writing a channel.
+        norms: dict[str, torch.Tensor] = {}
+        for m in dense.modules():
+            if isinstance(m, MoEConv):
+                norms[m.gives] = norms.get(m.gives, 0) + m.weight.detach().flatten(1).norm(dim=1)
+        self.scores = nn.ParameterDict({g: nn.Parameter(v / v.max()) for g, v in norms.items()})
+
+    def keep(self) -> dict[str, torch.Tensor]:
+        """The channels each group keeps (sorted indices): its top r*C scores."""
+        return {g: v.detach().topk(self.spec.width(len(v))).indices.sort().values for g, v in self.scores.items()}
+
+    def forward(self, x, return_routing: bool = False, dispatch: str = "sparse", force=None):
+        masks = {g: top_k_mask(v, self.spec.width(len(v))) for g, v in self.scores.items()}
+        return self.dense(x, return_routing, dispatch, force, masks)
+
+
+def extract_sparse(dense: MoECNN, keep: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The pruned network as a state dict of S-Dense's shape: each layer's kept output channels (rows) and
+    kept input channels (columns) of the Dense weights. Pruned channels are removed, not masked, so what
+    executes (and its GFLOPs) is an r*C-wide network; its outputs equal the masked Dense network's."""
+    sizes = channel_groups(dense)
+
+    def kept(groups: tuple) -> torch.Tensor:  # kept channels of a concatenation of groups, in its indices
+        offsets = [0] + torch.tensor([sizes[g] for g in groups]).cumsum(0).tolist()
+        return torch.cat([keep[g].to(dense.mean.device) + o for g, o in zip(groups, offsets)])
+
+    def bn_rows(bn: nn.BatchNorm2d, rows: torch.Tensor, prefix: str) -> dict:
+        return {prefix + k: (v[rows] if v.dim() else v) for k, v in bn.state_dict().items()}
+
+    state = {"mean": dense.mean, "std": dense.std}
+    for name, m in dense.named_modules():
+        prefix = name + "."
+        if isinstance(m, MoEConv):
+            rows = kept((m.gives,))
+            cols = kept(m.takes) if m.takes else torch.arange(m.weight.shape[1], device=rows.device)  # RGB: all
+            state[prefix + "weight"] = m.weight[rows][:, cols]
+            if m.bn is not None:
+                state.update(bn_rows(m.bn, rows, prefix + "bn."))
+        elif isinstance(m, nn.BatchNorm2d) and hasattr(m, "takes"):  # pre-activation BatchNorm on the pathway
+            state.update(bn_rows(m, kept(m.takes), prefix))
+        elif isinstance(m, Classifier):
+            state.update({prefix + "weight": m.weight[:, kept(m.takes)], prefix + "bias": m.bias})
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def prune(s: Settings, data, device: torch.device, stop: list, log) -> tuple[dict, dict, list]:
+    """AT(Sparse), phase 1: learn channel scores of the (--init) Dense network with the training loss
+    (TRADES by default) for --prune-epochs, its weights frozen; then keep every group's top r*C channels.
+    Returns the pruned S-Dense-shaped state dict, the mask (kept channels and group sizes), and the phase's
+    per-epoch log. Phase 2,
+    fine-tuning the weights with the mask fixed, is the ordinary training loop (train)."""
+    dense = place(MoECNN(s.arch, data.num_classes, data.image_size, mean_std=MEAN_STD[s.dataset]), s, device)
+    if s.init:
+        load_init(dense, s.init, {"dataset": s.dataset, "arch": s.arch, "method": "dense"},
+                  f"<AT(Dense) {s.dataset} {s.arch} run>/checkpoint.pt")
+    else:
+        log("warning: --method sparse without --init: pruning starts from random weights (HYDRA prunes a trained "
+            "model: pass --init <AT(Dense) run>/checkpoint.pt)")
+    dense.requires_grad_(False)
+    pruner = ChannelScores(dense, s.ratio)
+    opt = torch.optim.SGD([{"params": list(pruner.scores.values()), "base_lr": s.lr}], lr=s.lr,
+                          momentum=s.momentum, weight_decay=s.weight_decay)
+    phase = dataclasses.replace(s, epochs=s.prune_epochs)  # the cosine schedule spans the pruning epochs
+    history = []
+    for epoch in range(s.prune_epochs):
+        t0 = time.perf_counter()
+        row = {"epoch": epoch + 1, **train_epoch(pruner, {"all": opt}, data, phase, epoch, device, stop, log)}
+        row["seconds"] = round(time.perf_counter() - t0, 2)
+        history.append(row)
+        log("prune " + format_row(row, phase))
+    keep = pruner.keep()
+    mask = {"keep": {g: v.tolist() for g, v in keep.items()}, "sizes": channel_groups(dense)}
+    return extract_sparse(dense, keep), mask, history
+
+
+def load_init(model: nn.Module, path: str, want: dict, hint: str = "a checkpoint of the same model"):
+    """--init: start from another run's weights; `want` is what that run must have been."""
+    ckpt = read_checkpoint(Path(path))
+    theirs = {**ckpt["identity"], "method": ckpt["settings"]["method"]}
+    diff = [f"{k} {theirs[k]!r} != {v!r}" for k, v in want.items() if theirs[k] != v]
+    if diff:
+        raise ConfigError(f"--init {path} is from another model ({'; '.join(diff)}): give {hint}")
+    model.load_state_dict(ckpt["model"])
+
+
+def router_utility_tables(model: nn.Module, path: str) -> dict[str, torch.Tensor]:
+    """Fig. 6: per MoE layer, the IoU of each expert's channels with the AT(Sparse) checkpoint's kept
+    channels. Expert e of a layer owns filters [e*c, (e+1)*c) of its N*c; with N*r = 1 those N*c filters are
+    the Dense layer's C channels, which the Sparse mask indexes. NOTE(ours): the two models are trained
+    separately, so channel e*c+j of the MoE and channel e*c+j of Dense correspond by position only."""
+    extra = read_checkpoint(Path(path)).get("extra") or {}
+    if "keep" not in extra:
+        raise ConfigError(f"--iou-with {path} is not an AT(Sparse) checkpoint: give <sparse run>/checkpoint.pt")
+    tables = {}
+    for m in model.modules():
+        if isinstance(m, MoEConv) and m.n > 1:
+            size, keep = extra["sizes"][m.gives], extra["keep"][m.gives]
+            if m.n * m.cout != size or len(keep) != m.cout:
+                raise ConfigError(f"--iou-with needs N*r = 1 and the Sparse run's r (layer {m.gives}: {m.n} experts of "
+                                  f"{m.cout} channels, Sparse keeps {len(keep)} of {size})")
+            kept = torch.zeros(size, dtype=torch.bool)
+            kept[keep] = True
+            inter = kept.view(m.n, m.cout).sum(1).float()                           # |E_e ∩ K|, (N,)
+            # IoU(E_e, K) = |E_e ∩ K| / |E_e ∪ K|, and |E_e| = |K| = c
+            tables[m.gives] = (inter / (2 * m.cout - inter)).to(m.weight.device)
+    return tables
+
+
+def pathway_iou(gates: list[Gate], tables: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B,): each input's IoU with the Sparse mask, averaged over MoE layers (its pathway's choice at each)."""
+    return torch.stack([tables[g.layer][g.choice] for g in gates]).mean(0)
+
+
+# ==================================================================================================
+# 9. Evaluation: SA, RA (PGD-50), routing statistics, GFLOPs counted on what executes
 # ==================================================================================================
 def adversaries(name: str, model: nn.Module, x, y, s: Settings, gates: list[Gate], steps: int) -> list:
     """The attacks of --eval-attacks, as (label, x_adv) pairs. Hard top-1 routing can hide gradients,
@@ -1144,43 +1396,58 @@ def import_torchattacks():
 
 
 def evaluate(model: nn.Module, data, s: Settings, steps: int | None = None, limit: int = 0,
-             attacks: tuple[str, ...] = ("pgd",)) -> dict:
+             attacks: tuple[str, ...] = ("pgd",), utility: dict | None = None) -> dict:
     """SA and RA in % (RA: PGD with `steps`, CE, uniform start, at the training eps), the RA of every other
-    attack asked for, RA-worst (an input counts only if it is classified correctly clean and under every
-    attack, as AutoAttack counts), and routing statistics of the PGD attack: expert usage on clean and
-    adversarial inputs, how often the attack flips a router's choice, and the paper's 4-way split of adversarial examples (Sec. 4, Insight 2): (1) neither router nor
-    prediction fooled, (2) router fooled only, (3) prediction fooled only, (4) both. Router fooled = any
-    layer's choice differs from its clean choice. Router robustness = (1)+(3); MoE robustness = (1)+(2)."""
+    attack asked for (AutoAttack on the first --aa-n images only), RA-worst (an input counts only if it is
+    classified correctly clean and under every attack, as AutoAttack counts; over the images every attack
+    saw), and routing statistics of the PGD attack: expert usage on clean and adversarial inputs, how often
+    the attack flips a router's choice, and the paper's 4-way split of adversarial examples (Sec. 4,
+    Insight 2): (1) neither router nor prediction fooled, (2) router fooled only, (3) prediction fooled
+    only, (4) both. Router fooled = any layer's choice differs from its clean choice. Router robustness =
+    (1)+(3); MoE robustness = (1)+(2). utility (router_utility_tables): each input's pathway IoU with a
+    Sparse mask, clean and under PGD (Fig. 6)."""
     steps = s.test_steps if steps is None else steps
     attacks = ("pgd",) + tuple(a for a in attacks if a != "pgd")
     device = next(model.parameters()).device
-    n, correct, worst, per_attack = 0, 0, 0, {}
+    n, correct, worst, covered, per_attack, seen = 0, 0, 0, 0, {}, {}
     usage = usage_adv = flips = split = None
+    ious: dict[str, list] = {"clean": [], "adv": []}
     with evaluating(model):
         for x, y in data.test_batches(s.eval_batch_size, limit):
             x = prep(x, s, device)[0]
             with autocast(s, device), torch.no_grad():
                 logits, gates = model(x, return_routing=True)
             ok = logits.argmax(1) == y
-            survived = ok.clone()
+            survived, saw_all = ok.clone(), torch.ones_like(ok)
             for name in attacks:
+                # AutoAttack is the costly one: --aa-n caps its images (the first ones of the evaluation)
+                take = len(y) if name != "autoattack" or not s.aa_n else max(0, min(len(y), s.aa_n - n))
+                saw_all[take:] = False
+                if take == 0:
+                    continue
                 with autocast(s, device):
-                    found = adversaries(name, model, x, y, s, gates, steps)
+                    found = adversaries(name, model, x[:take], y[:take], s, gates, steps)
                 for label, x_adv in found:
                     with autocast(s, device), torch.no_grad():
                         logits_adv, gates_adv = model(x_adv, return_routing=True)
-                    ok_adv = logits_adv.argmax(1) == y
+                    ok_adv = logits_adv.argmax(1) == y[:take]
                     per_attack[label] = per_attack.get(label, 0) + ok_adv.sum()
-                    survived &= ok_adv
+                    seen[label] = seen.get(label, 0) + take
+                    survived[:take] &= ok_adv
                     if name == "pgd" and gates:
                         batch = routing_counts(gates, gates_adv, ok_adv)
                         usage, usage_adv, flips, split = batch if usage is None else \
                             tuple(a + b for a, b in zip((usage, usage_adv, flips, split), batch))
-            n, correct, worst = n + len(y), correct + ok.sum(), worst + survived.sum()
-    ras = {label: round(100 * v.item() / n, 2) for label, v in per_attack.items()}
+                        if utility:
+                            ious["clean"].append(pathway_iou(gates, utility))
+                            ious["adv"].append(pathway_iou(gates_adv, utility))
+            n, correct = n + len(y), correct + ok.sum()
+            worst, covered = worst + (survived & saw_all).sum(), covered + saw_all.sum()
+    ras = {label: round(100 * v.item() / seen[label], 2) for label, v in per_attack.items()}
     result = {"sa": round(100 * correct.item() / n, 2), "ra": ras[f"pgd{steps}"], "n": n,
               "attack": f"PGD-{steps} (CE, eps {s.eps:.5f}, step {s.test_step_size:.5f}, uniform start)",
-              "attacks": ras, "ra_worst": round(100 * worst.item() / n, 2), "routing": {}}
+              "attacks": ras, "attack_n": seen, "ra_worst": round(100 * worst.item() / max(covered.item(), 1), 2),
+              "ra_worst_n": covered.item(), "routing": {}}
     if usage is not None:
         split = [round(100 * v / n, 2) for v in split.tolist()]
         result["routing"] = {
@@ -1192,7 +1459,16 @@ def evaluate(model: nn.Module, data, s: Settings, steps: int | None = None, limi
             "router_robustness": round(split[0] + split[2], 2),
             "moe_robustness": round(split[0] + split[1], 2),
         }
+    if ious["clean"]:
+        result["router_utility"] = {k: iou_summary(torch.cat(v)) for k, v in ious.items()}
     return result
+
+
+def iou_summary(iou: torch.Tensor) -> dict:
+    """Mean and a 10-bin histogram on [0, 1] of per-input pathway IoUs."""
+    hist = torch.histc(iou.float().cpu(), bins=10, min=0, max=1)
+    return {"mean": round(iou.mean().item(), 4), "histogram_bins": [round(b / 10, 1) for b in range(11)],
+            "histogram": [int(v) for v in hist.tolist()]}
 
 
 def routing_counts(gates: list[Gate], gates_adv: list[Gate], ok_adv: torch.Tensor):
@@ -1218,27 +1494,40 @@ def gflops_per_input(model: nn.Module, x: torch.Tensor) -> float:
 
 def finish(model, data, s: Settings, out: Path, history: list, train_seconds: float, device, log,
            extra: dict | None = None) -> dict:
-    """Final evaluation (PGD-50 and the other --eval-attacks) and result.json."""
-    log(f"evaluating: SA and RA under PGD-{s.test_steps} on {s.eval_n or 'all'} test images")
+    """Final evaluation (PGD-50, the other --eval-attacks, AutoAttack with --eval-aa, router utility with
+    --iou-with) and result.json."""
+    log(f"evaluating: SA and RA under PGD-{s.test_steps} on {s.eval_n or 'all'} test images"
+        + (f", AutoAttack on {s.aa_n or 'all of them'}" if s.eval_aa else ""))
     t0 = time.perf_counter()
-    ev = evaluate(model, data, s, limit=s.eval_n, attacks=tuple(s.eval_attacks.split(",")))
+    utility = router_utility_tables(model, s.iou_with) if s.iou_with else None
+    ev = evaluate(model, data, s, limit=s.eval_n, attacks=s.attacks, utility=utility)
     x = next(data.test_batches(min(s.eval_batch_size, 64)))[0]
     result = {
         "dataset": s.dataset, "arch": s.arch, "method": s.method, "ratio": s.model_ratio,
         "n_experts": s.model_experts, "router": s.router if s.model_experts > 1 else None,
         "loss": s.loss, "epochs": len(history), "seed": s.seed, "eps": s.eps,
         "sa": ev["sa"], "ra": ev["ra"], "eval_n": ev["n"], "attack": ev["attack"], "attacks": ev["attacks"],
-        "ra_worst": ev["ra_worst"],
+        "attack_n": ev["attack_n"], "ra_aa": ev["attacks"].get("autoattack"), "ra_worst": ev["ra_worst"],
+        "ra_worst_n": ev["ra_worst_n"], **({"router_utility": ev["router_utility"]} if "router_utility" in ev else {}),
         "gflops": round(gflops_per_input(model, x), 4), "params": count_params(model), "routing": ev["routing"],
         "train_seconds": round(train_seconds, 1), "eval_seconds": round(time.perf_counter() - t0, 1),
         "device": device_name(device), "torch": torch.__version__, "commit": git_commit(),
-        **(extra or {}), "settings": dataclasses.asdict(s), "history": history,
+        "command": command_line(s), **(extra or {}), "settings": dataclasses.asdict(s), "history": history,
     }
     write_json(out / "result.json", result)
     others = "".join(f"  {k} {v:.2f}" for k, v in result["attacks"].items() if not k.startswith("pgd"))
     log(f"SA {result['sa']:.2f}  RA {result['ra']:.2f}{others}  RA-worst {result['ra_worst']:.2f}  "
         f"GFLOPs {result['gflops']:.3f}  -> {out / 'result.json'}")
     return result
+
+
+def command_line(s: Settings) -> str:
+    """The command that reproduces a run: the flags that differ from their defaults."""
+    base = Settings(dataset=s.dataset, eps=s.eps, train_steps=s.train_steps)  # same derived eps and step sizes
+    flags = [f"--{f.name.replace('_', '-')} {getattr(s, f.name)}" if not isinstance(f.default, bool) else
+             f"--{'' if getattr(s, f.name) else 'no-'}{f.name.replace('_', '-')}"
+             for f in dataclasses.fields(s) if f.name == "dataset" or getattr(s, f.name) != getattr(base, f.name)]
+    return "python advmoe.py " + " ".join(flags)
 
 
 def device_name(device: torch.device) -> str:
@@ -1256,7 +1545,7 @@ def git_commit() -> str | None:
 
 
 # ==================================================================================================
-# 9. Files: atomic writes, checkpoints (data, not code), report, bench, CLI
+# 10. Files: atomic writes, checkpoints (data, not code), report, bench, CLI
 # ==================================================================================================
 def atomic_write(path: Path, write: Callable[[str], None]):
     """Write through a temporary file in the same folder, then rename: never a half-written file."""
@@ -1292,9 +1581,11 @@ def prepare_out(out: Path):
 IDENTITY = ("dataset", "arch", "method", "model_ratio", "model_experts", "router")
 
 
-def save_checkpoint(path: Path, model, opts: dict, s: Settings, epoch: int, history: list, train_seconds: float):
+def save_checkpoint(path: Path, model, opts: dict, s: Settings, epoch: int, history: list, train_seconds: float,
+                    extra: dict | None = None):
+    """extra: what else the run needs (AT(Sparse): the mask, for --resume and --iou-with)."""
     state = {"settings": dataclasses.asdict(s), "identity": {k: getattr(s, k) for k in IDENTITY},
-             "epoch": epoch, "history": history, "train_seconds": train_seconds,
+             "epoch": epoch, "history": history, "train_seconds": train_seconds, "extra": extra or {},
              "model": model.state_dict(), "opts": {k: o.state_dict() for k, o in opts.items()},
              "rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
@@ -1324,7 +1615,7 @@ def load_checkpoint(path: Path, model, opts: dict, s: Settings):
     torch.set_rng_state(ckpt["rng"])
     if ckpt["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(ckpt["cuda_rng"])
-    return ckpt["epoch"], ckpt["history"], ckpt["train_seconds"]
+    return ckpt["epoch"], ckpt["history"], ckpt["train_seconds"], ckpt.get("extra") or {}
 
 
 def eval_only(s: Settings, log=print) -> dict:
@@ -1333,7 +1624,11 @@ def eval_only(s: Settings, log=print) -> dict:
     ckpt = read_checkpoint(Path(s.eval_only))
     trained = Settings(**{**ckpt["settings"], "eps": -1.0, "train_step_size": -1.0, "test_step_size": -1.0})
     keep = ("dataset", "arch", "method", "ratio", "n_experts", "router", "seed", "synthetic_train", "synthetic_test")
-    s = dataclasses.replace(s, **{k: getattr(trained, k) for k in keep})
+    # eps and the test step that the command line derived for its own --dataset are derived again for the
+    # checkpoint's (2/255 on TinyImageNet/ImageNet); values given on the command line are kept.
+    auto = Settings(dataset=s.dataset, train_steps=s.train_steps)
+    derived = {k: -1.0 for k in ("eps", "train_step_size", "test_step_size") if getattr(s, k) == getattr(auto, k)}
+    s = dataclasses.replace(s, **{k: getattr(trained, k) for k in keep}, **derived)
     device = resolve_device(s.device)
     data = load_data(s, device)
     model = build_model(s, data.num_classes, data.image_size).to(device)
@@ -1343,46 +1638,149 @@ def eval_only(s: Settings, log=print) -> dict:
     return finish(model, data, s, out, ckpt["history"], ckpt["train_seconds"], device, log)
 
 
-TABLE1_ROWS = (("sdense", "AT(S-Dense)"), ("moe", "AT(MoE)"), ("advmoe", "AdvMoE"), ("dense", "AT(Dense)"))
+METHOD_LABELS = {"sdense": "AT(S-Dense)", "sparse": "AT(Sparse)", "moe": "AT(MoE)", "advmoe": "AdvMoE",
+                 "dense": "AT(Dense)", "standard": "standard (MoE)"}
+TABLE1_METHODS = ("sdense", "sparse", "moe", "advmoe", "dense")  # rows of Table 1; Dense is the reference
+STAGES = {"standard": "1. standard training of the MoE-CNN", "routers": "2. + AT of the routers (backbone frozen)",
+          "backbone": "3. + AT of the backbone (routers frozen)"}
+
+
+def trained(r: dict) -> bool:
+    """A training run with every parameter trained (not an --eval-only re-evaluation, not a Sec. 4 stage)."""
+    st = r["settings"]
+    return not st.get("eval_only") and st.get("train_params", "all") == "all" and r["method"] != "standard"
+
+
+def in_table1(r: dict) -> bool:
+    """The paper's Table 1 protocol: N = 2 experts, r = 0.5 (Dense: r = 1)."""
+    return trained(r) and r["method"] in TABLE1_METHODS and r["n_experts"] in (1, 2) and \
+        r["ratio"] == (1.0 if r["method"] == "dense" else 0.5)
+
+
+def md_table(head: list[str], rows: list[list], commands: list[dict]) -> list[str]:
+    """A markdown table (blank cells where nothing was run), then the commands of the runs it shows."""
+    lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    lines += ["| " + " | ".join("" if c is None else str(c) for c in row) + " |" for row in rows]
+    lines += ["", "<details><summary>commands and settings of these runs</summary>", ""]
+    lines += [f"- `{r.get('command', '?')}` ({r['device']}, torch {r['torch']}, commit {(r['commit'] or '?')[:10]}, "
+              f"{r['epochs']} epochs, eval on {r['eval_n']} images)" for r in commands]
+    return lines + ["", "</details>", ""]
+
+
+def pick(results: list[dict], **want) -> dict | None:
+    """The last run (by path) whose fields equal `want`; None (a blank cell) if there is none."""
+    runs = [r for r in results if all(r.get(k) == v for k, v in want.items())]
+    return runs[-1] if runs else None
+
+
+def fmt(v, digits=2) -> str | None:
+    return None if v is None else f"{v:.{digits}f}"
 
 
 def report(folder: str) -> str:
-    """Markdown in the paper's Table 1 layout from every result.json below `folder`; blank = not run. When
-    several runs fill one cell, the last by path is shown; every run is listed under "Runs"."""
+    """Markdown from every result.json below `folder`: Table 1 (SA, RA, GFLOPs; best RA of the same-cost
+    methods in bold), Table 2 (AutoAttack), the N x r sweeps (Fig. 7, 8), the Sec. 4 study and 4-way split,
+    router utility (Fig. 6) and every run. Blank cells were not run; nothing is filled in. When several runs
+    fit one cell, the last by path is shown."""
     root = Path(folder)
     if not root.is_dir():
         raise ConfigError(f"report folder {folder} does not exist: give the folder holding the runs' result.json")
-    results = [json.loads(p.read_text()) for p in sorted(root.rglob("result.json"))]
+    paths = sorted(root.rglob("result.json"))
+    results = [{**json.loads(p.read_text()), "path": str(p.parent.relative_to(root))} for p in paths]
     if not results:
         raise ConfigError(f"no result.json below {folder}: train a run with --out inside it first")
     lines = [f"# Results in {folder}", ""]
-    for dataset in sorted({r["dataset"] for r in results}):
-        archs = sorted({r["arch"] for r in results if r["dataset"] == dataset})
-        lines += [f"## Table 1 layout: {dataset}", "",
-                  "| method | " + " | ".join(f"{a} SA | {a} RA | {a} GFLOPs" for a in archs) + " |",
-                  "|---|" + "---:|" * (3 * len(archs))]
-        for method, label in TABLE1_ROWS:
-            cells = []
-            for arch in archs:
-                runs = [r for r in results if (r["dataset"], r["arch"], r["method"]) == (dataset, arch, method)]
-                r = runs[-1] if runs else None
-                cells += [f"{r['sa']:.2f}", f"{r['ra']:.2f}", f"{r['gflops']:.3f}"] if r else ["", "", ""]
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        lines.append("")
-    lines += ["## Runs", "", "RA: the paper's PGD; other attacks (--eval-attacks) and RA-worst (robust under every "
-              "attack run) beside it.", "",
-              "| dataset | arch | method | r | N | router | epochs | SA | RA | attack | RA per attack | RA-worst | GFLOPs "
-              "| device | torch | commit |",
-              "|---|---|---|---:|---:|---|---:|---:|---:|---|---|---:|---:|---|---|---|"]
-    for r in results:
-        others = ", ".join(f"{k} {v:.2f}" for k, v in r.get("attacks", {}).items() if not k.startswith("pgd"))
-        worst = f"{r['ra_worst']:.2f}" if "ra_worst" in r else ""
-        lines.append(f"| {r['dataset']} | {r['arch']} | {r['method']} | {r['ratio']:g} | {r['n_experts']} | "
-                     f"{r['router'] or ''} | {r['epochs']} | {r['sa']:.2f} | {r['ra']:.2f} | {r['attack']} | {others} | "
-                     f"{worst} | {r['gflops']:.3f} | {r['device']} | {r['torch']} | {(r['commit'] or '')[:10]} |")
-    text = "\n".join(lines) + "\n"
+    table1 = [r for r in results if in_table1(r)]
+    for dataset in sorted({r["dataset"] for r in table1}):
+        archs = sorted({r["arch"] for r in table1 if r["dataset"] == dataset})
+        cell = {(a, m): pick(table1, dataset=dataset, arch=a, method=m) for a in archs for m in TABLE1_METHODS}
+        best = {a: max((c["ra"] for (a2, m), c in cell.items() if c and a2 == a and m != "dense"), default=None)
+                for a in archs}
+        rows = [[METHOD_LABELS[m]] + [v for a in archs for v in (
+            [None] * 3 if not cell[a, m] else
+            [fmt(cell[a, m]["sa"]), (f"**{cell[a, m]['ra']:.2f}**" if cell[a, m]["ra"] == best[a] and m != "dense"
+                                     else fmt(cell[a, m]["ra"])), fmt(cell[a, m]["gflops"], 3)])]
+                for m in TABLE1_METHODS]
+        lines += [f"## Table 1: {dataset} (N = 2, r = 0.5; RA under PGD, steps in Runs; bold: best RA at the pathway's cost)", ""]
+        lines += md_table(["method"] + [f"{a} {c}" for a in archs for c in ("SA", "RA", "GFLOPs")], rows,
+                          [c for c in cell.values() if c])
+    aa = [r for r in results if r.get("ra_aa") is not None]
+    if aa:
+        lines += ["## Table 2: AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square)", ""]
+        lines += md_table(["dataset", "arch", "method", "SA", "RA (PGD)", "RA-AA", "AA images"],
+                          [[r["dataset"], r["arch"], METHOD_LABELS[r["method"]], fmt(r["sa"]), fmt(r["ra"]),
+                            fmt(r["ra_aa"]), r["attack_n"]["autoattack"]] for r in aa], aa)
+    sweep = [r for r in results if trained(r) and r["method"] == "advmoe"]
+    for dataset, arch in sorted({(r["dataset"], r["arch"]) for r in sweep}):
+        runs = [r for r in sweep if (r["dataset"], r["arch"]) == (dataset, arch)]
+        ns, ratios = sorted({r["n_experts"] for r in runs}), sorted({r["ratio"] for r in runs})
+        if len(ns) * len(ratios) < 2:
+            continue
+        lines += [f"## Fig. 7: AdvMoE RA over N (rows) and r (columns), {dataset} {arch}", ""]
+        cells = {(n, q): pick(runs, n_experts=n, ratio=q) for n in ns for q in ratios}
+        lines += md_table(["N"] + [f"r = {q:g}" for q in ratios],
+                          [[n] + [fmt(c["ra"]) if (c := cells[n, q]) else None for q in ratios] for n in ns],
+                          [c for c in cells.values() if c])
+    fig8 = [r for r in results if trained(r) and r["n_experts"] in (1, 2) and r["method"] in TABLE1_METHODS]
+    for dataset, arch in sorted({(r["dataset"], r["arch"]) for r in fig8}):
+        runs = [r for r in fig8 if (r["dataset"], r["arch"]) == (dataset, arch)]
+        ratios = sorted({r["ratio"] for r in runs if r["method"] != "dense"})
+        if len(ratios) < 2:
+            continue
+        methods = [m for m in TABLE1_METHODS if m != "dense"]
+        cells = {(q, m): pick(runs, ratio=q, method=m) for q in ratios for m in methods}
+        dense = pick(runs, method="dense")
+        lines += [f"## Fig. 8: SA / RA over r (N = 2), {dataset} {arch}", ""]
+        rows = [[f"{q:g}"] + [f"{c['sa']:.2f} / {c['ra']:.2f}" if (c := cells[q, m]) else None for m in methods]
+                + [f"{dense['sa']:.2f} / {dense['ra']:.2f}" if dense else None] for q in ratios]
+        lines += md_table(["r"] + [METHOD_LABELS[m] for m in methods] + ["AT(Dense), r = 1"], rows,
+                          [c for c in list(cells.values()) + [dense] if c])
+    study = [r for r in results if r["method"] == "standard" or r["settings"].get("train_params", "all") != "all"]
+    for dataset, arch in sorted({(r["dataset"], r["arch"]) for r in study}):
+        runs = [r for r in study if (r["dataset"], r["arch"]) == (dataset, arch)]
+        stages = [(STAGES["standard" if r["method"] == "standard" else r["settings"]["train_params"]], r) for r in runs]
+        stages += [(f"reference: {METHOD_LABELS[m]}", c) for m in TABLE1_METHODS
+                   if (c := pick([r for r in results if in_table1(r)], dataset=dataset, arch=arch, method=m))]
+        lines += [f"## Sec. 4 study (Insights 1-3): {dataset} {arch}", "",
+                  "4-way split of PGD examples, % of test images: (1) neither routers nor prediction fooled, (2) "
+                  "routers only, (3) prediction only, (4) both. Router robustness = (1)+(3), MoE robustness = (1)+(2).", ""]
+        lines += md_table(["stage", "SA", "RA", "router robustness", "MoE robustness", "(1)", "(2)", "(3)", "(4)"],
+                          [[label, fmt(r["sa"]), fmt(r["ra"])] + split_cells(r) for label, r in sorted(stages, key=lambda t: t[0])],
+                          [r for _, r in stages])
+    moes = [r for r in results if r["routing"]]
+    if moes:
+        lines += ["## Routing under attack (4-way split of PGD examples, every MoE run)", ""]
+        lines += md_table(["run", "method", "SA", "RA", "router robustness", "MoE robustness", "(1)", "(2)", "(3)",
+                           "(4)", "flip rate"],
+                          [[r["path"], METHOD_LABELS[r["method"]], fmt(r["sa"]), fmt(r["ra"])] + split_cells(r) +
+                           [fmt(r["routing"]["flip_rate_any_layer"], 3)] for r in moes], moes)
+    utility = [r for r in results if "router_utility" in r]
+    if utility:
+        lines += ["## Fig. 6: router utility, IoU of each input's pathway with the AT(Sparse) mask", "",
+                  "Histogram: inputs per IoU bin [0, 0.1), ..., [0.9, 1.0].", ""]
+        lines += md_table(["run", "method", "mean IoU clean", "mean IoU PGD", "histogram clean", "histogram PGD"],
+                          [[r["path"], METHOD_LABELS[r["method"]], fmt(r["router_utility"]["clean"]["mean"], 3),
+                            fmt(r["router_utility"]["adv"]["mean"], 3), r["router_utility"]["clean"]["histogram"],
+                            r["router_utility"]["adv"]["histogram"]] for r in utility], utility)
+    lines += ["## Runs", "", "RA: the paper's PGD; other attacks (--eval-attacks, --eval-aa) and RA-worst (robust under "
+              "every attack run) beside it.", ""]
+    lines += md_table(["run", "dataset", "arch", "method", "r", "N", "router", "epochs", "SA", "RA", "attack",
+                       "RA per attack", "RA-worst", "GFLOPs", "device", "torch", "commit"],
+                      [[r["path"], r["dataset"], r["arch"], r["method"], f"{r['ratio']:g}", r["n_experts"],
+                        r["router"] or "", r["epochs"], fmt(r["sa"]), fmt(r["ra"]), r["attack"],
+                        ", ".join(f"{k} {v:.2f}" for k, v in r.get("attacks", {}).items() if not k.startswith("pgd")),
+                        fmt(r.get("ra_worst")), fmt(r["gflops"], 3), r["device"], r["torch"], (r["commit"] or "")[:10]]
+                       for r in results], results)
+    text = "\n".join(lines)
     atomic_write(root / "report.md", lambda tmp: Path(tmp).write_text(text))
     return text
+
+
+def split_cells(r: dict) -> list:
+    rt = r["routing"]
+    if not rt:
+        return [None] * 6
+    return [fmt(rt["router_robustness"]), fmt(rt["moe_robustness"])] + [fmt(v) for v in rt["split_4way"].values()]
 
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 datasheet rates

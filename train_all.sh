@@ -1,81 +1,176 @@
 #!/usr/bin/env bash
-# Regenerate the paper's tables with advmoe.py: a flat list of runs, one block per table, then the report.
+# Regenerate the paper's tables and the data behind its figures with advmoe.py: a flat list of runs, one
+# block per table, then the report (python advmoe.py report $OUT -> $OUT/report.md).
 #
-#   bash train_all.sh                                   # everything, one job per visible GPU
-#   DRY_RUN=1 bash train_all.sh                         # print the commands only
+#   bash train_all.sh                                              # everything, one job per visible GPU
+#   DRY_RUN=1 bash train_all.sh                                    # print the commands only
 #   EPOCHS=1 DATASETS=synthetic ARCHS=resnet18 bash train_all.sh   # a reduced grid (runs on a CPU)
 #
-# Environment: EPOCHS (100), DATASETS, ARCHS, GPUS (indices; default: every GPU nvidia-smi lists, else the
-# CPU), OUT (runs), DATA_DIR (data), EXTRA (more flags for every run), DRY_RUN (0).
+# Environment:
+#   EPOCHS (100)        training epochs of every run (AT(Sparse): fine-tuning epochs)
+#   PRUNE_EPOCHS (20)   AT(Sparse): score-learning epochs before fine-tuning
+#   DATASETS, ARCHS     the Table 1 grid (default: all four of each)
+#   NS ("2 4 6 8 10"), RATIOS ("0.2 0.5 0.8")   the sweeps (Fig. 7: N x r for AdvMoE; Fig. 8: r for each method)
+#   AA_N (1000)         test images for AutoAttack (Table 2)
+#   GPUS                GPU indices, one job per GPU (default: every GPU nvidia-smi lists; none: the CPU)
+#   OUT (runs), DATA_DIR (data), EXTRA (more flags for every run), DRY_RUN (0)
 # A run whose OUT/<name>/result.json exists is skipped, so the script can be re-run after an interruption
-# (each run also resumes from its own checkpoint: --resume).
+# (each training run also resumes from its own checkpoint: --resume). A job waits for the runs it starts
+# from (AT(Sparse) for AT(Dense), evaluations for their checkpoints); if one of them failed, it is skipped.
 set -euo pipefail
 cd "$(dirname "$0")"
 
 EPOCHS=${EPOCHS:-100}
+PRUNE_EPOCHS=${PRUNE_EPOCHS:-20}
 DATASETS=${DATASETS:-"cifar10 cifar100 tinyimagenet imagenet"}
 ARCHS=${ARCHS:-"resnet18 wrn28_10 vgg16 densenet"}
+NS=${NS:-"2 4 6 8 10"}
+RATIOS=${RATIOS:-"0.2 0.5 0.8"}
+AA_N=${AA_N:-1000}
 GPUS=${GPUS:-$(nvidia-smi --query-gpu=index --format=csv,noheader 2>/dev/null | tr '\n' ' ' || true)}
 OUT=${OUT:-runs}
 DATA_DIR=${DATA_DIR:-data}
 EXTRA=${EXTRA:-}
 DRY_RUN=${DRY_RUN:-0}
 
-JOBS=()
-job() { local name=$1; shift; JOBS+=("$name|$*"); }
+NAMES=(); declare -A ARGS=() DEPS=()
+# job NAME "DEPENDENCIES" FLAGS...: a run writing OUT/NAME, started once the named runs have finished
+job() { local name=$1 deps=$2; shift 2; NAMES+=("$name"); ARGS[$name]="$*"; DEPS[$name]=$deps; }
+ckpt() { echo "$OUT/$1/checkpoint.pt"; }
+has() { [[ " $1 " == *" $2 "* ]]; }  # has "LIST" WORD
 
-# ---- Table 1: SA, RA (PGD-50) and GFLOPs of AT(S-Dense), AT(MoE), AdvMoE and AT(Dense) ------------------
+# ---- Table 1: SA, RA (PGD-50), GFLOPs of AT(S-Dense), AT(Sparse), AT(MoE), AdvMoE and AT(Dense) --------
 # N = 2 experts, r = 0.5, TRADES (beta 6), 2-step training attack; eps 8/255 (CIFAR), 2/255 (Tiny/ImageNet).
+# AT(Sparse) prunes the AT(Dense) model of its cell (HYDRA: scores, then fine-tuning), so it runs after it.
 for dataset in $DATASETS; do
   for arch in $ARCHS; do
-    for method in sdense moe advmoe dense; do
-      job "table1/${dataset}_${arch}_${method}" --dataset "$dataset" --arch "$arch" --method "$method"
+    t=table1/${dataset}_${arch}
+    job "${t}_dense" "" --dataset "$dataset" --arch "$arch" --method dense
+    for method in sdense moe advmoe; do
+      job "${t}_${method}" "" --dataset "$dataset" --arch "$arch" --method "$method"
+    done
+    job "${t}_sparse" "${t}_dense" --dataset "$dataset" --arch "$arch" --method sparse \
+      --init "$(ckpt "${t}_dense")" --prune-epochs "$PRUNE_EPOCHS"
+  done
+done
+
+# ---- Table 2: AutoAttack (RA-AA) of the Table 1 models, CIFAR-10/100 x ResNet-18, WRN-28-10 -------------
+# (The synthetic set stands in for CIFAR in a reduced grid.)
+for dataset in $DATASETS; do
+  has "cifar10 cifar100 synthetic" "$dataset" || continue
+  for arch in $ARCHS; do
+    has "resnet18 wrn28_10" "$arch" || continue
+    for method in sdense sparse moe advmoe dense; do
+      t=${dataset}_${arch}_${method}
+      job "table2/$t" "table1/$t" --eval-only "$(ckpt "table1/$t")" --eval-aa --aa-n "$AA_N"
     done
   done
 done
 
-# ---- Not yet here (tracked in the issues): AT(Sparse), AutoAttack (Table 2), the Sec. 4 analyses and the
-# ---- sweeps over N and r (Fig. 7, 8).
+# ---- Analyses (Sec. 4 and 5) on the first data set and ResNet-18 (or the first backbone) ----------------
+read -r -a _d <<< "$DATASETS"; read -r -a _a <<< "$ARCHS"
+D=${_d[0]}; A=${_a[0]}; has "$ARCHS" resnet18 && A=resnet18
+base=(--dataset "$D" --arch "$A")
 
-# ---- Runner: one job per GPU slot; on a machine without GPUs, one job at a time on the CPU --------------
+# Sec. 4, Insights 1-3: standard training of an MoE-CNN, then AT of its routers only (backbone frozen), then
+# AT of its backbone on top (routers frozen). RA and the 4-way split after each stage; the report sets them
+# beside AT(S-Dense), AT(Sparse) and AT(MoE) of Table 1.
+s=study/${D}_${A}
+job "${s}_1_standard" "" "${base[@]}" --method standard
+job "${s}_2_routers" "${s}_1_standard" "${base[@]}" --method moe --train-params routers --init "$(ckpt "${s}_1_standard")"
+job "${s}_3_backbone" "${s}_2_routers" "${base[@]}" --method moe --train-params backbone --init "$(ckpt "${s}_2_routers")"
+
+# Fig. 6, router utility: IoU of each input's MoE pathway with the AT(Sparse) mask, clean and under PGD.
+t=table1/${D}_${A}
+for method in moe advmoe; do
+  job "utility/${D}_${A}_${method}" "${t}_${method} ${t}_sparse" --eval-only "$(ckpt "${t}_${method}")" \
+    --iou-with "$(ckpt "${t}_sparse")"
+done
+
+# Fig. 7: AdvMoE's RA over r for N in NS. Where N*r > 1 the experts overlap in nothing: each owns its own
+# r*C filters (N*r*C filters per layer, more than Dense's C), as in the authors' code. (N=2, r=0.5 is Table 1's.)
+for n in $NS; do
+  for r in $RATIOS; do
+    [[ $n == 2 && $r == 0.5 ]] && continue
+    job "fig7/${D}_${A}_advmoe_n${n}_r${r}" "" "${base[@]}" --method advmoe --n-experts "$n" --ratio "$r"
+  done
+done
+
+# Fig. 8: every method over r (N = 2) against AT(Dense) (Table 1's run); AdvMoE at N = 2 comes from Fig. 7.
+for r in $RATIOS; do
+  [[ $r == 0.5 ]] && continue
+  for method in sdense moe; do
+    job "fig8/${D}_${A}_${method}_r${r}" "" "${base[@]}" --method "$method" --ratio "$r"
+  done
+  has "$NS" 2 || job "fig8/${D}_${A}_advmoe_r${r}" "" "${base[@]}" --method advmoe --ratio "$r"
+  job "fig8/${D}_${A}_sparse_r${r}" "${t}_dense" "${base[@]}" --method sparse --ratio "$r" \
+    --init "$(ckpt "${t}_dense")" --prune-epochs "$PRUNE_EPOCHS"
+done
+
+# ---- Runner: a job starts once its dependencies have finished and a GPU (or, without GPUs, the CPU) is free
+command_of() {
+  local name=$1
+  echo "python advmoe.py ${ARGS[$name]} --epochs $EPOCHS --data-dir $DATA_DIR --out $OUT/$name --resume $EXTRA"
+}
+if [[ $DRY_RUN == 1 ]]; then
+  for name in "${NAMES[@]}"; do command_of "$name"; done
+  echo "# ${#NAMES[@]} runs"
+  exit 0
+fi
+
 read -r -a SLOTS <<< "${GPUS:-cpu}"
 [[ ${#SLOTS[@]} -gt 0 ]] || SLOTS=(cpu)
-declare -A PID=()
-for entry in "${JOBS[@]}"; do
-  name=${entry%%|*}
-  args=${entry#*|}
-  if [[ -f "$OUT/$name/result.json" ]]; then
-    echo "skip $name (result.json exists)"
-    continue
-  fi
-  cmd="python advmoe.py $args --epochs $EPOCHS --data-dir $DATA_DIR --out $OUT/$name --resume $EXTRA"
-  if [[ $DRY_RUN == 1 ]]; then
-    echo "$cmd"
-    continue
-  fi
-  while true; do  # wait for a free slot
-    for slot in "${SLOTS[@]}"; do
-      pid=${PID[$slot]:-}
-      if [[ -z $pid ]] || ! kill -0 "$pid" 2>/dev/null; then break 2; fi
-    done
-    sleep 5
-  done
-  mkdir -p "$OUT/$name"
-  echo "[$slot] $cmd"
-  if [[ $slot == cpu ]]; then
-    $cmd --device cpu > "$OUT/$name/stdout.log" 2>&1 &
-  else
-    CUDA_VISIBLE_DEVICES=$slot $cmd > "$OUT/$name/stdout.log" 2>&1 &
-  fi
-  PID[$slot]=$!
+declare -A STATE=() PID=() SLOT_OF=()   # STATE: pending | running | done | failed
+for name in "${NAMES[@]}"; do
+  if [[ -f "$OUT/$name/result.json" ]]; then STATE[$name]=done; echo "skip $name (result.json exists)"
+  else STATE[$name]=pending; fi
 done
-wait
 
-[[ $DRY_RUN == 1 ]] && exit 0
-failed=0
-for entry in "${JOBS[@]}"; do
-  name=${entry%%|*}
-  [[ -f "$OUT/$name/result.json" ]] || { echo "FAILED: $name (see $OUT/$name/stdout.log)"; failed=1; }
+pending() { local n; for n in "${NAMES[@]}"; do [[ ${STATE[$n]} == pending || ${STATE[$n]} == running ]] && return 0; done; return 1; }
+free_slot() {
+  local slot n busy
+  for slot in "${SLOTS[@]}"; do
+    busy=0
+    for n in "${!SLOT_OF[@]}"; do [[ ${STATE[$n]} == running && ${SLOT_OF[$n]} == "$slot" ]] && busy=1; done
+    [[ $busy == 0 ]] && { echo "$slot"; return 0; }
+  done
+  return 1
+}
+
+while pending; do
+  for name in "${NAMES[@]}"; do  # reap finished jobs
+    if [[ ${STATE[$name]} == running ]] && ! kill -0 "${PID[$name]}" 2>/dev/null; then
+      wait "${PID[$name]}" || true
+      if [[ -f "$OUT/$name/result.json" ]]; then STATE[$name]=done; echo "done $name"
+      else STATE[$name]=failed; echo "FAILED: $name (see $OUT/$name/stdout.log)"; fi
+    fi
+  done
+  for name in "${NAMES[@]}"; do  # start what can start
+    [[ ${STATE[$name]} == pending ]] || continue
+    ready=1
+    for dep in ${DEPS[$name]}; do
+      case ${STATE[$dep]} in
+        done) ;;
+        failed) STATE[$name]=failed; echo "FAILED: $name (it needs $dep, which failed)"; ready=0; break ;;
+        *) ready=0 ;;
+      esac
+    done
+    [[ $ready == 1 ]] || continue
+    slot=$(free_slot) || break
+    mkdir -p "$OUT/$name"
+    cmd=$(command_of "$name")
+    echo "[$slot] $cmd"
+    if [[ $slot == cpu ]]; then
+      $cmd --device cpu > "$OUT/$name/stdout.log" 2>&1 &
+    else
+      CUDA_VISIBLE_DEVICES=$slot $cmd > "$OUT/$name/stdout.log" 2>&1 &
+    fi
+    PID[$name]=$!; SLOT_OF[$name]=$slot; STATE[$name]=running
+  done
+  pending && sleep 2
 done
-python advmoe.py report "$OUT"
+
+failed=0
+for name in "${NAMES[@]}"; do [[ ${STATE[$name]} == done ]] || failed=1; done
+python advmoe.py report "$OUT" > /dev/null && echo "report: $OUT/report.md"
 exit $failed
