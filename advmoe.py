@@ -9,7 +9,7 @@ Usage
     python advmoe.py --dataset cifar10 --arch resnet18 --method advmoe      # train + evaluate one model
     python advmoe.py --dataset synthetic --epochs 1 --out runs/try         # offline smoke run (CPU ok)
     python advmoe.py --eval-only runs/try/checkpoint.pt --out runs/try_eval # evaluate a checkpoint
-    python advmoe.py report runs/                                          # Table 1 from result.json files
+    python advmoe.py report runs/                                          # every table from result.json files
     python advmoe.py bench --arch resnet18 --device cuda --out bench.json  # throughput, latency, GFLOPs
     torchrun --nproc_per_node=8 advmoe.py --dataset imagenet ...          # several GPUs / nodes
     bash train_all.sh                                                      # every table of the paper
@@ -32,8 +32,12 @@ Paper -> code
     4-way split (Sec. 4, Insight 2)     evaluate -> result["routing"]["split_4way"]
     Eq. (1) / Algorithm 1 (AdvMoE)      train_step (method "advmoe")
     AT(Dense), AT(S-Dense), AT(MoE)     train_step (methods "dense", "sdense", "moe")
+    AT(Sparse) (Sparse-CNN, HYDRA)      ChannelScores, top_k_mask, prune, extract_sparse (method "sparse")
+    Insights 1-3 (Sec. 4)               method "standard", --train-params routers | backbone, --init
+    router utility (Fig. 6)             router_utility_tables, pathway_iou (--iou-with)
+    AutoAttack (Table 2)                --eval-aa, --aa-n (torchattacks, optional)
     GFLOPS column                       gflops_per_input (counted on what executes)
-    Table 1                             report(), train_all.sh
+    Tables 1, 2, Figs. 6-8, Sec. 4      report(), train_all.sh
 
 Deviations (each marked NOTE(ours) where it is made)
     1. A BatchNorm per expert: the BatchNorm that follows a routed conv normalizes only the inputs
@@ -51,6 +55,9 @@ Deviations (each marked NOTE(ours) where it is made)
     6. In the lower level the BatchNorm running statistics (buffers of psi) keep updating on B_phi.
     7. Data parallelism (torchrun) averages each level's gradients with one all-reduce instead of wrapping
        the model in DistributedDataParallel, whose reducer cannot follow a level's partial backward.
+    8. AT(Sparse) prunes channel groups: layers whose outputs are summed (a residual stream) keep the same
+       channels, so the pruned network is really r*C wide (S-Dense's shape). Scores start from filter norms.
+    9. Router utility compares an MoE and a Sparse-CNN trained separately, channel by channel position.
 """
 from __future__ import annotations
 
@@ -1291,7 +1298,11 @@ def prune(s: Settings, data, device: torch.device, stop: list, log) -> tuple[dic
     history = []
     for epoch in range(s.prune_epochs):
         t0 = time.perf_counter()
-        row = {"epoch": epoch + 1, **train_epoch(pruner, {"all": opt}, data, phase, epoch, device, stop, log)}
+        try:
+            row = {"epoch": epoch + 1, **train_epoch(pruner, {"all": opt}, data, phase, epoch, device, stop, log)}
+        except Interrupted:  # nothing is saved before pruning ends
+            raise Interrupted(f"interrupted by {stop[0]} in pruning epoch {epoch + 1}: no checkpoint is written "
+                              f"before pruning ends; run the command again") from None
         row["seconds"] = round(time.perf_counter() - t0, 2)
         history.append(row)
         log("prune " + format_row(row, phase))
@@ -1330,6 +1341,8 @@ def router_utility_tables(model: nn.Module, path: str) -> dict[str, torch.Tensor
             inter = kept.view(m.n, m.cout).sum(1).float()                           # |E_e ∩ K|, (N,)
             # IoU(E_e, K) = |E_e ∩ K| / |E_e ∪ K|, and |E_e| = |K| = c
             tables[m.gives] = (inter / (2 * m.cout - inter)).to(m.weight.device)
+    if not tables:
+        raise ConfigError("--iou-with measures an MoE-CNN's pathways: use it with --method moe, advmoe or standard")
     return tables
 
 
@@ -1499,6 +1512,7 @@ def finish(model, data, s: Settings, out: Path, history: list, train_seconds: fl
     log(f"evaluating: SA and RA under PGD-{s.test_steps} on {s.eval_n or 'all'} test images"
         + (f", AutoAttack on {s.aa_n or 'all of them'}" if s.eval_aa else ""))
     t0 = time.perf_counter()
+    torch.manual_seed(s.seed)  # attack starts: evaluating a checkpoint again gives the same numbers
     utility = router_utility_tables(model, s.iou_with) if s.iou_with else None
     ev = evaluate(model, data, s, limit=s.eval_n, attacks=s.attacks, utility=utility)
     x = next(data.test_batches(min(s.eval_batch_size, 64)))[0]
@@ -1786,24 +1800,29 @@ def split_cells(r: dict) -> list:
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 datasheet rates
 
 
-def median_seconds(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
-    """Median wall time of fn(): CUDA events on the GPU (after warm-up), perf_counter on the CPU."""
-    for _ in range(warmup):
-        fn()
-    times = []
+def interleaved_medians(fns: dict[str, Callable[[], object]], device: torch.device, warmup: int,
+                        repeats: int) -> dict[str, float]:
+    """Median wall time of each fn, timed round-robin (A, B, C, A, B, C, ...) so that a machine whose speed
+    drifts (a shared CPU, GPU clocks) biases no case against another. CUDA events on the GPU (after
+    warm-up), perf_counter on the CPU."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list] = {k: [] for k in fns}
     for _ in range(repeats):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1000)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+        for k, fn in fns.items():
+            if device.type == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                fn()
+                end.record()
+                end.synchronize()
+                times[k].append(start.elapsed_time(end) / 1000)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+    return {k: sorted(v)[len(v) // 2] for k, v in times.items()}
 
 
 def bench(argv: list[str], log=print) -> dict:
@@ -1815,77 +1834,71 @@ def bench(argv: list[str], log=print) -> dict:
     p.add_argument("--out", default="", help="JSON file to write (a .md table is written beside it)")
     p.add_argument("--batch", type=int, default=128, help="training batch (each of B_phi and B_psi)")
     p.add_argument("--infer-batch", type=int, default=0, help="large inference batch (0: 1024 on GPU, 64 on CPU)")
-    p.add_argument("--repeats", type=int, default=0, help="timed repeats, median reported (0: 20 GPU / 3 CPU)")
+    p.add_argument("--repeats", type=int, default=0, help="timed repeats, median reported (0: 20 GPU / 5 CPU)")
     p.add_argument("--router", default="layer", choices=ROUTERS)
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--train-dispatch", default="sparse", choices=("sparse", "masked"))
     p.add_argument("--compile", action="store_true", help="torch.compile the model for the training steps")
-    p.add_argument("--methods", default=",".join(METHODS), help="comma-separated subset of the methods")
+    p.add_argument("--methods", default="dense,sdense,moe,advmoe", help="comma-separated methods (AT(Sparse) "
+                   "fine-tunes S-Dense's shape: its step is S-Dense's)")
     p.add_argument("--skip-train", action="store_true", help="inference, latency and GFLOPs only")
     a = p.parse_args(argv)
     device = resolve_device(a.device)
     gpu = device.type == "cuda"
     torch.backends.cudnn.benchmark = gpu and a.cudnn_benchmark
-    infer_batch, repeats = a.infer_batch or (1024 if gpu else 64), a.repeats or (20 if gpu else 3)
+    infer_batch, repeats = a.infer_batch or (1024 if gpu else 64), a.repeats or (20 if gpu else 5)
     archs = ARCHS if a.arch == "all" else (a.arch,)
     if any(arch not in ARCHS for arch in archs):
         raise ConfigError(f"unknown --arch {a.arch!r}: choose one of {', '.join(ARCHS)} or all")
+    unknown = [m for m in a.methods.split(",") if m not in METHODS]
+    if unknown:
+        raise ConfigError(f"unknown --methods {','.join(unknown)}: choose from {', '.join(METHODS)}")
     name = device_name(device)
     peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None) if (gpu and a.amp) else None
-    rows = []
+    rows, warmup = [], (3 if gpu else 1)
     torch.manual_seed(0)
     for arch in archs:
+        steps, infers, by = {}, {}, {}
         for method in a.methods.split(","):
             s = Settings(dataset="synthetic", arch=arch, method=method, router=a.router, amp=a.amp, quick_eval_n=0,
                          train_dispatch=a.train_dispatch)
-            model = build_model(s, 10, 32).to(device)
-            if gpu:
-                model = model.to(memory_format=torch.channels_last)
+            model = place(build_model(s, 10, 32), s, device)
             net = torch.compile(model) if a.compile else model
             data = [(prep(torch.rand(a.batch, 3, 32, 32, device=device), s, device)[0],
                      torch.randint(10, (a.batch,), device=device)) for _ in range(2 if method == "advmoe" else 1)]
             opts = make_optimizers(model, s, device)
-
-            def step():
-                with autocast(s, device):
-                    train_step(net, opts, data, s)
-
-            warmup = 3 if gpu else 1
-            row = {"arch": arch, "method": method}
-            if not a.skip_train:
-                t_train = median_seconds(step, device, warmup=warmup, repeats=repeats)
-                row.update(train_img_s=round(a.batch / t_train, 1), train_step_ms=round(1000 * t_train, 2),
-                           epoch_s_cifar=round(50000 / a.batch * t_train, 1))
+            steps[method] = bench_step(net, opts, data, s, device)
+            by[method] = {"arch": arch, "method": method}
             if method != "advmoe":  # inference of Dense, S-Dense, MoE (AdvMoE's model is the MoE's)
-                model.eval()
-                row["gflops"] = round(gflops_per_input(model, data[0][0][:16]), 4)
+                by[method]["gflops"] = round(gflops_per_input(model.eval(), data[0][0][:16]), 4)
                 for b in (infer_batch, 1, 32):
                     x = prep(torch.rand(b, 3, 32, 32, device=device), s, device)[0]
                     # Balanced routing (inputs alternate between experts; the routers still run): the
                     # grouping's worst case, independent of what the briefly trained routers happen to do.
-                    balanced = torch.arange(b, device=device) % s.model_experts
-
-                    def infer():
-                        with torch.no_grad(), autocast(s, device):
-                            model(x, force=balanced)
-
-                    t = median_seconds(infer, device, warmup=warmup, repeats=repeats)
-                    if b == infer_batch:
-                        row["infer_img_s"] = round(b / t, 1)
-                        row["achieved_tflops"] = round(row["gflops"] * b / t / 1e3, 2)
-                        row["fraction_of_peak"] = round(row["achieved_tflops"] / peak, 4) if peak else None
-                    else:
-                        row[f"latency_ms_b{b}"] = round(1000 * t, 3)
-            rows.append(row)
-            log(json.dumps(row))
-        by = {r["method"]: r for r in rows if r["arch"] == arch}
+                    infers[method, b] = bench_inference(model, x, torch.arange(b, device=device) % s.model_experts,
+                                                        s, device)
+        if not a.skip_train:
+            for method, t in interleaved_medians(steps, device, warmup, repeats).items():
+                by[method].update(train_img_s=round(a.batch / t, 1), train_step_ms=round(1000 * t, 2),
+                                  epoch_s_cifar=round(50000 / a.batch * t, 1))
+        for (method, b), t in interleaved_medians(infers, device, warmup, repeats).items():
+            row = by[method]
+            if b == infer_batch:
+                row["infer_img_s"] = round(b / t, 1)
+                row["achieved_tflops"] = round(row["gflops"] * b / t / 1e3, 2)
+                row["fraction_of_peak"] = round(row["achieved_tflops"] / peak, 4) if peak else None
+            else:
+                row[f"latency_ms_b{b}"] = round(1000 * t, 3)
         if "dense" in by:
             for r in by.values():
                 if "infer_img_s" in r:
                     r["infer_speedup_vs_dense"] = round(r["infer_img_s"] / by["dense"]["infer_img_s"], 2)
         if "sdense" in by and "advmoe" in by and not a.skip_train:
             by["advmoe"]["step_time_vs_sdense"] = round(by["advmoe"]["train_step_ms"] / by["sdense"]["train_step_ms"], 2)
+        rows += by.values()
+        for r in by.values():
+            log(json.dumps(r))
     result = {"device": name, "torch": torch.__version__, "commit": git_commit(), "batch": a.batch,
               "infer_batch": infer_batch, "repeats": repeats, "amp": a.amp and gpu, "router": a.router,
               "cudnn_benchmark": gpu and a.cudnn_benchmark,
@@ -1901,6 +1914,22 @@ def bench(argv: list[str], log=print) -> dict:
     return result
 
 
+def bench_step(net, opts, data, s: Settings, device) -> Callable[[], None]:
+    def step():
+        net.train()
+        with autocast(s, device):
+            train_step(net, opts, data, s)
+    return step
+
+
+def bench_inference(model, x, force, s: Settings, device) -> Callable[[], None]:
+    def infer():
+        model.eval()
+        with torch.no_grad(), autocast(s, device):
+            model(x, force=force)
+    return infer
+
+
 def bench_table(result: dict) -> str:
     cols = ("arch", "method", "train_img_s", "train_step_ms", "epoch_s_cifar", "step_time_vs_sdense", "gflops",
             "infer_img_s", "infer_speedup_vs_dense", "latency_ms_b1", "latency_ms_b32", "achieved_tflops",
@@ -1908,7 +1937,7 @@ def bench_table(result: dict) -> str:
     head = (f"bench on {result['device']}, torch {result['torch']}, commit {(result['commit'] or '?')[:10]}, "
             f"train batch {result['batch']}, inference batch {result['infer_batch']}, bf16 {result['amp']}, "
             f"router {result['router']}, training dispatch {result['train_dispatch']}, "
-            f"cudnn.benchmark {result['cudnn_benchmark']}, median of {result['repeats']}\n\n")
+            f"cudnn.benchmark {result['cudnn_benchmark']}, median of {result['repeats']} (cases timed in turn)\n\n")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     lines += ["| " + " | ".join("" if r.get(c) is None else str(r[c]) for c in cols) + " |" for r in result["rows"]]
     return head + "\n".join(lines) + "\n"

@@ -218,7 +218,7 @@ def test_advmoe_step_uses_two_batches_and_reports_both_levels():
 
 
 def test_tiny_learnable_run_beats_chance(tmp_path):
-    s = tiny(method="moe", epochs=6, synthetic_train=256, synthetic_test=64, lr=0.05, out=str(tmp_path))
+    s = tiny(method="moe", epochs=6, synthetic_train=256, synthetic_test=64, lr=0.05, train_steps=1, out=str(tmp_path))
     result = A.train(s, log=lambda _: None)
     assert result["sa"] > 30 and result["ra"] > 15  # chance is 10%
     assert len(result["routing"]["usage_clean"]) == 16
@@ -267,6 +267,124 @@ def test_augment_crops_and_flips():
     torch.testing.assert_close(shifted[:, :, 4:], x[:, :, :28].float() / 255)
 
 
+# ------------------------------------------------------------------ AT(Sparse) and the analyses
+def random_bn(model):
+    """BatchNorm statistics and affine parameters that differ per channel, so a wrong channel shows."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2)
+            m.weight.data.uniform_(0.5, 1.5), m.bias.data.uniform_(-1, 1)
+    return model
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "wrn28_10", "vgg16", "densenet"])
+def test_pruned_network_equals_the_masked_dense_one_and_costs_what_sdense_costs(arch):
+    """Removing the pruned channels (extract_sparse) computes what masking them computes, in S-Dense's shape,
+    at r = 0.5 and at an r where rounding differs between layers (DenseNet's concatenations)."""
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 32, 32, dtype=torch.float64)
+    for r in (0.5, 0.3) if arch != "wrn28_10" else (0.3,):
+        dense = random_bn(A.MoECNN(arch, 10, 32)).double().eval()
+        scores = A.ChannelScores(dense, r).double()
+        with torch.no_grad():
+            for v in scores.scores.values():
+                v.uniform_()  # an arbitrary mask, not the weight-norm one
+        pruned = A.MoECNN(arch, 10, 32, r, 1).double().eval()
+        pruned.load_state_dict(A.extract_sparse(dense, scores.keep()))  # strict: every tensor has S-Dense's shape
+        torch.testing.assert_close(pruned(x), scores(x), rtol=1e-9, atol=1e-9)
+        sdense = A.MoECNN(arch, 10, 32, r, 1).double()
+        assert A.gflops_per_input(pruned, x) == A.gflops_per_input(sdense, x) < 0.5 * A.gflops_per_input(dense, x)
+
+
+def test_top_k_mask_keeps_k_channels_and_passes_the_gradient_straight_through():
+    scores = torch.tensor([0.3, -1.0, 2.0, 0.5, 0.1], requires_grad=True)
+    mask = A.top_k_mask(scores, 2)
+    assert mask.tolist() == [0, 0, 1, 1, 0]
+    (mask * torch.arange(5.0)).sum().backward()
+    assert scores.grad.tolist() == [0, 1, 2, 3, 4]  # d mask / d scores = identity
+
+
+def test_pruning_learns_the_scores_only():
+    torch.manual_seed(0)
+    s = tiny(method="sparse", ratio=0.5, arch="densenet")
+    dense = A.MoECNN("densenet", 10, 32).requires_grad_(False)
+    scores = A.ChannelScores(dense, 0.5)
+    opt = torch.optim.SGD(list(scores.scores.parameters()), lr=0.1)
+    before = {n: p.clone() for n, p in dense.named_parameters()}
+    keep, mask = scores.keep(), {g: v.clone() for g, v in scores.scores.items()}
+    A.level(scores, opt, torch.rand(16, 3, 32, 32), torch.randint(10, (16,)), s)
+    assert all(torch.equal(before[n], p) for n, p in dense.named_parameters())
+    assert sum(not torch.equal(mask[g], v) for g, v in scores.scores.items()) > 0.9 * len(mask)
+    assert {g: len(v) for g, v in keep.items()} == {g: round(0.5 * c) for g, c in A.channel_groups(dense).items()}
+
+
+def test_the_paper_analyses_end_to_end(tmp_path, monkeypatch):
+    """AT(Dense) -> AT(Sparse) from it -> AT(MoE) with router utility (IoU with the Sparse mask) and AutoAttack
+    on --aa-n images; the Sec. 4 stages (standard, routers only, backbone only); then the report."""
+    runs = tmp_path / "runs"
+    calls = []
+
+    def identity_attack(name, model, x, y, s):  # stands in for torchattacks (not a requirement of the project)
+        calls.append(len(x))
+        return x
+
+    monkeypatch.setattr(A, "import_torchattacks", lambda: None)
+    monkeypatch.setattr(A, "torchattacks_attack", identity_attack)
+    base = dict(arch="densenet", ratio=0.5, n_experts=2, synthetic_train=32, synthetic_test=8, batch_size=16,
+                test_steps=1)
+
+    def run(name, **kw):
+        return A.train(tiny(out=str(runs / name), **{**base, **kw}), log=lambda _: None)
+
+    dense = run("dense", method="dense")
+    sparse = run("sparse", method="sparse", prune_epochs=1, init=str(runs / "dense" / "checkpoint.pt"))
+    sdense = A.MoECNN("densenet", 10, 32, 0.5, 1)
+    assert sparse["gflops"] == round(A.gflops_per_input(sdense, torch.rand(2, 3, 32, 32)), 4) < dense["gflops"] / 2
+    assert sparse["params"]["total"] == A.count_params(sdense)["total"]
+    assert sparse["sparse"]["init"].endswith("checkpoint.pt") and len(sparse["sparse"]["prune_history"]) == 1
+    moe_run = run("moe", method="moe", iou_with=str(runs / "sparse" / "checkpoint.pt"), eval_aa=True, aa_n=3)
+    assert calls == [3] and moe_run["attack_n"] == {"pgd1": 8, "autoattack": 3} and moe_run["ra_worst_n"] == 3
+    assert moe_run["ra_aa"] is not None
+    utility = moe_run["router_utility"]
+    assert sum(utility["clean"]["histogram"]) == sum(utility["adv"]["histogram"]) == 8
+    assert 0 <= utility["clean"]["mean"] <= 1
+    # Sec. 4 study: each stage changes only the parameters it trains.
+    run("s1", method="standard")
+    run("s2", method="moe", train_params="routers", init=str(runs / "s1" / "checkpoint.pt"))
+    run("s3", method="moe", train_params="backbone", init=str(runs / "s2" / "checkpoint.pt"))
+    w = [torch.load(runs / f"s{i}" / "checkpoint.pt", weights_only=True)["model"] for i in (1, 2, 3)]
+    params = dict(A.build_model(tiny(method="moe", **base), 10, 32).named_parameters())
+    routers = {n for n in params if "router" in n}
+    for (a, b), trained in (((0, 1), routers), ((1, 2), set(params) - routers)):
+        moved = {n for n in params if not torch.equal(w[a][n], w[b][n])}
+        assert moved and moved <= trained
+    text = A.report(str(runs))
+    for heading in ("## Table 1: synthetic", "## Table 2: AutoAttack", "## Sec. 4 study", "## Fig. 6: router utility",
+                    "## Routing under attack", "| AT(Sparse) |", "| 3. + AT of the backbone"):
+        assert heading in text, heading
+    assert f"--method sparse --init {runs / 'dense' / 'checkpoint.pt'}" in text  # commands are listed
+    # The sweeps' tables appear once runs at several N and r exist (copies of one run, relabelled).
+    for n, r in ((2, 0.25), (4, 0.25)):
+        res = {**moe_run, "method": "advmoe", "n_experts": n, "ratio": r}
+        (runs / f"sweep_{n}_{r}").mkdir()
+        (runs / f"sweep_{n}_{r}" / "result.json").write_text(json.dumps(res))
+    text = A.report(str(runs))
+    assert "## Fig. 7" in text and "## Fig. 8" in text
+
+
+def test_train_all_dry_run_lists_the_whole_grid():
+    done = subprocess.run(["bash", str(HERE / "train_all.sh")], capture_output=True, text=True,
+                          env={**os.environ, "DRY_RUN": "1", "GPUS": ""}, cwd=HERE)
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[-1] == "# 125 runs"  # Table 1 80, Table 2 20, Sec. 4 study 3, router utility 2, Fig. 7 14, Fig. 8 6
+    for needle in ("--method sparse --init runs/table1/cifar10_resnet18_dense/checkpoint.pt", "--eval-aa",
+                   "--iou-with", "--train-params routers", "--n-experts 10 --ratio 0.8", "--dataset imagenet"):
+        assert any(needle in line for line in lines), needle
+    order = [line.split("--out ")[1].split()[0] for line in lines[:-1]]
+    assert order.index("runs/table1/cifar10_wrn28_10_dense") < order.index("runs/table1/cifar10_wrn28_10_sparse")
+
+
 # ----------------------------------------------------------------------------- CLI end to end
 def cli(*args, cwd=HERE):
     return subprocess.run([sys.executable, str(HERE / "advmoe.py"), *args], capture_output=True, text=True, cwd=cwd)
@@ -289,7 +407,8 @@ def test_cli_trains_evaluates_reports(tmp_path):
     evaluated = cli("--eval-only", str(run / "checkpoint.pt"), "--out", str(tmp_path / "runs" / "b"),
                     "--test-steps", "2", "--device", "cpu")
     assert evaluated.returncode == 0, evaluated.stderr
-    assert json.loads((tmp_path / "runs" / "b" / "result.json").read_text())["sa"] == result["sa"]
+    again = json.loads((tmp_path / "runs" / "b" / "result.json").read_text())
+    assert (again["sa"], again["ra"], again["routing"]) == (result["sa"], result["ra"], result["routing"])  # seeded
     reported = cli("report", str(tmp_path / "runs"))
     assert reported.returncode == 0 and "| AdvMoE |" in reported.stdout and (tmp_path / "runs" / "report.md").exists()
 
@@ -309,6 +428,12 @@ def test_cli_trains_evaluates_reports(tmp_path):
     (["--dataset", "synthetic", "--out", "/proc/advmoe_cannot_write"], "cannot write"),
     (["--eval-only", "/nonexistent/checkpoint.pt"], "does not exist"),
     (["--dataset", "synthetic", "--batch-size", "100000"], "larger than the training set"),
+    (["--method", "sparse", "--ratio", "1"], "give --ratio below 1"),
+    (["--method", "moe", "--train-params", "routers"], "use it with --init CKPT"),
+    (["--method", "sdense", "--train-params", "routers", "--init", "x.pt"], "needs an MoE-CNN"),
+    (["--train-params", "experts"], "unknown --train-params"),
+    (["--dataset", "synthetic", "--method", "moe", "--iou-with", "/nonexistent/checkpoint.pt"], "does not exist"),
+    (["--dataset", "synthetic", "--method", "moe", "--init", "/nonexistent/checkpoint.pt"], "does not exist"),
 ])
 def test_bad_input_gives_one_line_error(args, needle, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
@@ -334,7 +459,7 @@ def test_bench_runs_and_is_sane(tmp_path):
     result = A.bench(["--arch", "resnet18", "--device", "cpu", "--batch", "4", "--infer-batch", "4", "--repeats", "1",
                       "--out", str(out)], log=lambda _: None)
     rows = {r["method"]: r for r in result["rows"]}
-    assert set(rows) == set(A.METHODS)
+    assert set(rows) == {"dense", "sdense", "moe", "advmoe"}
     assert all(r["train_img_s"] > 0 for r in rows.values())
     assert all(rows[m]["infer_img_s"] > 0 and rows[m]["latency_ms_b1"] > 0 for m in ("dense", "sdense", "moe"))
     assert rows["moe"]["gflops"] < 0.5 * rows["dense"]["gflops"]
