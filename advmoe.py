@@ -525,7 +525,7 @@ class MoEConv(nn.Module):
         for e, idx in enumerate(groups):
             if len(idx):
                 ye = self.conv_bn(x[idx], e)                                 # (b_e, cout, H', W')
-                y = x.new_empty((len(x),) + ye.shape[1:], dtype=ye.dtype) if y is None else y
+                y = output_like(ye, len(x)) if y is None else y
                 y.index_copy_(0, idx, ye)                                    # rows of the inputs routed to e
         return straight_through(y, gate)
 
@@ -567,6 +567,14 @@ class MoEConv(nn.Module):
         for running, batch in ((bn.running_mean, mean.view(self.n, -1)), (bn.running_var, unbiased)):
             running.copy_(torch.where(used, torch.lerp(running.view(self.n, -1), batch.to(running.dtype), bn.momentum),
                                       running.view(self.n, -1)).flatten())
+
+
+def output_like(y: torch.Tensor, batch: int) -> torch.Tensor:
+    """An empty (batch, ...) tensor in y's dtype and memory format (channels_last stays channels_last, so the
+    layers after an MoE layer keep the fast format)."""
+    fmt = torch.channels_last if y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last) \
+        else torch.contiguous_format
+    return torch.empty((batch,) + y.shape[1:], dtype=y.dtype, device=y.device, memory_format=fmt)
 
 
 class GlobalRouter(nn.Module):
@@ -1896,8 +1904,9 @@ def bench(argv: list[str], log=print) -> dict:
                     r["infer_speedup_vs_dense"] = round(r["infer_img_s"] / by["dense"]["infer_img_s"], 2)
         if "sdense" in by and "advmoe" in by and not a.skip_train:
             by["advmoe"]["step_time_vs_sdense"] = round(by["advmoe"]["train_step_ms"] / by["sdense"]["train_step_ms"], 2)
-        rows += by.values()
-        for r in by.values():
+        measured = [r for r in by.values() if len(r) > 2]  # (with --skip-train, AdvMoE has nothing of its own)
+        rows += measured
+        for r in measured:
             log(json.dumps(r))
     result = {"device": name, "torch": torch.__version__, "commit": git_commit(), "batch": a.batch,
               "infer_batch": infer_batch, "repeats": repeats, "amp": a.amp and gpu, "router": a.router,

@@ -225,7 +225,7 @@ def test_tiny_learnable_run_beats_chance(tmp_path):
 
 
 def test_resume_continues_exactly(tmp_path, monkeypatch):
-    settings = dict(method="advmoe", epochs=2, synthetic_train=64, test_steps=2, quick_eval_n=16)
+    settings = dict(method="advmoe", epochs=2, synthetic_train=32, test_steps=2, quick_eval_n=16)
     full = A.train(tiny(out=str(tmp_path / "full"), **settings), log=lambda _: None)
     # A run killed right after its first checkpoint was written ...
     save = A.save_checkpoint
@@ -393,7 +393,7 @@ def cli(*args, cwd=HERE):
 def test_cli_trains_evaluates_reports(tmp_path):
     run = tmp_path / "runs" / "a"
     args = ["--dataset", "synthetic", "--arch", "resnet18", "--method", "advmoe", "--epochs", "2", "--ratio", "0.25",
-            "--synthetic-train", "64", "--synthetic-test", "16", "--batch-size", "32", "--test-steps", "2",
+            "--synthetic-train", "32", "--synthetic-test", "16", "--batch-size", "32", "--test-steps", "2",
             "--quick-eval-n", "16", "--device", "cpu", "--out", str(run)]
     done = cli(*args)
     assert done.returncode == 0, done.stderr
@@ -517,7 +517,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
 
 def test_sigterm_saves_a_resumable_run(tmp_path):
     args = [sys.executable, str(HERE / "advmoe.py"), "--dataset", "synthetic", "--ratio", "0.25", "--epochs", "100",
-            "--synthetic-train", "64", "--batch-size", "16", "--quick-eval-n", "0", "--device", "cpu",
+            "--synthetic-train", "32", "--batch-size", "16", "--quick-eval-n", "0", "--device", "cpu",
             "--out", str(tmp_path)]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
@@ -538,7 +538,7 @@ def test_two_process_training_with_gloo(tmp_path):
     port = 29500 + os.getpid() % 1000
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={port}",
                            str(HERE / "advmoe.py"), "--dataset", "synthetic", "--method", "advmoe", "--ratio", "0.25",
-                           "--synthetic-train", "64", "--synthetic-test", "8", "--batch-size", "8", "--epochs", "1",
+                           "--synthetic-train", "32", "--synthetic-test", "8", "--batch-size", "8", "--epochs", "1",
                            "--test-steps", "1", "--quick-eval-n", "0", "--device", "cpu", "--out", str(tmp_path)],
                           capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
