@@ -369,7 +369,7 @@ def load_cifar(name: str, root: Path, download: bool):
     if all(p.exists() for p in npz):
         import numpy as np
         arrays = [np.load(p) for p in npz]
-        return [(torch.from_numpy(a["x"]).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(a["y"]).long())
+        return [(nchw(a["x"]), torch.from_numpy(a["y"]).long())
                 for a in arrays]
     from torchvision.datasets import CIFAR10, CIFAR100
     cls = CIFAR10 if name == "cifar10" else CIFAR100
@@ -379,7 +379,12 @@ def load_cifar(name: str, root: Path, download: bool):
         raise ConfigError(f"{name} is not in {root} and could not be downloaded ({type(e).__name__}): "
                           f"run once with network access, or put the torchvision copy (e.g. cifar-10-batches-py/) "
                           f"or {name}_train.npz/{name}_test.npz in --data-dir") from None
-    return [(torch.from_numpy(s.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(s.targets)) for s in sets]
+    return [(nchw(s.data), torch.tensor(s.targets)) for s in sets]
+
+
+def nchw(images) -> torch.Tensor:
+    """A uint8 NHWC numpy array (how CIFAR is stored) as a (B, 3, H, W) tensor."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
 
 
 def load_data(s: Settings, device: torch.device):
@@ -1323,9 +1328,7 @@ def load_init(model: nn.Module, path: str, want: dict, hint: str = "a checkpoint
     """--init: start from another run's weights; `want` is what that run must have been."""
     ckpt = read_checkpoint(Path(path))
     theirs = {**ckpt["identity"], "method": ckpt["settings"]["method"]}
-    diff = [f"{k} {theirs[k]!r} != {v!r}" for k, v in want.items() if theirs[k] != v]
-    if diff:
-        raise ConfigError(f"--init {path} is from another model ({'; '.join(diff)}): give {hint}")
+    check_identity(theirs, want, f"--init {path}", f"give {hint}")
     model.load_state_dict(ckpt["model"])
 
 
@@ -1620,17 +1623,17 @@ def read_checkpoint(path: Path) -> dict:
     return torch.load(path, map_location="cpu", weights_only=True)  # checkpoints are data, not code
 
 
-def check_identity(ckpt: dict, s: Settings, path):
-    theirs, ours = ckpt["identity"], {k: getattr(s, k) for k in IDENTITY}
-    diff = [f"{k} {theirs[k]!r} != {ours[k]!r}" for k in IDENTITY if theirs[k] != ours[k]]
+def check_identity(theirs: dict, want: dict, what: str, fix: str):
+    """Refuse a checkpoint whose model differs from the one wanted, naming every difference."""
+    diff = [f"{k} {theirs[k]!r} != {v!r}" for k, v in want.items() if theirs[k] != v]
     if diff:
-        raise ConfigError(f"checkpoint {path} is from another model ({'; '.join(diff)}): "
-                          f"use a matching --out or the same settings")
+        raise ConfigError(f"{what} is from another model ({'; '.join(diff)}): {fix}")
 
 
 def load_checkpoint(path: Path, model, opts: dict, s: Settings):
     ckpt = read_checkpoint(path)
-    check_identity(ckpt, s, path)
+    check_identity(ckpt["identity"], {k: getattr(s, k) for k in IDENTITY}, f"checkpoint {path}",
+                   "use a matching --out or the same settings")
     model.load_state_dict(ckpt["model"])
     for k, o in opts.items():
         o.load_state_dict(ckpt["opts"][k])
@@ -1733,8 +1736,7 @@ def report(folder: str) -> str:
                           [[r["dataset"], r["arch"], METHOD_LABELS[r["method"]], fmt(r["sa"]), fmt(r["ra"]),
                             fmt(r["ra_aa"]), r["attack_n"]["autoattack"]] for r in aa], aa)
     sweep = [r for r in results if trained(r) and r["method"] == "advmoe"]
-    for dataset, arch in sorted({(r["dataset"], r["arch"]) for r in sweep}):
-        runs = [r for r in sweep if (r["dataset"], r["arch"]) == (dataset, arch)]
+    for dataset, arch, runs in by_backbone(sweep):
         ns, ratios = sorted({r["n_experts"] for r in runs}), sorted({r["ratio"] for r in runs})
         if len(ns) * len(ratios) < 2:
             continue
@@ -1744,8 +1746,7 @@ def report(folder: str) -> str:
                           [[n] + [fmt(c["ra"]) if (c := cells[n, q]) else None for q in ratios] for n in ns],
                           [c for c in cells.values() if c])
     fig8 = [r for r in results if trained(r) and r["n_experts"] in (1, 2) and r["method"] in TABLE1_METHODS]
-    for dataset, arch in sorted({(r["dataset"], r["arch"]) for r in fig8}):
-        runs = [r for r in fig8 if (r["dataset"], r["arch"]) == (dataset, arch)]
+    for dataset, arch, runs in by_backbone(fig8):
         ratios = sorted({r["ratio"] for r in runs if r["method"] != "dense"})
         if len(ratios) < 2:
             continue
@@ -1758,8 +1759,7 @@ def report(folder: str) -> str:
         lines += md_table(["r"] + [METHOD_LABELS[m] for m in methods] + ["AT(Dense), r = 1"], rows,
                           [c for c in list(cells.values()) + [dense] if c])
     study = [r for r in results if r["method"] == "standard" or r["settings"].get("train_params", "all") != "all"]
-    for dataset, arch in sorted({(r["dataset"], r["arch"]) for r in study}):
-        runs = [r for r in study if (r["dataset"], r["arch"]) == (dataset, arch)]
+    for dataset, arch, runs in by_backbone(study):
         stages = [(STAGES["standard" if r["method"] == "standard" else r["settings"]["train_params"]], r) for r in runs]
         stages += [(f"reference: {METHOD_LABELS[m]}", c) for m in TABLE1_METHODS
                    if (c := pick([r for r in results if in_table1(r)], dataset=dataset, arch=arch, method=m))]
@@ -1796,6 +1796,12 @@ def report(folder: str) -> str:
     text = "\n".join(lines)
     atomic_write(root / "report.md", lambda tmp: Path(tmp).write_text(text))
     return text
+
+
+def by_backbone(results: list[dict]) -> Iterator[tuple[str, str, list[dict]]]:
+    """(data set, backbone, its runs) for every pair that has runs, in order."""
+    for dataset, arch in sorted({(r["dataset"], r["arch"]) for r in results}):
+        yield dataset, arch, [r for r in results if (r["dataset"], r["arch"]) == (dataset, arch)]
 
 
 def split_cells(r: dict) -> list:
