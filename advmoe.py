@@ -116,6 +116,8 @@ class Settings:
                                     "standard (natural, non-adversarial training of an MoE-CNN; Sec. 4)")
     ratio: float = setting(0.5, "r in (0,1]: an expert (and S-Dense) keeps r*C of a layer's C channels")
     n_experts: int = setting(2, "N >= 1: experts per MoE layer (moe, advmoe)")
+    width: float = setting(1.0, "W > 0: base channel multiplier of every backbone (1: the paper's networks); Dense "
+                                "has round(W*C) channels, S-Dense and an expert r of those")
     router: str = setting("layer", "layer: a gate per MoE layer (paper) | global: one image-level router (official code)")
     init: str = setting("", "checkpoint.pt whose weights start the run (sparse: an AT(Dense) run; otherwise the same model)")
     train_params: str = setting("all", "all | routers | backbone: which parameters the joint methods train (Sec. 4 "
@@ -150,6 +152,9 @@ class Settings:
     download: bool = setting(True, "let torchvision download CIFAR when it is missing")
     synthetic_train: int = setting(128, "training images of the synthetic data set (small: a smoke set for CPUs)")
     synthetic_test: int = setting(16, "test images of the synthetic data set (PGD-50 of Dense WRN-28-10 costs ~9 s an image on 2 cores)")
+    train_n: int = setting(0, "train on a fixed random subset of this many training images (0: all but --val-n)")
+    val_n: int = setting(0, "hold this many training images out as a validation split, evaluated beside the test "
+                            "set (choose settings on it, never on the test set)")
     # ---- evaluation --------------------------------------------------------------------------------
     eval_n: int = setting(0, "test images for the final SA/RA (0: the whole test set)")
     eval_attacks: str = setting("pgd", "comma-separated: pgd (the paper's RA) | router | soft | fixed (router-aware "
@@ -174,7 +179,7 @@ class Settings:
     cudnn_benchmark: bool = setting(False, "cuDNN autotuning per shape (helps Dense/S-Dense; MoE group sizes vary, "
                                            "so every new size is re-tuned)")
     compile: bool = setting(False, "torch.compile the model (CUDA; experimental with sparse routing)")
-    log_every: int = setting(100, "print a progress line every this many iterations")
+    log_every: int = setting(30, "print a progress line (done/total, images/s, ETA) at least every this many seconds")
 
     def __post_init__(self):
         check = {"dataset": DATASETS, "arch": ARCHS, "method": METHODS, "loss": LOSSES, "router": ROUTERS,
@@ -203,6 +208,10 @@ class Settings:
             raise ConfigError(f"--eps {self.eps} is negative: give the l_inf radius in pixel units, e.g. 0.0314")
         if self.prune_epochs < 0 or self.aa_n < 0:
             raise ConfigError("--prune-epochs and --aa-n must be 0 or more")
+        if not (0 < self.width <= 64):
+            raise ConfigError(f"--width {self.width} must be in (0, 64]: the channel multiplier of the backbone")
+        if self.train_n < 0 or self.val_n < 0:
+            raise ConfigError("--train-n and --val-n must be 0 or more (0: not used)")
         for name in ("epochs", "batch_size", "eval_batch_size", "synthetic_train", "synthetic_test", "log_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
@@ -263,9 +272,10 @@ MEAN_STD = {  # per-channel mean and std; the model normalizes as its first laye
 class TensorData:
     """A data set held as uint8 tensors (B, 3, H, W) on `device`, with batched crop/flip augmentation."""
 
-    def __init__(self, train: tuple, test: tuple, num_classes: int, device: torch.device):
+    def __init__(self, train: tuple, test: tuple, num_classes: int, device: torch.device, val: tuple | None = None):
         self.x_train, self.y_train = (t.to(device) for t in train)
         self.x_test, self.y_test = (t.to(device) for t in test)
+        self.x_val, self.y_val = (t.to(device) for t in val) if val else (self.x_test[:0], self.y_test[:0])
         self.num_classes, self.image_size, self.device = num_classes, self.x_train.shape[-1], device
         self.shard = (0, 1)  # (rank, world size) under torchrun
 
@@ -284,10 +294,16 @@ class TensorData:
             x = augment(self.x_train[idx], shifts[idx], flips[idx], pad)
             yield x, self.y_train[idx]
 
-    def test_batches(self, batch_size: int, limit: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        n = min(limit, len(self.y_test)) if limit else len(self.y_test)
+    def test_batches(self, batch_size: int, limit: int = 0, split: str = "test") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of the test set (or of the validation split held out of the training set), in order."""
+        x, y = (self.x_test, self.y_test) if split == "test" else (self.x_val, self.y_val)
+        n = self.eval_len(limit, split)
         for i in range(0, n, batch_size):
-            yield self.x_test[i:min(i + batch_size, n)].float() / 255, self.y_test[i:min(i + batch_size, n)]
+            yield x[i:min(i + batch_size, n)].float() / 255, y[i:min(i + batch_size, n)]
+
+    def eval_len(self, limit: int = 0, split: str = "test") -> int:
+        n = len(self.y_test if split == "test" else self.y_val)
+        return min(limit, n) if limit else n
 
     def train_len(self, batch_size: int) -> int:
         return len(self.y_train) // self.shard[1] // batch_size
@@ -309,7 +325,8 @@ def augment(x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, pad: int
 class FolderData:
     """TinyImageNet / ImageNet from ImageFolder trees (DATA_DIR/<name>/{train,val}/<class>/<image>)."""
 
-    def __init__(self, root: Path, image_size: int, device: torch.device, workers: int = 8):
+    def __init__(self, root: Path, image_size: int, device: torch.device, train_n: int = 0, val_n: int = 0,
+                 workers: int = 8):
         import torchvision.transforms as T
         from torchvision.datasets import ImageFolder
         if image_size >= 128:  # ImageNet recipe
@@ -320,6 +337,11 @@ class FolderData:
             test_tf = T.ToTensor()
         self.train = ImageFolder(str(root / "train"), train_tf)
         self.test = ImageFolder(str(root / "val"), test_tf)
+        self.val = torch.utils.data.Subset(self.train, [])
+        if train_n or val_n:  # the validation split is read with the test transform
+            keep, held = split_train(len(self.train), train_n, val_n)
+            self.val = torch.utils.data.Subset(ImageFolder(str(root / "train"), test_tf), held.tolist())
+            self.train = torch.utils.data.Subset(self.train, keep.tolist())
         self.num_classes, self.image_size, self.device, self.workers = len(self.train.classes), image_size, device, workers
         self.shard = (0, 1)
 
@@ -333,9 +355,9 @@ class FolderData:
         for x, y in self._loader(self.train, batch_size, order, drop_last=True):
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
-    def test_batches(self, batch_size, limit=0):
+    def test_batches(self, batch_size, limit=0, split="test"):
         seen = 0
-        for x, y in self._loader(self.test, batch_size):
+        for x, y in self._loader(self.test if split == "test" else self.val, batch_size):
             if limit and seen >= limit:
                 return
             keep = batch_size if not limit else min(batch_size, limit - seen)
@@ -344,6 +366,10 @@ class FolderData:
 
     def train_len(self, batch_size):
         return len(self.train) // self.shard[1] // batch_size
+
+    def eval_len(self, limit=0, split="test"):
+        n = len(self.test if split == "test" else self.val)
+        return min(limit, n) if limit else n
 
 
 def synthetic_data(n_train: int, n_test: int, num_classes: int = 10, seed: int = 0):
@@ -387,18 +413,43 @@ def nchw(images) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
 
 
+SPLIT_SEED = 0  # the --train-n subset and the --val-n split: the same images for every run and every --seed
+
+
+def split_train(n: int, train_n: int, val_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (sorted) of the training subset and of the disjoint validation split, drawn once from
+    SPLIT_SEED: the validation images are the first val_n of a fixed permutation, the subset the next train_n."""
+    if val_n >= n or train_n + val_n > n:
+        raise ConfigError(f"--train-n {train_n} plus --val-n {val_n} exceed the {n} training images: lower them")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    held, rest = perm[:val_n], perm[val_n:]
+    return (rest[:train_n] if train_n else rest).sort().values, held.sort().values
+
+
 def load_data(s: Settings, device: torch.device):
     root = Path(s.data_dir)
+    if s.dataset in ("tinyimagenet", "imagenet"):
+        folder = root / ("tiny-imagenet-200" if s.dataset == "tinyimagenet" else "imagenet")
+        if not (folder / "train").is_dir() or not (folder / "val").is_dir():
+            raise ConfigError(f"{s.dataset} needs ImageFolder trees {folder}/train/<class>/ and {folder}/val/<class>/ "
+                              f"(TinyImageNet's val images must first be moved into one folder per class)")
+        return FolderData(folder, 64 if s.dataset == "tinyimagenet" else 224, device, s.train_n, s.val_n)
     if s.dataset == "synthetic":
-        return TensorData(*synthetic_data(s.synthetic_train, s.synthetic_test), num_classes=10, device=device)
-    if s.dataset in ("cifar10", "cifar100"):
-        train, test = load_cifar(s.dataset, root, s.download)
-        return TensorData(train, test, num_classes=10 if s.dataset == "cifar10" else 100, device=device)
-    folder = root / ("tiny-imagenet-200" if s.dataset == "tinyimagenet" else "imagenet")
-    if not (folder / "train").is_dir() or not (folder / "val").is_dir():
-        raise ConfigError(f"{s.dataset} needs ImageFolder trees {folder}/train/<class>/ and {folder}/val/<class>/ "
-                          f"(TinyImageNet's val images must first be moved into one folder per class)")
-    return FolderData(folder, 64 if s.dataset == "tinyimagenet" else 224, device)
+        (train, test), classes = synthetic_data(s.synthetic_train, s.synthetic_test), 10
+    else:
+        (train, test), classes = load_cifar(s.dataset, root, s.download), 10 if s.dataset == "cifar10" else 100
+    val = None
+    if s.train_n or s.val_n:
+        keep, held = split_train(len(train[1]), s.train_n, s.val_n)
+        train, val = (train[0][keep], train[1][keep]), (train[0][held], train[1][held])
+    return TensorData(train, test, classes, device, val)
+
+
+def data_summary(s: Settings, data) -> dict:
+    """What result.json records of the data: images per split and how the subset / validation split were drawn."""
+    return {"train_images": data.train_len(1) * data.shard[1], "val_images": data.eval_len(split="val"),
+            "test_images": data.eval_len(), "train_n": s.train_n or None, "val_n": s.val_n or None,
+            "split_seed": SPLIT_SEED if (s.train_n or s.val_n) else None}
 
 
 # ==================================================================================================
@@ -476,7 +527,9 @@ class MoEConv(nn.Module):
         # joined by a residual sum write one group; they keep or prune the same channels (Sparse-CNN).
         self.takes, self.gives = takes, gives
         self.weight = nn.Parameter(torch.empty(n_experts * cout, cin, kernel, kernel))
-        nn.init.kaiming_normal_(self.weight, mode="fan_out", nonlinearity="relu")
+        # Kaiming (fan_out) of one expert, a standalone conv of cout filters: std = sqrt(2 / (cout * k * k)).
+        # (Kaiming on the stacked (N*cout, ...) weight would shrink every expert's std by 1/sqrt(N).)
+        nn.init.normal_(self.weight, 0.0, math.sqrt(2.0 / (cout * kernel * kernel)))
         # NOTE(ours): a BatchNorm per expert, stored as one BatchNorm over the N*cout channels; expert e
         # uses channels [e*cout, (e+1)*cout) and is normalized over the inputs routed to it alone.
         # NOTE(official code): one BatchNorm of cout channels shared by whichever expert was gathered, so
@@ -557,10 +610,10 @@ class MoEConv(nn.Module):
         hard = straight_through((y * mask).sum(1), gate)                     # (B, cout, H, W): chosen expert
         if not soft:
             return hard
-        # y = y_hard + (y_soft - sg(y_soft)), y_soft = sum_e p_e E_e(x): hard value, soft gradient
+        # y = y_soft + sg(y_hard - y_soft), y_soft = sum_e p_e E_e(x): the hard value, the soft gradient only
         probs = gate.logits.float().softmax(-1).to(y.dtype)[:, :, None, None, None]
-        mix = (y * probs).sum(1)
-        return hard + (mix - mix.detach())
+        mix = (y * probs).sum(1)                                             # (B, cout, H, W)
+        return mix + (hard - mix).detach()
 
 
     @torch.no_grad()
@@ -609,13 +662,14 @@ class Spec:
     ratio: float = 1.0
     n_experts: int = 1
     layer_router: bool = True
+    base: float = 1.0  # --width W: the Dense network has round(W * C) channels where the paper's has C
 
     def width(self, channels: int | tuple) -> int:
-        """Channels of a tensor in the pathway (= S-Dense): r * C, at least 1; of a concatenation, the sum of
-        its groups' widths (so a pruned Dense network and S-Dense have the same shapes at any r)."""
+        """Channels of a tensor in the pathway (= S-Dense): r * round(W * C), at least 1; of a concatenation, the
+        sum of its groups' widths (so a pruned Dense network and S-Dense have the same shapes at any r)."""
         if isinstance(channels, tuple):
             return sum(self.width(c) for c in channels)
-        return max(1, round(self.ratio * channels))
+        return max(1, round(self.ratio * max(1, round(self.base * channels))))
 
     def conv(self, cin, cout: int, kernel: int = 3, stride: int = 1, bn: bool = True, takes=(), gives="") -> MoEConv:
         """A routed conv reading channel groups `takes` and writing group `gives` (see MoEConv)."""
@@ -820,9 +874,10 @@ class MoECNN(nn.Module):
     use it; model(x, return_routing=True) also returns the list of Gates, one per MoE layer."""
 
     def __init__(self, arch: str, num_classes: int = 10, image_size: int = 32, ratio: float = 1.0,
-                 n_experts: int = 1, router: str = "layer", mean_std=MEAN_STD["cifar10"], router_noise: float = 0.0):
+                 n_experts: int = 1, router: str = "layer", mean_std=MEAN_STD["cifar10"], router_noise: float = 0.0,
+                 width: float = 1.0):
         super().__init__()
-        spec = Spec(ratio, n_experts, layer_router=(router == "layer"))
+        spec = Spec(ratio, n_experts, layer_router=(router == "layer"), base=width)
         self.backbone = BACKBONES[arch](spec, num_classes, image_size)
         self.global_router = GlobalRouter(n_experts) if (router == "global" and n_experts > 1) else None
         self.register_buffer("mean", torch.tensor(mean_std[0]).view(1, 3, 1, 1))
@@ -841,7 +896,7 @@ class MoECNN(nn.Module):
 
 def build_model(s: Settings, num_classes: int, image_size: int) -> MoECNN:
     return MoECNN(s.arch, num_classes, image_size, s.model_ratio, s.model_experts, s.router,
-                  MEAN_STD[s.dataset], s.router_noise)
+                  MEAN_STD[s.dataset], s.router_noise, s.width)
 
 
 def router_params(model: nn.Module) -> list[nn.Parameter]:
@@ -874,11 +929,14 @@ def evaluating(model: nn.Module):
 
 
 def pgd(model: nn.Module, x: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor], eps: float,
-        step_size: float, steps: int, start: str = "uniform") -> torch.Tensor:
+        step_size: float, steps: int, start: str = "uniform", generator: torch.Generator | None = None) -> torch.Tensor:
     """max_{|delta|_inf <= eps, x+delta in [0,1]} loss_fn(x + delta) by projected sign-gradient ascent
     (Madry et al. 2018), with the model in eval mode and gradients taken w.r.t. the input only.
-    start: "uniform" in the eps-ball (test PGD) | "normal": x + 0.001*N(0,1) (TRADES)."""
-    noise = (2 * torch.rand_like(x) - 1) * eps if start == "uniform" else 0.001 * torch.randn_like(x)
+    start: "uniform" in the eps-ball (test PGD) | "normal": x + 0.001*N(0,1) (TRADES); drawn from `generator`
+    (the global stream when None)."""
+    draw = torch.rand if start == "uniform" else torch.randn
+    r = draw(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    noise = (2 * r - 1) * eps if start == "uniform" else 0.001 * r
     x_adv = torch.min(torch.max(x + noise, x - eps), x + eps).clamp(0, 1)
     with evaluating(model):
         for _ in range(steps):
@@ -961,7 +1019,7 @@ def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: Settings)
              "acc": (logits.argmax(1) == y).float().mean(), "acc_adv": (logits_adv.argmax(1) == y).float().mean()}
     if gates_adv:
         stats["top_share"] = expert_usage(gates_adv).max(1).values.mean()   # mean over layers of max_k f_k
-    return main + reg, stats
+    return main, reg, stats
 
 
 def expert_usage(gates: list[Gate]) -> torch.Tensor:
@@ -980,8 +1038,8 @@ def make_optimizers(model: nn.Module, s: Settings, device: torch.device) -> dict
     kw = dict(lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
     if device.type == "cuda":
         kw["fused"] = True
-    phi = {"params": router_params(model), "base_lr": s.lr * s.router_lr}
-    psi = {"params": backbone_params(model), "base_lr": s.lr}
+    phi = {"params": router_params(model), "base_lr": s.lr * s.router_lr, "name": "routers"}
+    psi = {"params": backbone_params(model), "base_lr": s.lr, "name": "backbone"}
     if s.method == "advmoe":
         return {"phi": torch.optim.SGD([phi], **kw), "psi": torch.optim.SGD([psi], **kw)}
     groups = {"all": [psi] + ([phi] if phi["params"] else []), "routers": [phi], "backbone": [psi]}[s.train_params]
@@ -995,9 +1053,12 @@ def set_lr(opts: dict, progress: float):
             group["lr"] = group["base_lr"] * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def level(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, s: Settings) -> dict:
-    """One adversarial-training update of the parameters held by `opt` (the others stay fixed)."""
-    loss, stats = robust_loss(model, x, y, s)
+def level(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, s: Settings,
+          regularize: bool = True) -> dict:
+    """One adversarial-training update of the parameters held by `opt` (the others stay fixed). The routing
+    regularizer is added only where the routers are trained (regularize): AdvMoE's lower level, not its upper."""
+    main, reg, stats = robust_loss(model, x, y, s)
+    loss = main + reg if regularize else main
     params = [p for g in opt.param_groups for p in g["params"]]
     opt.zero_grad(set_to_none=True)
     loss.backward(inputs=params)  # gradients only for the parameters this level updates
@@ -1061,9 +1122,10 @@ def train_step(model: nn.Module, opts: dict, batches: list, s: Settings) -> dict
         return level(model, opts["all"], *batches[0], s)
     (x_phi, y_phi), (x_psi, y_psi) = batches
     # Alg. 1 line 4 (lower level): with psi fixed, update phi on B_phi, attack generated against (psi, phi)
-    router_stats = level(model, opts["phi"], x_phi, y_phi, s)
-    # Alg. 1 line 5 (upper level): with phi fixed (= phi*), update psi on B_psi, attack regenerated
-    stats = level(model, opts["psi"], x_psi, y_psi, s)
+    router_stats = level(model, opts["phi"], x_phi, y_phi, s, regularize=True)
+    # Alg. 1 line 5 (upper level): with phi fixed (= phi*), update psi on B_psi, attack regenerated; the routing
+    # regularizer is the routers' and stays out of psi's loss
+    stats = level(model, opts["psi"], x_psi, y_psi, s, regularize=False)
     stats["router_loss"] = router_stats["loss"]
     return stats
 
@@ -1135,12 +1197,17 @@ def train(s: Settings, log: Callable[[str], None] = print) -> dict | None:
             row = {"epoch": epoch + 1, **train_epoch(net, opts, data, s, epoch, device, stop, log)}
             sync_model(model)  # BatchNorm statistics of rank 0 everywhere
             train_seconds += time.perf_counter() - t0
-            row.update(seconds=round(time.perf_counter() - t0, 2), lr=opts[next(iter(opts))].param_groups[0]["lr"])
+            # the learning rate each parameter group ended the epoch with (routers and backbone may differ)
+            row.update(seconds=round(time.perf_counter() - t0, 2),
+                       **{f"lr_{g.get('name', 'scores')}": round(g["lr"], 6) for o in opts.values() for g in o.param_groups})
             if not lead:
                 continue
             if s.quick_eval_n and epoch + 1 < s.epochs:  # the final evaluation replaces the last one
-                quick = evaluate(model, data, s, steps=10, limit=s.quick_eval_n)
-                row.update(sa=quick["sa"], ra_pgd10=quick["ra"], usage=quick["routing"].get("usage_clean"))
+                # on the validation split when there is one (settings are chosen there, not on the test set)
+                split = "val" if data.eval_len(split="val") else "test"
+                quick = evaluate(model, data, s, steps=10, limit=s.quick_eval_n, split=split)
+                row.update(sa=quick["sa"], ra_pgd10=quick["ra"], quick_split=split,
+                           usage=quick["routing"].get("usage_clean"))
             history.append(row)
             log(format_row(row, s))
             save_checkpoint(ckpt_path, model, opts, s, epoch + 1, history, train_seconds, extra)
@@ -1160,20 +1227,22 @@ def train_epoch(net: nn.Module, opts: dict, data, s: Settings, epoch: int, devic
     """One epoch of train_step; returns the epoch's mean statistics (one host sync, at the end)."""
     iters = data.train_len(s.batch_size)
     net.train()
+    freeze_batchnorm(net, s.train_params)
     # Alg. 1 line 3: B_phi and B_psi come from two independent shuffles (NOTE(ours)).
     streams = 2 if s.method == "advmoe" else 1
     gens = [torch.Generator().manual_seed(s.seed * 1_000_003 + epoch * 7 + k) for k in range(streams)]
     sums, bad_step = {}, torch.full((), -1, device=device)
+    progress = Progress(f"epoch {epoch + 1}/{s.epochs}", iters * s.batch_size * streams, log, s.log_every)
     for it, batches in enumerate(zip(*(data.train_batches(s.batch_size, g) for g in gens))):
         set_lr(opts, (epoch * iters + it) / (s.epochs * iters))
         with autocast(s, device):
             stats = train_step(net, opts, [prep(x, s, device) + (y,) for x, y in batches], s)
         for k, v in stats.items():
             sums[k] = sums.get(k, 0.0) + v
-        # remember the first non-finite step without a host sync
-        bad_step = torch.where((bad_step < 0) & ~torch.isfinite(stats["loss"]), it, bad_step)
-        if (it + 1) % s.log_every == 0:
-            log(f"  epoch {epoch + 1} iter {it + 1}/{iters} loss {sums['loss'].item() / (it + 1):.4f}")
+        # remember the first non-finite step of either level without a host sync
+        finite = torch.isfinite(stats["loss"]) & torch.isfinite(stats.get("router_loss", stats["loss"]))
+        bad_step = torch.where((bad_step < 0) & ~finite, it, bad_step)
+        progress((it + 1) * s.batch_size * streams, lambda: f"loss {sums['loss'].item() / (it + 1):.4f}")
         if stop:
             kept = f"the checkpoint of epoch {epoch} is kept" if epoch else "no epoch had finished"
             raise Interrupted(f"interrupted by {stop[0]} in epoch {epoch + 1}: {kept}; continue with --resume")
@@ -1181,6 +1250,33 @@ def train_epoch(net: nn.Module, opts: dict, data, s: Settings, epoch: int, devic
         raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, iteration {bad_step.item() + 1}: kept the "
                                  f"checkpoint of epoch {epoch}; lower --lr or check the data")
     return {k: round(v.item() / (it + 1), 4) for k, v in sums.items()}
+
+
+def freeze_batchnorm(model: nn.Module, train_params: str):
+    """--train-params: the frozen part's BatchNorms normalize with their running statistics and leave them
+    fixed (eval mode). Routers frozen: the global router's BatchNorms; backbone frozen: every other one.
+    (MoEConv's mode only selects its BatchNorm's statistics.)"""
+    if train_params == "all":
+        return
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.BatchNorm2d, MoEConv)) and ("router" in name) == (train_params == "backbone"):
+            m.eval()
+
+
+class Progress:
+    """A progress line at least every `every` seconds: what, done/total images, images per second, ETA."""
+
+    def __init__(self, what: str, total: int, log, every: float = 30.0):
+        self.what, self.total, self.log, self.every = what, total, log, every
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, done: int, details: Callable[[], str] = lambda: ""):
+        now = time.perf_counter()
+        if now - self.last < self.every or self.log is None:
+            return
+        self.last, rate = now, done / max(now - self.start, 1e-9)
+        eta = (self.total - done) / max(rate, 1e-9)
+        self.log(f"  {self.what}: {done}/{self.total} images, {rate:.1f} img/s, ETA {eta:.0f} s {details()}".rstrip())
 
 
 def prep(x: torch.Tensor, s: Settings, device: torch.device) -> tuple[torch.Tensor]:
@@ -1296,9 +1392,10 @@ def prune(s: Settings, data, device: torch.device, stop: list, log) -> tuple[dic
     Returns the pruned S-Dense-shaped state dict, the mask (kept channels and group sizes), and the phase's
     per-epoch log. Phase 2,
     fine-tuning the weights with the mask fixed, is the ordinary training loop (train)."""
-    dense = place(MoECNN(s.arch, data.num_classes, data.image_size, mean_std=MEAN_STD[s.dataset]), s, device)
+    dense = place(MoECNN(s.arch, data.num_classes, data.image_size, mean_std=MEAN_STD[s.dataset], width=s.width),
+                  s, device)
     if s.init:
-        load_init(dense, s.init, {"dataset": s.dataset, "arch": s.arch, "method": "dense"},
+        load_init(dense, s.init, {"dataset": s.dataset, "arch": s.arch, "method": "dense", "width": s.width},
                   f"<AT(Dense) {s.dataset} {s.arch} run>/checkpoint.pt")
     else:
         log("warning: --method sparse without --init: pruning starts from random weights (HYDRA prunes a trained "
@@ -1307,7 +1404,9 @@ def prune(s: Settings, data, device: torch.device, stop: list, log) -> tuple[dic
     pruner = ChannelScores(dense, s.ratio)
     opt = torch.optim.SGD([{"params": list(pruner.scores.values()), "base_lr": s.lr}], lr=s.lr,
                           momentum=s.momentum, weight_decay=s.weight_decay)
-    phase = dataclasses.replace(s, epochs=s.prune_epochs)  # the cosine schedule spans the pruning epochs
+    # the cosine schedule spans the pruning epochs; with --prune-epochs 0 none runs and the scores stay at the
+    # filter norms (pruning by norm alone, then fine-tuning)
+    phase = dataclasses.replace(s, epochs=max(s.prune_epochs, 1))
     history = []
     for epoch in range(s.prune_epochs):
         t0 = time.perf_counter()
@@ -1332,7 +1431,14 @@ def load_init(model: nn.Module, path: str, want: dict, hint: str = "a checkpoint
     model.load_state_dict(ckpt["model"])
 
 
-def router_utility_tables(model: nn.Module, path: str) -> dict[str, torch.Tensor]:
+class Utility(NamedTuple):
+    """Router utility (Fig. 6): per MoE layer, the IoU of each expert's channels with the Sparse mask; and the
+    per-input IoU that random pathways of the same sizes get (the chance level to read the IoU against)."""
+    tables: dict[str, torch.Tensor]
+    chance: torch.Tensor
+
+
+def router_utility_tables(model: nn.Module, path: str, samples: int = 1000) -> Utility:
     """Fig. 6: per MoE layer, the IoU of each expert's channels with the AT(Sparse) checkpoint's kept
     channels. Expert e of a layer owns filters [e*c, (e+1)*c) of its N*c; with N*r = 1 those N*c filters are
     the Dense layer's C channels, which the Sparse mask indexes. NOTE(ours): the two models are trained
@@ -1340,7 +1446,8 @@ def router_utility_tables(model: nn.Module, path: str) -> dict[str, torch.Tensor
     extra = read_checkpoint(Path(path)).get("extra") or {}
     if "keep" not in extra:
         raise ConfigError(f"--iou-with {path} is not an AT(Sparse) checkpoint: give <sparse run>/checkpoint.pt")
-    tables = {}
+    tables, chance = {}, []
+    gen = torch.Generator().manual_seed(0)
     for m in model.modules():
         if isinstance(m, MoEConv) and m.n > 1:
             size, keep = extra["sizes"][m.gives], extra["keep"][m.gives]
@@ -1352,9 +1459,13 @@ def router_utility_tables(model: nn.Module, path: str) -> dict[str, torch.Tensor
             inter = kept.view(m.n, m.cout).sum(1).float()                           # |E_e ∩ K|, (N,)
             # IoU(E_e, K) = |E_e ∩ K| / |E_e ∪ K|, and |E_e| = |K| = c
             tables[m.gives] = (inter / (2 * m.cout - inter)).to(m.weight.device)
+            # chance: `samples` random c-subsets of the layer's N*c channels, the same IoU with K
+            picks = torch.rand(samples, size, generator=gen).argsort(1)[:, :m.cout]   # (samples, c)
+            hits = kept[picks].sum(1).float()                                         # (samples,)
+            chance.append(hits / (2 * m.cout - hits))
     if not tables:
         raise ConfigError("--iou-with measures an MoE-CNN's pathways: use it with --method moe, advmoe or standard")
-    return tables
+    return Utility(tables, torch.stack(chance).mean(0))  # a random pathway's IoU, averaged over layers
 
 
 def pathway_iou(gates: list[Gate], tables: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -1365,17 +1476,23 @@ def pathway_iou(gates: list[Gate], tables: dict[str, torch.Tensor]) -> torch.Ten
 # ==================================================================================================
 # 9. Evaluation: SA, RA (PGD-50), routing statistics, GFLOPs counted on what executes
 # ==================================================================================================
-def adversaries(name: str, model: nn.Module, x, y, s: Settings, gates: list[Gate], steps: int) -> list:
+def adversaries(name: str, model: nn.Module, x, y, s: Settings, gates: list[Gate], steps: int,
+                gen: torch.Generator | None = None, log=None) -> list:
     """The attacks of --eval-attacks, as (label, x_adv) pairs. Hard top-1 routing can hide gradients,
     so plain PGD through the straight-through routers may overstate robustness; the router-aware attacks
-    below are losses for the same PGD, and Square is gradient-free (gradient masking cannot fool it)."""
+    below are losses for the same PGD, and Square is gradient-free (gradient masking cannot fool it).
+    gen: the attack's own random stream (PGD starts)."""
     def run(loss_fn):
-        return pgd(model, x, loss_fn, s.eps, s.test_step_size, steps, "uniform")
+        return pgd(model, x, loss_fn, s.eps, s.test_step_size, steps, "uniform", gen)
 
     if name == "pgd":  # the paper's RA: CE through the straight-through routers
         return [(f"pgd{steps}", run(ce_objective(model, y)))]
-    if name in ("square", "autoattack"):
-        return [(name, torchattacks_attack(name, model, x, y, s))]
+    if name == "square":
+        attack = import_torchattacks().Square(model, norm="Linf", eps=s.eps, n_queries=s.square_queries,
+                                              n_restarts=1, seed=s.seed)
+        return [("square", attack(x, y).detach())]
+    if name == "autoattack":
+        return autoattack(model, x, y, s.eps, s.seed, log)
     if not gates:  # no routers: the router-aware attacks are plain PGD
         return []
     clean = [g.choice for g in gates]
@@ -1395,51 +1512,86 @@ def adversaries(name: str, model: nn.Module, x, y, s: Settings, gates: list[Gate
     return [(label, run(ce_objective(model, y, force=f))) for label, f in forced]
 
 
-def torchattacks_attack(name: str, model: nn.Module, x, y, s: Settings) -> torch.Tensor:
-    """Square (black-box, --square-queries) or standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square) from the
-    optional torchattacks package, in float32 on the model's own (sparse, hard) routing."""
-    torchattacks = import_torchattacks()
-    n_classes = model.backbone.fc.out_features
-    if name == "square":
-        attack = torchattacks.Square(model, norm="Linf", eps=s.eps, n_queries=s.square_queries, n_restarts=1,
-                                     seed=s.seed)
-    else:
-        attack = torchattacks.AutoAttack(model, norm="Linf", eps=s.eps, version="standard", n_classes=n_classes,
-                                         seed=s.seed)
-    with torch.autocast(x.device.type, enabled=False), evaluating(model):
-        return attack(x.float(), y).detach()
+def autoattack_settings(eps: float, n_classes: int) -> dict[str, tuple[str, dict]]:
+    """Standard AutoAttack (Croce & Hein 2020) with its reference settings: APGD-CE (100 iterations), APGD-T
+    (100 iterations, 9 target classes), FAB-T (100 iterations, 9 target classes), Square (5000 queries); one
+    restart each, l_inf. name -> (torchattacks class, its arguments), in the order they run.
+    NOTE(ours): torchattacks' own AutoAttack(version="standard") builds APGD-CE, APGD-T and FAB-T with 10
+    iterations and n_classes - 1 target classes, weaker than the reference; only this configuration is
+    labelled "AutoAttack (standard)" here."""
+    # torchattacks' targeted attacks try n_classes - 1 target classes; the reference tries min(9, classes - 1)
+    targeted = min(9, n_classes - 1) + 1
+    common = {"norm": "Linf", "eps": eps, "n_restarts": 1}
+    return {"apgd-ce": ("APGD", {**common, "steps": 100, "loss": "ce", "rho": 0.75}),
+            "apgd-t": ("APGDT", {**common, "steps": 100, "n_classes": targeted, "rho": 0.75}),
+            "fab-t": ("FAB", {**common, "steps": 100, "multi_targeted": True, "n_classes": targeted}),
+            "square": ("Square", {**common, "n_queries": 5000, "p_init": 0.8})}
+
+
+def autoattack_components(model: nn.Module, eps: float, seed: int) -> list[tuple[str, object]]:
+    """The four attacks of autoattack_settings, built from the optional torchattacks package."""
+    ta = import_torchattacks()
+    return [(name, getattr(ta, cls)(model, seed=seed, **kw))
+            for name, (cls, kw) in autoattack_settings(eps, model.backbone.fc.out_features).items()]
+
+
+def autoattack(model: nn.Module, x, y, eps: float, seed: int, log=None) -> list[tuple[str, torch.Tensor]]:
+    """Run the components in order, as AutoAttack does: each attacks only the inputs still classified correctly,
+    and an input fooled once stays fooled. Returns the adversarial batch after each component
+    ("autoattack/apgd-ce", ...) and the final one ("autoattack")."""
+    x_adv, found = x.clone(), []
+    with torch.no_grad():
+        robust = model(x).argmax(1) == y                                          # (B,)
+    for name, attack in autoattack_components(model, eps, seed):
+        t0, idx = time.perf_counter(), robust.nonzero().squeeze(1)
+        if len(idx):
+            adv = attack(x[idx], y[idx]).detach()
+            with torch.no_grad():
+                fooled = model(adv).argmax(1) != y[idx]
+            x_adv[idx[fooled]], robust[idx[fooled]] = adv[fooled], False
+        if log:
+            log(f"    autoattack {name}: {int(robust.sum())} of {len(y)} robust ({time.perf_counter() - t0:.0f} s)")
+        found.append((f"autoattack/{name}", x_adv.clone()))
+    return found + [("autoattack", x_adv)]
 
 
 def import_torchattacks():
     try:
         import torchattacks
     except ImportError:
-        raise ConfigError("--eval-attacks square/autoattack need the optional package torchattacks: "
-                          "pip install torchattacks") from None
+        raise ConfigError("--eval-attacks square/autoattack and --eval-aa need the optional package torchattacks: "
+                          "pip install --no-deps torchattacks scipy") from None
     return torchattacks
 
 
 def evaluate(model: nn.Module, data, s: Settings, steps: int | None = None, limit: int = 0,
-             attacks: tuple[str, ...] = ("pgd",), utility: dict | None = None) -> dict:
+             attacks: tuple[str, ...] = ("pgd",), utility=None, split: str = "test", log=None) -> dict:
     """SA and RA in % (RA: PGD with `steps`, CE, uniform start, at the training eps), the RA of every other
-    attack asked for (AutoAttack on the first --aa-n images only), RA-worst (an input counts only if it is
-    classified correctly clean and under every attack, as AutoAttack counts; over the images every attack
-    saw), and routing statistics of the PGD attack: expert usage on clean and adversarial inputs, how often
-    the attack flips a router's choice, and the paper's 4-way split of adversarial examples (Sec. 4,
-    Insight 2): (1) neither router nor prediction fooled, (2) router fooled only, (3) prediction fooled
-    only, (4) both. Router fooled = any layer's choice differs from its clean choice. Router robustness =
-    (1)+(3); MoE robustness = (1)+(2). utility (router_utility_tables): each input's pathway IoU with a
-    Sparse mask, clean and under PGD (Fig. 6)."""
+    attack asked for (AutoAttack on the first --aa-n images only, with PGD's RA on the same images beside it),
+    RA-worst (an input counts only if it is classified correctly clean and under every attack, as AutoAttack
+    counts; over the images every attack saw), and routing statistics of the PGD attack: expert usage on clean
+    and adversarial inputs, how often the attack flips a router's choice, pathway diversity, and the paper's
+    4-way split of adversarial examples (Sec. 4, Insight 2): (1) neither router nor prediction fooled, (2)
+    router fooled only, (3) prediction fooled only, (4) both. Router fooled = any layer's choice differs from
+    its clean choice. Router robustness = (1)+(3); MoE robustness = (1)+(2). utility (router_utility_tables):
+    each input's pathway IoU with a Sparse mask, clean and under PGD (Fig. 6), beside a random pathway's.
+    Everything runs in float32 whatever autocast is active outside: FAB and Square stop just past the
+    decision boundary and top-1 routing is an argmax, so a bf16 re-classification could flip them back."""
     steps = s.test_steps if steps is None else steps
     attacks = ("pgd",) + tuple(a for a in attacks if a != "pgd")
     device = next(model.parameters()).device
-    n, correct, worst, covered, per_attack, seen = 0, 0, 0, 0, {}, {}
-    usage = usage_adv = flips = split = None
+    # Each attack draws its random starts from a stream of its own, seeded from --seed: adding an attack
+    # changes no other attack's RA, and evaluating during training leaves the training's random stream alone.
+    gens = {a: torch.Generator(device).manual_seed(1000 * s.seed + EVAL_ATTACKS.index(a)) for a in attacks}
+    n, correct, worst, covered, per_attack, seen, pgd_on_aa = 0, 0, 0, 0, {}, {}, 0
+    usage = usage_adv = flips = split_counts = None
+    pathways: dict[str, list] = {"clean": [], "adv": []}
     ious: dict[str, list] = {"clean": [], "adv": []}
-    with evaluating(model):
-        for x, y in data.test_batches(s.eval_batch_size, limit):
+    progress = Progress(f"evaluating on {split}", data.eval_len(limit, split), log, s.log_every)
+    with evaluating(model), torch.autocast(device.type, enabled=False):
+        for x, y in data.test_batches(s.eval_batch_size, limit, split):
             x = prep(x, s, device)[0]
-            with autocast(s, device), torch.no_grad():
+            with torch.no_grad():
                 logits, gates = model(x, return_routing=True)
             ok = logits.argmax(1) == y
             survived, saw_all = ok.clone(), torch.ones_like(ok)
@@ -1449,22 +1601,27 @@ def evaluate(model: nn.Module, data, s: Settings, steps: int | None = None, limi
                 saw_all[take:] = False
                 if take == 0:
                     continue
-                with autocast(s, device):
-                    found = adversaries(name, model, x[:take], y[:take], s, gates, steps)
-                for label, x_adv in found:
-                    with autocast(s, device), torch.no_grad():
+                if name == "autoattack":  # Table 2 sets PGD's RA on the same images beside RA-AA
+                    pgd_on_aa += ok_pgd[:take].sum()
+                for label, x_adv in adversaries(name, model, x[:take], y[:take], s, gates, steps, gens[name], log):
+                    with torch.no_grad():
                         logits_adv, gates_adv = model(x_adv, return_routing=True)
                     ok_adv = logits_adv.argmax(1) == y[:take]
                     per_attack[label] = per_attack.get(label, 0) + ok_adv.sum()
                     seen[label] = seen.get(label, 0) + take
                     survived[:take] &= ok_adv
+                    if name == "pgd":
+                        ok_pgd = ok_adv
                     if name == "pgd" and gates:
                         batch = routing_counts(gates, gates_adv, ok_adv)
-                        usage, usage_adv, flips, split = batch if usage is None else \
-                            tuple(a + b for a, b in zip((usage, usage_adv, flips, split), batch))
+                        usage, usage_adv, flips, split_counts = batch if usage is None else \
+                            tuple(a + b for a, b in zip((usage, usage_adv, flips, split_counts), batch))
+                        pathways["clean"].append(torch.stack([g.choice for g in gates], 1))      # (B, L)
+                        pathways["adv"].append(torch.stack([g.choice for g in gates_adv], 1))    # (B, L)
                         if utility:
-                            ious["clean"].append(pathway_iou(gates, utility))
-                            ious["adv"].append(pathway_iou(gates_adv, utility))
+                            ious["clean"].append(pathway_iou(gates, utility.tables))
+                            ious["adv"].append(pathway_iou(gates_adv, utility.tables))
+                progress(n + len(y) if name == attacks[-1] else n + take, lambda: f"({name} done on this batch)")
             n, correct = n + len(y), correct + ok.sum()
             worst, covered = worst + (survived & saw_all).sum(), covered + saw_all.sum()
     ras = {label: round(100 * v.item() / seen[label], 2) for label, v in per_attack.items()}
@@ -1472,20 +1629,39 @@ def evaluate(model: nn.Module, data, s: Settings, steps: int | None = None, limi
               "attack": f"PGD-{steps} (CE, eps {s.eps:.5f}, step {s.test_step_size:.5f}, uniform start)",
               "attacks": ras, "attack_n": seen, "ra_worst": round(100 * worst.item() / max(covered.item(), 1), 2),
               "ra_worst_n": covered.item(), "routing": {}}
+    if "autoattack" in seen:
+        result["autoattack"] = {
+            "label": "AutoAttack (standard)", "images": seen["autoattack"],
+            "ra_pgd_same_images": round(100 * int(pgd_on_aa) / seen["autoattack"], 2),
+            "components": [{"name": name, "attack": cls, "settings": kw, "ra_after": ras.get(f"autoattack/{name}")}
+                           for name, (cls, kw) in autoattack_settings(s.eps, model.backbone.fc.out_features).items()]}
     if usage is not None:
-        split = [round(100 * v / n, 2) for v in split.tolist()]
+        split_4 = [round(100 * v / n, 2) for v in split_counts.tolist()]
         result["routing"] = {
             "usage_clean": [[round(v / n, 4) for v in row] for row in usage.tolist()],
             "usage_adv": [[round(v / n, 4) for v in row] for row in usage_adv.tolist()],
             "flip_rate_per_layer": [round(v / n, 4) for v in flips.tolist()],
-            "flip_rate_any_layer": round((split[1] + split[3]) / 100, 4),
-            "split_4way": dict(zip(("neither", "router_only", "prediction_only", "both"), split)),
-            "router_robustness": round(split[0] + split[2], 2),
-            "moe_robustness": round(split[0] + split[1], 2),
+            "flip_rate_any_layer": round((split_4[1] + split_4[3]) / 100, 4),
+            "split_4way": dict(zip(("neither", "router_only", "prediction_only", "both"), split_4)),
+            "router_robustness": round(split_4[0] + split_4[2], 2),
+            "moe_robustness": round(split_4[0] + split_4[1], 2),
+            "pathways": {k: pathway_diversity(torch.cat(v), usage.shape[1]) for k, v in pathways.items()},
         }
     if ious["clean"]:
-        result["router_utility"] = {k: iou_summary(torch.cat(v)) for k, v in ious.items()}
+        result["router_utility"] = {**{k: iou_summary(torch.cat(v)) for k, v in ious.items()},
+                                    "random_pathway": iou_summary(utility.chance)}
     return result
+
+
+def pathway_diversity(choices: torch.Tensor, n_experts: int) -> dict:
+    """choices (n, L): each input's pathway, its expert at every MoE layer. The number of distinct pathways
+    used and the entropy of their distribution, H = -sum_p q_p log2 q_p in bits (0: one pathway for every
+    input; at most log2 min(n, N^L))."""
+    _, counts = choices.unique(dim=0, return_counts=True)
+    q = counts.double() / counts.sum()
+    most = math.log2(min(len(choices), n_experts ** choices.shape[1]))
+    return {"distinct": len(counts), "entropy_bits": round(-(q * q.log2()).sum().item(), 3),
+            "max_entropy_bits": round(most, 3), "inputs": len(choices)}
 
 
 def iou_summary(iou: torch.Tensor) -> dict:
@@ -1523,9 +1699,13 @@ def finish(model, data, s: Settings, out: Path, history: list, train_seconds: fl
     log(f"evaluating: SA and RA under PGD-{s.test_steps} on {s.eval_n or 'all'} test images"
         + (f", AutoAttack on {s.aa_n or 'all of them'}" if s.eval_aa else ""))
     t0 = time.perf_counter()
-    torch.manual_seed(s.seed)  # attack starts: evaluating a checkpoint again gives the same numbers
     utility = router_utility_tables(model, s.iou_with) if s.iou_with else None
-    ev = evaluate(model, data, s, limit=s.eval_n, attacks=s.attacks, utility=utility)
+    ev = evaluate(model, data, s, limit=s.eval_n, attacks=s.attacks, utility=utility, log=log)
+    val = None
+    if data.eval_len(split="val"):  # --val-n: the same attacks but AutoAttack, on the held-out training images
+        log(f"evaluating on the validation split ({data.eval_len(split='val')} images)")
+        v = evaluate(model, data, s, attacks=tuple(a for a in s.attacks if a != "autoattack"), split="val", log=log)
+        val = {k: v[k] for k in ("sa", "ra", "ra_worst", "n", "attacks", "attack_n", "ra_worst_n")}
     x = next(data.test_batches(min(s.eval_batch_size, 64)))[0]
     result = {
         "dataset": s.dataset, "arch": s.arch, "method": s.method, "ratio": s.model_ratio,
@@ -1534,6 +1714,7 @@ def finish(model, data, s: Settings, out: Path, history: list, train_seconds: fl
         "sa": ev["sa"], "ra": ev["ra"], "eval_n": ev["n"], "attack": ev["attack"], "attacks": ev["attacks"],
         "attack_n": ev["attack_n"], "ra_aa": ev["attacks"].get("autoattack"), "ra_worst": ev["ra_worst"],
         "ra_worst_n": ev["ra_worst_n"], **({"router_utility": ev["router_utility"]} if "router_utility" in ev else {}),
+        **({"autoattack": ev["autoattack"]} if "autoattack" in ev else {}), "val": val, "data": data_summary(s, data),
         "gflops": round(gflops_per_input(model, x), 4), "params": count_params(model), "routing": ev["routing"],
         "train_seconds": round(train_seconds, 1), "eval_seconds": round(time.perf_counter() - t0, 1),
         "device": device_name(device), "torch": torch.__version__, "commit": git_commit(),
@@ -1603,7 +1784,7 @@ def prepare_out(out: Path):
         raise ConfigError(f"cannot write to output folder {out} ({e.strerror}): choose another --out") from None
 
 
-IDENTITY = ("dataset", "arch", "method", "model_ratio", "model_experts", "router")
+IDENTITY = ("dataset", "arch", "method", "model_ratio", "model_experts", "router", "width")
 
 
 def save_checkpoint(path: Path, model, opts: dict, s: Settings, epoch: int, history: list, train_seconds: float,
@@ -1625,7 +1806,8 @@ def read_checkpoint(path: Path) -> dict:
 
 def check_identity(theirs: dict, want: dict, what: str, fix: str):
     """Refuse a checkpoint whose model differs from the one wanted, naming every difference."""
-    diff = [f"{k} {theirs[k]!r} != {v!r}" for k, v in want.items() if theirs[k] != v]
+    diff = [f"{k} {theirs.get(k, 1.0 if k == 'width' else None)!r} != {v!r}" for k, v in want.items()
+            if theirs.get(k, 1.0 if k == "width" else None) != v]  # (checkpoints from before --width: 1)
     if diff:
         raise ConfigError(f"{what} is from another model ({'; '.join(diff)}): {fix}")
 

@@ -110,12 +110,14 @@ def test_sparse_path_updates_per_expert_batchnorm_statistics():
 
 
 def test_gradients_reach_every_router():
+    """With --balance 0 only the straight-through estimator can carry a gradient to the routers."""
     for router in ("layer", "global"):
         torch.manual_seed(0)
         model = moe("resnet18", ratio=0.25, router=router)
-        s = tiny(router=router)
+        s = tiny(router=router, balance=0.0)
         x, y = torch.rand(16, 3, 32, 32), torch.randint(10, (16,))
-        loss, _ = A.robust_loss(model, x, y, s)
+        loss, reg, _ = A.robust_loss(model, x, y, s)
+        assert reg == 0
         loss.backward()
         for name, p in model.named_parameters():
             if "router" in name:
@@ -324,12 +326,12 @@ def test_the_paper_analyses_end_to_end(tmp_path, monkeypatch):
     runs = tmp_path / "runs"
     calls = []
 
-    def identity_attack(name, model, x, y, s):  # stands in for torchattacks (not a requirement of the project)
+    def identity_attack(model, x, y, eps, seed, log=None):  # stands in for torchattacks (not a requirement)
         calls.append(len(x))
-        return x
+        return [("autoattack", x)]
 
     monkeypatch.setattr(A, "import_torchattacks", lambda: None)
-    monkeypatch.setattr(A, "torchattacks_attack", identity_attack)
+    monkeypatch.setattr(A, "autoattack", identity_attack)
     base = dict(arch="densenet", ratio=0.5, n_experts=2, synthetic_train=32, synthetic_test=8, batch_size=16,
                 test_steps=1)
 

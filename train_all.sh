@@ -5,6 +5,8 @@
 #   bash train_all.sh                                              # everything, one job per visible GPU
 #   DRY_RUN=1 bash train_all.sh                                    # print the commands only
 #   EPOCHS=1 DATASETS=synthetic ARCHS=resnet18 bash train_all.sh   # a reduced grid (runs on a CPU)
+#   GRID=laptop bash train_all.sh                                  # the real-CIFAR-10 laptop study (2-core CPU,
+#                                                                  # ~1.5 h; results/cifar10_laptop/)
 #
 # Environment:
 #   EPOCHS (100)        training epochs of every run (AT(Sparse): fine-tuning epochs)
@@ -14,13 +16,21 @@
 #   AA_N (1000)         test images for AutoAttack (Table 2)
 #   GPUS                GPU indices, one job per GPU (default: every GPU nvidia-smi lists; none: the CPU)
 #   OUT (runs), DATA_DIR (data), EXTRA (more flags for every run), DRY_RUN (0)
+#   GRID (paper | laptop), CPU_JOBS (1; laptop: 2): runs at a time without GPUs, each on
+#   $(nproc)/CPU_JOBS threads
 # A run whose OUT/<name>/result.json exists is skipped, so the script can be re-run after an interruption
 # (each training run also resumes from its own checkpoint: --resume). A job waits for the runs it starts
 # from (AT(Sparse) for AT(Dense), evaluations for their checkpoints); if one of them failed, it is skipped.
 set -euo pipefail
 cd "$(dirname "$0")"
 
+GRID=${GRID:-paper}
+[[ $GRID == paper || $GRID == laptop ]] || { echo "train_all.sh: GRID=$GRID: choose paper or laptop" >&2; exit 2; }
+if [[ $GRID == laptop ]]; then
+  EPOCHS=${EPOCHS:-8}; OUT=${OUT:-results/cifar10_laptop}; CPU_JOBS=${CPU_JOBS:-2}; GPUS=${GPUS-}
+fi
 EPOCHS=${EPOCHS:-100}
+CPU_JOBS=${CPU_JOBS:-1}
 PRUNE_EPOCHS=${PRUNE_EPOCHS:-20}
 DATASETS=${DATASETS:-"cifar10 cifar100 tinyimagenet imagenet"}
 ARCHS=${ARCHS:-"resnet18 wrn28_10 vgg16 densenet"}
@@ -39,6 +49,34 @@ job() { local name=$1 deps=$2; shift 2; NAMES+=("$name"); ARGS[$name]="$*"; DEPS
 ckpt() { echo "$OUT/$1/checkpoint.pt"; }
 has() { [[ " $1 " == *" $2 "* ]]; }  # has "LIST" WORD
 
+# ---- GRID=laptop: the paper's comparison on real CIFAR-10 at laptop scale (README, "Real CIFAR-10 on a laptop")
+# ResNet-18 at width 1/4 (Dense 16-32-64-128 channels), N = 2, r = 0.5, 10,000 training images, 1,000 more held
+# out for validation, 8 epochs. SA and PGD-50 on 2,000 test images, Square (1,000 queries) on the same, AutoAttack
+# (standard) on 500 for AT(S-Dense) and AdvMoE. Routing: (a) the paper's (no balance term, shared learning rate),
+# (b) the balance term with a 10x slower router (the default before this study), (c) the balance term at the
+# shared rate. Two seeds for every MoE run. Longest runs first, so the two CPU jobs finish together.
+if [[ $GRID == laptop ]]; then
+  lap=(--dataset cifar10 --arch resnet18 --width 0.25 --n-experts 2 --ratio 0.5 --train-n 10000 --val-n 1000
+       --eval-n 2000 --eval-attacks pgd,square --square-queries 1000 --quick-eval-n 500)
+  declare -A ROUTING=([paper]="--balance 0 --router-lr 1" [default]="--balance 0.1 --router-lr 0.1"
+                      [balance]="--balance 0.1 --router-lr 1")
+  for seed in 1 2; do
+    for setting in paper default balance; do
+      aa=(); [[ $seed == 1 && $setting != balance ]] && aa=(--eval-aa --aa-n 500)
+      job "advmoe_${setting}_s$seed" "" "${lap[@]}" --method advmoe ${ROUTING[$setting]} --seed $seed "${aa[@]}"
+    done
+  done
+  job dense_s1 "" "${lap[@]}" --method dense --seed 1
+  for seed in 1 2; do
+    for setting in paper default; do
+      job "moe_${setting}_s$seed" "" "${lap[@]}" --method moe ${ROUTING[$setting]} --seed $seed
+    done
+  done
+  job sdense_s1 "" "${lap[@]}" --method sdense --seed 1 --eval-aa --aa-n 500
+  job sdense_s2 "" "${lap[@]}" --method sdense --seed 2
+fi
+
+if [[ $GRID == paper ]]; then  # ---- GRID=paper (the default): every table of the paper, to the Runner below
 # ---- Table 1: SA, RA (PGD-50), GFLOPs of AT(S-Dense), AT(Sparse), AT(MoE), AdvMoE and AT(Dense) --------
 # N = 2 experts, r = 0.5, TRADES (beta 6), 2-step training attack; eps 8/255 (CIFAR), 2/255 (Tiny/ImageNet).
 # AT(Sparse) prunes the AT(Dense) model of its cell (HYDRA: scores, then fine-tuning), so it runs after it.
@@ -107,6 +145,8 @@ for r in $RATIOS; do
     --init "$(ckpt "${t}_dense")" --prune-epochs "$PRUNE_EPOCHS"
 done
 
+fi  # GRID=paper
+
 # ---- Runner: a job starts once its dependencies have finished and a GPU (or, without GPUs, the CPU) is free
 command_of() {
   local name=$1
@@ -118,8 +158,11 @@ if [[ $DRY_RUN == 1 ]]; then
   exit 0
 fi
 
-read -r -a SLOTS <<< "${GPUS:-cpu}"
-[[ ${#SLOTS[@]} -gt 0 ]] || SLOTS=(cpu)
+read -r -a SLOTS <<< "${GPUS:-}"
+if [[ ${#SLOTS[@]} -eq 0 ]]; then  # no GPU: CPU_JOBS runs at a time, sharing the cores
+  for ((i = 0; i < CPU_JOBS; i++)); do SLOTS+=("cpu$i"); done
+  THREADS=$(( $(nproc) / CPU_JOBS > 0 ? $(nproc) / CPU_JOBS : 1 ))
+fi
 declare -A STATE=() PID=() SLOT_OF=()   # STATE: pending | running | done | failed
 for name in "${NAMES[@]}"; do
   if [[ -f "$OUT/$name/result.json" ]]; then STATE[$name]=done; echo "skip $name (result.json exists)"
@@ -160,8 +203,8 @@ while pending; do
     mkdir -p "$OUT/$name"
     cmd=$(command_of "$name")
     echo "[$slot] $cmd"
-    if [[ $slot == cpu ]]; then
-      $cmd --device cpu > "$OUT/$name/stdout.log" 2>&1 &
+    if [[ $slot == cpu* ]]; then
+      OMP_NUM_THREADS=$THREADS $cmd --device cpu > "$OUT/$name/stdout.log" 2>&1 &
     else
       CUDA_VISIBLE_DEVICES=$slot $cmd > "$OUT/$name/stdout.log" 2>&1 &
     fi
