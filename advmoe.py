@@ -29,6 +29,8 @@ Paper -> code
     Eq. (AT), TRADES                    trades_loss, training_attack, robust_loss
     PGD-50 evaluation, SA / RA          pgd, evaluate
     adaptive attacks, RA-worst          adversaries (router-aware PGD, soft routing, fixed routing, Square, AutoAttack)
+    AutoAttack (standard, Table 2)      autoattack_settings, autoattack (torchattacks' parts, reference settings)
+    pathway diversity (Sec. 5)          pathway_diversity -> result["routing"]["pathways"]
     4-way split (Sec. 4, Insight 2)     evaluate -> result["routing"]["split_4way"]
     Eq. (1) / Algorithm 1 (AdvMoE)      train_step (method "advmoe")
     AT(Dense), AT(S-Dense), AT(MoE)     train_step (methods "dense", "sdense", "moe")
@@ -57,17 +59,23 @@ Deviations (each marked NOTE(ours) where it is made)
        the model in DistributedDataParallel, whose reducer cannot follow a level's partial backward.
     8. AT(Sparse) prunes channel groups: layers whose outputs are summed (a residual stream) keep the same
        channels, so the pruned network is really r*C wide (S-Dense's shape). Scores start from filter norms.
-    9. Router utility compares an MoE and a Sparse-CNN trained separately, channel by channel position.
+    9. Router utility compares an MoE and a Sparse-CNN trained separately, channel by channel position; it is
+       reported beside the IoU of random pathways of the same sizes, and beside pathway diversity.
+   10. AutoAttack is assembled from torchattacks' components with the reference settings (100 iterations,
+       9 target classes, 5000 Square queries): torchattacks' own "standard" version runs 10 iterations.
+   11. --width, --train-n and --val-n scale a run down for a laptop (1 / all data / none: the paper's).
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import dataclasses
+import fcntl
 import json
 import math
 import os
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -96,6 +104,10 @@ EVAL_ATTACKS = ("pgd", "router", "soft", "fixed", "square", "autoattack")
 # ==================================================================================================
 class ConfigError(ValueError):
     """Bad user input: the CLI prints the message on one line and exits with status 2."""
+
+
+class RunFailed(RuntimeError):
+    """The run could not go on (out of disk, a non-finite loss): the CLI prints one line and exits with 1."""
 
 
 class Interrupted(Exception):
@@ -169,7 +181,8 @@ class Settings:
     eval_batch_size: int = setting(256, "batch size of evaluation and attacks at test time")
     # ---- run ---------------------------------------------------------------------------------------
     out: str = setting("", "run folder (result.json, checkpoint.pt, log.jsonl); default runs/<name>")
-    resume: bool = setting(False, "continue from <out>/checkpoint.pt")
+    resume: bool = setting(False, "continue from <out>/checkpoint.pt (the recipe must be the same; --epochs may grow)")
+    overwrite: bool = setting(False, "replace the run already in --out (without it, a folder holding a run is refused)")
     eval_only: str = setting("", "path of a checkpoint to evaluate instead of training")
     device: str = setting("auto", "auto | cpu | cuda | cuda:K")
     amp: bool = setting(True, "bf16 autocast on CUDA (ignored on CPU)")
@@ -179,7 +192,8 @@ class Settings:
     cudnn_benchmark: bool = setting(False, "cuDNN autotuning per shape (helps Dense/S-Dense; MoE group sizes vary, "
                                            "so every new size is re-tuned)")
     compile: bool = setting(False, "torch.compile the model (CUDA; experimental with sparse routing)")
-    log_every: int = setting(30, "print a progress line (done/total, images/s, ETA) at least every this many seconds")
+    log_every: float = setting(30.0, "seconds between progress lines (done/total, images/s, ETA) in training, "
+                                     "evaluation and attacks (0: after every batch)")
 
     def __post_init__(self):
         check = {"dataset": DATASETS, "arch": ARCHS, "method": METHODS, "loss": LOSSES, "router": ROUTERS,
@@ -206,13 +220,28 @@ class Settings:
             self.eps = 2 / 255 if self.dataset in ("tinyimagenet", "imagenet") else 8 / 255
         if self.eps < 0:
             raise ConfigError(f"--eps {self.eps} is negative: give the l_inf radius in pixel units, e.g. 0.0314")
+        if not math.isfinite(self.eps) or self.eps > 1:
+            raise ConfigError(f"--eps {self.eps} is not a radius in pixel units of [0,1] images: give e.g. 0.0314 (8/255)")
+        for name in ("lr", "momentum", "weight_decay", "beta", "balance", "router_lr", "router_noise",
+                     "router_supervision"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a finite number >= 0")
+        for name in ("eval_n", "quick_eval_n"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be 0 (0: "
+                                  f"{'all test images' if name == 'eval_n' else 'no per-epoch check'}) or more")
+        for name in ("test_steps", "train_steps", "square_queries"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
         if self.prune_epochs < 0 or self.aa_n < 0:
             raise ConfigError("--prune-epochs and --aa-n must be 0 or more")
         if not (0 < self.width <= 64):
             raise ConfigError(f"--width {self.width} must be in (0, 64]: the channel multiplier of the backbone")
         if self.train_n < 0 or self.val_n < 0:
             raise ConfigError("--train-n and --val-n must be 0 or more (0: not used)")
-        for name in ("epochs", "batch_size", "eval_batch_size", "synthetic_train", "synthetic_test", "log_every"):
+        if not self.log_every >= 0:
+            raise ConfigError(f"--log-every {self.log_every} must be 0 or more seconds")
+        for name in ("epochs", "batch_size", "eval_batch_size", "synthetic_train", "synthetic_test"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
         unknown = [a for a in self.eval_attacks.split(",") if a not in EVAL_ATTACKS]
@@ -245,16 +274,30 @@ class Settings:
         return f"{self.dataset}_{self.arch}_{self.method}_r{self.model_ratio:g}_n{self.model_experts}_s{self.seed}"
 
 
-def parse_settings(argv: list[str]) -> Settings:
-    """argparse flags from the Settings fields: --field-name, typed by the default, help from the field."""
-    parser = argparse.ArgumentParser(description="AdvMoE: robust training of MoE-CNNs (ICCV 2023).")
+def settings_parser(defaults: bool = True) -> argparse.ArgumentParser:
+    """argparse flags from the Settings fields: --field-name, typed by the default, help from the field.
+    defaults=False: a flag not on the command line is left out of the parsed namespace."""
+    parser = argparse.ArgumentParser(
+        description="AdvMoE: robust training of MoE-CNNs (ICCV 2023). Other commands: 'python advmoe.py report "
+                    "DIR' (every table from the result.json files below DIR), 'python advmoe.py bench --help' "
+                    "(speed and cost).", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=None if defaults else argparse.SUPPRESS)
     for f in dataclasses.fields(Settings):
-        flag = "--" + f.name.replace("_", "-")
+        flag, default = "--" + f.name.replace("_", "-"), f.default if defaults else argparse.SUPPRESS
         if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=f.default, help=f.metadata["help"])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
         else:
-            parser.add_argument(flag, type=type(f.default), default=f.default, help=f.metadata["help"])
-    return Settings(**vars(parser.parse_args(argv)))
+            parser.add_argument(flag, type=type(f.default), default=default, help=f.metadata["help"])
+    return parser
+
+
+def parse_settings(argv: list[str]) -> Settings:
+    return Settings(**vars(settings_parser().parse_args(argv)))
+
+
+def given_flags(argv: list[str]) -> set[str]:
+    """The Settings fields set on the command line (not left at their defaults)."""
+    return set(vars(settings_parser(defaults=False).parse_args(argv)))
 
 
 # ==================================================================================================
@@ -392,11 +435,13 @@ def load_cifar(name: str, root: Path, download: bool):
     """CIFAR-10/100 as uint8 (B,3,32,32). DATA_DIR/<name>_{train,test}.npz (arrays x: uint8 NHWC, y) are
     used when present (for copies made offline); otherwise torchvision's copy, downloaded if allowed."""
     npz = [root / f"{name}_{split}.npz" for split in ("train", "test")]
-    if all(p.exists() for p in npz):
-        import numpy as np
-        arrays = [np.load(p) for p in npz]
-        return [(nchw(a["x"]), torch.from_numpy(a["y"]).long())
-                for a in arrays]
+    if any(p.exists() for p in npz):
+        classes = 10 if name == "cifar10" else 100
+        train, test = (read_npz(p, classes) for p in npz)
+        if train[0].shape[1:] != test[0].shape[1:]:
+            raise ConfigError(f"{npz[0]} holds {tuple(train[0].shape[2:])} images but {npz[1]} holds "
+                              f"{tuple(test[0].shape[2:])}: train and test must have the same image size")
+        return [train, test]
     from torchvision.datasets import CIFAR10, CIFAR100
     cls = CIFAR10 if name == "cifar10" else CIFAR100
     try:
@@ -406,6 +451,36 @@ def load_cifar(name: str, root: Path, download: bool):
                           f"run once with network access, or put the torchvision copy (e.g. cifar-10-batches-py/) "
                           f"or {name}_train.npz/{name}_test.npz in --data-dir") from None
     return [(nchw(s.data), torch.tensor(s.targets)) for s in sets]
+
+
+def read_npz(path: Path, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DATA_DIR/<name>_<split>.npz, checked: x uint8 (N, H, W, 3) in 0..255, y integers (N,) in [0, classes)."""
+    import numpy as np
+    must = f"it must hold x: uint8 images (N, H, W, 3) and y: N integer labels in [0, {classes})"
+    if not path.exists():
+        raise ConfigError(f"{path} is missing (its other split is there): {must}; or remove both to use torchvision")
+    try:
+        z = np.load(path)
+        files = getattr(z, "files", ())
+    except (OSError, ValueError, EOFError) as e:
+        raise ConfigError(f"{path} cannot be read as .npz ({type(e).__name__}): {must}") from None
+    missing = [k for k in ("x", "y") if k not in files]
+    if missing:
+        raise ConfigError(f"{path} has no array {missing[0]!r}: {must}")
+    x, y = z["x"], z["y"]
+    if x.dtype != np.uint8:
+        raise ConfigError(f"{path}: x is {x.dtype}, not uint8: {must} (scale float images in [0,1] by 255 and round)")
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ConfigError(f"{path}: x has shape {x.shape}, not (N, H, W, 3): {must}")
+    if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
+        raise ConfigError(f"{path}: y is {y.dtype} of shape {y.shape}, not N integers: {must}")
+    if len(x) != len(y):
+        raise ConfigError(f"{path}: x has {len(x)} images but y {len(y)} labels: {must}")
+    if len(y) == 0:
+        raise ConfigError(f"{path} is empty (no image): {must}")
+    if y.min() < 0 or y.max() >= classes:
+        raise ConfigError(f"{path}: labels run from {y.min()} to {y.max()}, outside [0, {classes}): {must}")
+    return nchw(x), torch.from_numpy(y).long()
 
 
 def nchw(images) -> torch.Tensor:
@@ -1138,10 +1213,34 @@ def place(model: nn.Module, s: Settings, device: torch.device) -> nn.Module:
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown --device {name!r}: use auto, cpu, cuda or cuda:K") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: advmoe.py runs on cpu or cuda (auto picks cuda when there is one)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name} asked for, but torch sees no CUDA device: use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
+                          f"cuda:{torch.cuda.device_count() - 1}")
     return device
+
+
+def check_fits(s: Settings, num_classes: int, image_size: int, device: torch.device):
+    """Refuse a model whose parameters, gradients and momentum alone would not fit in the device's free memory
+    (counted on the meta device, where nothing is allocated), before building it."""
+    with torch.device("meta"):
+        params = sum(p.numel() for p in build_model(s, num_classes, image_size).parameters())
+    need = 3 * 4 * params  # float32 weights, gradients, SGD momentum; activations come on top
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    if need > free:
+        raise ConfigError(f"the model has {params / 1e6:.0f}M parameters ({need / 2**30:.1f} GiB with gradients "
+                          f"and momentum), more than the {free / 2**30:.1f} GiB free on {device}: lower "
+                          f"--n-experts, --ratio or --width")
 
 
 def autocast(s: Settings, device: torch.device):
@@ -1156,14 +1255,19 @@ def train(s: Settings, log: Callable[[str], None] = print) -> dict | None:
     lead = rank == 0
     log = log if lead else (lambda _: None)
     out = Path(s.out or f"runs/{s.name}")
-    if lead:
-        prepare_out(out)
+    with run_folder(out, s, lead):
+        return train_in(out, s, rank, world, device, log)
+
+
+def train_in(out: Path, s: Settings, rank: int, world: int, device: torch.device, log) -> dict | None:
+    lead = rank == 0
     torch.manual_seed(s.seed)
     if device.type == "cpu" and s.dataset != "synthetic":
         log(f"warning: training {s.dataset} on the CPU will be slow; a CUDA device is recommended")
     torch.backends.cudnn.benchmark = s.cudnn_benchmark and device.type == "cuda"
     data = load_data(s, device)
     data.shard = (rank, world)
+    check_fits(s, data.num_classes, data.image_size, device)
     model = place(build_model(s, data.num_classes, data.image_size), s, device)
     opts = make_optimizers(model, s, device)
     start, history, train_seconds, extra = 0, [], 0.0, {}
@@ -1175,7 +1279,12 @@ def train(s: Settings, log: Callable[[str], None] = print) -> dict | None:
     if s.resume and ckpt_path.exists():
         start, history, train_seconds, extra = load_checkpoint(ckpt_path, model, opts, s)
         log(f"resumed {ckpt_path} after epoch {start}")
+        if lead and (out / "result.json").exists():  # the finished run's result stays, under its own name
+            kept = keep_aside(out / "result.json", f"result_epoch{start}")
+            log(f"the result of epoch {start} is kept as {kept}")
     else:
+        if s.resume:
+            log(f"--resume: no checkpoint in {out} yet, starting fresh")
         if s.init and s.method != "sparse":
             load_init(model, s.init, {k: getattr(s, k) for k in IDENTITY if k != "method"})
         if world > 1:
@@ -1428,7 +1537,7 @@ def load_init(model: nn.Module, path: str, want: dict, hint: str = "a checkpoint
     ckpt = read_checkpoint(Path(path))
     theirs = {**ckpt["identity"], "method": ckpt["settings"]["method"]}
     check_identity(theirs, want, f"--init {path}", f"give {hint}")
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"], path)
 
 
 class Utility(NamedTuple):
@@ -1443,12 +1552,16 @@ def router_utility_tables(model: nn.Module, path: str, samples: int = 1000) -> U
     channels. Expert e of a layer owns filters [e*c, (e+1)*c) of its N*c; with N*r = 1 those N*c filters are
     the Dense layer's C channels, which the Sparse mask indexes. NOTE(ours): the two models are trained
     separately, so channel e*c+j of the MoE and channel e*c+j of Dense correspond by position only."""
-    extra = read_checkpoint(Path(path)).get("extra") or {}
+    ckpt = read_checkpoint(Path(path))
+    extra = ckpt.get("extra") or {}
     if "keep" not in extra:
         raise ConfigError(f"--iou-with {path} is not an AT(Sparse) checkpoint: give <sparse run>/checkpoint.pt")
     tables, chance = {}, []
     gen = torch.Generator().manual_seed(0)
     for m in model.modules():
+        if isinstance(m, MoEConv) and m.n > 1 and m.gives not in extra["sizes"]:
+            raise ConfigError(f"--iou-with {path} is an AT(Sparse) run of another backbone ({ckpt['identity']['arch']}, "
+                              f"no layer {m.gives}): give the Sparse run of this backbone")
         if isinstance(m, MoEConv) and m.n > 1:
             size, keep = extra["sizes"][m.gives], extra["keep"][m.gives]
             if m.n * m.cout != size or len(keep) != m.cout:
@@ -1594,7 +1707,7 @@ def evaluate(model: nn.Module, data, s: Settings, steps: int | None = None, limi
             with torch.no_grad():
                 logits, gates = model(x, return_routing=True)
             ok = logits.argmax(1) == y
-            survived, saw_all = ok.clone(), torch.ones_like(ok)
+            survived, saw_all, ok_pgd = ok.clone(), torch.ones_like(ok), ok
             for name in attacks:
                 # AutoAttack is the costly one: --aa-n caps its images (the first ones of the evaluation)
                 take = len(y) if name != "autoattack" or not s.aa_n else max(0, min(len(y), s.aa_n - n))
@@ -1754,12 +1867,22 @@ def git_commit() -> str | None:
 # 10. Files: atomic writes, checkpoints (data, not code), report, bench, CLI
 # ==================================================================================================
 def atomic_write(path: Path, write: Callable[[str], None]):
-    """Write through a temporary file in the same folder, then rename: never a half-written file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    """Write through a temporary file in the same folder, then rename: never a half-written file, and when the
+    write fails (a full disk) the previous file stays as it was. Permissions as a plain open() would give."""
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    except OSError as e:
+        raise RunFailed(f"cannot write {path} ({e.strerror}): the previous {path.name} is intact") from None
     os.close(fd)
     try:
         write(tmp)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600
         os.replace(tmp, path)
+    except OSError as e:
+        raise RunFailed(f"cannot write {path} ({e.strerror or e}): the previous {path.name} is intact; free space "
+                        f"there and continue with --resume") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
@@ -1774,14 +1897,58 @@ def append_jsonl(path: Path, row: dict):
         f.write(json.dumps(row) + "\n")
 
 
-def prepare_out(out: Path):
+RUN_FILES = ("result.json", "checkpoint.pt", "log.jsonl")
+
+
+@contextlib.contextmanager
+def run_folder(out: Path, s: Settings, lead: bool = True):
+    """The run's folder for its lifetime: created if missing (and removed again if the run stops before writing
+    anything), locked against a second writer (an flock, released by the system however the process ends, so
+    a lock left by a killed run is free again), and never replaced silently: a folder holding a run is refused
+    unless --resume (training) or --overwrite."""
+    if not lead:  # torchrun: rank 0 alone writes
+        yield
+        return
+    created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_test"
-        probe.write_text("")
-        probe.unlink()
+        lock = open(out / ".lock", "a+")
     except OSError as e:
         raise ConfigError(f"cannot write to output folder {out} ({e.strerror}): choose another --out") from None
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = (out / ".lock").read_text().strip() or "another process"
+            raise ConfigError(f"--out {out} is in use by another run ({holder}): wait for it to end, or choose "
+                              f"another --out") from None
+        lock.truncate(0)
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        lock.flush()
+        found = [f for f in RUN_FILES if (out / f).exists()]
+        if found and s.overwrite:
+            for f in found:
+                (out / f).unlink()
+        elif found and not (s.resume and not s.eval_only):
+            what = "an evaluation" if s.eval_only else "a run"
+            raise ConfigError(f"--out {out} already holds {what} ({', '.join(found)}): choose another --out, "
+                              + ("" if s.eval_only else "continue it with --resume, ") + "or replace it with --overwrite")
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            (out / ".lock").unlink()
+        lock.close()
+        if created and not any(out.iterdir()):  # stopped before writing anything: leave no empty folder
+            out.rmdir()
+
+
+def keep_aside(path: Path, stem: str) -> Path:
+    """Rename path to <stem>.json (or <stem>_2.json, ...) in its folder, never over another file."""
+    target, k = path.with_name(f"{stem}{path.suffix}"), 2
+    while target.exists():
+        target, k = path.with_name(f"{stem}_{k}{path.suffix}"), k + 1
+    os.replace(path, target)
+    return target
 
 
 IDENTITY = ("dataset", "arch", "method", "model_ratio", "model_experts", "router", "width")
@@ -1798,10 +1965,45 @@ def save_checkpoint(path: Path, model, opts: dict, s: Settings, epoch: int, hist
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
+CHECKPOINT_KEYS = ("settings", "identity", "epoch", "history", "train_seconds", "model", "opts")
+MODEL_FIELDS = ("arch", "method", "ratio", "n_experts", "router", "width")  # what a checkpoint's weights fit
+# flags of the run itself and of evaluation: a --resume may change them (and --epochs); not the recipe
+RUN_FIELDS = ("out", "resume", "overwrite", "eval_only", "device", "data_dir", "download", "amp", "channels_last", "train_dispatch",
+              "cudnn_benchmark", "compile", "log_every", "eval_batch_size", "iou_with", "eval_aa", "aa_n")
+EVAL_FIELDS = ("eval_n", "eval_attacks", "quick_eval_n", "square_queries", "test_steps", "test_step_size")
+
+
 def read_checkpoint(path: Path) -> dict:
-    if not Path(path).exists():
+    """A checkpoint written by save_checkpoint, checked: anything else is a one-line ConfigError naming it."""
+    path, fix = Path(path), "give the checkpoint.pt of a run of advmoe.py"
+    if not path.exists():
         raise ConfigError(f"checkpoint {path} does not exist: give the path of a checkpoint.pt written by a run")
-    return torch.load(path, map_location="cpu", weights_only=True)  # checkpoints are data, not code
+    if path.is_dir():
+        raise ConfigError(f"checkpoint {path} is a folder: give the checkpoint.pt inside it")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # checkpoints are data, not code
+    except Exception as e:  # truncated, empty, garbage, or a pickle that needs code
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise ConfigError(f"checkpoint {path} cannot be read ({type(e).__name__}: {why}): it is truncated, empty "
+                          f"or not a torch file; {fix}") from None
+    if not isinstance(ckpt, dict) or not all(k in ckpt for k in CHECKPOINT_KEYS):
+        raise ConfigError(f"checkpoint {path} is not a checkpoint of advmoe.py (a bare state_dict, or another "
+                          f"program's file: it lacks {', '.join(k for k in CHECKPOINT_KEYS if k not in ckpt) if isinstance(ckpt, dict) else 'every key'}); {fix}")
+    unknown = set(ckpt["settings"]) - {f.name for f in dataclasses.fields(Settings)}
+    if unknown:
+        raise ConfigError(f"checkpoint {path} has settings this advmoe.py does not know ({', '.join(sorted(unknown))}): "
+                          f"it was written by another version; evaluate it with that version")
+    return ckpt
+
+
+def load_weights(model: nn.Module, state: dict, path) -> None:
+    """model.load_state_dict, with a one-line ConfigError when the checkpoint's tensors do not fit the model."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)[:160]
+        raise ConfigError(f"checkpoint {path} does not fit the model ({first[:160]}): give a checkpoint of the "
+                          f"same model") from None
 
 
 def check_identity(theirs: dict, want: dict, what: str, fix: str):
@@ -1816,7 +2018,13 @@ def load_checkpoint(path: Path, model, opts: dict, s: Settings):
     ckpt = read_checkpoint(path)
     check_identity(ckpt["identity"], {k: getattr(s, k) for k in IDENTITY}, f"checkpoint {path}",
                    "use a matching --out or the same settings")
-    model.load_state_dict(ckpt["model"])
+    recipe = [f.name for f in dataclasses.fields(Settings) if f.name not in RUN_FIELDS + EVAL_FIELDS + ("epochs",)]
+    changed = [f"--{k.replace('_', '-')} {ckpt['settings'].get(k, getattr(Settings, k))} -> {getattr(s, k)}"
+               for k in recipe if ckpt["settings"].get(k, getattr(Settings, k)) != getattr(s, k)]
+    if changed:
+        raise ConfigError(f"--resume would change the recipe of {path} ({'; '.join(changed)}): only --epochs and "
+                          f"evaluation or run flags may change; drop those flags, or start a new --out")
+    load_weights(model, ckpt["model"], path)
     for k, o in opts.items():
         o.load_state_dict(ckpt["opts"][k])
     torch.set_rng_state(ckpt["rng"])
@@ -1825,24 +2033,35 @@ def load_checkpoint(path: Path, model, opts: dict, s: Settings):
     return ckpt["epoch"], ckpt["history"], ckpt["train_seconds"], ckpt.get("extra") or {}
 
 
-def eval_only(s: Settings, log=print) -> dict:
-    """Evaluate a checkpoint: the model is rebuilt from the checkpoint's own settings; evaluation flags
-    (eval_n, test_steps, eps, device, ...) come from the command line."""
+
+
+def eval_only(s: Settings, log=print, given: set[str] | None = None) -> dict:
+    """Evaluate a checkpoint at its own settings (model, data set, eps, test steps and step size, evaluation
+    images and attacks), except the flags given on the command line (`given`; from Python, the fields of `s`
+    that differ from their defaults) and the run's own flags (device, out, AutoAttack, ...)."""
     ckpt = read_checkpoint(Path(s.eval_only))
-    trained = Settings(**{**ckpt["settings"], "eps": -1.0, "train_step_size": -1.0, "test_step_size": -1.0})
-    keep = ("dataset", "arch", "method", "ratio", "n_experts", "router", "seed", "synthetic_train", "synthetic_test")
-    # eps and the test step that the command line derived for its own --dataset are derived again for the
-    # checkpoint's (2/255 on TinyImageNet/ImageNet); values given on the command line are kept.
-    auto = Settings(dataset=s.dataset, train_steps=s.train_steps)
-    derived = {k: -1.0 for k in ("eps", "train_step_size", "test_step_size") if getattr(s, k) == getattr(auto, k)}
-    s = dataclasses.replace(s, **{k: getattr(trained, k) for k in keep}, **derived)
+    theirs = ckpt["settings"]
+    if given is None:
+        auto = Settings(dataset=s.dataset, train_steps=s.train_steps)
+        given = {f.name for f in dataclasses.fields(s) if getattr(s, f.name) != getattr(auto, f.name)}
+    clash = [f"--{k.replace('_', '-')} {getattr(s, k)} (the checkpoint's is {theirs.get(k)})" for k in MODEL_FIELDS
+             if k in given and getattr(s, k) != theirs.get(k, getattr(Settings, k))]
+    if clash:
+        raise ConfigError(f"--eval-only rebuilds the checkpoint's model: drop {', '.join(clash)}")
+    values = {**theirs, **{k: getattr(s, k) for k in set(given) | set(RUN_FIELDS)}}
+    if {"eps", "dataset"} & set(given):  # derive what was not given from the new eps / data set
+        values.update({k: -1.0 for k in ("eps", "train_step_size", "test_step_size") if k not in given})
+    s = Settings(**values)
     device = resolve_device(s.device)
     data = load_data(s, device)
     model = build_model(s, data.num_classes, data.image_size).to(device)
-    model.load_state_dict(ckpt["model"])
+    load_weights(model, ckpt["model"], s.eval_only)
     out = Path(s.out or Path(s.eval_only).parent / "eval")
-    prepare_out(out)
-    return finish(model, data, s, out, ckpt["history"], ckpt["train_seconds"], device, log)
+    if (out / "checkpoint.pt").exists() or (out / "log.jsonl").exists():  # a training run's folder: its result stays
+        out = out / "eval"
+        log(f"--out holds a training run: this evaluation goes to {out}")
+    with run_folder(out, s):
+        return finish(model, data, s, out, ckpt["history"], ckpt["train_seconds"], device, log)
 
 
 METHOD_LABELS = {"sdense": "AT(S-Dense)", "sparse": "AT(Sparse)", "moe": "AT(MoE)", "advmoe": "AdvMoE",
@@ -1884,6 +2103,26 @@ def fmt(v, digits=2) -> str | None:
     return None if v is None else f"{v:.{digits}f}"
 
 
+REPORT_KEYS = ("dataset", "arch", "method", "ratio", "n_experts", "sa", "ra", "gflops", "settings", "routing")
+
+
+def read_results(root: Path, warn=lambda text: print(text, file=sys.stderr)) -> list[dict]:
+    """Every result.json below root, with its folder as "path"; a corrupt or incomplete one is skipped with a
+    warning naming it (a run killed while writing, a file edited by hand), so one bad file costs one row."""
+    results = []
+    for p in sorted(root.rglob("result.json")):
+        try:
+            r = json.loads(p.read_text())
+            missing = [k for k in REPORT_KEYS if k not in r] if isinstance(r, dict) else ["every key"]
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            missing = [f"unreadable: {type(e).__name__}"]
+        if missing:
+            warn(f"advmoe: warning: skipping {p} ({', '.join(missing)} missing): not a complete result.json")
+            continue
+        results.append({**r, "path": str(p.parent.relative_to(root))})
+    return results
+
+
 def report(folder: str) -> str:
     """Markdown from every result.json below `folder`: Table 1 (SA, RA, GFLOPs; best RA of the same-cost
     methods in bold), Table 2 (AutoAttack), the N x r sweeps (Fig. 7, 8), the Sec. 4 study and 4-way split,
@@ -1892,8 +2131,7 @@ def report(folder: str) -> str:
     root = Path(folder)
     if not root.is_dir():
         raise ConfigError(f"report folder {folder} does not exist: give the folder holding the runs' result.json")
-    paths = sorted(root.rglob("result.json"))
-    results = [{**json.loads(p.read_text()), "path": str(p.parent.relative_to(root))} for p in paths]
+    results = read_results(root)
     if not results:
         raise ConfigError(f"no result.json below {folder}: train a run with --out inside it first")
     lines = [f"# Results in {folder}", ""]
@@ -1911,12 +2149,23 @@ def report(folder: str) -> str:
         lines += [f"## Table 1: {dataset} (N = 2, r = 0.5; RA under PGD, steps in Runs; bold: best RA at the pathway's cost)", ""]
         lines += md_table(["method"] + [f"{a} {c}" for a in archs for c in ("SA", "RA", "GFLOPs")], rows,
                           [c for c in cell.values() if c])
-    aa = [r for r in results if r.get("ra_aa") is not None]
+    aa = [r for r in results if r.get("autoattack", {}).get("label") == "AutoAttack (standard)"]
     if aa:
-        lines += ["## Table 2: AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square)", ""]
-        lines += md_table(["dataset", "arch", "method", "SA", "RA (PGD)", "RA-AA", "AA images"],
-                          [[r["dataset"], r["arch"], METHOD_LABELS[r["method"]], fmt(r["sa"]), fmt(r["ra"]),
-                            fmt(r["ra_aa"]), r["attack_n"]["autoattack"]] for r in aa], aa)
+        lines += ["## Table 2: AutoAttack (standard: APGD-CE, APGD-T, FAB-T 100 iterations, 9 targets; Square 5000 "
+                  "queries)", "", "RA (PGD) and RA-AA over the same images (the first AA images of the evaluation); "
+                  "RA after each component, each run on the inputs still robust.", ""]
+        rows = []
+        for r in aa:
+            parts = [fmt(c["ra_after"]) for c in r["autoattack"]["components"]]
+            rows.append([r["path"], r["dataset"], r["arch"], METHOD_LABELS[r["method"]], fmt(r["sa"]),
+                         fmt(r["autoattack"]["ra_pgd_same_images"]), fmt(r["ra_aa"]), r["autoattack"]["images"]]
+                        + parts + [f"{r['ra']:.2f} ({r['eval_n']})"])
+        lines += md_table(["run", "dataset", "arch", "method", "SA", "RA (PGD)", "RA-AA", "images", "after APGD-CE",
+                           "after APGD-T", "after FAB-T", "after Square", "RA (PGD), all images (n)"], rows, aa)
+    weak = [r for r in results if r.get("ra_aa") is not None and r not in aa]
+    if weak:
+        lines += ["Not in Table 2 (AutoAttack from torchattacks' AutoAttack(version='standard'), 10 iterations, "
+                  "before commit c34d948: weaker than the standard one): " + ", ".join(r["path"] for r in weak), ""]
     sweep = [r for r in results if trained(r) and r["method"] == "advmoe"]
     for dataset, arch, runs in by_backbone(sweep):
         ns, ratios = sorted({r["n_experts"] for r in runs}), sorted({r["ratio"] for r in runs})
@@ -1955,16 +2204,25 @@ def report(folder: str) -> str:
     if moes:
         lines += ["## Routing under attack (4-way split of PGD examples, every MoE run)", ""]
         lines += md_table(["run", "method", "SA", "RA", "router robustness", "MoE robustness", "(1)", "(2)", "(3)",
-                           "(4)", "flip rate"],
+                           "(4)", "flip rate", "pathways clean", "pathways PGD"],
                           [[r["path"], METHOD_LABELS[r["method"]], fmt(r["sa"]), fmt(r["ra"])] + split_cells(r) +
-                           [fmt(r["routing"]["flip_rate_any_layer"], 3)] for r in moes], moes)
+                           [fmt(r["routing"]["flip_rate_any_layer"], 3), pathway_cell(r, "clean"),
+                            pathway_cell(r, "adv")] for r in moes], moes)
+    lines += seeds_table(results)
     utility = [r for r in results if "router_utility" in r]
     if utility:
         lines += ["## Fig. 6: router utility, IoU of each input's pathway with the AT(Sparse) mask", "",
                   "Histogram: inputs per IoU bin [0, 0.1), ..., [0.9, 1.0].", ""]
-        lines += md_table(["run", "method", "mean IoU clean", "mean IoU PGD", "histogram clean", "histogram PGD"],
+        lines += ["Read the IoU against a random pathway's (the same channel counts, drawn at random): the two "
+                  "models are trained separately and correspond by channel position only. The paper's point is "
+                  "pathway diversity: how many distinct pathways the inputs take, and the entropy of their "
+                  "distribution (bits; 0 = one pathway for all).", ""]
+        lines += md_table(["run", "method", "mean IoU clean", "mean IoU PGD", "random pathway", "pathways clean",
+                           "pathways PGD", "histogram clean", "histogram PGD"],
                           [[r["path"], METHOD_LABELS[r["method"]], fmt(r["router_utility"]["clean"]["mean"], 3),
-                            fmt(r["router_utility"]["adv"]["mean"], 3), r["router_utility"]["clean"]["histogram"],
+                            fmt(r["router_utility"]["adv"]["mean"], 3),
+                            fmt(r["router_utility"].get("random_pathway", {}).get("mean"), 3),
+                            pathway_cell(r, "clean"), pathway_cell(r, "adv"), r["router_utility"]["clean"]["histogram"],
                             r["router_utility"]["adv"]["histogram"]] for r in utility], utility)
     lines += ["## Runs", "", "RA: the paper's PGD; other attacks (--eval-attacks, --eval-aa) and RA-worst (robust under "
               "every attack run) beside it.", ""]
@@ -1984,6 +2242,65 @@ def by_backbone(results: list[dict]) -> Iterator[tuple[str, str, list[dict]]]:
     """(data set, backbone, its runs) for every pair that has runs, in order."""
     for dataset, arch in sorted({(r["dataset"], r["arch"]) for r in results}):
         yield dataset, arch, [r for r in results if (r["dataset"], r["arch"]) == (dataset, arch)]
+
+
+def recipe(r: dict) -> str:
+    """A run's command without its seed and run flags: runs of one recipe differ by seed only."""
+    words, keep = r.get("command", "").split(), []
+    for i, w in enumerate(words):
+        if w in ("--seed", "--out", "--resume", "--eval-only") or (i and words[i - 1] in ("--seed", "--out", "--eval-only")):
+            continue
+        keep.append(w)
+    return " ".join(keep)
+
+
+def seeds_table(results: list[dict]) -> list[str]:
+    """Recipes run with several seeds: the mean over seeds of SA, RA under each attack, RA-worst (test and
+    validation), AutoAttack, routing collapse and pathway diversity, +- half the range between seeds."""
+    groups: dict[str, list] = {}
+    for r in results:
+        if trained(r):
+            groups.setdefault(recipe(r), []).append(r)
+    groups = {k: v for k, v in groups.items() if len({r["seed"] for r in v}) > 1}
+    if not groups:
+        return []
+
+    def cell(values, digits=2):
+        values = [v for v in values if v is not None]
+        if not values:
+            return None
+        mean, half = sum(values) / len(values), (max(values) - min(values)) / 2
+        return f"{mean:.{digits}f}" + (f" ± {half:.{digits}f}" if len(values) > 1 else "")
+
+    def collapsed(r):  # layers where one expert takes at least 95% of the clean test images
+        return sum(max(u) >= 0.95 for u in r["routing"]["usage_clean"]) if r["routing"] else None
+
+    rows = []
+    for runs in groups.values():
+        r0, st = runs[0], runs[0]["settings"]
+        routing = f"balance {st['balance']:g}, router lr x{st['router_lr']:g}" if r0["routing"] else ""
+        square = [r["attacks"].get("square") for r in runs]
+        rows.append([METHOD_LABELS[r0["method"]], routing, ", ".join(str(r["seed"]) for r in runs),
+                     cell([r["sa"] for r in runs]), cell([r["ra"] for r in runs]), cell(square),
+                     cell([r["ra_worst"] for r in runs]), cell([(r.get("val") or {}).get("ra_worst") for r in runs]),
+                     cell([r.get("ra_aa") for r in runs]), fmt(r0["gflops"], 4),
+                     cell([collapsed(r) for r in runs], 1) if r0["routing"] else None,
+                     cell([r["routing"]["pathways"]["clean"]["entropy_bits"] for r in runs
+                           if r["routing"].get("pathways")]) if r0["routing"] else None])
+    lines = ["## Recipes over seeds (mean ± half the range)", "",
+             "RA-worst: robust under PGD and every other attack run (test; val = the held-out training images). "
+             "Collapsed: MoE layers where one expert takes >= 95% of the clean test images (of "
+             f"{len(next(iter(groups.values()))[0]['routing'].get('usage_clean', [])) or '?'}). "
+             "Pathway entropy in bits (clean test images).", ""]
+    return lines + md_table(["method", "routing", "seeds", "SA", "RA (PGD)", "Square", "RA-worst", "val RA-worst",
+                             "RA-AA", "GFLOPs", "collapsed layers", "pathway entropy"], rows,
+                            [r for runs in groups.values() for r in runs])
+
+
+def pathway_cell(r: dict, which: str) -> str | None:
+    """'distinct pathways / entropy in bits' of a run's inputs (clean or under PGD)."""
+    p = r["routing"].get("pathways", {}).get(which) if r["routing"] else None
+    return f"{p['distinct']} / {p['entropy_bits']:.2f}" if p else None
 
 
 def split_cells(r: dict) -> list:
@@ -2144,6 +2461,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["report"]:
+            if len(argv) == 2 and argv[1] in ("-h", "--help"):
+                print("usage: python advmoe.py report DIR\n\nWrite DIR/report.md (and print it): every table of "
+                      "the paper from the result.json files below DIR. A corrupt or incomplete result.json is skipped "
+                      "with a warning.")
+                return 0
             if len(argv) != 2:
                 raise ConfigError("usage: python advmoe.py report DIR (the folder holding the runs)")
             print(report(argv[1]), end="")
@@ -2151,18 +2473,27 @@ def main(argv: list[str] | None = None) -> int:
             bench(argv[1:])
         else:
             s = parse_settings(argv)
-            eval_only(s) if s.eval_only else train(s)
+            eval_only(s, given=given_flags(argv)) if s.eval_only else train(s)
     except ConfigError as e:
         print(f"advmoe: error: {e}", file=sys.stderr)
         return 2
-    except FloatingPointError as e:
+    except (FloatingPointError, RunFailed) as e:
         print(f"advmoe: error: {e}", file=sys.stderr)
         return 1
     except Interrupted as e:
         print(f"advmoe: {e}", file=sys.stderr)
         return 130
+    except KeyboardInterrupt:  # outside training's own handler: loading, the final evaluation, report
+        print("advmoe: interrupted: nothing more was written (a run's last checkpoint is kept; evaluate it with "
+              "--eval-only, or continue it with --resume)", file=sys.stderr)
+        return 130
     return 0
 
 
+def interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, interrupt)  # SIGTERM ends the CLI as Ctrl-C does (training saves first)
     sys.exit(main())

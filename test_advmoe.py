@@ -4,6 +4,7 @@
 import copy
 import importlib.util
 import json
+import math
 import os
 import signal
 import subprocess
@@ -554,3 +555,542 @@ def test_readme_python_example_runs_as_written(tmp_path, monkeypatch):
     code = text.split("```python\n", 1)[1].split("```", 1)[0]
     monkeypatch.chdir(tmp_path)
     exec(compile(code, "README.md", "exec"), {})
+
+
+# ------------------------------------------------------ numbers a reviewer would accept (issue 9)
+class FakeAttack:
+    """Stands in for a torchattacks attack: records how it was built and what it was given; returns x."""
+    built: list = []
+
+    def __init__(self, model, **kw):
+        self.kw, self.sizes = kw, []
+        FakeAttack.built.append(self)
+
+    def __call__(self, x, y):
+        self.sizes.append(len(x))
+        return x
+
+
+@pytest.mark.parametrize("n_classes", [10, 100])
+def test_autoattack_is_built_with_the_reference_settings(n_classes, monkeypatch):
+    fake = type("ta", (), {k: type(k, (FakeAttack,), {}) for k in ("APGD", "APGDT", "FAB", "Square")})
+    monkeypatch.setattr(A, "import_torchattacks", lambda: fake)
+    FakeAttack.built = []
+    model = calibrated(A.MoECNN("resnet18", n_classes, 32, 0.25, 2)).eval()
+    x, y = torch.rand(12, 3, 32, 32), torch.randint(n_classes, (12,))
+    found = A.autoattack(model, x, y, 8 / 255, seed=3)
+    assert [label for label, _ in found] == ["autoattack/apgd-ce", "autoattack/apgd-t", "autoattack/fab-t",
+                                             "autoattack/square", "autoattack"]
+    apgd, apgdt, fab, square = FakeAttack.built
+    assert [type(a).__name__ for a in FakeAttack.built] == ["APGD", "APGDT", "FAB", "Square"]
+    assert all(a.kw["norm"] == "Linf" and a.kw["eps"] == 8 / 255 and a.kw["seed"] == 3 and a.kw["n_restarts"] == 1
+               for a in FakeAttack.built)
+    assert apgd.kw["steps"] == 100 and apgd.kw["loss"] == "ce"
+    # torchattacks tries n_classes - 1 targets: 9, as the reference does, also with 100 classes
+    assert apgdt.kw["steps"] == 100 and apgdt.kw["n_classes"] - 1 == 9
+    assert fab.kw["steps"] == 100 and fab.kw["multi_targeted"] and fab.kw["n_classes"] - 1 == 9
+    assert square.kw["n_queries"] == 5000
+    # each component attacks only the inputs still classified correctly
+    with torch.no_grad():
+        correct = int((model(x).argmax(1) == y).sum())
+    assert [a.sizes for a in FakeAttack.built] == [[correct]] * 4 if correct else [[]] * 4
+    if importlib.util.find_spec("torchattacks") is not None:  # the real classes take these arguments as meant
+        monkeypatch.undo()
+        real = dict(A.autoattack_components(model, 8 / 255, seed=0))
+        assert real["apgd-ce"].steps == real["apgd-t"].steps == real["fab-t"].steps == 100
+        assert real["apgd-t"].n_target_classes == real["fab-t"].n_target_classes == 9
+        assert real["square"].n_queries == 5000 and real["fab-t"].multi_targeted
+
+
+def test_evaluation_runs_in_float32_whatever_autocast_is_active():
+    torch.manual_seed(0)
+    s = tiny(synthetic_test=8, test_steps=2)
+    data = A.load_data(s, torch.device("cpu"))
+    model = calibrated(A.build_model(s, 10, 32))
+    dtypes = []
+    model.register_forward_hook(lambda m, i, o: dtypes.append((o[0] if isinstance(o, tuple) else o).dtype))
+    plain = A.evaluate(model, data, s, attacks=("pgd", "router"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # as training on CUDA runs
+        under_bf16 = A.evaluate(model, data, s, attacks=("pgd", "router"))
+    assert set(dtypes) == {torch.float32}
+    assert plain == under_bf16
+
+
+def test_each_attack_has_its_own_random_stream(tmp_path):
+    torch.manual_seed(0)
+    s = tiny(synthetic_test=16, test_steps=2, eval_batch_size=8)
+    data = A.load_data(s, torch.device("cpu"))
+    model = calibrated(A.build_model(s, 10, 32))
+    alone = A.evaluate(model, data, s, attacks=("pgd",))
+    torch.manual_seed(123)  # the global stream plays no part
+    more = A.evaluate(model, data, s, attacks=("router", "pgd", "soft"))
+    assert alone["attacks"]["pgd2"] == more["attacks"]["pgd2"] and alone["routing"] == more["routing"]
+    # a training run does not change with the per-epoch check
+    weights = []
+    for quick in (0, 16):
+        A.train(tiny(epochs=2, synthetic_train=32, test_steps=1, quick_eval_n=quick, out=str(tmp_path / str(quick))),
+                log=lambda _: None)
+        weights.append(torch.load(tmp_path / str(quick) / "checkpoint.pt", weights_only=True)["model"])
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+
+
+def test_autoattack_and_pgd_are_reported_over_the_same_images(monkeypatch):
+    def first_half_fooled(model, x, y, eps, seed, log=None):  # stands in for torchattacks
+        x_adv = x.clone()
+        x_adv[: len(x) // 2] = 1 - x[: len(x) // 2]
+        return [("autoattack", x_adv)]
+
+    monkeypatch.setattr(A, "import_torchattacks", lambda: None)
+    monkeypatch.setattr(A, "autoattack", first_half_fooled)
+    torch.manual_seed(0)
+    s = tiny(synthetic_test=16, test_steps=2, aa_n=6, eval_batch_size=4)
+    data = A.load_data(s, torch.device("cpu"))
+    model = calibrated(A.build_model(s, 10, 32))
+    full = A.evaluate(model, data, s, attacks=("pgd", "autoattack"))
+    first = A.evaluate(model, data, s, limit=6, attacks=("pgd",))
+    assert full["autoattack"]["images"] == 6 and full["attack_n"]["pgd2"] == 16
+    assert full["autoattack"]["ra_pgd_same_images"] == first["ra"]
+
+
+def test_eval_only_uses_the_checkpoints_settings_unless_given(tmp_path):
+    A.train(tiny(out=str(tmp_path / "run"), synthetic_train=32, eps=4 / 255, test_steps=2), log=lambda _: None)
+    ckpt = str(tmp_path / "run" / "checkpoint.pt")
+    own = A.main(["--eval-only", ckpt, "--out", str(tmp_path / "e1"), "--device", "cpu"])
+    mine = A.main(["--eval-only", ckpt, "--out", str(tmp_path / "e2"), "--device", "cpu", "--test-steps", "3"])
+    assert own == mine == 0
+    r1, r2 = (json.loads((tmp_path / e / "result.json").read_text()) for e in ("e1", "e2"))
+    assert r1["eps"] == 4 / 255 and r1["attack"].startswith("PGD-2 ") and r1["settings"]["synthetic_train"] == 32
+    assert r2["eps"] == 4 / 255 and r2["attack"].startswith("PGD-3 ")
+    assert A.main(["--eval-only", ckpt, "--out", str(tmp_path / "e3"), "--device", "cpu", "--arch", "vgg16"]) == 2
+
+
+def test_soft_attack_backward_is_the_probability_weighted_mixture_only():
+    torch.manual_seed(0)
+    layer = A.MoEConv(4, 3, 3, 1, 2, bn=False, router=True)
+    x = torch.rand(5, 4, 8, 8, requires_grad=True)
+    logits = torch.randn(5, 2, requires_grad=True)
+    w = torch.randn(5, 3, 8, 8)
+    gate = A.top1_gate(logits)
+    soft = layer.masked_forward(x, gate, soft=True)
+    torch.testing.assert_close(soft, layer.masked_forward(x, gate))  # the hard value
+    g_soft = torch.autograd.grad((soft * w).sum(), (x, logits))
+    p = logits.softmax(-1)
+    mix = sum(p[:, e, None, None, None] * F.conv2d(x, layer.weight[layer.expert(e)], padding=1) for e in range(2))
+    g_mix = torch.autograd.grad((mix * w).sum(), (x, logits))
+    for a, b in zip(g_soft, g_mix):
+        torch.testing.assert_close(a, b)
+
+
+def test_pathway_diversity_and_the_random_pathway_iou():
+    choices = torch.tensor([[0, 0], [0, 0], [1, 0], [1, 1]])
+    d = A.pathway_diversity(choices, 2)
+    assert d["distinct"] == 3 and abs(d["entropy_bits"] - 1.5) < 1e-9 and d["max_entropy_bits"] == 2.0
+    assert A.pathway_diversity(torch.zeros(8, 5, dtype=torch.long), 2)["entropy_bits"] == 0
+
+
+def test_the_balance_term_stays_out_of_the_upper_level():
+    moved = []
+    for balance in (0.0, 1.0):
+        torch.manual_seed(0)
+        s = tiny(balance=balance, router_lr=0.0)  # routers fixed: both runs see the same routing
+        model = A.build_model(s, 10, 32)
+        opts = A.make_optimizers(model, s, torch.device("cpu"))
+        A.set_lr(opts, 0.0)
+        before = snapshot(model)
+        batches = [(torch.rand(16, 3, 32, 32), torch.randint(10, (16,))) for _ in range(2)]
+        A.train_step(model, opts, batches, s)
+        moved.append({n: p.detach() - before[n] for n, p in model.named_parameters() if "router" not in n})
+    assert all(torch.equal(moved[0][n], moved[1][n]) for n in moved[0])
+
+
+def test_each_expert_is_initialized_like_a_standalone_conv():
+    torch.manual_seed(0)
+    for n in (2, 10):
+        layer = A.MoEConv(64, 32, 3, 1, n, bn=True, router=True)
+        single = A.MoEConv(64, 32, 3, 1, 1, bn=True, router=False)
+        for e in range(n):
+            assert abs(layer.weight[layer.expert(e)].std() / single.weight.std() - 1) < 0.05
+
+
+def test_the_router_level_is_guarded_against_non_finite_losses(monkeypatch, tmp_path):
+    level = A.level
+
+    def nan_router_level(model, opt, x, y, s, regularize=True):
+        stats = level(model, opt, x, y, s, regularize)
+        return {**stats, "loss": torch.tensor(float("nan"))} if regularize else stats
+
+    monkeypatch.setattr(A, "level", nan_router_level)
+    with pytest.raises(FloatingPointError, match="non-finite loss at epoch 1, iteration 1"):
+        A.train(tiny(synthetic_train=32, out=str(tmp_path)), log=lambda _: None)
+
+
+def test_history_logs_the_learning_rate_of_each_level(tmp_path):
+    result = A.train(tiny(epochs=2, synthetic_train=64, test_steps=1, lr=0.1, router_lr=0.5, out=str(tmp_path)),
+                     log=lambda _: None)
+    row = result["history"][0]  # the last of epoch 1's 2 iterations ran at t/T = 1/4 of the cosine schedule
+    backbone = 0.1 * 0.5 * (1 + math.cos(math.pi / 4))
+    assert row["lr_backbone"] == pytest.approx(backbone, abs=1e-6) and row["lr_routers"] == pytest.approx(backbone / 2, abs=1e-6)
+
+
+# --------------------------------------------------------------- tests that must be able to fail
+def test_advmoe_levels_get_their_own_batches(monkeypatch):
+    seen = []
+    monkeypatch.setattr(A, "level", lambda model, opt, x, y, s, regularize=True: seen.append((opt, x)) or
+                        {"loss": torch.tensor(1.0)})
+    s = tiny()
+    model = A.build_model(s, 10, 32)
+    opts = A.make_optimizers(model, s, torch.device("cpu"))
+    b_phi, b_psi = [(torch.rand(4, 3, 32, 32), torch.randint(10, (4,))) for _ in range(2)]
+    A.train_step(model, opts, [b_phi, b_psi], s)
+    assert [o for o, _ in seen] == [opts["phi"], opts["psi"]]  # routers first (line 4), then backbone (line 5)
+    assert seen[0][1] is b_phi[0] and seen[1][1] is b_psi[0]
+    # and the epoch loop draws the two batches from different shuffles
+    pairs = []
+    monkeypatch.setattr(A, "train_step", lambda net, opts, batches, s: pairs.append(batches) or
+                        {"loss": torch.tensor(1.0)})
+    data = A.load_data(tiny(synthetic_train=64), torch.device("cpu"))
+    A.train_epoch(model, opts, data, tiny(batch_size=16), 0, torch.device("cpu"), [], lambda _: None)
+    assert len(pairs) == 4 and all(not torch.equal(a[1], b[1]) for a, b in pairs)
+
+
+def test_trades_attack_maximizes_kl_from_the_eval_mode_clean_output(monkeypatch):
+    torch.manual_seed(0)
+    model = calibrated(moe("resnet18", ratio=0.25)).train()
+    x, y = torch.rand(8, 3, 32, 32), torch.randint(10, (8,))
+    captured = {}
+
+    def spy(model_, x_, loss_fn, eps, step, steps, start, generator=None):
+        captured.update(loss_fn=loss_fn, start=start, training=model_.training)
+        return x_
+
+    monkeypatch.setattr(A, "pgd", spy)
+    A.training_attack(model, x, y, tiny())
+    assert captured["start"] == "normal" and captured["training"]  # pgd itself switches to eval mode
+    x2 = (x + 0.03 * torch.randn_like(x)).clamp(0, 1).requires_grad_(True)
+    with A.evaluating(model):
+        value = captured["loss_fn"](x2)
+        target, other = model(x).detach(), model(x2)
+    torch.testing.assert_close(value, A.kl_from_logits(target, other, "sum"))          # KL(f(x) || f(x'))
+    assert not torch.allclose(value, A.kl_from_logits(other, target, "sum"))
+    grads = torch.autograd.grad(value, [x2] + list(model.parameters()), allow_unused=True)
+    assert grads[0] is not None  # the objective moves with x' only; the clean target is a constant
+    with A.evaluating(model):
+        assert captured["loss_fn"](x).abs() < 1e-5  # KL(f(x) || f(x)) = 0: the target is the eval-mode output
+
+
+def test_four_way_split_on_a_constructed_case():
+    def gates(*choices):
+        return [A.Gate(torch.zeros(4, 2), torch.tensor(c), torch.ones(4)) for c in choices]
+
+    clean = gates([0, 0, 1, 1], [0, 1, 0, 1])
+    adv = gates([0, 1, 1, 0], [0, 1, 0, 1])              # inputs 1 and 3 have a flipped router (layer 1)
+    ok_adv = torch.tensor([True, True, False, False])    # inputs 0 and 1 are still classified correctly
+    usage, usage_adv, flips, split = A.routing_counts(clean, adv, ok_adv)
+    # (1) neither: input 0; (2) router only: 1; (3) prediction only: 2; (4) both: 3
+    assert split.tolist() == [1, 1, 1, 1] and flips.tolist() == [2, 0]
+    assert usage.tolist() == [[2, 2], [2, 2]] and usage_adv.tolist() == [[2, 2], [2, 2]]
+    ok_adv = torch.tensor([True, False, True, False])
+    assert A.routing_counts(clean, adv, ok_adv)[3].tolist() == [2, 0, 0, 2]
+
+
+def test_pgdat_trains(tmp_path):
+    s = tiny(method="sdense", loss="pgdat", epochs=6, synthetic_train=256, synthetic_test=64, lr=0.05, train_steps=1,
+             out=str(tmp_path))
+    result = A.train(s, log=lambda _: None)
+    assert result["loss"] == "pgdat" and result["sa"] > 30 and result["ra"] > 15  # chance is 10%
+
+
+# ------------------------------------------------------------- the run folder as a record (issue 10)
+B = ["--dataset", "synthetic", "--epochs", "1", "--synthetic-train", "16", "--synthetic-test", "4", "--batch-size", "8",
+     "--test-steps", "1", "--quick-eval-n", "0", "--ratio", "0.25", "--device", "cpu"]
+
+
+def one_line_error(capsys, needle):
+    err = capsys.readouterr().err
+    assert err.startswith("advmoe: error:") and len(err.strip().splitlines()) == 1 and needle in err, err
+    return err
+
+
+def test_a_finished_run_is_never_replaced_silently(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    assert A.main(B + ["--out", out]) == 0
+    first = (tmp_path / "r" / "result.json").read_text()
+    assert A.main(B + ["--seed", "3", "--out", out]) == 2
+    one_line_error(capsys, "already holds a run (result.json, checkpoint.pt, log.jsonl)")
+    assert (tmp_path / "r" / "result.json").read_text() == first
+    assert A.main(B + ["--seed", "3", "--out", out, "--overwrite"]) == 0
+    rows = (tmp_path / "r" / "log.jsonl").read_text().splitlines()
+    assert len(rows) == 1 and json.loads((tmp_path / "r" / "result.json").read_text())["seed"] == 3
+    # continuing a finished run keeps its result under its own name
+    assert A.main(B + ["--seed", "3", "--out", out, "--epochs", "2", "--resume"]) == 0
+    assert json.loads((tmp_path / "r" / "result_epoch1.json").read_text())["epochs"] == 1
+    assert json.loads((tmp_path / "r" / "result.json").read_text())["epochs"] == 2
+
+
+def test_one_writer_per_folder(tmp_path, capsys):
+    import fcntl
+    out = tmp_path / "r"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:  # another run holds the folder
+        fcntl.flock(held, fcntl.LOCK_EX)
+        held.write("pid 4242 on somewhere, started today\n")
+        held.flush()
+        assert A.main(B + ["--out", str(out)]) == 2
+        one_line_error(capsys, "is in use by another run (pid 4242 on somewhere")
+    assert not (out / "result.json").exists()
+    # a lock file left by a run that died (no process holds it) is stale: the next run takes the folder
+    (out / ".lock").write_text("pid 1 on somewhere\n")
+    assert A.main(B + ["--out", str(out)]) == 0 and not (out / ".lock").exists()
+
+
+def test_resume_keeps_the_recipe(tmp_path, capsys):
+    out = str(tmp_path / "q")
+    assert A.main(B + ["--out", out]) == 0
+    assert A.main(B + ["--epochs", "2", "--resume", "--seed", "7", "--loss", "pgdat", "--lr", "0.5", "--batch-size",
+                       "4", "--out", out]) == 2
+    err = one_line_error(capsys, "--resume would change the recipe")
+    for change in ("--seed 1 -> 7", "--loss trades -> pgdat", "--lr 0.1 -> 0.5", "--batch-size 8 -> 4"):
+        assert change in err
+    assert A.main(B + ["--epochs", "2", "--resume", "--test-steps", "2", "--out", out]) == 0  # evaluation may change
+    assert A.main(B + ["--resume", "--out", str(tmp_path / "new")]) == 0
+    assert "no checkpoint in" in capsys.readouterr().out
+
+
+def test_eval_only_into_a_training_folder_keeps_its_result(tmp_path):
+    out = tmp_path / "r"
+    assert A.main(B + ["--out", str(out)]) == 0
+    trained_result = (out / "result.json").read_text()
+    assert A.main(["--eval-only", str(out / "checkpoint.pt"), "--out", str(out), "--device", "cpu"]) == 0
+    assert (out / "result.json").read_text() == trained_result and (out / "eval" / "result.json").exists()
+    assert A.main(["--eval-only", str(out / "checkpoint.pt"), "--out", str(out), "--device", "cpu"]) == 2  # again
+
+
+def test_train_all_stops_its_jobs_on_sigterm(tmp_path):
+    env = {**os.environ, "DATASETS": "synthetic", "ARCHS": "resnet18", "EPOCHS": "500", "GPUS": "", "OUT": str(tmp_path),
+           "EXTRA": "--synthetic-train 16 --batch-size 8 --quick-eval-n 0 --ratio 0.25"}
+    proc = subprocess.Popen(["bash", str(HERE / "train_all.sh")], cwd=HERE, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.rglob("checkpoint.pt")) and time.time() < deadline:
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "stopping the running jobs" in err
+    time.sleep(1)
+    left = subprocess.run(["pgrep", "-f", f"--out {tmp_path}"], capture_output=True, text=True).stdout.split()
+    assert not left  # no orphaned job goes on writing
+    ckpt = next(tmp_path.rglob("checkpoint.pt"))
+    assert torch.load(ckpt, weights_only=True)["epoch"] >= 1 and not (ckpt.parent / ".lock").exists()
+
+
+def bad_checkpoint(kind: str, where: Path, good: Path) -> Path:
+    path = where / "checkpoint.pt"
+    where.mkdir(parents=True, exist_ok=True)
+    if kind == "truncated":
+        path.write_bytes(good.read_bytes()[:1000])
+    elif kind == "garbage":
+        path.write_bytes(os.urandom(3000))
+    elif kind == "empty":
+        path.write_bytes(b"")
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "state_dict":
+        torch.save(torch.load(good, weights_only=True)["model"], path)
+    elif kind == "unknown_keys":
+        ckpt = torch.load(good, weights_only=True)
+        ckpt["model"]["backbone.extra.weight"] = torch.zeros(1)
+        torch.save(ckpt, path)
+    elif kind == "other_arch_sparse":
+        ckpt = torch.load(good, weights_only=True)
+        ckpt["extra"] = {"keep": {"conv2": [0]}, "sizes": {"conv2": 2}}
+        ckpt["identity"]["arch"] = "vgg16"
+        torch.save(ckpt, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("good") / "run"
+    assert A.main(B + ["--out", str(out), "--method", "moe"]) == 0
+    return out / "checkpoint.pt"
+
+
+@pytest.mark.parametrize("kind,needle", [
+    ("truncated", "cannot be read"), ("garbage", "cannot be read"), ("empty", "cannot be read"),
+    ("directory", "is a folder"), ("state_dict", "is not a checkpoint of advmoe.py"),
+    ("unknown_keys", "does not fit the model")])
+@pytest.mark.parametrize("flag", ["--eval-only", "--resume", "--init", "--iou-with"])
+def test_bad_checkpoints_give_one_line_errors(kind, needle, flag, good_checkpoint, tmp_path, capsys):
+    path = bad_checkpoint(kind, tmp_path / "bad", good_checkpoint)
+    if flag == "--resume":
+        args = B + ["--method", "moe", "--resume", "--out", str(tmp_path / "bad")]
+    elif flag == "--eval-only":
+        args = ["--eval-only", str(path), "--device", "cpu", "--out", str(tmp_path / "e")]
+    else:
+        args = B + ["--method", "moe", flag, str(path), "--out", str(tmp_path / "e")]
+    if flag == "--iou-with" and kind == "unknown_keys":  # --iou-with reads the mask, not the weights
+        needle = "is not an AT(Sparse) checkpoint"
+    assert A.main(args) == 2
+    one_line_error(capsys, needle)
+    assert not (tmp_path / "e").exists()  # nothing written, no empty folder
+
+
+def test_iou_with_a_sparse_run_of_another_backbone(good_checkpoint, tmp_path, capsys):
+    path = bad_checkpoint("other_arch_sparse", tmp_path / "bad", good_checkpoint)
+    assert A.main(B + ["--method", "moe", "--ratio", "0.5", "--iou-with", str(path), "--out", str(tmp_path / "e")]) == 2
+    one_line_error(capsys, "is an AT(Sparse) run of another backbone (vgg16")
+
+
+def npz_case(case: str, root: Path):
+    import numpy as np
+    rng = np.random.default_rng(0)
+    x = {s: rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8) for s, n in (("train", 40), ("test", 8))}
+    y = {s: rng.integers(0, 10, len(x[s])) for s in x}
+    if case == "float_images":
+        x["train"] = x["train"] / 255.0
+    elif case == "nchw":
+        x["train"] = x["train"].transpose(0, 3, 1, 2).copy()
+    elif case == "float_labels":
+        y["train"] = y["train"].astype(np.float32)
+    elif case == "label_range":
+        y["train"][0] = 10
+    elif case == "lengths":
+        y["train"] = y["train"][:-1]
+    elif case == "sizes":
+        x["test"] = rng.integers(0, 256, (8, 16, 16, 3), dtype=np.uint8)
+    elif case == "empty":
+        x["test"], y["test"] = x["test"][:0], y["test"][:0]
+    for split in ("train", "test"):
+        arrays = {"x": x[split], "y": y[split]}
+        if case == "missing_array" and split == "train":
+            arrays = {"images": x[split], "y": y[split]}
+        if not (case == "missing_file" and split == "test"):
+            np.savez(root / f"cifar10_{split}.npz", **arrays)
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("float_images", "x is float64, not uint8"), ("nchw", "not (N, H, W, 3)"), ("float_labels", "not N integers"),
+    ("label_range", "outside [0, 10)"), ("lengths", "40 images but y 39 labels"), ("sizes", "same image size"),
+    ("empty", "is empty"), ("missing_array", "has no array 'x'"), ("missing_file", "cifar10_test.npz is missing")])
+def test_bad_npz_data_gives_one_line_errors(case, needle, tmp_path, capsys):
+    npz_case(case, tmp_path)
+    assert A.main(B[2:] + ["--dataset", "cifar10", "--data-dir", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    err = one_line_error(capsys, needle)
+    assert "it must hold x: uint8 images (N, H, W, 3)" in err or case == "sizes"
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--lr", "-0.1"], "--lr -0.1 must be a finite number >= 0"), (["--momentum", "-1"], "--momentum"),
+    (["--weight-decay", "-1"], "--weight-decay"), (["--beta", "-6"], "--beta"), (["--eps", "nan"], "--eps nan"),
+    (["--eps", "8"], "not a radius in pixel units"), (["--test-steps", "0"], "--test-steps 0 must be at least 1"),
+    (["--eval-n", "-1"], "--eval-n -1 must be 0"), (["--quick-eval-n", "-5"], "--quick-eval-n"),
+    (["--square-queries", "0"], "--square-queries 0"), (["--device", "foo"], "unknown --device 'foo'"),
+    (["--device", "mps"], "runs on cpu or cuda"), (["--width", "0"], "--width 0.0 must be in (0, 64]"),
+    (["--train-n", "100000"], "exceed the 16 training images"),
+    (["--n-experts", "100000", "--ratio", "1", "--width", "4"], "more than the"),
+])
+def test_bad_flags_give_one_line_errors(args, needle, tmp_path, capsys):
+    device = [] if "--device" in args else ["--device", "cpu"]
+    assert A.main([a for a in B if a not in ("--device", "cpu")] + device + args + ["--out", str(tmp_path / "r")]) == 2
+    one_line_error(capsys, needle)
+    assert not (tmp_path / "r").exists()
+
+
+def test_report_skips_a_corrupt_result(tmp_path, capsys):
+    assert A.main(B + ["--out", str(tmp_path / "good")]) == 0
+    (tmp_path / "cut").mkdir()
+    (tmp_path / "cut" / "result.json").write_text('{"sa": 1')
+    (tmp_path / "partial").mkdir()
+    (tmp_path / "partial" / "result.json").write_text('{"sa": 1}')
+    capsys.readouterr()
+    assert A.main(["report", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert "| AdvMoE |" in out and err.count("advmoe: warning: skipping") == 2 and "cut" in err and "partial" in err
+
+
+def test_out_of_disk_and_interrupted_evaluation(tmp_path, capsys, monkeypatch):
+    save, calls = torch.save, []
+
+    def full_disk(obj, f):
+        calls.append(f)
+        if len(calls) > 1:
+            Path(f).write_bytes(b"half")
+            raise OSError(28, "No space left on device")
+        save(obj, f)
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    assert A.main(B + ["--epochs", "2", "--out", str(tmp_path / "r")]) == 1
+    one_line_error(capsys, "No space left on device): the previous checkpoint.pt is intact")
+    assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["epoch"] == 1
+    assert not [p for p in (tmp_path / "r").iterdir() if p.name.startswith(".")]
+    monkeypatch.setattr(torch, "save", save)
+
+    def ctrl_c(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(A, "finish", ctrl_c)
+    assert A.main(B + ["--out", str(tmp_path / "s")]) == 130
+    err = capsys.readouterr().err
+    assert err.startswith("advmoe: interrupted") and len(err.strip().splitlines()) == 1
+
+
+def test_help_permissions_and_no_empty_folder(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        A.main(["--help"])
+    text = capsys.readouterr().out
+    assert "(default: 0.1)" in text and "report" in text and "bench" in text
+    assert A.main(["report", "--help"]) == 0 and "usage: python advmoe.py report DIR" in capsys.readouterr().out
+    assert A.main(B + ["--out", str(tmp_path / "r")]) == 0
+    modes = {f: (tmp_path / "r" / f).stat().st_mode & 0o777 for f in ("result.json", "checkpoint.pt", "log.jsonl")}
+    assert len(set(modes.values())) == 1, modes
+    assert A.main(B + ["--batch-size", "100000", "--out", str(tmp_path / "never")]) == 2
+    assert not (tmp_path / "never").exists()
+
+
+# ----------------------------------------------------------------------- laptop scale (issue 11)
+def test_train_subset_and_validation_split_are_fixed_and_disjoint():
+    s = tiny(synthetic_train=100, train_n=40, val_n=30)
+    a, b = (A.load_data(A.Settings(**{**vars(s), "seed": seed}), torch.device("cpu")) for seed in (1, 2))
+    assert len(a.y_train) == 40 and a.eval_len(split="val") == 30 and a.eval_len() == s.synthetic_test
+    full = A.synthetic_data(100, s.synthetic_test)[0][0]                       # the 100 training images
+    rows = {bytes(img.numpy().tobytes()): i for i, img in enumerate(full)}
+    train_idx = {rows[bytes(img.numpy().tobytes())] for img in a.x_train}
+    val_idx = {rows[bytes(img.numpy().tobytes())] for img in a.x_val}
+    assert len(train_idx) == 40 and len(val_idx) == 30 and not train_idx & val_idx  # disjoint
+    assert torch.equal(a.x_train, b.x_train) and torch.equal(a.x_val, b.x_val)      # the same for every --seed
+    keep, held = A.split_train(100, 0, 30)
+    assert len(keep) == 70 and not set(keep.tolist()) & set(held.tolist())          # --val-n alone: the rest trains
+    x_val, _ = next(a.test_batches(64, split="val"))
+    assert len(x_val) == 30 and x_val.dtype == torch.float32
+
+
+def test_validation_results_and_data_are_recorded(tmp_path):
+    result = A.train(tiny(synthetic_train=48, train_n=32, val_n=16, test_steps=1, quick_eval_n=8, epochs=2,
+                          out=str(tmp_path)), log=lambda _: None)
+    assert result["data"] == {"train_images": 32, "val_images": 16, "test_images": 16, "train_n": 32, "val_n": 16,
+                              "split_seed": 0}
+    assert result["val"]["n"] == 16 and {"sa", "ra", "ra_worst"} <= set(result["val"])
+    assert result["history"][0]["quick_split"] == "val"
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "wrn28_10", "vgg16", "densenet"])
+def test_width_scales_parameters_and_gflops(arch):
+    x = torch.rand(2, 3, 32, 32)
+    full = [A.MoECNN(arch, 10, 32, r, n) for r, n in ((1.0, 1), (0.5, 1), (0.5, 2))]
+    half = [A.MoECNN(arch, 10, 32, r, n, width=0.5) for r, n in ((1.0, 1), (0.5, 1), (0.5, 2))]
+    for f, h in zip(full, half):
+        ratio = A.count_params(h)["total"] / A.count_params(f)["total"]
+        assert 0.2 < ratio < 0.3, ratio  # channels x 1/2 in and out: about 1/4 of the weights
+        assert 0.2 < A.gflops_per_input(h, x) / A.gflops_per_input(f, x) < 0.3
+    # r keeps its meaning at any width: S-Dense and the MoE pathway cost r^2 of Dense, at width 1/2 too
+    g_dense, g_sdense, g_moe = (A.gflops_per_input(m, x) for m in half)
+    assert g_sdense < g_moe < 1.01 * g_sdense and 0.2 < g_sdense / g_dense < 0.3
+
+
+def test_progress_lines_while_training(tmp_path):
+    lines = []
+    A.train(tiny(synthetic_train=64, batch_size=16, log_every=0, test_steps=1, out=str(tmp_path)), log=lines.append)
+    progress = [l for l in lines if "images," in l and "img/s, ETA" in l]
+    assert any(l.strip().startswith("epoch 1/1: 32/128 images") for l in progress), lines  # two streams of 64
+    assert any(l.strip().startswith("evaluating on test:") for l in progress), lines

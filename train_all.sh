@@ -180,6 +180,16 @@ free_slot() {
   return 1
 }
 
+# Ctrl-C or SIGTERM: stop the running jobs too (each saves its last epoch and exits; a rerun resumes them)
+stop_jobs() {
+  echo "train_all.sh: stopping the running jobs (each keeps its last epoch; run the same command again to resume)" >&2
+  local n
+  for n in "${NAMES[@]}"; do [[ ${STATE[$n]} == running ]] && kill -TERM "${PID[$n]}" 2>/dev/null; done
+  wait
+  exit 130
+}
+trap stop_jobs INT TERM
+
 while pending; do
   for name in "${NAMES[@]}"; do  # reap finished jobs
     if [[ ${STATE[$name]} == running ]] && ! kill -0 "${PID[$name]}" 2>/dev/null; then
