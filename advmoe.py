@@ -88,6 +88,7 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ARCHS = ("resnet18", "wrn28_10", "vgg16", "densenet")
 DATASETS = ("cifar10", "cifar100", "tinyimagenet", "imagenet", "synthetic")
@@ -187,8 +188,9 @@ class Settings:
     device: str = setting("auto", "auto | cpu | cuda | cuda:K")
     amp: bool = setting(True, "bf16 autocast on CUDA (ignored on CPU)")
     channels_last: bool = setting(True, "channels_last memory format on CUDA")
-    train_dispatch: str = setting("sparse", "MoE layers in training: sparse (group by expert; a host sync per layer) "
-                                            "| masked (all experts, static shapes: faster on a launch-bound GPU)")
+    train_dispatch: str = setting("auto", "MoE layers in training: auto (masked on CUDA, sparse on the CPU) | sparse "
+                                          "(group by expert: only the chosen experts are computed, a host sync per "
+                                          "layer) | masked (every expert, static shapes, no host sync)")
     cudnn_benchmark: bool = setting(False, "cuDNN autotuning per shape (helps Dense/S-Dense; MoE group sizes vary, "
                                            "so every new size is re-tuned)")
     compile: bool = setting(False, "torch.compile the model (CUDA; experimental with sparse routing)")
@@ -197,7 +199,7 @@ class Settings:
 
     def __post_init__(self):
         check = {"dataset": DATASETS, "arch": ARCHS, "method": METHODS, "loss": LOSSES, "router": ROUTERS,
-             "train_dispatch": ("sparse", "masked")}
+             "train_dispatch": ("auto", "sparse", "masked")}
         for name, allowed in check.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"unknown --{name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
@@ -960,6 +962,11 @@ class MoECNN(nn.Module):
         self.router_noise = router_noise  # a hyper-parameter, not state
 
     def forward(self, x, return_routing: bool = False, dispatch: str = "sparse", force=None, masks=None):
+        # "auto" (training): on CUDA the masked dispatch, whose static shapes need no host sync, so the GPU never
+        # waits for group sizes (and torch.compile captures the whole forward); on the CPU the sparse one, which
+        # computes only the chosen experts (a host sync costs nothing there)
+        if dispatch == "auto":
+            dispatch = "masked" if x.is_cuda else "sparse"
         x = (x - self.mean) / self.std
         routing = Routing(dispatch=dispatch, force=force, noise=self.router_noise if self.training else 0.0,
                           masks=masks)
@@ -1235,8 +1242,10 @@ def check_fits(s: Settings, num_classes: int, image_size: int, device: torch.dev
     need = 3 * 4 * params  # float32 weights, gradients, SGD momentum; activations come on top
     if device.type == "cuda":
         free = torch.cuda.mem_get_info(device)[0]
-    else:
-        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    else:  # MemAvailable counts the page cache the system can give back; free pages alone would not
+        meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").exists() else ""
+        avail = [int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemAvailable:")]
+        free = avail[0] if avail else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     if need > free:
         raise ConfigError(f"the model has {params / 1e6:.0f}M parameters ({need / 2**30:.1f} GiB with gradients "
                           f"and momentum), more than the {free / 2**30:.1f} GiB free on {device}: lower "
@@ -2351,7 +2360,7 @@ def bench(argv: list[str], log=print) -> dict:
     p.add_argument("--router", default="layer", choices=ROUTERS)
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--train-dispatch", default="sparse", choices=("sparse", "masked"))
+    p.add_argument("--train-dispatch", default="auto", choices=("auto", "sparse", "masked"))
     p.add_argument("--compile", action="store_true", help="torch.compile the model for the training steps")
     p.add_argument("--methods", default="dense,sdense,moe,advmoe", help="comma-separated methods (AT(Sparse) "
                    "fine-tunes S-Dense's shape: its step is S-Dense's)")
@@ -2383,6 +2392,8 @@ def bench(argv: list[str], log=print) -> dict:
             opts = make_optimizers(model, s, device)
             steps[method] = bench_step(net, opts, data, s, device)
             by[method] = {"arch": arch, "method": method}
+            if not a.skip_train:
+                by[method]["ops_train_step"] = count_ops(steps[method])
             if method != "advmoe":  # inference of Dense, S-Dense, MoE (AdvMoE's model is the MoE's)
                 by[method]["gflops"] = round(gflops_per_input(model.eval(), data[0][0][:16]), 4)
                 for b in (infer_batch, 1, 32):
@@ -2391,6 +2402,7 @@ def bench(argv: list[str], log=print) -> dict:
                     # grouping's worst case, independent of what the briefly trained routers happen to do.
                     infers[method, b] = bench_inference(model, x, torch.arange(b, device=device) % s.model_experts,
                                                         s, device)
+                by[method]["ops_infer_forward"] = count_ops(infers[method, infer_batch])
         if not a.skip_train:
             for method, t in interleaved_medians(steps, device, warmup, repeats).items():
                 by[method].update(train_img_s=round(a.batch / t, 1), train_step_ms=round(1000 * t, 2),
@@ -2428,6 +2440,26 @@ def bench(argv: list[str], log=print) -> dict:
     return result
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the ATen operator calls made while active (forward and, on the CPU, backward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_ops(fn: Callable[[], object]) -> int:
+    """Operator calls of one call of fn. On a launch-bound GPU each is about one kernel launch (and a host sync
+    stalls the queue between them), so this count, measurable on the CPU, is the number to drive down."""
+    with OpCounter() as counter:
+        fn()
+    return counter.calls
+
+
 def bench_step(net, opts, data, s: Settings, device) -> Callable[[], None]:
     def step():
         net.train()
@@ -2445,7 +2477,8 @@ def bench_inference(model, x, force, s: Settings, device) -> Callable[[], None]:
 
 
 def bench_table(result: dict) -> str:
-    cols = ("arch", "method", "train_img_s", "train_step_ms", "epoch_s_cifar", "step_time_vs_sdense", "gflops",
+    cols = ("arch", "method", "ops_train_step", "ops_infer_forward", "train_img_s", "train_step_ms", "epoch_s_cifar",
+            "step_time_vs_sdense", "gflops",
             "infer_img_s", "infer_speedup_vs_dense", "latency_ms_b1", "latency_ms_b32", "achieved_tflops",
             "fraction_of_peak")
     head = (f"bench on {result['device']}, torch {result['torch']}, commit {(result['commit'] or '?')[:10]}, "

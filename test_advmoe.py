@@ -467,6 +467,9 @@ def test_bench_runs_and_is_sane(tmp_path):
     assert all(rows[m]["infer_img_s"] > 0 and rows[m]["latency_ms_b1"] > 0 for m in ("dense", "sdense", "moe"))
     assert rows["moe"]["gflops"] < 0.5 * rows["dense"]["gflops"]
     assert json.loads(out.read_text())["rows"] and out.with_suffix(".md").read_text().startswith("bench on")
+    # operator calls: AdvMoE's iteration (two levels) makes more than AT(MoE)'s step, S-Dense's forward as many as Dense's
+    assert rows["advmoe"]["ops_train_step"] > rows["moe"]["ops_train_step"] > 0
+    assert rows["sdense"]["ops_infer_forward"] == rows["dense"]["ops_infer_forward"] > 0
 
 
 # ------------------------------------------------------------------- adaptive evaluation (issue 4)
@@ -780,17 +783,15 @@ def test_trades_attack_maximizes_kl_from_the_eval_mode_clean_output(monkeypatch)
 
 def test_four_way_split_on_a_constructed_case():
     def gates(*choices):
-        return [A.Gate(torch.zeros(4, 2), torch.tensor(c), torch.ones(4)) for c in choices]
+        return [A.Gate(torch.zeros(len(c), 2), torch.tensor(c), torch.ones(len(c))) for c in choices]
 
-    clean = gates([0, 0, 1, 1], [0, 1, 0, 1])
-    adv = gates([0, 1, 1, 0], [0, 1, 0, 1])              # inputs 1 and 3 have a flipped router (layer 1)
-    ok_adv = torch.tensor([True, True, False, False])    # inputs 0 and 1 are still classified correctly
+    clean = gates([0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1])
+    adv = gates([0, 1, 1, 0, 1, 0], [1, 1, 1, 1, 1, 0])  # the router flips for inputs 1, 2, 4 (layer 0), 5 (layer 1)
+    ok_adv = torch.tensor([True, True, True, False, False, False])
     usage, usage_adv, flips, split = A.routing_counts(clean, adv, ok_adv)
-    # (1) neither: input 0; (2) router only: 1; (3) prediction only: 2; (4) both: 3
-    assert split.tolist() == [1, 1, 1, 1] and flips.tolist() == [2, 0]
-    assert usage.tolist() == [[2, 2], [2, 2]] and usage_adv.tolist() == [[2, 2], [2, 2]]
-    ok_adv = torch.tensor([True, False, True, False])
-    assert A.routing_counts(clean, adv, ok_adv)[3].tolist() == [2, 0, 0, 2]
+    # (1) neither: input 0; (2) router only: 1, 2; (3) prediction only: 3; (4) both: 4, 5
+    assert split.tolist() == [1, 2, 1, 2] and flips.tolist() == [3, 1]
+    assert usage.tolist() == [[6, 0], [0, 6]] and usage_adv.tolist() == [[3, 3], [1, 5]]
 
 
 def test_pgdat_trains(tmp_path):
@@ -1094,3 +1095,27 @@ def test_progress_lines_while_training(tmp_path):
     progress = [l for l in lines if "images," in l and "img/s, ETA" in l]
     assert any(l.strip().startswith("epoch 1/1: 32/128 images") for l in progress), lines  # two streams of 64
     assert any(l.strip().startswith("evaluating on test:") for l in progress), lines
+
+
+# -------------------------------------------------------------------- fast on a GPU by design (issue 12)
+def test_training_forward_and_trades_loss_compile_without_graph_break():
+    """The dispatch used on CUDA ("auto" -> masked) must compile as one graph: a graph break is where a host sync
+    (.item(), .tolist()) or a data-dependent shape would stall a GPU. fullgraph=True fails on any."""
+    torch.manual_seed(0)
+    model = A.MoECNN("resnet18", 10, 32, 0.25, 2).train()
+    s = tiny(balance=0.1)
+    x, x_adv, y = torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32), torch.randint(10, (4,))
+
+    def training_loss(x, x_adv, y, dispatch):
+        logits, gates = model(x, return_routing=True, dispatch=dispatch)
+        logits_adv, gates_adv = model(x_adv, return_routing=True, dispatch=dispatch)
+        return A.trades_loss(logits, logits_adv, y, s.beta) + A.routing_regularizer(gates + gates_adv, y, s)
+
+    torch._dynamo.reset()
+    loss = torch.compile(training_loss, fullgraph=True, backend="aot_eager")(x, x_adv, y, "masked")
+    loss.backward()
+    eager = training_loss(x, x_adv, y, "masked")
+    torch.testing.assert_close(loss, eager)
+    assert all(p.grad is not None for n, p in model.named_parameters() if "router" in n)
+    x_gpu_like = torch.rand(2, 3, 32, 32)
+    assert model(x_gpu_like, dispatch="auto").shape == (2, 10)  # auto is the sparse path on the CPU
