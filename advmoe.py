@@ -1992,9 +1992,8 @@ def read_checkpoint(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # checkpoints are data, not code
     except Exception as e:  # truncated, empty, garbage, or a pickle that needs code
-        why = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
-        raise ConfigError(f"checkpoint {path} cannot be read ({type(e).__name__}: {why}): it is truncated, empty "
-                          f"or not a torch file; {fix}") from None
+        raise ConfigError(f"checkpoint {path} cannot be read (torch.load: {type(e).__name__}): it is truncated, "
+                          f"empty or not a torch file; {fix}") from None
     if not isinstance(ckpt, dict) or not all(k in ckpt for k in CHECKPOINT_KEYS):
         raise ConfigError(f"checkpoint {path} is not a checkpoint of advmoe.py (a bare state_dict, or another "
                           f"program's file: it lacks {', '.join(k for k in CHECKPOINT_KEYS if k not in ckpt) if isinstance(ckpt, dict) else 'every key'}); {fix}")
@@ -2123,10 +2122,11 @@ def read_results(root: Path, warn=lambda text: print(text, file=sys.stderr)) -> 
         try:
             r = json.loads(p.read_text())
             missing = [k for k in REPORT_KEYS if k not in r] if isinstance(r, dict) else ["every key"]
+            why = f"{', '.join(missing)} missing"
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            missing = [f"unreadable: {type(e).__name__}"]
+            missing, why = True, f"unreadable: {type(e).__name__}"
         if missing:
-            warn(f"advmoe: warning: skipping {p} ({', '.join(missing)} missing): not a complete result.json")
+            warn(f"advmoe: warning: skipping {p} ({why}): not a complete result.json")
             continue
         results.append({**r, "path": str(p.parent.relative_to(root))})
     return results
