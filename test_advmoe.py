@@ -653,6 +653,7 @@ def test_autoattack_and_pgd_are_reported_over_the_same_images(monkeypatch):
     first = A.evaluate(model, data, s, limit=6, attacks=("pgd",))
     assert full["autoattack"]["images"] == 6 and full["attack_n"]["pgd2"] == 16
     assert full["autoattack"]["ra_pgd_same_images"] == first["ra"]
+    assert full["ra_worst_n"] == 6 and full["ra_worst_without_aa"] == full["ra"]  # PGD alone, over all 16 images
 
 
 def test_eval_only_uses_the_checkpoints_settings_unless_given(tmp_path):
