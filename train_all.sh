@@ -54,26 +54,25 @@ has() { [[ " $1 " == *" $2 "* ]]; }  # has "LIST" WORD
 # out for validation, 8 epochs. SA and PGD-50 on 2,000 test images, Square (1,000 queries) on the same, AutoAttack
 # (standard) on 500 for AT(S-Dense) and AdvMoE. Routing: (a) the paper's (no balance term, shared learning rate),
 # (b) the balance term with a 10x slower router (the default before this study), (c) the balance term at the
-# shared rate. Two seeds for every MoE run. Longest runs first, so the two CPU jobs finish together.
+# shared rate. Two seeds for every MoE run. Seed 1 of everything first, so that a study cut short already holds
+# its comparison; a rerun skips what has finished and resumes the rest.
 if [[ $GRID == laptop ]]; then
   lap=(--dataset cifar10 --arch resnet18 --width 0.25 --n-experts 2 --ratio 0.5 --train-n 10000 --val-n 1000
        --eval-n 2000 --eval-attacks pgd,square --square-queries 1000 --quick-eval-n 500)
   declare -A ROUTING=([paper]="--balance 0 --router-lr 1" [default]="--balance 0.1 --router-lr 0.1"
                       [balance]="--balance 0.1 --router-lr 1")
   for seed in 1 2; do
+    aa=(); [[ $seed == 1 ]] && aa=(--eval-aa --aa-n 500)
     for setting in paper default balance; do
-      aa=(); [[ $seed == 1 && $setting != balance ]] && aa=(--eval-aa --aa-n 500)
-      job "advmoe_${setting}_s$seed" "" "${lap[@]}" --method advmoe ${ROUTING[$setting]} --seed $seed "${aa[@]}"
+      job "advmoe_${setting}_s$seed" "" "${lap[@]}" --method advmoe ${ROUTING[$setting]} --seed $seed \
+        $([[ $setting != balance ]] && echo "${aa[@]}")
     done
-  done
-  job dense_s1 "" "${lap[@]}" --method dense --seed 1
-  for seed in 1 2; do
+    job "sdense_s$seed" "" "${lap[@]}" --method sdense --seed $seed "${aa[@]}"
     for setting in paper default; do
       job "moe_${setting}_s$seed" "" "${lap[@]}" --method moe ${ROUTING[$setting]} --seed $seed
     done
   done
-  job sdense_s1 "" "${lap[@]}" --method sdense --seed 1 --eval-aa --aa-n 500
-  job sdense_s2 "" "${lap[@]}" --method sdense --seed 2
+  job dense_s1 "" "${lap[@]}" --method dense --seed 1
 fi
 
 if [[ $GRID == paper ]]; then  # ---- GRID=paper (the default): every table of the paper, to the Runner below
