@@ -152,7 +152,7 @@ class Settings:
     # Defaults: the paper's (no balance term, the routers at the backbone's learning rate). On real CIFAR-10 at
     # laptop scale (results/cifar10_laptop/) it gave AdvMoE's best validation RA-worst, 18.85 (seeds 19.0,
     # 18.7), although it collapses most layers onto one expert; a balance term of 0.1 kept every expert in use
-    # but lowered it (16.1 with the router lr x 0.1, 14.7 at the shared rate; seed 1). They stay as options.
+    # but lowered it (16.1 with the router lr x 0.1, seed 1; 16.0 at the shared rate). They stay as options.
     balance: float = setting(0.0, "weight of the Switch balance term N*sum_k f_k*P_k (0: off, the paper)")
     router_noise: float = setting(0.0, "std of Gaussian noise added to router logits in training")
     router_lr: float = setting(1.0, "router learning rate = lr * router_lr (1: shared, the paper)")
