@@ -5,8 +5,8 @@
 #   bash train_all.sh                                              # everything, one job per visible GPU
 #   DRY_RUN=1 bash train_all.sh                                    # print the commands only
 #   EPOCHS=1 DATASETS=synthetic ARCHS=resnet18 bash train_all.sh   # a reduced grid (runs on a CPU)
-#   GRID=laptop bash train_all.sh                                  # the real-CIFAR-10 laptop study (2-core CPU,
-#                                                                  # ~1.5 h; results/cifar10_laptop/)
+#   GRID=laptop bash train_all.sh                                  # the real-CIFAR-10 laptop study on a 2-core CPU
+#                                                                  # (results/cifar10_laptop/: its README has the wall time)
 #
 # Environment:
 #   EPOCHS (100)        training epochs of every run (AT(Sparse): fine-tuning epochs)
