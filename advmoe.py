@@ -551,6 +551,8 @@ def top1_gate(logits: torch.Tensor, noise: float = 0.0, force: torch.Tensor | No
         logits = logits + noise * torch.randn_like(logits)
     probs = logits.float().softmax(-1)                                        # (B, N)
     choice = probs.argmax(-1) if force is None else force.expand(len(probs))  # (B,)
+    if not probs.requires_grad:  # no gradient to carry (inference): the value alone
+        return Gate(logits, choice, torch.ones_like(probs[:, 0]))
     p = probs.gather(1, choice[:, None]).squeeze(1)                           # (B,) p_chosen
     # straight-through: forward value 1 (the hard one-hot), backward d/dphi of the chosen expert's p
     scale = 1.0 + (p - p.detach())
@@ -619,6 +621,11 @@ class MoEConv(nn.Module):
         # Per-layer router (Fig. A1): pooled input features -> linear -> N logits.
         self.router = nn.Linear(cin, n_experts) if (router and n_experts > 1) else None
 
+    @property
+    def pointwise(self) -> bool:
+        """A 1x1 conv of stride 1: a matrix product per input (see pointwise_forward)."""
+        return self.weight.shape[-1] == 1 and self.stride == 1
+
     def expert(self, e: int) -> slice:
         return slice(e * self.cout, (e + 1) * self.cout)
 
@@ -638,7 +645,7 @@ class MoEConv(nn.Module):
             return self.conv_bn(x, 0)
         gate = self.route(x, routing)
         if routing.dispatch == "sparse":
-            return self.sparse_forward(x, gate)
+            return self.pointwise_forward(x, gate) if self.pointwise else self.sparse_forward(x, gate)
         return self.masked_forward(x, gate, soft=routing.dispatch == "soft")
 
     def route(self, x: torch.Tensor, routing: Routing) -> Gate:
@@ -668,44 +675,72 @@ class MoEConv(nn.Module):
                 y.index_copy_(0, idx, ye)                                    # rows of the inputs routed to e
         return straight_through(y, gate)
 
-    def masked_forward(self, x: torch.Tensor, gate: Gate, soft: bool = False) -> torch.Tensor:
-        """Reference: compute every expert for every input, then keep the chosen one. BatchNorm statistics
-        are taken per expert over the inputs routed to it (masked mean/variance) and running statistics
-        updated, as the sparse path does. soft=True (attacks only): the same hard output, but the backward
-        pass sees the experts mixed by the router's probabilities (a surrogate gradient through routing)."""
-        y = F.conv2d(x, self.weight, None, self.stride, self.padding)
-        y = y.to(torch.promote_types(y.dtype, torch.float32))               # BatchNorm maths in >= float32
-        y = rearrange(y, "b (n c) h w -> b n c h w", n=self.n)              # (B, N, cout, H, W)
-        mask = F.one_hot(gate.choice, self.n).to(y.dtype)[:, :, None, None, None]  # (B, N, 1, 1, 1)
+    def pointwise_forward(self, x: torch.Tensor, gate: Gate) -> torch.Tensor:
+        """The sparse path of a 1x1 conv: y_b = W_{e(b)} x_b is a matrix product per input, so every input
+        takes its own expert's filters in one batched matmul, without grouping the batch: only the chosen
+        experts are computed, with static shapes and no host read. (Grouping copies every input and output of
+        a layer; for DenseNet's many narrow 1x1 layers those copies cost more than the convolution.)"""
+        w = self.weight.view(self.n, self.cout, self.cin)[gate.choice]         # (B, cout, cin): W_{e(b)}
+        y = torch.matmul(w, x.flatten(2)).view(len(x), self.cout, *x.shape[2:])  # (B, cout, H, W)
         if self.bn is not None:
-            bn = self.bn
-            shape = (1, self.n, self.cout, 1, 1)
-            if self.training:
-                count = mask.sum(0, keepdim=True) * y.shape[-1] * y.shape[-2]   # inputs x pixels per expert
-                mean = (y * mask).sum((0, 3, 4), keepdim=True) / count.clamp(min=1)
-                var = ((y - mean) ** 2 * mask).sum((0, 3, 4), keepdim=True) / count.clamp(min=1)
-                self.update_running_stats(mean, var, count)
-            else:
-                mean, var = bn.running_mean.view(shape), bn.running_var.view(shape)
-            y = (y - mean) / torch.sqrt(var + bn.eps) * bn.weight.view(shape) + bn.bias.view(shape)
-        hard = straight_through((y * mask).sum(1), gate)                     # (B, cout, H, W): chosen expert
+            scale, shift = self.expert_affine(y, gate.choice)                # (N, cout) each
+            y = y * scale[gate.choice, :, None, None] + shift[gate.choice, :, None, None]
+        return straight_through(y, gate)
+
+    def masked_forward(self, x: torch.Tensor, gate: Gate, soft: bool = False) -> torch.Tensor:
+        """Every expert's conv for every input, then each input's chosen expert: static shapes, no host sync
+        (the CUDA dispatch, and the reference the sparse path is tested against). BatchNorm is per expert, as in
+        the sparse path: in training over the inputs routed to it (updating its running statistics). soft=True
+        (attacks only): the same hard output, but the backward pass sees the experts mixed by the router's
+        probabilities (a surrogate gradient through routing)."""
+        y = F.conv2d(x, self.weight, None, self.stride, self.padding)           # (B, N*cout, H', W')
+        bn, train_bn = self.bn, self.bn is not None and self.training
+        if bn is not None and not self.training:  # running statistics: one BatchNorm over all N*cout channels
+            y = F.batch_norm(y, bn.running_mean, bn.running_var, bn.weight, bn.bias, False, 0.0, bn.eps)
+        y = rearrange(y, "b (n c) h w -> b n c h w", n=self.n)              # (B, N, cout, H', W')
+        # y_b = E_{e(b)}(x_b): each input's rows of its chosen expert (a gather)
+        hard = y[torch.arange(len(y), device=y.device), gate.choice]         # (B, cout, H', W')
+        if train_bn:  # batch statistics per expert, from the B chosen rows only (not all N experts' outputs)
+            scale, shift = self.expert_affine(hard, gate.choice)             # (N, cout) each
+            hard = hard * scale[gate.choice, :, None, None] + shift[gate.choice, :, None, None]
+        hard = straight_through(hard, gate)
         if not soft:
             return hard
+        if train_bn:
+            y = y * scale[:, :, None, None] + shift[:, :, None, None]        # every expert, normalized
         # y = y_soft + sg(y_hard - y_soft), y_soft = sum_e p_e E_e(x): the hard value, the soft gradient only
         probs = gate.logits.float().softmax(-1).to(y.dtype)[:, :, None, None, None]
-        mix = (y * probs).sum(1)                                             # (B, cout, H, W)
+        mix = (y * probs).sum(1)                                             # (B, cout, H', W')
         return mix + (hard - mix).detach()
 
+    def expert_affine(self, y: torch.Tensor, choice: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each expert's BatchNorm as an affine map, BN_e(y) = y * scale_e + shift_e with (N, cout) scale and
+        shift. y (B, cout, H', W'): each input's chosen expert's output. In training the statistics of expert e
+        are those of the inputs routed to it, mean_e = sum_{b: e(b)=e} sum_hw y_b / n_e and var_e likewise (two
+        passes, as F.batch_norm), and its running statistics are updated; in eval, the running ones."""
+        bn, n = self.bn, self.n
+        if not self.training:
+            mean, var = bn.running_mean.view(n, -1), bn.running_var.view(n, -1)
+        else:
+            y = y.to(torch.promote_types(y.dtype, torch.float32))           # statistics in >= float32
+            onehot = F.one_hot(choice, n).to(y.dtype)                       # (B, N)
+            count = onehot.sum(0) * (y.shape[-1] * y.shape[-2])             # (N,) inputs x pixels per expert
+            mean = onehot.T @ y.sum((2, 3)) / count.clamp(min=1)[:, None]  # (N, cout)
+            var = onehot.T @ (y - mean[choice, :, None, None]).square().sum((2, 3)) / count.clamp(min=1)[:, None]
+            self.update_running_stats(mean, var, count)
+        # BN_e(y) = (y - mean_e) / sqrt(var_e + eps) * gamma_e + beta_e
+        scale = bn.weight.view(n, -1) / torch.sqrt(var + bn.eps)
+        return scale, bn.bias.view(n, -1) - mean * scale
 
     @torch.no_grad()
-    def update_running_stats(self, mean, var, count):
-        """running <- (1 - m) * running + m * batch statistic, for experts that received inputs (the
-        variance unbiased, n/(n-1)), exactly what F.batch_norm does for each group in the sparse path."""
-        bn, used = self.bn, count.view(self.n, 1) > 0
-        unbiased = var.view(self.n, -1) * (count / (count - 1).clamp(min=1)).view(self.n, 1)
-        for running, batch in ((bn.running_mean, mean.view(self.n, -1)), (bn.running_var, unbiased)):
-            running.copy_(torch.where(used, torch.lerp(running.view(self.n, -1), batch.to(running.dtype), bn.momentum),
-                                      running.view(self.n, -1)).flatten())
+    def update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor):
+        """running <- running + m * (batch statistic - running) for the experts that received inputs (m = 0 for
+        the others; the variance unbiased, n/(n-1)): what F.batch_norm does for each group in the sparse path."""
+        bn = self.bn
+        m = (count > 0).to(bn.running_mean.dtype)[:, None] * bn.momentum                     # (N, 1)
+        bn.running_mean.view(self.n, -1).lerp_(mean.to(bn.running_mean.dtype), m)
+        unbiased = var * (count / (count - 1).clamp(min=1))[:, None]
+        bn.running_var.view(self.n, -1).lerp_(unbiased.to(bn.running_var.dtype), m)
 
 
 def output_like(y: torch.Tensor, batch: int) -> torch.Tensor:
@@ -965,12 +1000,8 @@ class MoECNN(nn.Module):
         self.register_buffer("std", torch.tensor(mean_std[1]).view(1, 3, 1, 1))
         self.router_noise = router_noise  # a hyper-parameter, not state
 
-    def forward(self, x, return_routing: bool = False, dispatch: str = "sparse", force=None, masks=None):
-        # "auto" (training): on CUDA the masked dispatch, whose static shapes need no host sync, so the GPU never
-        # waits for group sizes (and torch.compile captures the whole forward); on the CPU the sparse one, which
-        # computes only the chosen experts (a host sync costs nothing there)
-        if dispatch == "auto":
-            dispatch = "masked" if x.is_cuda else "sparse"
+    def forward(self, x, return_routing: bool = False, dispatch: str = "auto", force=None, masks=None):
+        dispatch = resolve_dispatch(dispatch, x.device)
         x = (x - self.mean) / self.std
         routing = Routing(dispatch=dispatch, force=force, noise=self.router_noise if self.training else 0.0,
                           masks=masks)
@@ -978,6 +1009,14 @@ class MoECNN(nn.Module):
             routing.shared = top1_gate(self.global_router(x), routing.noise)
         logits = self.backbone(x, routing)
         return (logits, routing.gates) if return_routing else logits
+
+
+def resolve_dispatch(dispatch: str, device: torch.device) -> str:
+    """"auto", the default of training and inference: on CUDA the masked dispatch, whose static shapes need no
+    host sync, so the GPU never waits for group sizes and torch.compile captures the whole forward (at the
+    price of computing all N experts: N * r^2 of Dense's FLOPs instead of r^2); on the CPU the sparse one,
+    which computes only the chosen experts (a host read costs nothing there)."""
+    return ("masked" if device.type == "cuda" else "sparse") if dispatch == "auto" else dispatch
 
 
 def build_model(s: Settings, num_classes: int, image_size: int) -> MoECNN:
@@ -1040,7 +1079,7 @@ def kl_from_logits(p_logits: torch.Tensor, q_logits: torch.Tensor, reduction: st
                     log_target=True)
 
 
-def ce_objective(model: nn.Module, y: torch.Tensor, dispatch: str = "sparse", force=None) -> Callable:
+def ce_objective(model: nn.Module, y: torch.Tensor, dispatch: str = "auto", force=None) -> Callable:
     """Attack objective sum_b CE(f(x'_b), y_b) (optionally with routing forced, see Routing.force)."""
     return lambda x_adv: F.cross_entropy(model(x_adv, dispatch=dispatch, force=force).float(), y, reduction="sum")
 
@@ -1474,7 +1513,7 @@ class ChannelScores(nn.Module):
         """The channels each group keeps (sorted indices): its top r*C scores."""
         return {g: v.detach().topk(self.spec.width(len(v))).indices.sort().values for g, v in self.scores.items()}
 
-    def forward(self, x, return_routing: bool = False, dispatch: str = "sparse", force=None):
+    def forward(self, x, return_routing: bool = False, dispatch: str = "auto", force=None):
         masks = {g: top_k_mask(v, self.spec.width(len(v))) for g, v in self.scores.items()}
         return self.dense(x, return_routing, dispatch, force, masks)
 
@@ -1819,7 +1858,7 @@ def gflops_per_input(model: nn.Module, x: torch.Tensor) -> float:
     is the chosen pathway plus the routers, because the sparse path computes nothing else."""
     from torch.utils.flop_counter import FlopCounterMode
     with evaluating(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(x)
+        model(x, dispatch="sparse")  # (on CUDA, "auto" runs the masked dispatch: N times the experts' FLOPs)
     return counter.get_total_flops() / len(x) / 1e9
 
 
@@ -2374,7 +2413,8 @@ def bench(argv: list[str], log=print) -> dict:
     p.add_argument("--router", default="layer", choices=ROUTERS)
     p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--train-dispatch", default="auto", choices=("auto", "sparse", "masked"))
+    p.add_argument("--train-dispatch", default="auto", choices=("auto", "sparse", "masked"),
+                   help="the MoE layers' dispatch in the timed training steps and inference forwards")
     p.add_argument("--compile", action="store_true", help="torch.compile the model for the training steps")
     p.add_argument("--methods", default="dense,sdense,moe,advmoe", help="comma-separated methods (AT(Sparse) "
                    "fine-tunes S-Dense's shape: its step is S-Dense's)")
@@ -2455,14 +2495,15 @@ def bench(argv: list[str], log=print) -> dict:
 
 
 class OpCounter(TorchDispatchMode):
-    """Counts the ATen operator calls made while active (forward and, on the CPU, backward)."""
+    """Counts the ATen operator calls that compute, made while active (forward and backward); views (reshape,
+    transpose, slicing, detach), which launch no kernel, are left out."""
 
     def __init__(self):
         super().__init__()
         self.calls = 0
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.calls += 1
+        self.calls += not func.is_view
         return func(*args, **(kwargs or {}))
 
 
@@ -2486,7 +2527,7 @@ def bench_inference(model, x, force, s: Settings, device) -> Callable[[], None]:
     def infer():
         model.eval()
         with torch.no_grad(), autocast(s, device):
-            model(x, force=force)
+            model(x, dispatch=s.train_dispatch, force=force)
     return infer
 
 

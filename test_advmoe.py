@@ -1100,9 +1100,12 @@ def test_progress_lines_while_training(tmp_path):
 
 # -------------------------------------------------------------------- fast on a GPU by design (issue 12)
 def test_training_forward_and_trades_loss_compile_without_graph_break():
-    """The dispatch used on CUDA ("auto" -> masked) must compile as one graph: a graph break is where a host sync
-    (.item(), .tolist()) or a data-dependent shape would stall a GPU. fullgraph=True fails on any."""
+    """The dispatch used on CUDA must compile as one graph, in training (forward and TRADES loss) and in
+    inference: a graph break is where a host sync (.item(), .tolist()) or a data-dependent shape would stall a
+    GPU. fullgraph=True fails on any."""
     torch.manual_seed(0)
+    cuda = A.resolve_dispatch("auto", torch.device("cuda"))
+    assert cuda == "masked" and A.resolve_dispatch("auto", torch.device("cpu")) == "sparse"
     model = A.MoECNN("resnet18", 10, 32, 0.25, 2).train()
     s = tiny(balance=0.1)
     x, x_adv, y = torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32), torch.randint(10, (4,))
@@ -1113,10 +1116,12 @@ def test_training_forward_and_trades_loss_compile_without_graph_break():
         return A.trades_loss(logits, logits_adv, y, s.beta) + A.routing_regularizer(gates + gates_adv, y, s)
 
     torch._dynamo.reset()
-    loss = torch.compile(training_loss, fullgraph=True, backend="aot_eager")(x, x_adv, y, "masked")
+    loss = torch.compile(training_loss, fullgraph=True, backend="aot_eager")(x, x_adv, y, cuda)
     loss.backward()
-    eager = training_loss(x, x_adv, y, "masked")
+    eager = training_loss(x, x_adv, y, cuda)
     torch.testing.assert_close(loss, eager)
     assert all(p.grad is not None for n, p in model.named_parameters() if "router" in n)
-    x_gpu_like = torch.rand(2, 3, 32, 32)
-    assert model(x_gpu_like, dispatch="auto").shape == (2, 10)  # auto is the sparse path on the CPU
+    model.eval()  # inference (evaluation, attacks): no host sync per layer, nor per forward
+    with torch.no_grad():
+        logits = torch.compile(model, fullgraph=True, backend="aot_eager")(x, dispatch=cuda)
+        torch.testing.assert_close(logits, model(x, dispatch="sparse"))
