@@ -37,8 +37,8 @@ Paper -> code
     AutoAttack (standard, Table 2)      autoattack_settings, autoattack (torchattacks' parts, reference settings)
     pathway diversity (Sec. 5)          pathway_diversity -> result["routing"]["pathways"]
     4-way split (Sec. 4, Insight 2)     evaluate -> result["routing"]["split_4way"]
-    Eq. (1) / Algorithm 1 (AdvMoE)      train_step (method "advmoe")
-    AT(Dense), AT(S-Dense), AT(MoE)     train_step (methods "dense", "sdense", "moe")
+    Eq. (1) / Algorithm 1 (AdvMoE)      advmoe_step (lines 3-5), level (one level's update), STEPS
+    AT(Dense), AT(S-Dense), AT(MoE)     joint_step (methods "dense", "sdense", "moe")
     AT(Sparse) (Sparse-CNN, HYDRA)      ChannelScores, top_k_mask, prune, extract_sparse (method "sparse")
     Insights 1-3 (Sec. 4)               method "standard", --train-params routers | backbone, --init
     router utility (Fig. 6)             router_utility_tables, pathway_iou (--iou-with)
@@ -83,7 +83,7 @@ import socket
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
@@ -94,6 +94,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch.utils._python_dispatch import TorchDispatchMode
 
+
 ARCHS = ("resnet18", "wrn28_10", "vgg16", "densenet")
 DATASETS = ("cifar10", "cifar100", "tinyimagenet", "imagenet", "synthetic")
 METHODS = ("dense", "sdense", "moe", "advmoe", "sparse", "standard")
@@ -102,214 +103,6 @@ TRAIN_PARAMS = ("all", "routers", "backbone")
 LOSSES = ("trades", "pgdat")
 ROUTERS = ("layer", "global")
 EVAL_ATTACKS = ("pgd", "router", "soft", "fixed", "square", "autoattack")
-
-
-# ==================================================================================================
-# 1. Settings
-# ==================================================================================================
-class ConfigError(ValueError):
-    """Bad user input: the CLI prints the message on one line and exits with status 2."""
-
-
-class RunFailed(RuntimeError):
-    """The run could not go on (out of disk, a non-finite loss): the CLI prints one line and exits with 1."""
-
-
-class Interrupted(Exception):
-    """SIGINT/SIGTERM during training: the CLI prints the message and exits with status 130."""
-
-
-def setting(default, help: str):
-    return field(default=default, metadata={"help": help})
-
-
-@dataclass
-class Settings:
-    # ---- what to train --------------------------------------------------------------------------
-    dataset: str = setting("cifar10", "cifar10 | cifar100 | tinyimagenet | imagenet | synthetic (offline)")
-    arch: str = setting("resnet18", "resnet18 | wrn28_10 | vgg16 | densenet (DenseNet-BC-40, k=12)")
-    method: str = setting("advmoe", "dense | sdense | moe | advmoe | sparse | standard: AT(Dense), AT(S-Dense), AT(MoE), "
-                                    "AdvMoE, AT(Sparse) (HYDRA channel pruning of a Dense model, then AT fine-tuning), "
-                                    "standard (natural, non-adversarial training of an MoE-CNN; Sec. 4)")
-    ratio: float = setting(0.5, "r in (0,1]: an expert (and S-Dense) keeps r*C of a layer's C channels")
-    n_experts: int = setting(2, "N >= 1: experts per MoE layer (moe, advmoe)")
-    width: float = setting(1.0, "W > 0: base channel multiplier of every backbone (1: the paper's networks); Dense "
-                                "has round(W*C) channels, S-Dense and an expert r of those")
-    router: str = setting("layer", "layer: a gate per MoE layer (paper) | global: one image-level router (official code)")
-    init: str = setting("", "checkpoint.pt whose weights start the run (sparse: an AT(Dense) run; otherwise the same model)")
-    train_params: str = setting("all", "all | routers | backbone: which parameters the joint methods train (Sec. 4 "
-                                       "study: AT of the routers, then of the backbone, of an --init model)")
-    prune_epochs: int = setting(20, "sparse: epochs of score learning (weights frozen) before --epochs of fine-tuning")
-    # ---- robust loss and attacks (eps and step sizes in pixel units of [0,1] images) ---------------
-    loss: str = setting("trades", "trades (default, beta-weighted KL) | pgdat (Madry: CE on PGD examples)")
-    beta: float = setting(6.0, "TRADES weight 1/lambda")
-    eps: float = setting(-1.0, "l_inf radius; -1: 8/255 on CIFAR and synthetic, 2/255 on TinyImageNet/ImageNet")
-    train_steps: int = setting(2, "K: PGD steps of the training attack")
-    train_step_size: float = setting(-1.0, "training PGD step; -1: 2.5*eps/K")
-    test_steps: int = setting(50, "PGD steps of the final robustness evaluation (RA)")
-    test_step_size: float = setting(-1.0, "test PGD step; -1: eps/4")
-    # ---- routing regularizers (NOTE(ours): the paper has none; it is silent on routing collapse) ---
-    # Defaults: the paper's (no balance term, the routers at the backbone's learning rate). On real CIFAR-10 at
-    # laptop scale (results/cifar10_laptop/) it gave AdvMoE's best validation RA-worst, 18.85 (seeds 19.0,
-    # 18.7), although it collapses most layers onto one expert; a balance term of 0.1 kept every expert in use
-    # but lowered it (16.1 with the router lr x 0.1, seed 1; 16.0 at the shared rate). They stay as options.
-    balance: float = setting(0.0, "weight of the Switch balance term N*sum_k f_k*P_k (0: off, the paper)")
-    router_noise: float = setting(0.0, "std of Gaussian noise added to router logits in training")
-    router_lr: float = setting(1.0, "router learning rate = lr * router_lr (1: shared, the paper)")
-    router_supervision: float = setting(0.0, "weight of CE(router, y mod N), the official code's router target")
-    # ---- optimization (the authors' settings) ------------------------------------------------------
-    epochs: int = setting(100, "training epochs (an epoch is one pass of B_psi over the training set)")
-    batch_size: int = setting(128, "images per batch (each of B_phi and B_psi for advmoe)")
-    lr: float = setting(0.1, "SGD learning rate, cosine-annealed per iteration to 0")
-    momentum: float = setting(0.9, "SGD momentum")
-    weight_decay: float = setting(5e-4, "SGD weight decay (all parameters)")
-    seed: int = setting(1, "seed of weights, data order and attack starts")
-    # ---- data --------------------------------------------------------------------------------------
-    data_dir: str = setting("data", "where data sets live (CIFAR is downloaded here when possible)")
-    download: bool = setting(True, "let torchvision download CIFAR when it is missing")
-    synthetic_train: int = setting(128, "training images of the synthetic data set (small: a smoke set for CPUs)")
-    synthetic_test: int = setting(16, "test images of the synthetic data set (PGD-50 of Dense WRN-28-10 costs ~9 s an image on 2 cores)")
-    train_n: int = setting(0, "train on a fixed random subset of this many training images (0: all but --val-n)")
-    val_n: int = setting(0, "hold this many training images out as a validation split, evaluated beside the test "
-                            "set (choose settings on it, never on the test set)")
-    # ---- evaluation --------------------------------------------------------------------------------
-    eval_n: int = setting(0, "test images for the final SA/RA (0: the whole test set)")
-    eval_attacks: str = setting("pgd", "comma-separated: pgd (the paper's RA) | router | soft | fixed (router-aware "
-                                       "PGD) | square | autoattack (need torchattacks); RA-worst over all of them")
-    eval_aa: bool = setting(False, "also evaluate with AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square; needs "
-                                   "torchattacks): RA-AA, Table 2")
-    aa_n: int = setting(0, "test images for AutoAttack (the first ones of the evaluation; 0: all of --eval-n)")
-    iou_with: str = setting("", "router utility (Fig. 6): IoU of each input's MoE pathway with the static mask of this "
-                                "AT(Sparse) checkpoint.pt, on clean and PGD inputs (needs N*r = 1)")
-    quick_eval_n: int = setting(500, "test images for the per-epoch SA / RA(PGD-10) check (0: skip)")
-    square_queries: int = setting(5000, "queries of the Square attack (AutoAttack's standard 5000)")
-    eval_batch_size: int = setting(256, "batch size of evaluation and attacks at test time")
-    # ---- run ---------------------------------------------------------------------------------------
-    out: str = setting("", "run folder (result.json, checkpoint.pt, log.jsonl); default runs/<name>")
-    resume: bool = setting(False, "continue from <out>/checkpoint.pt (the recipe must be the same; --epochs may grow)")
-    overwrite: bool = setting(False, "replace the run already in --out (without it, a folder holding a run is refused)")
-    eval_only: str = setting("", "path of a checkpoint to evaluate instead of training")
-    device: str = setting("auto", "auto | cpu | cuda | cuda:K")
-    amp: bool = setting(True, "bf16 autocast on CUDA (ignored on CPU)")
-    channels_last: bool = setting(True, "channels_last memory format on CUDA")
-    train_dispatch: str = setting("auto", "MoE layers in training: auto (masked on CUDA, sparse on the CPU) | sparse "
-                                          "(group by expert: only the chosen experts are computed, a host sync per "
-                                          "layer) | masked (every expert, static shapes, no host sync)")
-    cudnn_benchmark: bool = setting(False, "cuDNN autotuning per shape (helps Dense/S-Dense; MoE group sizes vary, "
-                                           "so every new size is re-tuned)")
-    compile: bool = setting(False, "torch.compile the training forwards (on CUDA one graph, with CUDA graphs; "
-                                   "README, 'Speed and cost')")
-    log_every: float = setting(30.0, "seconds between progress lines (done/total, images/s, ETA) in training, "
-                                     "evaluation and attacks (0: after every batch)")
-
-    def __post_init__(self):
-        check = {"dataset": DATASETS, "arch": ARCHS, "method": METHODS, "loss": LOSSES, "router": ROUTERS,
-             "train_dispatch": ("auto", "sparse", "masked")}
-        for name, allowed in check.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"unknown --{name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
-        if not 0 < self.ratio <= 1:
-            raise ConfigError(f"--ratio {self.ratio} is outside (0, 1]: an expert keeps a fraction r of the channels")
-        if self.n_experts < 1:
-            raise ConfigError(f"--n-experts {self.n_experts} must be at least 1")
-        if self.method in MOE_METHODS and self.n_experts < 2:
-            raise ConfigError(f"--method {self.method} needs --n-experts >= 2 (with one expert use --method sdense)")
-        if self.method == "sparse" and self.ratio == 1:
-            raise ConfigError("--method sparse keeps a fraction --ratio of the channels: give --ratio below 1")
-        if self.train_params not in TRAIN_PARAMS:
-            raise ConfigError(f"unknown --train-params {self.train_params!r}: choose one of {', '.join(TRAIN_PARAMS)}")
-        if self.train_params != "all" and (self.method == "advmoe" or not self.init):
-            raise ConfigError(f"--train-params {self.train_params} freezes part of the model: use it with --init CKPT "
-                              f"and a joint method (moe, standard), not advmoe (whose levels already split it)")
-        if self.train_params == "routers" and self.method not in MOE_METHODS:
-            raise ConfigError(f"--train-params routers needs an MoE-CNN (--method moe or standard), not {self.method}")
-        if self.eps == -1.0:
-            self.eps = 2 / 255 if self.dataset in ("tinyimagenet", "imagenet") else 8 / 255
-        if self.eps < 0:
-            raise ConfigError(f"--eps {self.eps} is negative: give the l_inf radius in pixel units, e.g. 0.0314")
-        if not math.isfinite(self.eps) or self.eps > 1:
-            raise ConfigError(f"--eps {self.eps} is not a radius in pixel units of [0,1] images: give e.g. 0.0314 (8/255)")
-        for name in ("lr", "momentum", "weight_decay", "beta", "balance", "router_lr", "router_noise",
-                     "router_supervision"):
-            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a finite number >= 0")
-        for name in ("eval_n", "quick_eval_n"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be 0 (0: "
-                                  f"{'all test images' if name == 'eval_n' else 'no per-epoch check'}) or more")
-        for name in ("test_steps", "train_steps", "square_queries"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
-        if self.prune_epochs < 0 or self.aa_n < 0:
-            raise ConfigError("--prune-epochs and --aa-n must be 0 or more")
-        if not (0 < self.width <= 64):
-            raise ConfigError(f"--width {self.width} must be in (0, 64]: the channel multiplier of the backbone")
-        if self.train_n < 0 or self.val_n < 0:
-            raise ConfigError("--train-n and --val-n must be 0 or more (0: not used)")
-        if not self.log_every >= 0:
-            raise ConfigError(f"--log-every {self.log_every} must be 0 or more seconds")
-        for name in ("epochs", "batch_size", "eval_batch_size", "synthetic_train", "synthetic_test"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
-        unknown = [a for a in self.eval_attacks.split(",") if a not in EVAL_ATTACKS]
-        if unknown:
-            raise ConfigError(f"unknown --eval-attacks {','.join(unknown)}: choose from {', '.join(EVAL_ATTACKS)}")
-        if {"square", "autoattack"} & set(self.attacks):
-            import_torchattacks()  # fail now, not after training
-        if self.train_step_size < 0:
-            self.train_step_size = 2.5 * self.eps / max(self.train_steps, 1)
-        if self.test_step_size < 0:
-            self.test_step_size = self.eps / 4
-
-    @property
-    def attacks(self) -> tuple[str, ...]:
-        """Every attack of the final evaluation: --eval-attacks, plus AutoAttack with --eval-aa."""
-        return tuple(self.eval_attacks.split(",")) + (("autoattack",) if self.eval_aa else ())
-
-    # The model a method trains, by parameters and not by copies of the backbone. AT(Sparse) ends as a
-    # network of S-Dense's shape (its pruned channels removed).
-    @property
-    def model_ratio(self) -> float:
-        return 1.0 if self.method == "dense" else self.ratio
-
-    @property
-    def model_experts(self) -> int:
-        return self.n_experts if self.method in MOE_METHODS else 1
-
-    @property
-    def name(self) -> str:
-        return f"{self.dataset}_{self.arch}_{self.method}_r{self.model_ratio:g}_n{self.model_experts}_s{self.seed}"
-
-
-def settings_parser(defaults: bool = True) -> argparse.ArgumentParser:
-    """argparse flags from the Settings fields: --field-name, typed by the default, help from the field.
-    defaults=False: a flag not on the command line is left out of the parsed namespace."""
-    parser = argparse.ArgumentParser(
-        description="AdvMoE: robust training of MoE-CNNs (ICCV 2023). Other commands: 'python advmoe.py report "
-                    "DIR' (every table from the result.json files below DIR), 'python advmoe.py bench --help' "
-                    "(speed and cost).", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-        argument_default=None if defaults else argparse.SUPPRESS)
-    for f in dataclasses.fields(Settings):
-        flag, default = "--" + f.name.replace("_", "-"), f.default if defaults else argparse.SUPPRESS
-        if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
-        else:
-            parser.add_argument(flag, type=type(f.default), default=default, help=f.metadata["help"])
-    return parser
-
-
-def parse_settings(argv: list[str]) -> Settings:
-    return Settings(**vars(settings_parser().parse_args(argv)))
-
-
-def given_flags(argv: list[str]) -> set[str]:
-    """The Settings fields set on the command line (not left at their defaults)."""
-    return set(vars(settings_parser(defaults=False).parse_args(argv)))
-
-
-# ==================================================================================================
-# 2. Data: inputs in [0,1]; CIFAR-size sets kept in memory as uint8 (on the GPU when there is one)
-# ==================================================================================================
 MEAN_STD = {  # per-channel mean and std; the model normalizes as its first layer
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
@@ -319,223 +112,8 @@ MEAN_STD = {  # per-channel mean and std; the model normalizes as its first laye
 }
 
 
-class TensorData:
-    """A data set held as uint8 tensors (B, 3, H, W) on `device`, with batched crop/flip augmentation."""
-
-    def __init__(self, train: tuple, test: tuple, num_classes: int, device: torch.device, val: tuple | None = None):
-        self.x_train, self.y_train = (t.to(device) for t in train)
-        self.x_test, self.y_test = (t.to(device) for t in test)
-        self.x_val, self.y_val = (t.to(device) for t in val) if val else (self.x_test[:0], self.y_test[:0])
-        self.num_classes, self.image_size, self.device = num_classes, self.x_train.shape[-1], device
-        self.shard = (0, 1)  # (rank, world size) under torchrun
-
-    def train_batches(self, batch_size: int, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One shuffled epoch of augmented batches. The epoch's randomness (order, crop offsets, flips) is
-        drawn at once on the CPU from `gen`, so it is a function of the seed and the epoch, and moved in one
-        copy. Distributed: every process draws the same shuffle and takes a disjoint part of it."""
-        n, pad = len(self.y_train), 4
-        perm = torch.randperm(n, generator=gen)
-        shifts = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen)  # crop offsets in the padded image
-        flips = torch.rand(n, generator=gen) < 0.5
-        rank, world = self.shard
-        perm, shifts, flips = (t.to(self.device, non_blocking=True) for t in (perm[rank::world], shifts, flips))
-        for i in range(0, len(perm) - batch_size + 1, batch_size):  # drop the last partial batch, as is usual
-            idx = perm[i:i + batch_size]
-            x = augment(self.x_train[idx], shifts[idx], flips[idx], pad)
-            yield x, self.y_train[idx]
-
-    def test_batches(self, batch_size: int, limit: int = 0, split: str = "test") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Batches of the test set (or of the validation split held out of the training set), in order."""
-        x, y = (self.x_test, self.y_test) if split == "test" else (self.x_val, self.y_val)
-        n = self.eval_len(limit, split)
-        for i in range(0, n, batch_size):
-            yield x[i:min(i + batch_size, n)].float() / 255, y[i:min(i + batch_size, n)]
-
-    def eval_len(self, limit: int = 0, split: str = "test") -> int:
-        n = len(self.y_test if split == "test" else self.y_val)
-        return min(limit, n) if limit else n
-
-    def train_len(self, batch_size: int) -> int:
-        return len(self.y_train) // self.shard[1] // batch_size
-
-
-def augment(x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, pad: int) -> torch.Tensor:
-    """Random crop with zero padding `pad` and horizontal flip, for a whole uint8 batch in one gather."""
-    b, c, h, w = x.shape
-    x = F.pad(x, (pad, pad, pad, pad))                                        # (B, C, H+2p, W+2p)
-    rows = shifts[:, 0, None] + torch.arange(h, device=x.device)              # (B, H)
-    cols = shifts[:, 1, None] + torch.arange(w, device=x.device)              # (B, W)
-    cols = torch.where(flips[:, None], cols.flip(1), cols)                    # flip = read columns backwards
-    bi = torch.arange(b, device=x.device)[:, None, None, None]
-    ci = torch.arange(c, device=x.device)[None, :, None, None]
-    x = x[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]             # (B, C, H, W)
-    return x.float() / 255
-
-
-class FolderData:
-    """TinyImageNet / ImageNet from ImageFolder trees (DATA_DIR/<name>/{train,val}/<class>/<image>)."""
-
-    def __init__(self, root: Path, image_size: int, device: torch.device, train_n: int = 0, val_n: int = 0,
-                 workers: int = 8):
-        import torchvision.transforms as T
-        from torchvision.datasets import ImageFolder
-        if image_size >= 128:  # ImageNet recipe
-            train_tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor()])
-            test_tf = T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size), T.ToTensor()])
-        else:  # TinyImageNet: 64x64, CIFAR-style augmentation
-            train_tf = T.Compose([T.RandomCrop(image_size, padding=4), T.RandomHorizontalFlip(), T.ToTensor()])
-            test_tf = T.ToTensor()
-        self.train = ImageFolder(str(root / "train"), train_tf)
-        self.test = ImageFolder(str(root / "val"), test_tf)
-        self.val = torch.utils.data.Subset(self.train, [])
-        if train_n or val_n:  # the validation split is read with the test transform
-            keep, held = split_train(len(self.train), train_n, val_n)
-            self.val = torch.utils.data.Subset(ImageFolder(str(root / "train"), test_tf), held.tolist())
-            self.train = torch.utils.data.Subset(self.train, keep.tolist())
-        self.num_classes, self.image_size, self.device, self.workers = len(self.train.classes), image_size, device, workers
-        self.shard = (0, 1)
-
-    def _loader(self, dataset, batch_size, sampler=None, drop_last=False):
-        return torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, drop_last=drop_last,
-                                           num_workers=self.workers, pin_memory=self.device.type == "cuda")
-
-    def train_batches(self, batch_size, gen):
-        rank, world = self.shard
-        order = torch.randperm(len(self.train), generator=gen)[rank::world].tolist()  # same shuffle, own part
-        for x, y in self._loader(self.train, batch_size, order, drop_last=True):
-            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
-    def test_batches(self, batch_size, limit=0, split="test"):
-        seen = 0
-        for x, y in self._loader(self.test if split == "test" else self.val, batch_size):
-            if limit and seen >= limit:
-                return
-            keep = batch_size if not limit else min(batch_size, limit - seen)
-            seen += keep
-            yield x[:keep].to(self.device), y[:keep].to(self.device)
-
-    def train_len(self, batch_size):
-        return len(self.train) // self.shard[1] // batch_size
-
-    def eval_len(self, limit=0, split="test"):
-        n = len(self.test if split == "test" else self.val)
-        return min(limit, n) if limit else n
-
-
-def synthetic_data(n_train: int, n_test: int, num_classes: int = 10, seed: int = 0):
-    """An offline, learnable CIFAR-shaped set: each class is a smooth random colour pattern, each image
-    that pattern plus a smooth per-image nuisance and pixel noise. Classes differ by far more than 8/255,
-    so a robust classifier exists; the nuisance keeps it from being trivial."""
-    g = torch.Generator().manual_seed(seed)
-    protos = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g), size=32, mode="bilinear")
-
-    def draw(n):
-        y = torch.randint(num_classes, (n,), generator=g)
-        nuisance = F.interpolate(torch.rand(n, 3, 8, 8, generator=g), size=32, mode="bilinear")
-        x = 0.6 * protos[y] + 0.3 * nuisance + 0.1 * torch.rand(n, 3, 32, 32, generator=g)
-        return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
-
-    return draw(n_train), draw(n_test)
-
-
-def load_cifar(name: str, root: Path, download: bool):
-    """CIFAR-10/100 as uint8 (B,3,32,32). DATA_DIR/<name>_{train,test}.npz (arrays x: uint8 NHWC, y) are
-    used when present (for copies made offline); otherwise torchvision's copy, downloaded if allowed."""
-    npz = [root / f"{name}_{split}.npz" for split in ("train", "test")]
-    if any(p.exists() for p in npz):
-        classes = 10 if name == "cifar10" else 100
-        train, test = (read_npz(p, classes) for p in npz)
-        if train[0].shape[1:] != test[0].shape[1:]:
-            raise ConfigError(f"{npz[0]} holds {tuple(train[0].shape[2:])} images but {npz[1]} holds "
-                              f"{tuple(test[0].shape[2:])}: train and test must have the same image size")
-        return [train, test]
-    from torchvision.datasets import CIFAR10, CIFAR100
-    cls = CIFAR10 if name == "cifar10" else CIFAR100
-    try:
-        sets = [cls(str(root), train=train, download=download) for train in (True, False)]
-    except Exception as e:  # offline, or files missing with --no-download
-        raise ConfigError(f"{name} is not in {root} and could not be downloaded ({type(e).__name__}): "
-                          f"run once with network access, or put the torchvision copy (e.g. cifar-10-batches-py/) "
-                          f"or {name}_train.npz/{name}_test.npz in --data-dir") from None
-    return [(nchw(s.data), torch.tensor(s.targets)) for s in sets]
-
-
-def read_npz(path: Path, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """DATA_DIR/<name>_<split>.npz, checked: x uint8 (N, H, W, 3) in 0..255, y integers (N,) in [0, classes)."""
-    import numpy as np
-    must = f"it must hold x: uint8 images (N, H, W, 3) and y: N integer labels in [0, {classes})"
-    if not path.exists():
-        raise ConfigError(f"{path} is missing (its other split is there): {must}; or remove both to use torchvision")
-    try:
-        z = np.load(path)
-        files = getattr(z, "files", ())
-    except (OSError, ValueError, EOFError) as e:
-        raise ConfigError(f"{path} cannot be read as .npz ({type(e).__name__}): {must}") from None
-    missing = [k for k in ("x", "y") if k not in files]
-    if missing:
-        raise ConfigError(f"{path} has no array {missing[0]!r}: {must}")
-    x, y = z["x"], z["y"]
-    if x.dtype != np.uint8:
-        raise ConfigError(f"{path}: x is {x.dtype}, not uint8: {must} (scale float images in [0,1] by 255 and round)")
-    if x.ndim != 4 or x.shape[-1] != 3:
-        raise ConfigError(f"{path}: x has shape {x.shape}, not (N, H, W, 3): {must}")
-    if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
-        raise ConfigError(f"{path}: y is {y.dtype} of shape {y.shape}, not N integers: {must}")
-    if len(x) != len(y):
-        raise ConfigError(f"{path}: x has {len(x)} images but y {len(y)} labels: {must}")
-    if len(y) == 0:
-        raise ConfigError(f"{path} is empty (no image): {must}")
-    if y.min() < 0 or y.max() >= classes:
-        raise ConfigError(f"{path}: labels run from {y.min()} to {y.max()}, outside [0, {classes}): {must}")
-    return nchw(x), torch.from_numpy(y).long()
-
-
-def nchw(images) -> torch.Tensor:
-    """A uint8 NHWC numpy array (how CIFAR is stored) as a (B, 3, H, W) tensor."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
-
-
-SPLIT_SEED = 0  # the --train-n subset and the --val-n split: the same images for every run and every --seed
-
-
-def split_train(n: int, train_n: int, val_n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Indices (sorted) of the training subset and of the disjoint validation split, drawn once from
-    SPLIT_SEED: the validation images are the first val_n of a fixed permutation, the subset the next train_n."""
-    if val_n >= n or train_n + val_n > n:
-        raise ConfigError(f"--train-n {train_n} plus --val-n {val_n} exceed the {n} training images: lower them")
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
-    held, rest = perm[:val_n], perm[val_n:]
-    return (rest[:train_n] if train_n else rest).sort().values, held.sort().values
-
-
-def load_data(s: Settings, device: torch.device):
-    root = Path(s.data_dir)
-    if s.dataset in ("tinyimagenet", "imagenet"):
-        folder = root / ("tiny-imagenet-200" if s.dataset == "tinyimagenet" else "imagenet")
-        if not (folder / "train").is_dir() or not (folder / "val").is_dir():
-            raise ConfigError(f"{s.dataset} needs ImageFolder trees {folder}/train/<class>/ and {folder}/val/<class>/ "
-                              f"(TinyImageNet's val images must first be moved into one folder per class)")
-        return FolderData(folder, 64 if s.dataset == "tinyimagenet" else 224, device, s.train_n, s.val_n)
-    if s.dataset == "synthetic":
-        (train, test), classes = synthetic_data(s.synthetic_train, s.synthetic_test), 10
-    else:
-        (train, test), classes = load_cifar(s.dataset, root, s.download), 10 if s.dataset == "cifar10" else 100
-    val = None
-    if s.train_n or s.val_n:
-        keep, held = split_train(len(train[1]), s.train_n, s.val_n)
-        train, val = (train[0][keep], train[1][keep]), (train[0][held], train[1][held])
-    return TensorData(train, test, classes, device, val)
-
-
-def data_summary(s: Settings, data) -> dict:
-    """What result.json records of the data: images per split and how the subset / validation split were drawn."""
-    return {"train_images": data.train_len(1) * data.shard[1], "val_images": data.eval_len(split="val"),
-            "test_images": data.eval_len(), "train_n": s.train_n or None, "val_n": s.val_n or None,
-            "split_seed": SPLIT_SEED if (s.train_n or s.val_n) else None}
-
-
 # ==================================================================================================
-# 3. MoE layers: router, top-1 gate with a straight-through estimator, channel-expert convolution
+# 1. MoE layers: router, top-1 gate with a straight-through estimator, channel-expert convolution
 # ==================================================================================================
 class Gate(NamedTuple):
     """One MoE layer's routing decision for a batch."""
@@ -770,7 +348,7 @@ class GlobalRouter(nn.Module):
 
 
 # ==================================================================================================
-# 4. Backbones, each written once; `spec` makes the same class Dense, S-Dense or MoE
+# 2. Backbones, each written once; `spec` makes the same class Dense, S-Dense or MoE
 # ==================================================================================================
 @dataclass(frozen=True)
 class Spec:
@@ -1041,7 +619,7 @@ def count_params(model: nn.Module) -> dict:
 
 
 # ==================================================================================================
-# 5. Attacks: one l_inf PGD that maximizes any loss of the perturbed input
+# 3. Attacks and losses: one l_inf PGD that maximizes any loss; TRADES; the routing regularizer
 # ==================================================================================================
 @contextlib.contextmanager
 def evaluating(model: nn.Module):
@@ -1085,21 +663,6 @@ def ce_objective(model: nn.Module, y: torch.Tensor, dispatch: str = "auto", forc
     return lambda x_adv: F.cross_entropy(model(x_adv, dispatch=dispatch, force=force).float(), y, reduction="sum")
 
 
-def training_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: Settings) -> torch.Tensor:
-    """The inner maximization of the training loss, K steps."""
-    d = s.train_dispatch
-    if s.loss == "pgdat":  # Madry: max CE
-        return pgd(model, x, ce_objective(model, y, d), s.eps, s.train_step_size, s.train_steps, "uniform")
-    # TRADES: max_delta KL(f(x) || f(x+delta)); the clean target is computed once per attack and detached.
-    with torch.no_grad(), evaluating(model):
-        target = model(x, dispatch=d)
-    return pgd(model, x, lambda xa: kl_from_logits(target, model(xa, dispatch=d), "sum"), s.eps,
-               s.train_step_size, s.train_steps, "normal")
-
-
-# ==================================================================================================
-# 6. Losses: pure functions of logits and gates
-# ==================================================================================================
 def trades_loss(logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
     # (AT) CE(f(x), y) + beta * KL(f(x) || f(x + delta))
     # NOTE(paper): as in TRADES' reference code, both sides of the KL carry gradient here; only attack
@@ -1124,30 +687,6 @@ def routing_regularizer(gates: list[Gate], y: torch.Tensor, s: Settings) -> torc
     return total / max(len(gates), 1)
 
 
-def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: Settings):
-    """A fresh training attack against the current model, then the training loss at (x, x_adv).
-    (--method standard: natural training, CE(f(x), y), no attack: stage 1 of the Sec. 4 study.)"""
-    if s.method == "standard":
-        logits, gates = model(x, return_routing=True, dispatch=s.train_dispatch)
-        main, logits_adv, gates_adv = F.cross_entropy(logits.float(), y), logits, []
-    elif s.loss == "trades":
-        x_adv = training_attack(model, x, y, s)
-        logits_adv, gates_adv = model(x_adv, return_routing=True, dispatch=s.train_dispatch)
-        logits, gates = model(x, return_routing=True, dispatch=s.train_dispatch)
-        main = trades_loss(logits, logits_adv, y, s.beta)
-    else:  # pgdat: min CE(f(x_adv), y)
-        x_adv = training_attack(model, x, y, s)
-        logits_adv, gates_adv = model(x_adv, return_routing=True, dispatch=s.train_dispatch)
-        logits, gates = logits_adv, []
-        main = F.cross_entropy(logits_adv.float(), y)
-    reg = routing_regularizer(gates + gates_adv, y, s)
-    stats = {"loss": main.detach(), "router_reg": reg.detach(),
-             "acc": (logits.argmax(1) == y).float().mean(), "acc_adv": (logits_adv.argmax(1) == y).float().mean()}
-    if gates_adv:
-        stats["top_share"] = expert_usage(gates_adv).max(1).values.mean()   # mean over layers of max_k f_k
-    return main, reg, stats
-
-
 def expert_usage(gates: list[Gate]) -> torch.Tensor:
     """(L, N): fraction of the batch routed to each expert, per MoE layer."""
     n = gates[0].logits.shape[1]
@@ -1155,8 +694,44 @@ def expert_usage(gates: list[Gate]) -> torch.Tensor:
 
 
 # ==================================================================================================
-# 7. Training: each method is one call of `level` (AT) or two (AdvMoE, Algorithm 1)
+# 4. Algorithm 1 (AdvMoE) and the baselines: each method is a step function of one table
 # ==================================================================================================
+def training_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: Settings) -> torch.Tensor:
+    """The inner maximization of the training loss, K steps."""
+    d = s.train_dispatch
+    if s.loss == "pgdat":  # Madry: max CE
+        return pgd(model, x, ce_objective(model, y, d), s.eps, s.train_step_size, s.train_steps, "uniform")
+    # TRADES: max_delta KL(f(x) || f(x+delta)); the clean target is computed once per attack and detached.
+    with torch.no_grad(), evaluating(model):
+        target = model(x, dispatch=d)
+    return pgd(model, x, lambda xa: kl_from_logits(target, model(xa, dispatch=d), "sum"), s.eps,
+               s.train_step_size, s.train_steps, "normal")
+
+
+def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: Settings):
+    """A fresh training attack against the current model, then the training loss at (x, x_adv).
+    (--method standard: natural training, CE(f(x), y), no attack: stage 1 of the Sec. 4 study.)"""
+    if s.method == "standard":
+        logits, gates = model(x, return_routing=True, dispatch=s.train_dispatch)
+        objective, logits_adv, gates_adv = F.cross_entropy(logits.float(), y), logits, []
+    elif s.loss == "trades":
+        x_adv = training_attack(model, x, y, s)
+        logits_adv, gates_adv = model(x_adv, return_routing=True, dispatch=s.train_dispatch)
+        logits, gates = model(x, return_routing=True, dispatch=s.train_dispatch)
+        objective = trades_loss(logits, logits_adv, y, s.beta)
+    else:  # pgdat: min CE(f(x_adv), y)
+        x_adv = training_attack(model, x, y, s)
+        logits_adv, gates_adv = model(x_adv, return_routing=True, dispatch=s.train_dispatch)
+        logits, gates = logits_adv, []
+        objective = F.cross_entropy(logits_adv.float(), y)
+    reg = routing_regularizer(gates + gates_adv, y, s)
+    stats = {"loss": objective.detach(), "router_reg": reg.detach(),
+             "acc": (logits.argmax(1) == y).float().mean(), "acc_adv": (logits_adv.argmax(1) == y).float().mean()}
+    if gates_adv:
+        stats["top_share"] = expert_usage(gates_adv).max(1).values.mean()   # mean over layers of max_k f_k
+    return objective, reg, stats
+
+
 def make_optimizers(model: nn.Module, s: Settings, device: torch.device) -> dict[str, torch.optim.Optimizer]:
     """AdvMoE: one SGD for the routers phi and one for the backbone psi (same settings and schedule).
     Joint methods: one SGD over everything, or over phi or psi alone (--train-params, the Sec. 4 study).
@@ -1183,8 +758,8 @@ def level(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torc
           regularize: bool = True) -> dict:
     """One adversarial-training update of the parameters held by `opt` (the others stay fixed). The routing
     regularizer is added only where the routers are trained (regularize): AdvMoE's lower level, not its upper."""
-    main, reg, stats = robust_loss(model, x, y, s)
-    loss = main + reg if regularize else main
+    objective, reg, stats = robust_loss(model, x, y, s)
+    loss = objective + reg if regularize else objective
     params = [p for g in opt.param_groups for p in g["params"]]
     opt.zero_grad(set_to_none=True)
     loss.backward(inputs=params)  # gradients only for the parameters this level updates
@@ -1193,465 +768,42 @@ def level(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torc
     return stats
 
 
-def average_gradients(params: list[nn.Parameter]):
-    """Data parallelism under torchrun: the mean gradient over processes, in one flat all-reduce.
-    NOTE(ours): explicit rather than a DistributedDataParallel wrapper, because each AdvMoE level
-    back-propagates into its own parameters only, which DDP's reducer cannot follow. A parameter a
-    process did not reach counts as a zero gradient there, so no process waits for it."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return
-    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat)
-    flat /= dist.get_world_size()
-    for p, g in zip(params, flat.split([p.numel() for p in params])):
-        p.grad = g.view_as(p)
+# Eq. (1), the bi-level problem AdvMoE solves (psi: backbone and experts; phi: routers; D: the training set):
+#     min_psi L_TRADES(psi, phi*(psi); D)   s.t.   phi*(psi) = argmin_phi L_TRADES(psi, phi; D)
+# Algorithm 1 solves it by alternating optimization: per iteration one SGD step of each level, each against an
+# attack regenerated for the model as it is then. Lines 1-2 (initialization, the loop) are train / train_epoch.
+def advmoe_step(model: nn.Module, opts: dict, batches: list, s: Settings) -> dict:
+    """One iteration of Algorithm 1, lines 3-5."""
+    # 3: draw two different random batches B_phi and B_psi (two independent shuffles, see train_epoch)
+    (x_phi, y_phi), (x_psi, y_psi) = batches
+    # 4: lower level: with psi fixed, update phi by minimizing L_TRADES with a K-step PGD attack, SGD on B_phi
+    #    (the attack is generated against (psi, phi); a routing regularizer, if any, is trained here only)
+    router_stats = level(model, opts["phi"], x_phi, y_phi, s, regularize=True)
+    # 5: upper level: with phi fixed (= phi*), update psi by minimizing L_TRADES with a K-step PGD attack,
+    #    SGD on B_psi (the attack regenerated against (psi, phi*))
+    stats = level(model, opts["psi"], x_psi, y_psi, s, regularize=False)
+    return {**stats, "router_loss": router_stats["loss"]}
 
 
-def distributed(s: Settings) -> tuple[int, int, torch.device]:
-    """(rank, world size, device): joins the process group when started by torchrun (WORLD_SIZE > 1),
-    NCCL on CUDA (one GPU per process, cuda:LOCAL_RANK), gloo on the CPU."""
-    world, device = int(os.environ.get("WORLD_SIZE", "1")), resolve_device(s.device)
-    if world == 1:
-        return 0, 1, device
-    if device.type == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return dist.get_rank(), world, device
+def joint_step(model: nn.Module, opts: dict, batches: list, s: Settings) -> dict:
+    """The baselines AT(Dense), AT(S-Dense), AT(MoE) (and AT(Sparse)'s fine-tuning, natural training):
+    min_{psi, phi} L_TRADES(psi, phi; D) jointly, one batch, one attack."""
+    return level(model, opts["all"], *batches[0], s)
 
 
-def sync_model(model: nn.Module):
-    """Every process takes rank 0's parameters and buffers (BatchNorm running statistics)."""
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        with torch.no_grad():
-            for t in list(model.parameters()) + list(model.buffers()):
-                dist.broadcast(t, src=0)
-
-
-def ranks_identical(model: nn.Module) -> bool | None:
-    """Whether every process holds the same weights (checksums gathered from all ranks); None if alone."""
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return None
-    with torch.no_grad():
-        mine = torch.stack([p.double().sum() for p in model.parameters()]).cpu()
-    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(every, mine)
-    return all(torch.equal(mine, other) for other in every)
+# Every method is one step function, and the number of batch streams it draws per iteration.
+STEPS: dict[str, tuple[Callable, int]] = {"advmoe": (advmoe_step, 2), "moe": (joint_step, 1),
+                                          "sdense": (joint_step, 1), "dense": (joint_step, 1),
+                                          "sparse": (joint_step, 1), "standard": (joint_step, 1)}
 
 
 def train_step(model: nn.Module, opts: dict, batches: list, s: Settings) -> dict:
-    """One iteration. batches = [(x, y)] for the joint methods, [B_phi, B_psi] for AdvMoE."""
-    if s.method != "advmoe":
-        # AT(Dense), AT(S-Dense), AT(MoE): min_{psi,phi} L_TRADES(psi, phi) jointly
-        return level(model, opts["all"], *batches[0], s)
-    (x_phi, y_phi), (x_psi, y_psi) = batches
-    # Alg. 1 line 4 (lower level): with psi fixed, update phi on B_phi, attack generated against (psi, phi)
-    router_stats = level(model, opts["phi"], x_phi, y_phi, s, regularize=True)
-    # Alg. 1 line 5 (upper level): with phi fixed (= phi*), update psi on B_psi, attack regenerated; the routing
-    # regularizer is the routers' and stays out of psi's loss
-    stats = level(model, opts["psi"], x_psi, y_psi, s, regularize=False)
-    stats["router_loss"] = router_stats["loss"]
-    return stats
-
-
-def place(model: nn.Module, s: Settings, device: torch.device) -> nn.Module:
-    model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if (device.type == "cuda" and s.channels_last) else model
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ConfigError(f"unknown --device {name!r}: use auto, cpu, cuda or cuda:K") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {name}: advmoe.py runs on cpu or cuda (auto picks cuda when there is one)")
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"--device {name} asked for, but torch sees no CUDA device: use --device cpu")
-    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ConfigError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
-                          f"cuda:{torch.cuda.device_count() - 1}")
-    return device
-
-
-def check_fits(s: Settings, num_classes: int, image_size: int, device: torch.device):
-    """Refuse a model whose parameters, gradients and momentum alone would not fit in the device's free memory
-    (counted on the meta device, where nothing is allocated), before building it."""
-    with torch.device("meta"):
-        params = sum(p.numel() for p in build_model(s, num_classes, image_size).parameters())
-    need = 3 * 4 * params  # float32 weights, gradients, SGD momentum; activations come on top
-    if device.type == "cuda":
-        free = torch.cuda.mem_get_info(device)[0]
-    else:  # MemAvailable counts the page cache the system can give back; free pages alone would not
-        meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").exists() else ""
-        avail = [int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemAvailable:")]
-        free = avail[0] if avail else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
-    if need > free:
-        raise ConfigError(f"the model has {params / 1e6:.0f}M parameters ({need / 2**30:.1f} GiB with gradients "
-                          f"and momentum), more than the {free / 2**30:.1f} GiB free on {device}: lower "
-                          f"--n-experts, --ratio or --width")
-
-
-def compiled(model: nn.Module, s: Settings, device: torch.device) -> nn.Module:
-    """--compile: the model as torch.compile captures it, for the training forwards. On CUDA the dispatch is the
-    masked one ("auto"): no host read, static shapes, so the whole forward is one graph (fullgraph=True fails
-    loudly if it is not) and mode "reduce-overhead" replays it as CUDA graphs, one launch instead of one per
-    kernel. On the CPU, or with the sparse dispatch, the default mode, with a graph break per MoE layer."""
-    if not s.compile:
-        return model
-    static = device.type == "cuda" and resolve_dispatch(s.train_dispatch, device) == "masked"
-    return torch.compile(model, fullgraph=static, mode="reduce-overhead" if static else None)
-
-
-def autocast(s: Settings, device: torch.device):
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=s.amp and device.type == "cuda")
-
-
-def train(s: Settings, log: Callable[[str], None] = print) -> dict | None:
-    """Train one model, evaluate it, and write <out>/result.json; returns the result. Under torchrun every
-    process trains on its part of each batch stream; rank 0 logs, checkpoints and evaluates (other ranks
-    return None)."""
-    rank, world, device = distributed(s)
-    lead = rank == 0
-    log = log if lead else (lambda _: None)
-    out = Path(s.out or f"runs/{s.name}")
-    with run_folder(out, s, lead):
-        return train_in(out, s, rank, world, device, log)
-
-
-def train_in(out: Path, s: Settings, rank: int, world: int, device: torch.device, log) -> dict | None:
-    lead = rank == 0
-    torch.manual_seed(s.seed)
-    if device.type == "cpu" and s.dataset != "synthetic":
-        log(f"warning: training {s.dataset} on the CPU will be slow; a CUDA device is recommended")
-    torch.backends.cudnn.benchmark = s.cudnn_benchmark and device.type == "cuda"
-    data = load_data(s, device)
-    data.shard = (rank, world)
-    check_fits(s, data.num_classes, data.image_size, device)
-    model = place(build_model(s, data.num_classes, data.image_size), s, device)
-    opts = make_optimizers(model, s, device)
-    start, history, train_seconds, extra = 0, [], 0.0, {}
-    ckpt_path = out / "checkpoint.pt"
-    if s.iou_with:  # fail now, not after training
-        router_utility_tables(model, s.iou_with)
-    if data.train_len(s.batch_size) == 0:
-        raise ConfigError(f"--batch-size {s.batch_size} is larger than the training set (per process): lower it")
-    if s.resume and ckpt_path.exists():
-        start, history, train_seconds, extra = load_checkpoint(ckpt_path, model, opts, s)
-        log(f"resumed {ckpt_path} after epoch {start}")
-        if lead and (out / "result.json").exists():  # the finished run's result stays, under its own name
-            kept = keep_aside(out / "result.json", f"result_epoch{start}")
-            log(f"the result of epoch {start} is kept as {kept}")
-    else:
-        if s.resume:
-            log(f"--resume: no checkpoint in {out} yet, starting fresh")
-        if s.init and s.method != "sparse":
-            load_init(model, s.init, {k: getattr(s, k) for k in IDENTITY if k != "method"})
-        if world > 1:
-            torch.manual_seed(s.seed + rank)  # attack starts differ between processes
-    with stop_on_signals() as stop:
-        if s.method == "sparse" and start == 0:  # AT(Sparse): prune, then fine-tune below
-            t0 = time.perf_counter()
-            state, mask, prune_history = prune(s, data, device, stop, log)
-            model.load_state_dict(state)
-            train_seconds += time.perf_counter() - t0
-            extra = {**mask, "prune_history": prune_history}
-            log(f"pruned to {sum(map(len, mask['keep'].values()))} of {sum(mask['sizes'].values())} channels; "
-                f"fine-tuning for {s.epochs} epochs")
-        sync_model(model)
-        # Training forwards may go through torch.compile; checkpoints and evaluation use the module itself.
-        net = compiled(model, s, device)
-        for epoch in range(start, s.epochs):
-            t0 = time.perf_counter()
-            row = {"epoch": epoch + 1, **train_epoch(net, opts, data, s, epoch, device, stop, log)}
-            sync_model(model)  # BatchNorm statistics of rank 0 everywhere
-            train_seconds += time.perf_counter() - t0
-            # the learning rate each parameter group ended the epoch with (routers and backbone may differ)
-            row.update(seconds=round(time.perf_counter() - t0, 2),
-                       **{f"lr_{g.get('name', 'scores')}": round(g["lr"], 6) for o in opts.values() for g in o.param_groups})
-            if not lead:
-                continue
-            if s.quick_eval_n and epoch + 1 < s.epochs:  # the final evaluation replaces the last one
-                # on the validation split when there is one (settings are chosen there, not on the test set)
-                split = "val" if data.eval_len(split="val") else "test"
-                quick = evaluate(model, data, s, steps=10, limit=s.quick_eval_n, split=split)
-                row.update(sa=quick["sa"], ra_pgd10=quick["ra"], quick_split=split,
-                           usage=quick["routing"].get("usage_clean"))
-            history.append(row)
-            log(format_row(row, s))
-            save_checkpoint(ckpt_path, model, opts, s, epoch + 1, history, train_seconds, extra)
-            append_jsonl(out / "log.jsonl", row)
-    identical = ranks_identical(model)
-    info = {"world_size": world, "ranks_identical": identical}
-    if s.method == "sparse":
-        info["sparse"] = {"init": s.init or None, "prune_epochs": len(extra["prune_history"]),
-                          "kept": {g: len(v) for g, v in extra["keep"].items()}, "prune_history": extra["prune_history"]}
-    result = finish(model, data, s, out, history, train_seconds, device, log, info) if lead else None
-    if world > 1:
-        dist.barrier()
-    return result
-
-
-def train_epoch(net: nn.Module, opts: dict, data, s: Settings, epoch: int, device, stop: list, log) -> dict:
-    """One epoch of train_step; returns the epoch's mean statistics (one host sync, at the end)."""
-    iters = data.train_len(s.batch_size)
-    net.train()
-    freeze_batchnorm(net, s.train_params)
-    # Alg. 1 line 3: B_phi and B_psi come from two independent shuffles (NOTE(ours)).
-    streams = 2 if s.method == "advmoe" else 1
-    gens = [torch.Generator().manual_seed(s.seed * 1_000_003 + epoch * 7 + k) for k in range(streams)]
-    sums, bad_step = {}, torch.full((), -1, device=device)
-    progress = Progress(f"epoch {epoch + 1}/{s.epochs}", iters * s.batch_size * streams, log, s.log_every)
-    for it, batches in enumerate(zip(*(data.train_batches(s.batch_size, g) for g in gens))):
-        set_lr(opts, (epoch * iters + it) / (s.epochs * iters))
-        with autocast(s, device):
-            stats = train_step(net, opts, [prep(x, s, device) + (y,) for x, y in batches], s)
-        for k, v in stats.items():
-            sums[k] = sums.get(k, 0.0) + v
-        # remember the first non-finite step of either level without a host sync
-        finite = torch.isfinite(stats["loss"]) & torch.isfinite(stats.get("router_loss", stats["loss"]))
-        bad_step = torch.where((bad_step < 0) & ~finite, it, bad_step)
-        progress((it + 1) * s.batch_size * streams, lambda: f"loss {sums['loss'].item() / (it + 1):.4f}")
-        if stop:
-            kept = f"the checkpoint of epoch {epoch} is kept" if epoch else "no epoch had finished"
-            raise Interrupted(f"interrupted by {stop[0]} in epoch {epoch + 1}: {kept}; continue with --resume")
-    if bad_step.item() >= 0:
-        raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, iteration {bad_step.item() + 1}: kept the "
-                                 f"checkpoint of epoch {epoch}; lower --lr or check the data")
-    return {k: round(v.item() / (it + 1), 4) for k, v in sums.items()}
-
-
-def freeze_batchnorm(model: nn.Module, train_params: str):
-    """--train-params: the frozen part's BatchNorms normalize with their running statistics and leave them
-    fixed (eval mode). Routers frozen: the global router's BatchNorms; backbone frozen: every other one.
-    (MoEConv's mode only selects its BatchNorm's statistics.)"""
-    if train_params == "all":
-        return
-    for name, m in model.named_modules():
-        if isinstance(m, (nn.BatchNorm2d, MoEConv)) and ("router" in name) == (train_params == "backbone"):
-            m.eval()
-
-
-class Progress:
-    """A progress line at least every `every` seconds: what, done/total images, images per second, ETA."""
-
-    def __init__(self, what: str, total: int, log, every: float = 30.0):
-        self.what, self.total, self.log, self.every = what, total, log, every
-        self.start = self.last = time.perf_counter()
-
-    def __call__(self, done: int, details: Callable[[], str] = lambda: ""):
-        now = time.perf_counter()
-        if now - self.last < self.every or self.log is None:
-            return
-        self.last, rate = now, done / max(now - self.start, 1e-9)
-        eta = (self.total - done) / max(rate, 1e-9)
-        self.log(f"  {self.what}: {done}/{self.total} images, {rate:.1f} img/s, ETA {eta:.0f} s {details()}".rstrip())
-
-
-def prep(x: torch.Tensor, s: Settings, device: torch.device) -> tuple[torch.Tensor]:
-    if device.type == "cuda" and s.channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    return (x,)
-
-
-def format_row(row: dict, s: Settings) -> str:
-    text = f"epoch {row['epoch']}/{s.epochs} loss {row['loss']:.4f} acc {100 * row['acc']:.1f} " \
-           f"acc_adv {100 * row['acc_adv']:.1f}"
-    if "router_loss" in row:
-        text += f" router_loss {row['router_loss']:.4f}"
-    if "sa" in row:
-        text += f" | SA {row['sa']:.2f} RA(PGD-10) {row['ra_pgd10']:.2f}"
-    if row.get("usage"):
-        shares = sorted(max(u) for u in row["usage"])
-        text += f" | top-expert share per layer min {shares[0]:.2f} median {shares[len(shares) // 2]:.2f} " \
-                f"max {shares[-1]:.2f}"
-    return text + f" | {row['seconds']:.1f}s"
-
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """SIGINT/SIGTERM end the run after the current iteration (the last epoch's checkpoint stays);
-    the previous handlers come back afterwards."""
-    stop: list = []
-
-    def handler(signum, frame):
-        stop.append(signal.Signals(signum).name)
-
-    previous = {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(ValueError):  # not the main thread (e.g. a notebook worker)
-            previous[sig] = signal.signal(sig, handler)
-    try:
-        yield stop
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+    """One iteration of --method: batches = [(x, y)] for the joint methods, [B_phi, B_psi] for AdvMoE."""
+    return STEPS[s.method][0](model, opts, batches, s)
 
 
 # ==================================================================================================
-# 8. AT(Sparse): robustness-aware channel pruning of a Dense network (HYDRA, for channels)
-# ==================================================================================================
-def channel_groups(model: nn.Module) -> dict[str, int]:
-    """Every channel group of a model (see MoEConv.takes/gives) and its number of channels."""
-    return {m.gives: m.weight.shape[0] for m in model.modules() if isinstance(m, MoEConv)}
-
-
-def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
-    """1 on the k highest scores, 0 elsewhere; straight-through: d mask / d scores = identity (HYDRA)."""
-    hard = torch.zeros_like(scores).scatter_(0, scores.topk(k).indices, 1.0)
-    return hard + (scores - scores.detach())
-
-
-class ChannelScores(nn.Module):
-    """A Dense network whose channels are kept by learned importance scores, one per channel of every group:
-    its forward is the Dense network with each group's top r*C channels kept (the others zeroed where they
-    are read). The scores are the only parameters trained; the Dense weights stay frozen."""
-
-    def __init__(self, dense: MoECNN, ratio: float):
-        super().__init__()
-        self.dense, self.spec = dense, Spec(ratio)
-        # HYDRA starts the scores in proportion to the weights: here the norm of the filters writing a channel.
-        norms: dict[str, torch.Tensor] = {}
-        for m in dense.modules():
-            if isinstance(m, MoEConv):
-                norms[m.gives] = norms.get(m.gives, 0) + m.weight.detach().flatten(1).norm(dim=1)
-        self.scores = nn.ParameterDict({g: nn.Parameter(v / v.max()) for g, v in norms.items()})
-
-    def keep(self) -> dict[str, torch.Tensor]:
-        """The channels each group keeps (sorted indices): its top r*C scores."""
-        return {g: v.detach().topk(self.spec.width(len(v))).indices.sort().values for g, v in self.scores.items()}
-
-    def forward(self, x, return_routing: bool = False, dispatch: str = "auto", force=None):
-        masks = {g: top_k_mask(v, self.spec.width(len(v))) for g, v in self.scores.items()}
-        return self.dense(x, return_routing, dispatch, force, masks)
-
-
-def extract_sparse(dense: MoECNN, keep: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The pruned network as a state dict of S-Dense's shape: each layer's kept output channels (rows) and
-    kept input channels (columns) of the Dense weights. Pruned channels are removed, not masked, so what
-    executes (and its GFLOPs) is an r*C-wide network; its outputs equal the masked Dense network's."""
-    sizes = channel_groups(dense)
-
-    def kept(groups: tuple) -> torch.Tensor:  # kept channels of a concatenation of groups, in its indices
-        offsets = [0] + torch.tensor([sizes[g] for g in groups]).cumsum(0).tolist()
-        return torch.cat([keep[g].to(dense.mean.device) + o for g, o in zip(groups, offsets)])
-
-    def bn_rows(bn: nn.BatchNorm2d, rows: torch.Tensor, prefix: str) -> dict:
-        return {prefix + k: (v[rows] if v.dim() else v) for k, v in bn.state_dict().items()}
-
-    state = {"mean": dense.mean, "std": dense.std}
-    for name, m in dense.named_modules():
-        prefix = name + "."
-        if isinstance(m, MoEConv):
-            rows = kept((m.gives,))
-            cols = kept(m.takes) if m.takes else torch.arange(m.weight.shape[1], device=rows.device)  # RGB: all
-            state[prefix + "weight"] = m.weight[rows][:, cols]
-            if m.bn is not None:
-                state.update(bn_rows(m.bn, rows, prefix + "bn."))
-        elif isinstance(m, nn.BatchNorm2d) and hasattr(m, "takes"):  # pre-activation BatchNorm on the pathway
-            state.update(bn_rows(m, kept(m.takes), prefix))
-        elif isinstance(m, Classifier):
-            state.update({prefix + "weight": m.weight[:, kept(m.takes)], prefix + "bias": m.bias})
-    return {k: v.detach().clone() for k, v in state.items()}
-
-
-def prune(s: Settings, data, device: torch.device, stop: list, log) -> tuple[dict, dict, list]:
-    """AT(Sparse), phase 1: learn channel scores of the (--init) Dense network with the training loss
-    (TRADES by default) for --prune-epochs, its weights frozen; then keep every group's top r*C channels.
-    Returns the pruned S-Dense-shaped state dict, the mask (kept channels and group sizes), and the phase's
-    per-epoch log. Phase 2,
-    fine-tuning the weights with the mask fixed, is the ordinary training loop (train)."""
-    dense = place(MoECNN(s.arch, data.num_classes, data.image_size, mean_std=MEAN_STD[s.dataset], width=s.width),
-                  s, device)
-    if s.init:
-        load_init(dense, s.init, {"dataset": s.dataset, "arch": s.arch, "method": "dense", "width": s.width},
-                  f"<AT(Dense) {s.dataset} {s.arch} run>/checkpoint.pt")
-    else:
-        log("warning: --method sparse without --init: pruning starts from random weights (HYDRA prunes a trained "
-            "model: pass --init <AT(Dense) run>/checkpoint.pt)")
-    dense.requires_grad_(False)
-    pruner = ChannelScores(dense, s.ratio)
-    opt = torch.optim.SGD([{"params": list(pruner.scores.values()), "base_lr": s.lr}], lr=s.lr,
-                          momentum=s.momentum, weight_decay=s.weight_decay)
-    # the cosine schedule spans the pruning epochs; with --prune-epochs 0 none runs and the scores stay at the
-    # filter norms (pruning by norm alone, then fine-tuning)
-    phase = dataclasses.replace(s, epochs=max(s.prune_epochs, 1))
-    history = []
-    for epoch in range(s.prune_epochs):
-        t0 = time.perf_counter()
-        try:
-            row = {"epoch": epoch + 1, **train_epoch(pruner, {"all": opt}, data, phase, epoch, device, stop, log)}
-        except Interrupted:  # nothing is saved before pruning ends
-            raise Interrupted(f"interrupted by {stop[0]} in pruning epoch {epoch + 1}: no checkpoint is written "
-                              f"before pruning ends; run the command again") from None
-        row["seconds"] = round(time.perf_counter() - t0, 2)
-        history.append(row)
-        log("prune " + format_row(row, phase))
-    keep = pruner.keep()
-    mask = {"keep": {g: v.tolist() for g, v in keep.items()}, "sizes": channel_groups(dense)}
-    return extract_sparse(dense, keep), mask, history
-
-
-def load_init(model: nn.Module, path: str, want: dict, hint: str = "a checkpoint of the same model"):
-    """--init: start from another run's weights; `want` is what that run must have been."""
-    ckpt = read_checkpoint(Path(path))
-    theirs = {**ckpt["identity"], "method": ckpt["settings"]["method"]}
-    check_identity(theirs, want, f"--init {path}", f"give {hint}")
-    load_weights(model, ckpt["model"], path)
-
-
-class Utility(NamedTuple):
-    """Router utility (Fig. 6): per MoE layer, the IoU of each expert's channels with the Sparse mask; and the
-    per-input IoU that random pathways of the same sizes get (the chance level to read the IoU against)."""
-    tables: dict[str, torch.Tensor]
-    chance: torch.Tensor
-
-
-def router_utility_tables(model: nn.Module, path: str, samples: int = 1000) -> Utility:
-    """Fig. 6: per MoE layer, the IoU of each expert's channels with the AT(Sparse) checkpoint's kept
-    channels. Expert e of a layer owns filters [e*c, (e+1)*c) of its N*c; with N*r = 1 those N*c filters are
-    the Dense layer's C channels, which the Sparse mask indexes. NOTE(ours): the two models are trained
-    separately, so channel e*c+j of the MoE and channel e*c+j of Dense correspond by position only."""
-    ckpt = read_checkpoint(Path(path))
-    extra = ckpt.get("extra") or {}
-    if "keep" not in extra:
-        raise ConfigError(f"--iou-with {path} is not an AT(Sparse) checkpoint: give <sparse run>/checkpoint.pt")
-    tables, chance = {}, []
-    gen = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, MoEConv) and m.n > 1 and m.gives not in extra["sizes"]:
-            raise ConfigError(f"--iou-with {path} is an AT(Sparse) run of another backbone ({ckpt['identity']['arch']}, "
-                              f"no layer {m.gives}): give the Sparse run of this backbone")
-        if isinstance(m, MoEConv) and m.n > 1:
-            size, keep = extra["sizes"][m.gives], extra["keep"][m.gives]
-            if m.n * m.cout != size or len(keep) != m.cout:
-                raise ConfigError(f"--iou-with needs N*r = 1 and the Sparse run's r (layer {m.gives}: {m.n} experts of "
-                                  f"{m.cout} channels, Sparse keeps {len(keep)} of {size})")
-            kept = torch.zeros(size, dtype=torch.bool)
-            kept[keep] = True
-            inter = kept.view(m.n, m.cout).sum(1).float()                           # |E_e ∩ K|, (N,)
-            # IoU(E_e, K) = |E_e ∩ K| / |E_e ∪ K|, and |E_e| = |K| = c
-            tables[m.gives] = (inter / (2 * m.cout - inter)).to(m.weight.device)
-            # chance: `samples` random c-subsets of the layer's N*c channels, the same IoU with K
-            picks = torch.rand(samples, size, generator=gen).argsort(1)[:, :m.cout]   # (samples, c)
-            hits = kept[picks].sum(1).float()                                         # (samples,)
-            chance.append(hits / (2 * m.cout - hits))
-    if not tables:
-        raise ConfigError("--iou-with measures an MoE-CNN's pathways: use it with --method moe, advmoe or standard")
-    return Utility(tables, torch.stack(chance).mean(0))  # a random pathway's IoU, averaged over layers
-
-
-def pathway_iou(gates: list[Gate], tables: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B,): each input's IoU with the Sparse mask, averaged over MoE layers (its pathway's choice at each)."""
-    return torch.stack([tables[g.layer][g.choice] for g in gates]).mean(0)
-
-
-# ==================================================================================================
-# 9. Evaluation: SA, RA (PGD-50), routing statistics, GFLOPs counted on what executes
+# 5. Evaluation: SA, RA (PGD-50), adaptive attacks, AutoAttack, routing statistics, router utility, GFLOPs
 # ==================================================================================================
 def adversaries(name: str, model: nn.Module, x, y, s: Settings, gates: list[Gate], steps: int,
                 gen: torch.Generator | None = None, log=None) -> list:
@@ -1767,7 +919,7 @@ def evaluate(model: nn.Module, data, s: Settings, steps: int | None = None, limi
     progress = Progress(f"evaluating on {split}", data.eval_len(limit, split), log, s.log_every)
     with evaluating(model), torch.autocast(device.type, enabled=False):
         for x, y in data.test_batches(s.eval_batch_size, limit, split):
-            x = prep(x, s, device)[0]
+            x = prep(x, s, device)
             with torch.no_grad():
                 logits, gates = model(x, return_routing=True)
             ok = logits.argmax(1) == y
@@ -1818,21 +970,26 @@ def evaluate(model: nn.Module, data, s: Settings, steps: int | None = None, limi
             "components": [{"name": name, "attack": cls, "settings": kw, "ra_after": ras.get(f"autoattack/{name}")}
                            for name, (cls, kw) in autoattack_settings(s.eps, model.backbone.fc.out_features).items()]}
     if usage is not None:
-        split_4 = [round(100 * v / n, 2) for v in split_counts.tolist()]
-        result["routing"] = {
-            "usage_clean": [[round(v / n, 4) for v in row] for row in usage.tolist()],
+        result["routing"] = routing_summary(usage, usage_adv, flips, split_counts, pathways, n)
+    if ious["clean"]:
+        result["router_utility"] = {**{k: iou_summary(torch.cat(v)) for k, v in ious.items()},
+                                    "random_pathway": iou_summary(utility.chance)}
+    return result
+
+
+def routing_summary(usage, usage_adv, flips, split_counts, pathways: dict, n: int) -> dict:
+    """result["routing"] from evaluate's counts over n inputs: expert usage per layer (L, N), clean and under
+    PGD; how often PGD flips each layer's choice; the 4-way split (Sec. 4, Insight 2) in %, router robustness
+    = (1) + (3), MoE robustness = (1) + (2); pathway diversity, clean and under PGD."""
+    split_4 = [round(100 * v / n, 2) for v in split_counts.tolist()]
+    return {"usage_clean": [[round(v / n, 4) for v in row] for row in usage.tolist()],
             "usage_adv": [[round(v / n, 4) for v in row] for row in usage_adv.tolist()],
             "flip_rate_per_layer": [round(v / n, 4) for v in flips.tolist()],
             "flip_rate_any_layer": round((split_4[1] + split_4[3]) / 100, 4),
             "split_4way": dict(zip(("neither", "router_only", "prediction_only", "both"), split_4)),
             "router_robustness": round(split_4[0] + split_4[2], 2),
             "moe_robustness": round(split_4[0] + split_4[1], 2),
-            "pathways": {k: pathway_diversity(torch.cat(v), usage.shape[1]) for k, v in pathways.items()},
-        }
-    if ious["clean"]:
-        result["router_utility"] = {**{k: iou_summary(torch.cat(v)) for k, v in ious.items()},
-                                    "random_pathway": iou_summary(utility.chance)}
-    return result
+            "pathways": {k: pathway_diversity(torch.cat(v), usage.shape[1]) for k, v in pathways.items()}}
 
 
 def pathway_diversity(choices: torch.Tensor, n_experts: int) -> dict:
@@ -1864,6 +1021,52 @@ def routing_counts(gates: list[Gate], gates_adv: list[Gate], ok_adv: torch.Tenso
     return expert_usage(gates) * b, expert_usage(gates_adv) * b, flipped.sum(0), groups.sum(1)
 
 
+class Utility(NamedTuple):
+    """Router utility (Fig. 6): per MoE layer, the IoU of each expert's channels with the Sparse mask; and the
+    per-input IoU that random pathways of the same sizes get (the chance level to read the IoU against)."""
+    tables: dict[str, torch.Tensor]
+    chance: torch.Tensor
+
+
+def router_utility_tables(model: nn.Module, path: str, samples: int = 1000) -> Utility:
+    """Fig. 6: per MoE layer, the IoU of each expert's channels with the AT(Sparse) checkpoint's kept
+    channels. Expert e of a layer owns filters [e*c, (e+1)*c) of its N*c; with N*r = 1 those N*c filters are
+    the Dense layer's C channels, which the Sparse mask indexes. NOTE(ours): the two models are trained
+    separately, so channel e*c+j of the MoE and channel e*c+j of Dense correspond by position only."""
+    ckpt = read_checkpoint(Path(path))
+    extra = ckpt.get("extra") or {}
+    if "keep" not in extra:
+        raise ConfigError(f"--iou-with {path} is not an AT(Sparse) checkpoint: give <sparse run>/checkpoint.pt")
+    tables, chance = {}, []
+    gen = torch.Generator().manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, MoEConv) and m.n > 1 and m.gives not in extra["sizes"]:
+            raise ConfigError(f"--iou-with {path} is an AT(Sparse) run of another backbone ({ckpt['identity']['arch']}, "
+                              f"no layer {m.gives}): give the Sparse run of this backbone")
+        if isinstance(m, MoEConv) and m.n > 1:
+            size, keep = extra["sizes"][m.gives], extra["keep"][m.gives]
+            if m.n * m.cout != size or len(keep) != m.cout:
+                raise ConfigError(f"--iou-with needs N*r = 1 and the Sparse run's r (layer {m.gives}: {m.n} experts of "
+                                  f"{m.cout} channels, Sparse keeps {len(keep)} of {size})")
+            kept = torch.zeros(size, dtype=torch.bool)
+            kept[keep] = True
+            inter = kept.view(m.n, m.cout).sum(1).float()                           # |E_e ∩ K|, (N,)
+            # IoU(E_e, K) = |E_e ∩ K| / |E_e ∪ K|, and |E_e| = |K| = c
+            tables[m.gives] = (inter / (2 * m.cout - inter)).to(m.weight.device)
+            # chance: `samples` random c-subsets of the layer's N*c channels, the same IoU with K
+            picks = torch.rand(samples, size, generator=gen).argsort(1)[:, :m.cout]   # (samples, c)
+            hits = kept[picks].sum(1).float()                                         # (samples,)
+            chance.append(hits / (2 * m.cout - hits))
+    if not tables:
+        raise ConfigError("--iou-with measures an MoE-CNN's pathways: use it with --method moe, advmoe or standard")
+    return Utility(tables, torch.stack(chance).mean(0))  # a random pathway's IoU, averaged over layers
+
+
+def pathway_iou(gates: list[Gate], tables: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(B,): each input's IoU with the Sparse mask, averaged over MoE layers (its pathway's choice at each)."""
+    return torch.stack([tables[g.layer][g.choice] for g in gates]).mean(0)
+
+
 def gflops_per_input(model: nn.Module, x: torch.Tensor) -> float:
     """FLOPs of one eval forward, counted by torch's FlopCounterMode on the ops that actually run
     (convolutions and matrix products; a multiply-add counts 2), divided by the batch size. For MoE this
@@ -1874,6 +1077,843 @@ def gflops_per_input(model: nn.Module, x: torch.Tensor) -> float:
     return counter.get_total_flops() / len(x) / 1e9
 
 
+# ==================================================================================================
+# OPERATIONS. Everything below serves the method above: settings, data, the training loop, AT(Sparse)'s
+# pruning, data parallelism, files, report, bench and the command line.
+# ==================================================================================================
+# 6. Settings
+# ==================================================================================================
+class ConfigError(ValueError):
+    """Bad user input: the CLI prints the message on one line and exits with status 2."""
+
+
+class RunFailed(RuntimeError):
+    """The run could not go on (out of disk, a non-finite loss): the CLI prints one line and exits with 1."""
+
+
+class Interrupted(Exception):
+    """SIGINT/SIGTERM during training: the CLI prints the message and exits with status 130."""
+
+
+def setting(default, help: str, kind: type | None = None):
+    """A Settings field: its default, its --help text and its type (the default's, unless it is None)."""
+    return field(default=default, metadata={"help": help, "type": kind or type(default)})
+
+
+@dataclass
+class Settings:
+    # ---- what to train --------------------------------------------------------------------------
+    dataset: str = setting("cifar10", "cifar10 | cifar100 | tinyimagenet | imagenet | synthetic (offline)")
+    arch: str = setting("resnet18", "resnet18 | wrn28_10 | vgg16 | densenet (DenseNet-BC-40, k=12)")
+    method: str = setting("advmoe", "dense | sdense | moe | advmoe | sparse | standard: AT(Dense), AT(S-Dense), AT(MoE), "
+                                    "AdvMoE, AT(Sparse) (HYDRA channel pruning of a Dense model, then AT fine-tuning), "
+                                    "standard (natural, non-adversarial training of an MoE-CNN; Sec. 4)")
+    ratio: float = setting(0.5, "r in (0,1]: an expert (and S-Dense) keeps r*C of a layer's C channels")
+    n_experts: int = setting(2, "N >= 1: experts per MoE layer (moe, advmoe)")
+    width: float = setting(1.0, "W > 0: base channel multiplier of every backbone (1: the paper's networks); Dense "
+                                "has round(W*C) channels, S-Dense and an expert r of those")
+    router: str = setting("layer", "layer: a gate per MoE layer (paper) | global: one image-level router (official code)")
+    init: str = setting("", "checkpoint.pt whose weights start the run (sparse: an AT(Dense) run; otherwise the same model)")
+    train_params: str = setting("all", "all | routers | backbone: which parameters the joint methods train (Sec. 4 "
+                                       "study: AT of the routers, then of the backbone, of an --init model)")
+    prune_epochs: int = setting(20, "sparse: epochs of score learning (weights frozen) before --epochs of fine-tuning")
+    # ---- robust loss and attacks (eps and step sizes in pixel units of [0,1] images) ---------------
+    loss: str = setting("trades", "trades (default, beta-weighted KL) | pgdat (Madry: CE on PGD examples)")
+    beta: float = setting(6.0, "TRADES weight 1/lambda")
+    eps: float = setting(None, "l_inf radius (default: 8/255 on CIFAR and synthetic, 2/255 on TinyImageNet/ImageNet)",
+                                 float)
+    train_steps: int = setting(2, "K: PGD steps of the training attack")
+    train_step_size: float = setting(None, "training PGD step (default: 2.5*eps/K)", float)
+    test_steps: int = setting(50, "PGD steps of the final robustness evaluation (RA)")
+    test_step_size: float = setting(None, "test PGD step (default: eps/4)", float)
+    # ---- routing regularizers (NOTE(ours): the paper has none; it is silent on routing collapse) ---
+    # Defaults: the paper's (no balance term, the routers at the backbone's learning rate). On real CIFAR-10 at
+    # laptop scale (results/cifar10_laptop/) it gave AdvMoE's best validation RA-worst, 18.85 (seeds 19.0,
+    # 18.7), although it collapses most layers onto one expert; a balance term of 0.1 kept every expert in use
+    # but lowered it (16.1 with the router lr x 0.1, seed 1; 16.0 at the shared rate). They stay as options.
+    balance: float = setting(0.0, "weight of the Switch balance term N*sum_k f_k*P_k (0: off, the paper)")
+    router_noise: float = setting(0.0, "std of Gaussian noise added to router logits in training")
+    router_lr: float = setting(1.0, "router learning rate = lr * router_lr (1: shared, the paper)")
+    router_supervision: float = setting(0.0, "weight of CE(router, y mod N), the official code's router target")
+    # ---- optimization (the authors' settings) ------------------------------------------------------
+    epochs: int = setting(100, "training epochs (an epoch is one pass of B_psi over the training set)")
+    batch_size: int = setting(128, "images per batch (each of B_phi and B_psi for advmoe)")
+    lr: float = setting(0.1, "SGD learning rate, cosine-annealed per iteration to 0")
+    momentum: float = setting(0.9, "SGD momentum")
+    weight_decay: float = setting(5e-4, "SGD weight decay (all parameters)")
+    seed: int = setting(1, "seed of weights, data order and attack starts")
+    # ---- data --------------------------------------------------------------------------------------
+    data_dir: str = setting("data", "where data sets live (CIFAR is downloaded here when possible)")
+    download: bool = setting(True, "let torchvision download CIFAR when it is missing")
+    synthetic_train: int = setting(128, "training images of the synthetic data set (small: a smoke set for CPUs)")
+    synthetic_test: int = setting(16, "test images of the synthetic data set (PGD-50 of Dense WRN-28-10 costs ~9 s an image on 2 cores)")
+    train_n: int = setting(0, "train on a fixed random subset of this many training images (0: all but --val-n)")
+    val_n: int = setting(0, "hold this many training images out as a validation split, evaluated beside the test "
+                            "set (choose settings on it, never on the test set)")
+    # ---- evaluation --------------------------------------------------------------------------------
+    eval_n: int = setting(0, "test images for the final SA/RA (0: the whole test set)")
+    eval_attacks: str = setting("pgd", "comma-separated: pgd (the paper's RA) | router | soft | fixed (router-aware "
+                                       "PGD) | square | autoattack (need torchattacks); RA-worst over all of them")
+    eval_aa: bool = setting(False, "also evaluate with AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square; needs "
+                                   "torchattacks): RA-AA, Table 2")
+    aa_n: int = setting(0, "test images for AutoAttack (the first ones of the evaluation; 0: all of --eval-n)")
+    iou_with: str = setting("", "router utility (Fig. 6): IoU of each input's MoE pathway with the static mask of this "
+                                "AT(Sparse) checkpoint.pt, on clean and PGD inputs (needs N*r = 1)")
+    quick_eval_n: int = setting(500, "test images for the per-epoch SA / RA(PGD-10) check (0: skip)")
+    square_queries: int = setting(5000, "queries of the Square attack (AutoAttack's standard 5000)")
+    eval_batch_size: int = setting(256, "batch size of evaluation and attacks at test time")
+    # ---- run ---------------------------------------------------------------------------------------
+    out: str = setting("", "run folder (result.json, checkpoint.pt, log.jsonl); default runs/<name>")
+    resume: bool = setting(False, "continue from <out>/checkpoint.pt (the recipe must be the same; --epochs may grow)")
+    overwrite: bool = setting(False, "replace the run already in --out (without it, a folder holding a run is refused)")
+    eval_only: str = setting("", "path of a checkpoint to evaluate instead of training")
+    device: str = setting("auto", "auto | cpu | cuda | cuda:K")
+    amp: bool = setting(True, "bf16 autocast on CUDA (ignored on CPU)")
+    channels_last: bool = setting(True, "channels_last memory format on CUDA")
+    train_dispatch: str = setting("auto", "MoE layers in training: auto (masked on CUDA, sparse on the CPU) | sparse "
+                                          "(group by expert: only the chosen experts are computed, a host sync per "
+                                          "layer) | masked (every expert, static shapes, no host sync)")
+    cudnn_benchmark: bool = setting(False, "cuDNN autotuning per shape (helps Dense/S-Dense; MoE group sizes vary, "
+                                           "so every new size is re-tuned)")
+    compile: bool = setting(False, "torch.compile the training forwards (on CUDA one graph, with CUDA graphs; "
+                                   "README, 'Speed and cost')")
+    log_every: float = setting(30.0, "seconds between progress lines (done/total, images/s, ETA) in training, "
+                                     "evaluation and attacks (0: after every batch)")
+
+    def __post_init__(self):
+        check = {"dataset": DATASETS, "arch": ARCHS, "method": METHODS, "loss": LOSSES, "router": ROUTERS,
+             "train_dispatch": ("auto", "sparse", "masked")}
+        for name, allowed in check.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"unknown --{name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+        if not 0 < self.ratio <= 1:
+            raise ConfigError(f"--ratio {self.ratio} is outside (0, 1]: an expert keeps a fraction r of the channels")
+        if self.n_experts < 1:
+            raise ConfigError(f"--n-experts {self.n_experts} must be at least 1")
+        if self.method in MOE_METHODS and self.n_experts < 2:
+            raise ConfigError(f"--method {self.method} needs --n-experts >= 2 (with one expert use --method sdense)")
+        if self.method == "sparse" and self.ratio == 1:
+            raise ConfigError("--method sparse keeps a fraction --ratio of the channels: give --ratio below 1")
+        if self.train_params not in TRAIN_PARAMS:
+            raise ConfigError(f"unknown --train-params {self.train_params!r}: choose one of {', '.join(TRAIN_PARAMS)}")
+        if self.train_params != "all" and (self.method == "advmoe" or not self.init):
+            raise ConfigError(f"--train-params {self.train_params} freezes part of the model: use it with --init CKPT "
+                              f"and a joint method (moe, standard), not advmoe (whose levels already split it)")
+        if self.train_params == "routers" and self.method not in MOE_METHODS:
+            raise ConfigError(f"--train-params routers needs an MoE-CNN (--method moe or standard), not {self.method}")
+        if self.eps is None:
+            self.eps = 2 / 255 if self.dataset in ("tinyimagenet", "imagenet") else 8 / 255
+        if self.eps < 0:
+            raise ConfigError(f"--eps {self.eps} is negative: give the l_inf radius in pixel units, e.g. 0.0314")
+        if not math.isfinite(self.eps) or self.eps > 1:
+            raise ConfigError(f"--eps {self.eps} is not a radius in pixel units of [0,1] images: give e.g. 0.0314 (8/255)")
+        for name in ("lr", "momentum", "weight_decay", "beta", "balance", "router_lr", "router_noise",
+                     "router_supervision"):
+            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a finite number >= 0")
+        for name in ("eval_n", "quick_eval_n"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be 0 (0: "
+                                  f"{'all test images' if name == 'eval_n' else 'no per-epoch check'}) or more")
+        for name in ("test_steps", "train_steps", "square_queries"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
+        if self.prune_epochs < 0 or self.aa_n < 0:
+            raise ConfigError("--prune-epochs and --aa-n must be 0 or more")
+        if not (0 < self.width <= 64):
+            raise ConfigError(f"--width {self.width} must be in (0, 64]: the channel multiplier of the backbone")
+        if self.train_n < 0 or self.val_n < 0:
+            raise ConfigError("--train-n and --val-n must be 0 or more (0: not used)")
+        if not self.log_every >= 0:
+            raise ConfigError(f"--log-every {self.log_every} must be 0 or more seconds")
+        for name in ("epochs", "batch_size", "eval_batch_size", "synthetic_train", "synthetic_test"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
+        unknown = [a for a in self.eval_attacks.split(",") if a not in EVAL_ATTACKS]
+        if unknown:
+            raise ConfigError(f"unknown --eval-attacks {','.join(unknown)}: choose from {', '.join(EVAL_ATTACKS)}")
+        if {"square", "autoattack"} & set(self.attacks):
+            import_torchattacks()  # fail now, not after training
+        # None: derived from eps (resolved here, once; a Settings object always holds numbers)
+        if self.train_step_size is None:
+            self.train_step_size = 2.5 * self.eps / max(self.train_steps, 1)
+        if self.test_step_size is None:
+            self.test_step_size = self.eps / 4
+        if min(self.train_step_size, self.test_step_size) < 0:
+            raise ConfigError("--train-step-size and --test-step-size must be 0 or more (or left out: derived from eps)")
+
+    @property
+    def attacks(self) -> tuple[str, ...]:
+        """Every attack of the final evaluation: --eval-attacks, plus AutoAttack with --eval-aa."""
+        return tuple(self.eval_attacks.split(",")) + (("autoattack",) if self.eval_aa else ())
+
+    # The model a method trains, by parameters and not by copies of the backbone. AT(Sparse) ends as a
+    # network of S-Dense's shape (its pruned channels removed).
+    @property
+    def model_ratio(self) -> float:
+        return 1.0 if self.method == "dense" else self.ratio
+
+    @property
+    def model_experts(self) -> int:
+        return self.n_experts if self.method in MOE_METHODS else 1
+
+    @property
+    def name(self) -> str:
+        return f"{self.dataset}_{self.arch}_{self.method}_r{self.model_ratio:g}_n{self.model_experts}_s{self.seed}"
+
+
+def settings_parser(defaults: bool = True) -> argparse.ArgumentParser:
+    """argparse flags from the Settings fields: --field-name, typed by the default, help from the field.
+    defaults=False: a flag not on the command line is left out of the parsed namespace."""
+    parser = argparse.ArgumentParser(
+        description="AdvMoE: robust training of MoE-CNNs (ICCV 2023). Other commands: 'python advmoe.py report "
+                    "DIR' (every table from the result.json files below DIR), 'python advmoe.py bench --help' "
+                    "(speed and cost).", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=None if defaults else argparse.SUPPRESS)
+    for f in dataclasses.fields(Settings):
+        flag, default = "--" + f.name.replace("_", "-"), f.default if defaults else argparse.SUPPRESS
+        if isinstance(f.default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
+        else:
+            parser.add_argument(flag, type=f.metadata["type"], default=default, help=f.metadata["help"])
+    return parser
+
+
+def parse_settings(argv: list[str]) -> Settings:
+    return Settings(**vars(settings_parser().parse_args(argv)))
+
+
+def given_flags(argv: list[str]) -> set[str]:
+    """The Settings fields set on the command line (not left at their defaults)."""
+    return set(vars(settings_parser(defaults=False).parse_args(argv)))
+
+
+# ==================================================================================================
+# 7. Data: inputs in [0,1]; CIFAR-size sets kept in memory as uint8 (on the GPU when there is one)
+# ==================================================================================================
+class TensorData:
+    """A data set held as uint8 tensors (B, 3, H, W) on `device`, with batched crop/flip augmentation."""
+
+    def __init__(self, train: tuple, test: tuple, num_classes: int, device: torch.device, val: tuple | None = None):
+        self.x_train, self.y_train = (t.to(device) for t in train)
+        self.x_test, self.y_test = (t.to(device) for t in test)
+        self.x_val, self.y_val = (t.to(device) for t in val) if val else (self.x_test[:0], self.y_test[:0])
+        self.num_classes, self.image_size, self.device = num_classes, self.x_train.shape[-1], device
+        self.shard = (0, 1)  # (rank, world size) under torchrun
+
+    def train_batches(self, batch_size: int, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One shuffled epoch of augmented batches. The epoch's randomness (order, crop offsets, flips) is
+        drawn at once on the CPU from `gen`, so it is a function of the seed and the epoch, and moved in one
+        copy. Distributed: every process draws the same shuffle and takes a disjoint part of it."""
+        n, pad = len(self.y_train), 4
+        perm = torch.randperm(n, generator=gen)
+        shifts = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen)  # crop offsets in the padded image
+        flips = torch.rand(n, generator=gen) < 0.5
+        rank, world = self.shard
+        perm, shifts, flips = (t.to(self.device, non_blocking=True) for t in (perm[rank::world], shifts, flips))
+        for i in range(0, len(perm) - batch_size + 1, batch_size):  # drop the last partial batch, as is usual
+            idx = perm[i:i + batch_size]
+            x = augment(self.x_train[idx], shifts[idx], flips[idx], pad)
+            yield x, self.y_train[idx]
+
+    def test_batches(self, batch_size: int, limit: int = 0, split: str = "test") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Batches of the test set (or of the validation split held out of the training set), in order."""
+        x, y = (self.x_test, self.y_test) if split == "test" else (self.x_val, self.y_val)
+        n = self.eval_len(limit, split)
+        for i in range(0, n, batch_size):
+            yield x[i:min(i + batch_size, n)].float() / 255, y[i:min(i + batch_size, n)]
+
+    def eval_len(self, limit: int = 0, split: str = "test") -> int:
+        n = len(self.y_test if split == "test" else self.y_val)
+        return min(limit, n) if limit else n
+
+    def train_len(self, batch_size: int) -> int:
+        return len(self.y_train) // self.shard[1] // batch_size
+
+
+def augment(x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, pad: int) -> torch.Tensor:
+    """Random crop with zero padding `pad` and horizontal flip, for a whole uint8 batch in one gather."""
+    b, c, h, w = x.shape
+    x = F.pad(x, (pad, pad, pad, pad))                                        # (B, C, H+2p, W+2p)
+    rows = shifts[:, 0, None] + torch.arange(h, device=x.device)              # (B, H)
+    cols = shifts[:, 1, None] + torch.arange(w, device=x.device)              # (B, W)
+    cols = torch.where(flips[:, None], cols.flip(1), cols)                    # flip = read columns backwards
+    bi = torch.arange(b, device=x.device)[:, None, None, None]
+    ci = torch.arange(c, device=x.device)[None, :, None, None]
+    x = x[bi, ci, rows[:, None, :, None], cols[:, None, None, :]]             # (B, C, H, W)
+    return x.float() / 255
+
+
+class FolderData:
+    """TinyImageNet / ImageNet from ImageFolder trees (DATA_DIR/<name>/{train,val}/<class>/<image>)."""
+
+    def __init__(self, root: Path, image_size: int, device: torch.device, train_n: int = 0, val_n: int = 0,
+                 workers: int = 8):
+        import torchvision.transforms as T
+        from torchvision.datasets import ImageFolder
+        if image_size >= 128:  # ImageNet recipe
+            train_tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor()])
+            test_tf = T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size), T.ToTensor()])
+        else:  # TinyImageNet: 64x64, CIFAR-style augmentation
+            train_tf = T.Compose([T.RandomCrop(image_size, padding=4), T.RandomHorizontalFlip(), T.ToTensor()])
+            test_tf = T.ToTensor()
+        self.train = ImageFolder(str(root / "train"), train_tf)
+        self.test = ImageFolder(str(root / "val"), test_tf)
+        self.val = torch.utils.data.Subset(self.train, [])
+        if train_n or val_n:  # the validation split is read with the test transform
+            keep, held = split_train(len(self.train), train_n, val_n)
+            self.val = torch.utils.data.Subset(ImageFolder(str(root / "train"), test_tf), held.tolist())
+            self.train = torch.utils.data.Subset(self.train, keep.tolist())
+        self.num_classes, self.image_size, self.device, self.workers = len(self.train.classes), image_size, device, workers
+        self.shard = (0, 1)
+
+    def _loader(self, dataset, batch_size, sampler=None, drop_last=False):
+        return torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, drop_last=drop_last,
+                                           num_workers=self.workers, pin_memory=self.device.type == "cuda")
+
+    def train_batches(self, batch_size, gen):
+        rank, world = self.shard
+        order = torch.randperm(len(self.train), generator=gen)[rank::world].tolist()  # same shuffle, own part
+        for x, y in self._loader(self.train, batch_size, order, drop_last=True):
+            yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def test_batches(self, batch_size, limit=0, split="test"):
+        seen = 0
+        for x, y in self._loader(self.test if split == "test" else self.val, batch_size):
+            if limit and seen >= limit:
+                return
+            keep = batch_size if not limit else min(batch_size, limit - seen)
+            seen += keep
+            yield x[:keep].to(self.device), y[:keep].to(self.device)
+
+    def train_len(self, batch_size):
+        return len(self.train) // self.shard[1] // batch_size
+
+    def eval_len(self, limit=0, split="test"):
+        n = len(self.test if split == "test" else self.val)
+        return min(limit, n) if limit else n
+
+
+def synthetic_data(n_train: int, n_test: int, num_classes: int = 10, seed: int = 0):
+    """An offline, learnable CIFAR-shaped set: each class is a smooth random colour pattern, each image
+    that pattern plus a smooth per-image nuisance and pixel noise. Classes differ by far more than 8/255,
+    so a robust classifier exists; the nuisance keeps it from being trivial."""
+    g = torch.Generator().manual_seed(seed)
+    protos = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g), size=32, mode="bilinear")
+
+    def draw(n):
+        y = torch.randint(num_classes, (n,), generator=g)
+        nuisance = F.interpolate(torch.rand(n, 3, 8, 8, generator=g), size=32, mode="bilinear")
+        x = 0.6 * protos[y] + 0.3 * nuisance + 0.1 * torch.rand(n, 3, 32, 32, generator=g)
+        return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
+
+    return draw(n_train), draw(n_test)
+
+
+def load_cifar(name: str, root: Path, download: bool):
+    """CIFAR-10/100 as uint8 (B,3,32,32). DATA_DIR/<name>_{train,test}.npz (arrays x: uint8 NHWC, y) are
+    used when present (for copies made offline); otherwise torchvision's copy, downloaded if allowed."""
+    npz = [root / f"{name}_{split}.npz" for split in ("train", "test")]
+    if any(p.exists() for p in npz):
+        classes = 10 if name == "cifar10" else 100
+        train, test = (read_npz(p, classes) for p in npz)
+        if train[0].shape[1:] != test[0].shape[1:]:
+            raise ConfigError(f"{npz[0]} holds {tuple(train[0].shape[2:])} images but {npz[1]} holds "
+                              f"{tuple(test[0].shape[2:])}: train and test must have the same image size")
+        return [train, test]
+    from torchvision.datasets import CIFAR10, CIFAR100
+    cls = CIFAR10 if name == "cifar10" else CIFAR100
+    try:
+        sets = [cls(str(root), train=train, download=download) for train in (True, False)]
+    except Exception as e:  # offline, or files missing with --no-download
+        raise ConfigError(f"{name} is not in {root} and could not be downloaded ({type(e).__name__}): "
+                          f"run once with network access, or put the torchvision copy (e.g. cifar-10-batches-py/) "
+                          f"or {name}_train.npz/{name}_test.npz in --data-dir") from None
+    return [(nchw(s.data), torch.tensor(s.targets)) for s in sets]
+
+
+def read_npz(path: Path, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """DATA_DIR/<name>_<split>.npz, checked: x uint8 (N, H, W, 3) in 0..255, y integers (N,) in [0, classes)."""
+    import numpy as np
+    must = f"it must hold x: uint8 images (N, H, W, 3) and y: N integer labels in [0, {classes})"
+    if not path.exists():
+        raise ConfigError(f"{path} is missing (its other split is there): {must}; or remove both to use torchvision")
+    try:
+        z = np.load(path)
+        files = getattr(z, "files", ())
+    except (OSError, ValueError, EOFError) as e:
+        raise ConfigError(f"{path} cannot be read as .npz ({type(e).__name__}): {must}") from None
+    missing = [k for k in ("x", "y") if k not in files]
+    if missing:
+        raise ConfigError(f"{path} has no array {missing[0]!r}: {must}")
+    x, y = z["x"], z["y"]
+    if x.dtype != np.uint8:
+        raise ConfigError(f"{path}: x is {x.dtype}, not uint8: {must} (scale float images in [0,1] by 255 and round)")
+    if x.ndim != 4 or x.shape[-1] != 3:
+        raise ConfigError(f"{path}: x has shape {x.shape}, not (N, H, W, 3): {must}")
+    if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
+        raise ConfigError(f"{path}: y is {y.dtype} of shape {y.shape}, not N integers: {must}")
+    if len(x) != len(y):
+        raise ConfigError(f"{path}: x has {len(x)} images but y {len(y)} labels: {must}")
+    if len(y) == 0:
+        raise ConfigError(f"{path} is empty (no image): {must}")
+    if y.min() < 0 or y.max() >= classes:
+        raise ConfigError(f"{path}: labels run from {y.min()} to {y.max()}, outside [0, {classes}): {must}")
+    return nchw(x), torch.from_numpy(y).long()
+
+
+def nchw(images) -> torch.Tensor:
+    """A uint8 NHWC numpy array (how CIFAR is stored) as a (B, 3, H, W) tensor."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
+
+
+SPLIT_SEED = 0  # the --train-n subset and the --val-n split: the same images for every run and every --seed
+
+
+def split_train(n: int, train_n: int, val_n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (sorted) of the training subset and of the disjoint validation split, drawn once from
+    SPLIT_SEED: the validation images are the first val_n of a fixed permutation, the subset the next train_n."""
+    if val_n >= n or train_n + val_n > n:
+        raise ConfigError(f"--train-n {train_n} plus --val-n {val_n} exceed the {n} training images: lower them")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
+    held, rest = perm[:val_n], perm[val_n:]
+    return (rest[:train_n] if train_n else rest).sort().values, held.sort().values
+
+
+def load_data(s: Settings, device: torch.device):
+    root = Path(s.data_dir)
+    if s.dataset in ("tinyimagenet", "imagenet"):
+        folder = root / ("tiny-imagenet-200" if s.dataset == "tinyimagenet" else "imagenet")
+        if not (folder / "train").is_dir() or not (folder / "val").is_dir():
+            raise ConfigError(f"{s.dataset} needs ImageFolder trees {folder}/train/<class>/ and {folder}/val/<class>/ "
+                              f"(TinyImageNet's val images must first be moved into one folder per class)")
+        return FolderData(folder, 64 if s.dataset == "tinyimagenet" else 224, device, s.train_n, s.val_n)
+    if s.dataset == "synthetic":
+        (train, test), classes = synthetic_data(s.synthetic_train, s.synthetic_test), 10
+    else:
+        (train, test), classes = load_cifar(s.dataset, root, s.download), 10 if s.dataset == "cifar10" else 100
+    val = None
+    if s.train_n or s.val_n:
+        keep, held = split_train(len(train[1]), s.train_n, s.val_n)
+        train, val = (train[0][keep], train[1][keep]), (train[0][held], train[1][held])
+    return TensorData(train, test, classes, device, val)
+
+
+def data_summary(s: Settings, data) -> dict:
+    """What result.json records of the data: images per split and how the subset / validation split were drawn."""
+    return {"train_images": data.train_len(1) * data.shard[1], "val_images": data.eval_len(split="val"),
+            "test_images": data.eval_len(), "train_n": s.train_n or None, "val_n": s.val_n or None,
+            "split_seed": SPLIT_SEED if (s.train_n or s.val_n) else None}
+
+
+# ==================================================================================================
+# 8. The training loop: devices, train, epochs, progress; data parallelism
+# ==================================================================================================
+def place(model: nn.Module, s: Settings, device: torch.device) -> nn.Module:
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if (device.type == "cuda" and s.channels_last) else model
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown --device {name!r}: use auto, cpu, cuda or cuda:K") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"--device {name}: advmoe.py runs on cpu or cuda (auto picks cuda when there is one)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"--device {name} asked for, but torch sees no CUDA device: use --device cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ConfigError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
+                          f"cuda:{torch.cuda.device_count() - 1}")
+    return device
+
+
+def check_fits(s: Settings, num_classes: int, image_size: int, device: torch.device):
+    """Refuse a model whose parameters, gradients and momentum alone would not fit in the device's free memory
+    (counted on the meta device, where nothing is allocated), before building it."""
+    with torch.device("meta"):
+        params = sum(p.numel() for p in build_model(s, num_classes, image_size).parameters())
+    need = 3 * 4 * params  # float32 weights, gradients, SGD momentum; activations come on top
+    if device.type == "cuda":
+        free = torch.cuda.mem_get_info(device)[0]
+    else:  # MemAvailable counts the page cache the system can give back; free pages alone would not
+        meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").exists() else ""
+        avail = [int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemAvailable:")]
+        free = avail[0] if avail else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    if need > free:
+        raise ConfigError(f"the model has {params / 1e6:.0f}M parameters ({need / 2**30:.1f} GiB with gradients "
+                          f"and momentum), more than the {free / 2**30:.1f} GiB free on {device}: lower "
+                          f"--n-experts, --ratio or --width")
+
+
+def compiled(model: nn.Module, s: Settings, device: torch.device) -> nn.Module:
+    """--compile: the model as torch.compile captures it, for the training forwards. On CUDA the dispatch is the
+    masked one ("auto"): no host read, static shapes, so the whole forward is one graph (fullgraph=True fails
+    loudly if it is not) and mode "reduce-overhead" replays it as CUDA graphs, one launch instead of one per
+    kernel. On the CPU, or with the sparse dispatch, the default mode, with a graph break per MoE layer."""
+    if not s.compile:
+        return model
+    static = device.type == "cuda" and resolve_dispatch(s.train_dispatch, device) == "masked"
+    return torch.compile(model, fullgraph=static, mode="reduce-overhead" if static else None)
+
+
+def autocast(s: Settings, device: torch.device):
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=s.amp and device.type == "cuda")
+
+
+def train(s: Settings, log: Callable[[str], None] = print) -> dict | None:
+    """Train one model, evaluate it, and write <out>/result.json; returns the result. Under torchrun every
+    process trains on its part of each batch stream; rank 0 logs, checkpoints and evaluates (other ranks
+    return None)."""
+    rank, world, device = distributed(s)
+    lead = rank == 0
+    log = log if lead else (lambda _: None)
+    out = Path(s.out or f"runs/{s.name}")
+    with run_folder(out, s, lead):
+        return train_in(out, s, rank, world, device, log)
+
+
+def train_in(out: Path, s: Settings, rank: int, world: int, device: torch.device, log) -> dict | None:
+    lead = rank == 0
+    torch.manual_seed(s.seed)
+    if device.type == "cpu" and s.dataset != "synthetic":
+        log(f"warning: training {s.dataset} on the CPU will be slow; a CUDA device is recommended")
+    torch.backends.cudnn.benchmark = s.cudnn_benchmark and device.type == "cuda"
+    data = load_data(s, device)
+    data.shard = (rank, world)
+    check_fits(s, data.num_classes, data.image_size, device)
+    model = place(build_model(s, data.num_classes, data.image_size), s, device)
+    opts = make_optimizers(model, s, device)
+    ckpt_path = out / "checkpoint.pt"
+    if s.iou_with:  # fail now, not after training
+        router_utility_tables(model, s.iou_with)
+    if data.train_len(s.batch_size) == 0:
+        raise ConfigError(f"--batch-size {s.batch_size} is larger than the training set (per process): lower it")
+    start, history, train_seconds, extra = starting_point(out, model, opts, s, rank, world, log)
+    with stop_on_signals() as stop:
+        if s.method == "sparse" and start == 0:  # AT(Sparse): prune, then fine-tune below
+            t0 = time.perf_counter()
+            state, mask, prune_history = prune(s, data, device, stop, log)
+            model.load_state_dict(state)
+            train_seconds += time.perf_counter() - t0
+            extra = {**mask, "prune_history": prune_history}
+            log(f"pruned to {sum(map(len, mask['keep'].values()))} of {sum(mask['sizes'].values())} channels; "
+                f"fine-tuning for {s.epochs} epochs")
+        sync_model(model)
+        # Training forwards may go through torch.compile; checkpoints and evaluation use the module itself.
+        net = compiled(model, s, device)
+        for epoch in range(start, s.epochs):
+            t0 = time.perf_counter()
+            row = {"epoch": epoch + 1, **train_epoch(net, opts, data, s, epoch, device, stop, log)}
+            sync_model(model)  # BatchNorm statistics of rank 0 everywhere
+            train_seconds += time.perf_counter() - t0
+            # the learning rate each parameter group ended the epoch with (routers and backbone may differ)
+            row.update(seconds=round(time.perf_counter() - t0, 2),
+                       **{f"lr_{g.get('name', 'scores')}": round(g["lr"], 6) for o in opts.values() for g in o.param_groups})
+            if not lead:
+                continue
+            if s.quick_eval_n and epoch + 1 < s.epochs:  # the final evaluation replaces the last one
+                # on the validation split when there is one (settings are chosen there, not on the test set)
+                split = "val" if data.eval_len(split="val") else "test"
+                quick = evaluate(model, data, s, steps=10, limit=s.quick_eval_n, split=split)
+                row.update(sa=quick["sa"], ra_pgd10=quick["ra"], quick_split=split,
+                           usage=quick["routing"].get("usage_clean"))
+            history.append(row)
+            log(format_row(row, s))
+            save_checkpoint(ckpt_path, model, opts, s, epoch + 1, history, train_seconds, extra)
+            append_jsonl(out / "log.jsonl", row)
+    identical = ranks_identical(model)
+    info = {"world_size": world, "ranks_identical": identical}
+    if s.method == "sparse":
+        info["sparse"] = {"init": s.init or None, "prune_epochs": len(extra["prune_history"]),
+                          "kept": {g: len(v) for g, v in extra["keep"].items()}, "prune_history": extra["prune_history"]}
+    result = finish(model, data, s, out, history, train_seconds, device, log, info) if lead else None
+    if world > 1:
+        dist.barrier()
+    return result
+
+
+def starting_point(out: Path, model: nn.Module, opts: dict, s: Settings, rank: int, world: int, log):
+    """(first epoch, history, training seconds so far, extra state): --resume from <out>/checkpoint.pt (a
+    finished run's result.json is kept aside under its own name), else --init weights, else a fresh start."""
+    ckpt_path = out / "checkpoint.pt"
+    if s.resume and ckpt_path.exists():
+        start, history, train_seconds, extra = load_checkpoint(ckpt_path, model, opts, s)
+        log(f"resumed {ckpt_path} after epoch {start}")
+        if rank == 0 and (out / "result.json").exists():
+            kept = keep_aside(out / "result.json", f"result_epoch{start}")
+            log(f"the result of epoch {start} is kept as {kept}")
+        return start, history, train_seconds, extra
+    if s.resume:
+        log(f"--resume: no checkpoint in {out} yet, starting fresh")
+    if s.init and s.method != "sparse":
+        load_init(model, s.init, {k: getattr(s, k) for k in IDENTITY if k != "method"})
+    if world > 1:
+        torch.manual_seed(s.seed + rank)  # attack starts differ between processes
+    return 0, [], 0.0, {}
+
+
+def train_epoch(net: nn.Module, opts: dict, data, s: Settings, epoch: int, device, stop: list, log) -> dict:
+    """One epoch of train_step; returns the epoch's mean statistics (one host sync, at the end)."""
+    iters = data.train_len(s.batch_size)
+    net.train()
+    freeze_batchnorm(net, s.train_params)
+    # Alg. 1 line 3: B_phi and B_psi come from two independent shuffles (NOTE(ours)).
+    streams = STEPS[s.method][1]
+    gens = [torch.Generator().manual_seed(s.seed * 1_000_003 + epoch * 7 + k) for k in range(streams)]
+    sums, bad_step = {}, torch.full((), -1, device=device)
+    progress = Progress(f"epoch {epoch + 1}/{s.epochs}", iters * s.batch_size * streams, log, s.log_every)
+    for it, batches in enumerate(zip(*(data.train_batches(s.batch_size, g) for g in gens))):
+        set_lr(opts, (epoch * iters + it) / (s.epochs * iters))
+        with autocast(s, device):
+            stats = train_step(net, opts, [(prep(x, s, device), y) for x, y in batches], s)
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + v
+        # remember the first non-finite step of either level without a host sync
+        finite = torch.isfinite(stats["loss"]) & torch.isfinite(stats.get("router_loss", stats["loss"]))
+        bad_step = torch.where((bad_step < 0) & ~finite, it, bad_step)
+        progress((it + 1) * s.batch_size * streams, lambda: f"loss {sums['loss'].item() / (it + 1):.4f}")
+        if stop:
+            kept = f"the checkpoint of epoch {epoch} is kept" if epoch else "no epoch had finished"
+            raise Interrupted(f"interrupted by {stop[0]} in epoch {epoch + 1}: {kept}; continue with --resume")
+    if bad_step.item() >= 0:
+        raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, iteration {bad_step.item() + 1}: kept the "
+                                 f"checkpoint of epoch {epoch}; lower --lr or check the data")
+    return {k: round(v.item() / (it + 1), 4) for k, v in sums.items()}
+
+
+def freeze_batchnorm(model: nn.Module, train_params: str):
+    """--train-params: the frozen part's BatchNorms normalize with their running statistics and leave them
+    fixed (eval mode). Routers frozen: the global router's BatchNorms; backbone frozen: every other one.
+    (MoEConv's mode only selects its BatchNorm's statistics.)"""
+    if train_params == "all":
+        return
+    for name, m in model.named_modules():
+        if isinstance(m, (nn.BatchNorm2d, MoEConv)) and ("router" in name) == (train_params == "backbone"):
+            m.eval()
+
+
+class Progress:
+    """A progress line at least every `every` seconds: what, done/total images, images per second, ETA."""
+
+    def __init__(self, what: str, total: int, log, every: float = 30.0):
+        self.what, self.total, self.log, self.every = what, total, log, every
+        self.start = self.last = time.perf_counter()
+
+    def __call__(self, done: int, details: Callable[[], str] = lambda: ""):
+        now = time.perf_counter()
+        if now - self.last < self.every or self.log is None:
+            return
+        self.last, rate = now, done / max(now - self.start, 1e-9)
+        eta = (self.total - done) / max(rate, 1e-9)
+        self.log(f"  {self.what}: {done}/{self.total} images, {rate:.1f} img/s, ETA {eta:.0f} s {details()}".rstrip())
+
+
+def prep(x: torch.Tensor, s: Settings, device: torch.device) -> torch.Tensor:
+    """A batch of images as the model takes it: channels_last on CUDA (--channels-last), as it is elsewhere."""
+    return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" and s.channels_last else x
+
+
+def format_row(row: dict, s: Settings) -> str:
+    text = f"epoch {row['epoch']}/{s.epochs} loss {row['loss']:.4f} acc {100 * row['acc']:.1f} " \
+           f"acc_adv {100 * row['acc_adv']:.1f}"
+    if "router_loss" in row:
+        text += f" router_loss {row['router_loss']:.4f}"
+    if "sa" in row:
+        text += f" | SA {row['sa']:.2f} RA(PGD-10) {row['ra_pgd10']:.2f}"
+    if row.get("usage"):
+        shares = sorted(max(u) for u in row["usage"])
+        text += f" | top-expert share per layer min {shares[0]:.2f} median {shares[len(shares) // 2]:.2f} " \
+                f"max {shares[-1]:.2f}"
+    return text + f" | {row['seconds']:.1f}s"
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGINT/SIGTERM end the run after the current iteration (the last epoch's checkpoint stays);
+    the previous handlers come back afterwards."""
+    stop: list = []
+
+    def handler(signum, frame):
+        stop.append(signal.Signals(signum).name)
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(ValueError):  # not the main thread (e.g. a notebook worker)
+            previous[sig] = signal.signal(sig, handler)
+    try:
+        yield stop
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def average_gradients(params: list[nn.Parameter]):
+    """Data parallelism under torchrun: the mean gradient over processes, in one flat all-reduce.
+    NOTE(ours): explicit rather than a DistributedDataParallel wrapper, because each AdvMoE level
+    back-propagates into its own parameters only, which DDP's reducer cannot follow. A parameter a
+    process did not reach counts as a zero gradient there, so no process waits for it."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    for p, g in zip(params, flat.split([p.numel() for p in params])):
+        p.grad = g.view_as(p)
+
+
+def distributed(s: Settings) -> tuple[int, int, torch.device]:
+    """(rank, world size, device): joins the process group when started by torchrun (WORLD_SIZE > 1),
+    NCCL on CUDA (one GPU per process, cuda:LOCAL_RANK), gloo on the CPU."""
+    world, device = int(os.environ.get("WORLD_SIZE", "1")), resolve_device(s.device)
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return dist.get_rank(), world, device
+
+
+def sync_model(model: nn.Module):
+    """Every process takes rank 0's parameters and buffers (BatchNorm running statistics)."""
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        with torch.no_grad():
+            for t in list(model.parameters()) + list(model.buffers()):
+                dist.broadcast(t, src=0)
+
+
+def ranks_identical(model: nn.Module) -> bool | None:
+    """Whether every process holds the same weights (checksums gathered from all ranks); None if alone."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return None
+    with torch.no_grad():
+        mine = torch.stack([p.double().sum() for p in model.parameters()]).cpu()
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return all(torch.equal(mine, other) for other in every)
+
+
+# ==================================================================================================
+# 9. AT(Sparse): robustness-aware channel pruning of a Dense network (HYDRA, for channels)
+# ==================================================================================================
+def channel_groups(model: nn.Module) -> dict[str, int]:
+    """Every channel group of a model (see MoEConv.takes/gives) and its number of channels."""
+    return {m.gives: m.weight.shape[0] for m in model.modules() if isinstance(m, MoEConv)}
+
+
+def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """1 on the k highest scores, 0 elsewhere; straight-through: d mask / d scores = identity (HYDRA)."""
+    hard = torch.zeros_like(scores).scatter_(0, scores.topk(k).indices, 1.0)
+    return hard + (scores - scores.detach())
+
+
+class ChannelScores(nn.Module):
+    """A Dense network whose channels are kept by learned importance scores, one per channel of every group:
+    its forward is the Dense network with each group's top r*C channels kept (the others zeroed where they
+    are read). The scores are the only parameters trained; the Dense weights stay frozen."""
+
+    def __init__(self, dense: MoECNN, ratio: float):
+        super().__init__()
+        self.dense, self.spec = dense, Spec(ratio)
+        # HYDRA starts the scores in proportion to the weights: here the norm of the filters writing a channel.
+        norms: dict[str, torch.Tensor] = {}
+        for m in dense.modules():
+            if isinstance(m, MoEConv):
+                norms[m.gives] = norms.get(m.gives, 0) + m.weight.detach().flatten(1).norm(dim=1)
+        self.scores = nn.ParameterDict({g: nn.Parameter(v / v.max()) for g, v in norms.items()})
+
+    def keep(self) -> dict[str, torch.Tensor]:
+        """The channels each group keeps (sorted indices): its top r*C scores."""
+        return {g: v.detach().topk(self.spec.width(len(v))).indices.sort().values for g, v in self.scores.items()}
+
+    def forward(self, x, return_routing: bool = False, dispatch: str = "auto", force=None):
+        masks = {g: top_k_mask(v, self.spec.width(len(v))) for g, v in self.scores.items()}
+        return self.dense(x, return_routing, dispatch, force, masks)
+
+
+def extract_sparse(dense: MoECNN, keep: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The pruned network as a state dict of S-Dense's shape: each layer's kept output channels (rows) and
+    kept input channels (columns) of the Dense weights. Pruned channels are removed, not masked, so what
+    executes (and its GFLOPs) is an r*C-wide network; its outputs equal the masked Dense network's."""
+    sizes = channel_groups(dense)
+
+    def kept(groups: tuple) -> torch.Tensor:  # kept channels of a concatenation of groups, in its indices
+        offsets = [0] + torch.tensor([sizes[g] for g in groups]).cumsum(0).tolist()
+        return torch.cat([keep[g].to(dense.mean.device) + o for g, o in zip(groups, offsets)])
+
+    def bn_rows(bn: nn.BatchNorm2d, rows: torch.Tensor, prefix: str) -> dict:
+        return {prefix + k: (v[rows] if v.dim() else v) for k, v in bn.state_dict().items()}
+
+    state = {"mean": dense.mean, "std": dense.std}
+    for name, m in dense.named_modules():
+        prefix = name + "."
+        if isinstance(m, MoEConv):
+            rows = kept((m.gives,))
+            cols = kept(m.takes) if m.takes else torch.arange(m.weight.shape[1], device=rows.device)  # RGB: all
+            state[prefix + "weight"] = m.weight[rows][:, cols]
+            if m.bn is not None:
+                state.update(bn_rows(m.bn, rows, prefix + "bn."))
+        elif isinstance(m, nn.BatchNorm2d) and hasattr(m, "takes"):  # pre-activation BatchNorm on the pathway
+            state.update(bn_rows(m, kept(m.takes), prefix))
+        elif isinstance(m, Classifier):
+            state.update({prefix + "weight": m.weight[:, kept(m.takes)], prefix + "bias": m.bias})
+    return {k: v.detach().clone() for k, v in state.items()}
+
+
+def prune(s: Settings, data, device: torch.device, stop: list, log) -> tuple[dict, dict, list]:
+    """AT(Sparse), phase 1: learn channel scores of the (--init) Dense network with the training loss
+    (TRADES by default) for --prune-epochs, its weights frozen; then keep every group's top r*C channels.
+    Returns the pruned S-Dense-shaped state dict, the mask (kept channels and group sizes), and the phase's
+    per-epoch log. Phase 2,
+    fine-tuning the weights with the mask fixed, is the ordinary training loop (train)."""
+    dense = place(MoECNN(s.arch, data.num_classes, data.image_size, mean_std=MEAN_STD[s.dataset], width=s.width),
+                  s, device)
+    if s.init:
+        load_init(dense, s.init, {"dataset": s.dataset, "arch": s.arch, "method": "dense", "width": s.width},
+                  f"<AT(Dense) {s.dataset} {s.arch} run>/checkpoint.pt")
+    else:
+        log("warning: --method sparse without --init: pruning starts from random weights (HYDRA prunes a trained "
+            "model: pass --init <AT(Dense) run>/checkpoint.pt)")
+    dense.requires_grad_(False)
+    pruner = ChannelScores(dense, s.ratio)
+    opt = torch.optim.SGD([{"params": list(pruner.scores.values()), "base_lr": s.lr}], lr=s.lr,
+                          momentum=s.momentum, weight_decay=s.weight_decay)
+    # the cosine schedule spans the pruning epochs; with --prune-epochs 0 none runs and the scores stay at the
+    # filter norms (pruning by norm alone, then fine-tuning)
+    phase = dataclasses.replace(s, epochs=max(s.prune_epochs, 1))
+    history = []
+    for epoch in range(s.prune_epochs):
+        t0 = time.perf_counter()
+        try:
+            row = {"epoch": epoch + 1, **train_epoch(pruner, {"all": opt}, data, phase, epoch, device, stop, log)}
+        except Interrupted:  # nothing is saved before pruning ends
+            raise Interrupted(f"interrupted by {stop[0]} in pruning epoch {epoch + 1}: no checkpoint is written "
+                              f"before pruning ends; run the command again") from None
+        row["seconds"] = round(time.perf_counter() - t0, 2)
+        history.append(row)
+        log("prune " + format_row(row, phase))
+    keep = pruner.keep()
+    mask = {"keep": {g: v.tolist() for g, v in keep.items()}, "sizes": channel_groups(dense)}
+    return extract_sparse(dense, keep), mask, history
+
+
+def load_init(model: nn.Module, path: str, want: dict, hint: str = "a checkpoint of the same model"):
+    """--init: start from another run's weights; `want` is what that run must have been."""
+    ckpt = read_checkpoint(Path(path))
+    theirs = {**ckpt["identity"], "method": ckpt["settings"]["method"]}
+    check_identity(theirs, want, f"--init {path}", f"give {hint}")
+    load_weights(model, ckpt["model"], path)
+
+
+# ==================================================================================================
+# 10. Files: results, atomic writes, run folders, checkpoints (data, not code), --eval-only
+# ==================================================================================================
 def finish(model, data, s: Settings, out: Path, history: list, train_seconds: float, device, log,
            extra: dict | None = None) -> dict:
     """Final evaluation (PGD-50, the other --eval-attacks, AutoAttack with --eval-aa, router utility with
@@ -1933,9 +1973,6 @@ def git_commit() -> str | None:
     return None
 
 
-# ==================================================================================================
-# 10. Files: atomic writes, checkpoints (data, not code), report, bench, CLI
-# ==================================================================================================
 def atomic_write(path: Path, write: Callable[[str], None]):
     """Write through a temporary file in the same folder, then rename: never a half-written file, and when the
     write fails (a full disk) the previous file stays as it was. Permissions as a plain open() would give."""
@@ -2036,10 +2073,16 @@ def save_checkpoint(path: Path, model, opts: dict, s: Settings, epoch: int, hist
 
 
 CHECKPOINT_KEYS = ("settings", "identity", "epoch", "history", "train_seconds", "model", "opts")
+
+
 MODEL_FIELDS = ("arch", "method", "ratio", "n_experts", "router", "width")  # what a checkpoint's weights fit
+
+
 # flags of the run itself and of evaluation: a --resume may change them (and --epochs); not the recipe
 RUN_FIELDS = ("out", "resume", "overwrite", "eval_only", "device", "data_dir", "download", "amp", "channels_last", "train_dispatch",
               "cudnn_benchmark", "compile", "log_every", "eval_batch_size", "iou_with", "eval_aa", "aa_n")
+
+
 EVAL_FIELDS = ("eval_n", "eval_attacks", "quick_eval_n", "square_queries", "test_steps", "test_step_size")
 
 
@@ -2102,8 +2145,6 @@ def load_checkpoint(path: Path, model, opts: dict, s: Settings):
     return ckpt["epoch"], ckpt["history"], ckpt["train_seconds"], ckpt.get("extra") or {}
 
 
-
-
 def eval_only(s: Settings, log=print, given: set[str] | None = None) -> dict:
     """Evaluate a checkpoint at its own settings (model, data set, eps, test steps and step size, evaluation
     images and attacks), except the flags given on the command line (`given`; from Python, the fields of `s`
@@ -2119,7 +2160,7 @@ def eval_only(s: Settings, log=print, given: set[str] | None = None) -> dict:
         raise ConfigError(f"--eval-only rebuilds the checkpoint's model: drop {', '.join(clash)}")
     values = {**theirs, **{k: getattr(s, k) for k in set(given) | set(RUN_FIELDS)}}
     if {"eps", "dataset"} & set(given):  # derive what was not given from the new eps / data set
-        values.update({k: -1.0 for k in ("eps", "train_step_size", "test_step_size") if k not in given})
+        values.update({k: None for k in ("eps", "train_step_size", "test_step_size") if k not in given})
     s = Settings(**values)
     device = resolve_device(s.device)
     data = load_data(s, device)
@@ -2133,9 +2174,16 @@ def eval_only(s: Settings, log=print, given: set[str] | None = None) -> dict:
         return finish(model, data, s, out, ckpt["history"], ckpt["train_seconds"], device, log)
 
 
+# ==================================================================================================
+# 11. Report: every table of the paper from result.json files
+# ==================================================================================================
 METHOD_LABELS = {"sdense": "AT(S-Dense)", "sparse": "AT(Sparse)", "moe": "AT(MoE)", "advmoe": "AdvMoE",
                  "dense": "AT(Dense)", "standard": "standard (MoE)"}
+
+
 TABLE1_METHODS = ("sdense", "sparse", "moe", "advmoe", "dense")  # rows of Table 1; Dense is the reference
+
+
 STAGES = {"standard": "1. standard training of the MoE-CNN", "routers": "2. + AT of the routers (backbone frozen)",
           "backbone": "3. + AT of the backbone (routers frozen)"}
 
@@ -2209,13 +2257,21 @@ def report(folder: str) -> str:
     for dataset in sorted({r["dataset"] for r in table1}):
         archs = sorted({r["arch"] for r in table1 if r["dataset"] == dataset})
         cell = {(a, m): pick(table1, dataset=dataset, arch=a, method=m) for a in archs for m in TABLE1_METHODS}
-        best = {a: max((c["ra"] for (a2, m), c in cell.items() if c and a2 == a and m != "dense"), default=None)
-                for a in archs}
-        rows = [[METHOD_LABELS[m]] + [v for a in archs for v in (
-            [None] * 3 if not cell[a, m] else
-            [fmt(cell[a, m]["sa"]), (f"**{cell[a, m]['ra']:.2f}**" if cell[a, m]["ra"] == best[a] and m != "dense"
-                                     else fmt(cell[a, m]["ra"])), fmt(cell[a, m]["gflops"], 3)])]
-                for m in TABLE1_METHODS]
+        best = {}  # per backbone, the best RA at the pathway's cost (AT(Dense), the reference, excluded)
+        for (a, m), c in cell.items():
+            if c and m != "dense":
+                best[a] = max(best.get(a, c["ra"]), c["ra"])
+        rows = []
+        for m in TABLE1_METHODS:
+            row = [METHOD_LABELS[m]]
+            for a in archs:
+                c = cell[a, m]
+                if not c:
+                    row += [None] * 3
+                    continue
+                ra = f"**{c['ra']:.2f}**" if m != "dense" and c["ra"] == best.get(a) else fmt(c["ra"])
+                row += [fmt(c["sa"]), ra, fmt(c["gflops"], 3)]
+            rows.append(row)
         lines += [f"## Table 1: {dataset} (N = 2, r = 0.5; RA under PGD, steps in Runs; bold: best RA at the pathway's cost)", ""]
         lines += md_table(["method"] + [f"{a} {c}" for a in archs for c in ("SA", "RA", "GFLOPs")], rows,
                           [c for c in cell.values() if c])
@@ -2243,9 +2299,8 @@ def report(folder: str) -> str:
             continue
         lines += [f"## Fig. 7: AdvMoE RA over N (rows) and r (columns), {dataset} {arch}", ""]
         cells = {(n, q): pick(runs, n_experts=n, ratio=q) for n in ns for q in ratios}
-        lines += md_table(["N"] + [f"r = {q:g}" for q in ratios],
-                          [[n] + [fmt(c["ra"]) if (c := cells[n, q]) else None for q in ratios] for n in ns],
-                          [c for c in cells.values() if c])
+        rows = [[n] + [fmt(cells[n, q]["ra"]) if cells[n, q] else None for q in ratios] for n in ns]
+        lines += md_table(["N"] + [f"r = {q:g}" for q in ratios], rows, [c for c in cells.values() if c])
     fig8 = [r for r in results if trained(r) and r["n_experts"] in (1, 2) and r["method"] in TABLE1_METHODS]
     for dataset, arch, runs in by_backbone(fig8):
         ratios = sorted({r["ratio"] for r in runs if r["method"] != "dense"})
@@ -2384,6 +2439,9 @@ def split_cells(r: dict) -> list:
     return [fmt(rt["router_robustness"]), fmt(rt["moe_robustness"])] + [fmt(v) for v in rt["split_4way"].values()]
 
 
+# ==================================================================================================
+# 12. Bench: speed and cost, measured
+# ==================================================================================================
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16 datasheet rates
 
 
@@ -2415,26 +2473,22 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], device: torch.devi
 def bench(argv: list[str], log=print) -> dict:
     """Training throughput (upper-level images/s through a whole step, attack included) of the four methods,
     inference throughput and latency of Dense / S-Dense / MoE, GFLOPs as executed, and achieved FLOP/s."""
-    p = argparse.ArgumentParser(prog="advmoe.py bench", description=bench.__doc__)
+    p = argparse.ArgumentParser(prog="advmoe.py bench", description=bench.__doc__, epilog="Every other flag "
+                                "is a training flag (python advmoe.py --help): --device, --router, --amp, "
+                                "--cudnn-benchmark, --train-dispatch (also the timed inference's), --compile, ...")
     p.add_argument("--arch", default="resnet18", help=f"one of {', '.join(ARCHS)}, or 'all'")
-    p.add_argument("--device", default="auto")
     p.add_argument("--out", default="", help="JSON file to write (a .md table is written beside it)")
     p.add_argument("--batch", type=int, default=128, help="training batch (each of B_phi and B_psi)")
     p.add_argument("--infer-batch", type=int, default=0, help="large inference batch (0: 1024 on GPU, 64 on CPU)")
     p.add_argument("--repeats", type=int, default=0, help="timed repeats, median reported (0: 20 GPU / 5 CPU)")
-    p.add_argument("--router", default="layer", choices=ROUTERS)
-    p.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--cudnn-benchmark", action=argparse.BooleanOptionalAction, default=False)
-    p.add_argument("--train-dispatch", default="auto", choices=("auto", "sparse", "masked"),
-                   help="the MoE layers' dispatch in the timed training steps and inference forwards")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model for the training steps")
     p.add_argument("--methods", default="dense,sdense,moe,advmoe", help="comma-separated methods (AT(Sparse) "
                    "fine-tunes S-Dense's shape: its step is S-Dense's)")
     p.add_argument("--skip-train", action="store_true", help="inference, latency and GFLOPs only")
-    a = p.parse_args(argv)
-    device = resolve_device(a.device)
+    a, rest = p.parse_known_args(argv)
+    base = parse_settings(["--dataset", "synthetic", "--quick-eval-n", "0", *rest])  # random inputs, no data
+    device = resolve_device(base.device)
     gpu = device.type == "cuda"
-    torch.backends.cudnn.benchmark = gpu and a.cudnn_benchmark
+    torch.backends.cudnn.benchmark = gpu and base.cudnn_benchmark
     infer_batch, repeats = a.infer_batch or (1024 if gpu else 64), a.repeats or (20 if gpu else 5)
     archs = ARCHS if a.arch == "all" else (a.arch,)
     if any(arch not in ARCHS for arch in archs):
@@ -2443,18 +2497,17 @@ def bench(argv: list[str], log=print) -> dict:
     if unknown:
         raise ConfigError(f"unknown --methods {','.join(unknown)}: choose from {', '.join(METHODS)}")
     name = device_name(device)
-    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None) if (gpu and a.amp) else None
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None) if (gpu and base.amp) else None
     rows, warmup = [], (3 if gpu else 1)
     torch.manual_seed(0)
     for arch in archs:
         steps, infers, by = {}, {}, {}
         for method in a.methods.split(","):
-            s = Settings(dataset="synthetic", arch=arch, method=method, router=a.router, amp=a.amp, quick_eval_n=0,
-                         train_dispatch=a.train_dispatch, compile=a.compile)
+            s = replace(base, arch=arch, method=method)
             model = place(build_model(s, 10, 32), s, device)
             net = compiled(model, s, device)
-            data = [(prep(torch.rand(a.batch, 3, 32, 32, device=device), s, device)[0],
-                     torch.randint(10, (a.batch,), device=device)) for _ in range(2 if method == "advmoe" else 1)]
+            data = [(prep(torch.rand(a.batch, 3, 32, 32, device=device), s, device),
+                     torch.randint(10, (a.batch,), device=device)) for _ in range(STEPS[method][1])]
             opts = make_optimizers(model, s, device)
             steps[method] = bench_step(net, opts, data, s, device)
             by[method] = {"arch": arch, "method": method}
@@ -2463,7 +2516,7 @@ def bench(argv: list[str], log=print) -> dict:
             if method != "advmoe":  # inference of Dense, S-Dense, MoE (AdvMoE's model is the MoE's)
                 by[method]["gflops"] = round(gflops_per_input(model.eval(), data[0][0][:16]), 4)
                 for b in (infer_batch, 1, 32):
-                    x = prep(torch.rand(b, 3, 32, 32, device=device), s, device)[0]
+                    x = prep(torch.rand(b, 3, 32, 32, device=device), s, device)
                     # Balanced routing (inputs alternate between experts; the routers still run): the
                     # grouping's worst case, independent of what the briefly trained routers happen to do.
                     infers[method, b] = bench_inference(model, x, torch.arange(b, device=device) % s.model_experts,
@@ -2492,9 +2545,9 @@ def bench(argv: list[str], log=print) -> dict:
         for r in measured:
             log(json.dumps(r))
     result = {"device": name, "torch": torch.__version__, "commit": git_commit(), "batch": a.batch,
-              "infer_batch": infer_batch, "repeats": repeats, "amp": a.amp and gpu, "router": a.router,
-              "cudnn_benchmark": gpu and a.cudnn_benchmark,
-              "train_dispatch": a.train_dispatch, "compile": a.compile,
+              "infer_batch": infer_batch, "repeats": repeats, "amp": base.amp and gpu, "router": base.router,
+              "cudnn_benchmark": gpu and base.cudnn_benchmark,
+              "train_dispatch": base.train_dispatch, "compile": base.compile,
               "peak_tflops": peak, "rows": rows}
     table = bench_table(result)
     log(table)
@@ -2557,6 +2610,9 @@ def bench_table(result: dict) -> str:
     return head + "\n".join(lines) + "\n"
 
 
+# ==================================================================================================
+# 13. Command line
+# ==================================================================================================
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:

@@ -193,11 +193,16 @@ def snapshot(model):
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def test_each_advmoe_level_changes_only_its_own_parameters():
+def model_and_optimizers(**overrides):
+    """Seed 0, tiny(**overrides) settings, their model and its optimizers (on the CPU)."""
     torch.manual_seed(0)
-    s = tiny()
+    s = tiny(**overrides)
     model = A.build_model(s, 10, 32)
-    opts = A.make_optimizers(model, s, torch.device("cpu"))
+    return s, model, A.make_optimizers(model, s, torch.device("cpu"))
+
+
+def test_each_advmoe_level_changes_only_its_own_parameters():
+    s, model, opts = model_and_optimizers()
     x, y = torch.rand(16, 3, 32, 32), torch.randint(10, (16,))
     for name, is_router in (("phi", True), ("psi", False)):
         before = snapshot(model)
@@ -209,10 +214,7 @@ def test_each_advmoe_level_changes_only_its_own_parameters():
 
 
 def test_advmoe_step_uses_two_batches_and_reports_both_levels():
-    torch.manual_seed(0)
-    s = tiny()
-    model = A.build_model(s, 10, 32)
-    opts = A.make_optimizers(model, s, torch.device("cpu"))
+    s, model, opts = model_and_optimizers()
     batches = [(torch.rand(8, 3, 32, 32), torch.randint(10, (8,))) for _ in range(2)]
     stats = A.train_step(model, opts, batches, s)
     assert {"loss", "router_loss", "acc", "acc_adv", "top_share"} <= set(stats)
@@ -695,10 +697,7 @@ def test_pathway_diversity_and_the_random_pathway_iou():
 def test_the_balance_term_stays_out_of_the_upper_level():
     moved = []
     for balance in (0.0, 1.0):
-        torch.manual_seed(0)
-        s = tiny(balance=balance, router_lr=0.0)  # routers fixed: both runs see the same routing
-        model = A.build_model(s, 10, 32)
-        opts = A.make_optimizers(model, s, torch.device("cpu"))
+        s, model, opts = model_and_optimizers(balance=balance, router_lr=0.0)  # routers fixed: same routing
         A.set_lr(opts, 0.0)
         before = snapshot(model)
         batches = [(torch.rand(16, 3, 32, 32), torch.randint(10, (16,))) for _ in range(2)]
@@ -741,9 +740,7 @@ def test_advmoe_levels_get_their_own_batches(monkeypatch):
     seen = []
     monkeypatch.setattr(A, "level", lambda model, opt, x, y, s, regularize=True: seen.append((opt, x)) or
                         {"loss": torch.tensor(1.0)})
-    s = tiny()
-    model = A.build_model(s, 10, 32)
-    opts = A.make_optimizers(model, s, torch.device("cpu"))
+    s, model, opts = model_and_optimizers()
     b_phi, b_psi = [(torch.rand(4, 3, 32, 32), torch.randint(10, (4,))) for _ in range(2)]
     A.train_step(model, opts, [b_phi, b_psi], s)
     assert [o for o, _ in seen] == [opts["phi"], opts["psi"]]  # routers first (line 4), then backbone (line 5)
