@@ -3,8 +3,8 @@
 
 Claim (the paper): router-expert alternating adversarial training (Eq. 1, Algorithm 1) makes an MoE-CNN more
     robust than AT(S-Dense), AT(Sparse) and AT(MoE) at S-Dense's inference cost (Table 1).
-Evidence (here, real CIFAR-10 at laptop scale, results/cifar10_laptop/): not reproduced at that scale. ResNet-18
-    at width 1/4, 10k images, 8 epochs, 2 seeds: PGD-50 RA AT(S-Dense) 24.9, AT(MoE) 22.7, AdvMoE 22.1.
+Evidence (here, real CIFAR-10 at laptop scale, results/cifar10_laptop/): not reproduced at that scale.
+    ResNet-18, width 1/4, 10k images, 8 epochs, 2 seeds: PGD-50 RA AT(S-Dense) 24.9, AT(MoE) 22.7, AdvMoE 22.1
 
 Reference implementation of
     Zhang, Cai, Chen, Zhang, Zhang, Chen, Chang, Wang, Liu.
@@ -14,7 +14,7 @@ Usage
     python advmoe.py --dataset cifar10 --arch resnet18 --method advmoe      # train + evaluate one model
     python advmoe.py --dataset synthetic --epochs 1 --out runs/try         # offline smoke run (CPU ok)
     python advmoe.py --eval-only runs/try/checkpoint.pt --out runs/try_eval # evaluate a checkpoint
-    python advmoe.py report runs/                                          # every table from result.json files
+    python advmoe.py report runs/                                          # every table, from result.json
     python advmoe.py bench --arch resnet18 --device cuda --out bench.json  # throughput, latency, GFLOPs
     torchrun --nproc_per_node=8 advmoe.py --dataset imagenet ...          # several GPUs / nodes
     bash train_all.sh                                                      # every table of the paper
@@ -33,8 +33,8 @@ Paper -> code
     top-1 routing, straight-through     top1_gate
     Eq. (AT), TRADES                    trades_loss, training_attack, robust_loss
     PGD-50 evaluation, SA / RA          pgd, evaluate
-    adaptive attacks, RA-worst          adversaries (router-aware PGD, soft routing, fixed routing, Square, AutoAttack)
-    AutoAttack (standard, Table 2)      autoattack_settings, autoattack (torchattacks' parts, reference settings)
+    adaptive attacks, RA-worst          adversaries: router-aware, soft, fixed-routing PGD, Square, AutoAttack
+    AutoAttack (standard, Table 2)      autoattack_settings, autoattack: torchattacks' parts, reference values
     pathway diversity (Sec. 5)          pathway_diversity -> result["routing"]["pathways"]
     4-way split (Sec. 4, Insight 2)     evaluate -> result["routing"]["split_4way"]
     Eq. (1) / Algorithm 1 (AdvMoE)      advmoe_step (lines 3-5), level (one level's update), STEPS
@@ -152,7 +152,7 @@ class Routing:
     module). Each MoE layer appends its Gate, so the caller gets every decision back."""
     gates: list = field(default_factory=list)
     shared: Gate | None = None              # the global router's gate, reused by every layer
-    dispatch: str = "sparse"                # "sparse" (real savings) | "masked" (reference) | "soft" (attacks)
+    dispatch: str = "sparse"                # "sparse" (real savings) | "masked" (CUDA) | "soft" (attacks)
     force: list | int | torch.Tensor | None = None  # per-layer choices, or one choice for every layer
                                                     # (an expert index, or a (B,) tensor), to impose
     noise: float = 0.0                      # router noise std (0 outside training)
@@ -268,10 +268,10 @@ class MoEConv(nn.Module):
 
     def masked_forward(self, x: torch.Tensor, gate: Gate, soft: bool = False) -> torch.Tensor:
         """Every expert's conv for every input, then each input's chosen expert: static shapes, no host sync
-        (the CUDA dispatch, and the reference the sparse path is tested against). BatchNorm is per expert, as in
-        the sparse path: in training over the inputs routed to it (updating its running statistics). soft=True
-        (attacks only): the same hard output, but the backward pass sees the experts mixed by the router's
-        probabilities (a surrogate gradient through routing)."""
+        (the CUDA dispatch, and the reference the sparse path is tested against). BatchNorm is per expert, as
+        in the sparse path: in training over the inputs routed to it (updating its running statistics).
+        soft=True (attacks only): the same hard output, but the backward pass sees the experts mixed by the
+        router's probabilities (a surrogate gradient through routing)."""
         y = F.conv2d(x, self.weight, None, self.stride, self.padding)           # (B, N*cout, H', W')
         bn, train_bn = self.bn, self.bn is not None and self.training
         if bn is not None and not self.training:  # running statistics: one BatchNorm over all N*cout channels
@@ -294,9 +294,9 @@ class MoEConv(nn.Module):
 
     def expert_affine(self, y: torch.Tensor, choice: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Each expert's BatchNorm as an affine map, BN_e(y) = y * scale_e + shift_e with (N, cout) scale and
-        shift. y (B, cout, H', W'): each input's chosen expert's output. In training the statistics of expert e
-        are those of the inputs routed to it, mean_e = sum_{b: e(b)=e} sum_hw y_b / n_e and var_e likewise (two
-        passes, as F.batch_norm), and its running statistics are updated; in eval, the running ones."""
+        shift. y (B, cout, H', W'): each input's chosen expert's output. In training the statistics of expert
+        e are those of the inputs routed to it, mean_e = sum_{b: e(b)=e} sum_hw y_b / n_e and var_e likewise
+        (two passes, as F.batch_norm), and its running statistics are updated; in eval, the running ones."""
         bn, n = self.bn, self.n
         if not self.training:
             mean, var = bn.running_mean.view(n, -1), bn.running_var.view(n, -1)
@@ -305,7 +305,9 @@ class MoEConv(nn.Module):
             onehot = F.one_hot(choice, n).to(y.dtype)                       # (B, N)
             count = onehot.sum(0) * (y.shape[-1] * y.shape[-2])             # (N,) inputs x pixels per expert
             mean = onehot.T @ y.sum((2, 3)) / count.clamp(min=1)[:, None]  # (N, cout)
-            var = onehot.T @ (y - mean[choice, :, None, None]).square().sum((2, 3)) / count.clamp(min=1)[:, None]
+            # sum_hw (y_b - mean_e(b))^2, (B, cout)
+            centered = (y - mean[choice, :, None, None]).square().sum((2, 3))
+            var = onehot.T @ centered / count.clamp(min=1)[:, None]          # (N, cout)
             self.update_running_stats(mean, var, count)
         # BN_e(y) = (y - mean_e) / sqrt(var_e + eps) * gamma_e + beta_e
         scale = bn.weight.view(n, -1) / torch.sqrt(var + bn.eps)
@@ -313,8 +315,9 @@ class MoEConv(nn.Module):
 
     @torch.no_grad()
     def update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, count: torch.Tensor):
-        """running <- running + m * (batch statistic - running) for the experts that received inputs (m = 0 for
-        the others; the variance unbiased, n/(n-1)): what F.batch_norm does for each group in the sparse path."""
+        """running <- running + m * (batch statistic - running) for the experts that received inputs (m = 0
+        for the others; the variance unbiased, n/(n-1)): what F.batch_norm does for each group in the sparse
+        path."""
         bn = self.bn
         m = (count > 0).to(bn.running_mean.dtype)[:, None] * bn.momentum                     # (N, 1)
         bn.running_mean.view(self.n, -1).lerp_(mean.to(bn.running_mean.dtype), m)
@@ -360,23 +363,27 @@ class Spec:
     base: float = 1.0  # --width W: the Dense network has round(W * C) channels where the paper's has C
 
     def width(self, channels: int | tuple) -> int:
-        """Channels of a tensor in the pathway (= S-Dense): r * round(W * C), at least 1; of a concatenation, the
-        sum of its groups' widths (so a pruned Dense network and S-Dense have the same shapes at any r)."""
+        """Channels of a tensor in the pathway (= S-Dense): r * round(W * C), at least 1; of a concatenation,
+        the sum of its groups' widths (so a pruned Dense network and S-Dense have the same shapes at any
+        r)."""
         if isinstance(channels, tuple):
             return sum(self.width(c) for c in channels)
         return max(1, round(self.ratio * max(1, round(self.base * channels))))
 
-    def conv(self, cin, cout: int, kernel: int = 3, stride: int = 1, bn: bool = True, takes=(), gives="") -> MoEConv:
+    def conv(self, cin, cout: int, kernel: int = 3, stride: int = 1, bn: bool = True, takes=(),
+             gives="") -> MoEConv:
         """A routed conv reading channel groups `takes` and writing group `gives` (see MoEConv)."""
-        return MoEConv(self.width(cin), self.width(cout), kernel, stride, self.n_experts, bn, self.layer_router,
+        return MoEConv(self.width(cin), self.width(cout), kernel, stride, self.n_experts, bn,
+                       self.layer_router,
                        takes, gives)
 
-    def shared_conv(self, cin, cout: int, kernel: int, stride: int, bn: bool = True, takes=(), gives="") -> MoEConv:
-        """A conv shared by all experts (stem, projection shortcut), at pathway width: an MoEConv with N = 1."""
+    def shared_conv(self, cin, cout: int, kernel: int, stride: int, bn: bool = True, takes=(),
+                    gives="") -> MoEConv:
+        """A conv shared by all experts (stem, projection shortcut) at pathway width: an MoEConv, N = 1."""
         return MoEConv(self.width(cin), self.width(cout), kernel, stride, 1, bn, False, takes, gives)
 
     def bn(self, channels, takes: tuple) -> nn.BatchNorm2d:
-        """A pre-activation BatchNorm on the pathway, shared by all experts, labelled with its channel groups."""
+        """A pre-activation BatchNorm on the pathway, shared by all experts, labelled with its groups."""
         bn = nn.BatchNorm2d(self.width(channels))
         bn.takes = takes  # wiring, read by extract_sparse
         return bn
@@ -389,7 +396,8 @@ class Stem(nn.Module):
     def __init__(self, spec: Spec, cout: int, image_size: int, bn: bool = True, gives: str = "stem"):
         super().__init__()
         self.pool = image_size >= 128
-        self.conv = MoEConv(3, spec.width(cout), 7 if self.pool else 3, 2 if self.pool else 1, 1, bn, False, (), gives)
+        kernel, stride = (7, 2) if self.pool else (3, 1)
+        self.conv = MoEConv(3, spec.width(cout), kernel, stride, 1, bn, False, (), gives)
 
     def forward(self, x, routing):
         x = self.conv(x, routing)
@@ -432,7 +440,8 @@ class ResNet18(nn.Module):
         blocks, cin = [], 64
         for stage, (cout, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2)), 1):
             stream_in = f"stage{max(stage - 1, 1)}"
-            blocks += [BasicBlock(spec, cin, cout, stride, stream_in, f"stage{stage}", f"block{2 * stage - 1}"),
+            blocks += [BasicBlock(spec, cin, cout, stride, stream_in, f"stage{stage}",
+                                  f"block{2 * stage - 1}"),
                        BasicBlock(spec, cout, cout, 1, f"stage{stage}", f"stage{stage}", f"block{2 * stage}")]
             cin = cout
         self.blocks = nn.ModuleList(blocks)
@@ -545,7 +554,8 @@ class DenseNet(nn.Module):
             if block < 2:
                 cout, name = int(sum(chans) * compression), f"transition{block + 1}"
                 layers.append(nn.ModuleDict({"bn": spec.bn(chans, groups),
-                                             "conv": spec.conv(chans, cout, 1, 1, bn=False, takes=groups, gives=name)}))
+                                             "conv": spec.conv(chans, cout, 1, 1, bn=False, takes=groups,
+                                                               gives=name)}))
                 chans, groups = (cout,), (name,)
         self.layers = nn.ModuleList(layers)
         self.bn = spec.bn(chans, groups)
@@ -569,7 +579,8 @@ class MoECNN(nn.Module):
     use it; model(x, return_routing=True) also returns the list of Gates, one per MoE layer."""
 
     def __init__(self, arch: str, num_classes: int = 10, image_size: int = 32, ratio: float = 1.0,
-                 n_experts: int = 1, router: str = "layer", mean_std=MEAN_STD["cifar10"], router_noise: float = 0.0,
+                 n_experts: int = 1, router: str = "layer", mean_std=MEAN_STD["cifar10"],
+                 router_noise: float = 0.0,
                  width: float = 1.0):
         super().__init__()
         spec = Spec(ratio, n_experts, layer_router=(router == "layer"), base=width)
@@ -633,7 +644,8 @@ def evaluating(model: nn.Module):
 
 
 def pgd(model: nn.Module, x: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor], eps: float,
-        step_size: float, steps: int, start: str = "uniform", generator: torch.Generator | None = None) -> torch.Tensor:
+        step_size: float, steps: int, start: str = "uniform",
+        generator: torch.Generator | None = None) -> torch.Tensor:
     """max_{|delta|_inf <= eps, x+delta in [0,1]} loss_fn(x + delta) by projected sign-gradient ascent
     (Madry et al. 2018), with the model in eval mode and gradients taken w.r.t. the input only.
     start: "uniform" in the eps-ball (test PGD) | "normal": x + 0.001*N(0,1) (TRADES); drawn from `generator`
@@ -652,7 +664,8 @@ def pgd(model: nn.Module, x: torch.Tensor, loss_fn: Callable[[torch.Tensor], tor
     return x_adv.detach()
 
 
-def kl_from_logits(p_logits: torch.Tensor, q_logits: torch.Tensor, reduction: str = "batchmean") -> torch.Tensor:
+def kl_from_logits(p_logits: torch.Tensor, q_logits: torch.Tensor,
+                   reduction: str = "batchmean") -> torch.Tensor:
     """KL(p || q) from log-probabilities (stable where softmax underflows; the official code went NaN)."""
     return F.kl_div(q_logits.float().log_softmax(-1), p_logits.float().log_softmax(-1), reduction=reduction,
                     log_target=True)
@@ -660,7 +673,8 @@ def kl_from_logits(p_logits: torch.Tensor, q_logits: torch.Tensor, reduction: st
 
 def ce_objective(model: nn.Module, y: torch.Tensor, dispatch: str = "auto", force=None) -> Callable:
     """Attack objective sum_b CE(f(x'_b), y_b) (optionally with routing forced, see Routing.force)."""
-    return lambda x_adv: F.cross_entropy(model(x_adv, dispatch=dispatch, force=force).float(), y, reduction="sum")
+    return lambda x_adv: F.cross_entropy(model(x_adv, dispatch=dispatch, force=force).float(), y,
+                                         reduction="sum")
 
 
 def trades_loss(logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
@@ -726,7 +740,8 @@ def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: Settings)
         objective = F.cross_entropy(logits_adv.float(), y)
     reg = routing_regularizer(gates + gates_adv, y, s)
     stats = {"loss": objective.detach(), "router_reg": reg.detach(),
-             "acc": (logits.argmax(1) == y).float().mean(), "acc_adv": (logits_adv.argmax(1) == y).float().mean()}
+             "acc": (logits.argmax(1) == y).float().mean(),
+             "acc_adv": (logits_adv.argmax(1) == y).float().mean()}
     if gates_adv:
         stats["top_share"] = expert_usage(gates_adv).max(1).values.mean()   # mean over layers of max_k f_k
     return objective, reg, stats
@@ -743,7 +758,8 @@ def make_optimizers(model: nn.Module, s: Settings, device: torch.device) -> dict
     psi = {"params": backbone_params(model), "base_lr": s.lr, "name": "backbone"}
     if s.method == "advmoe":
         return {"phi": torch.optim.SGD([phi], **kw), "psi": torch.optim.SGD([psi], **kw)}
-    groups = {"all": [psi] + ([phi] if phi["params"] else []), "routers": [phi], "backbone": [psi]}[s.train_params]
+    groups = {"all": [psi] + ([phi] if phi["params"] else []), "routers": [phi],
+              "backbone": [psi]}[s.train_params]
     return {"all": torch.optim.SGD(groups, **kw)}
 
 
@@ -757,7 +773,8 @@ def set_lr(opts: dict, progress: float):
 def level(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, s: Settings,
           regularize: bool = True) -> dict:
     """One adversarial-training update of the parameters held by `opt` (the others stay fixed). The routing
-    regularizer is added only where the routers are trained (regularize): AdvMoE's lower level, not its upper."""
+    regularizer is added only where the routers are trained (regularize): AdvMoE's lower level, not its
+    upper."""
     objective, reg, stats = robust_loss(model, x, y, s)
     loss = objective + reg if regularize else objective
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -770,8 +787,8 @@ def level(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torc
 
 # Eq. (1), the bi-level problem AdvMoE solves (psi: backbone and experts; phi: routers; D: the training set):
 #     min_psi L_TRADES(psi, phi*(psi); D)   s.t.   phi*(psi) = argmin_phi L_TRADES(psi, phi; D)
-# Algorithm 1 solves it by alternating optimization: per iteration one SGD step of each level, each against an
-# attack regenerated for the model as it is then. Lines 1-2 (initialization, the loop) are train / train_epoch.
+# Algorithm 1 solves it by alternating optimization: per iteration one SGD step of each level, each against
+# an attack regenerated for the model as it is then. Lines 1-2 (initialization, the loop): train, train_epoch.
 def advmoe_step(model: nn.Module, opts: dict, batches: list, s: Settings) -> dict:
     """One iteration of Algorithm 1, lines 3-5."""
     # 3: draw two different random batches B_phi and B_psi (two independent shuffles, see train_epoch)
@@ -829,7 +846,8 @@ def adversaries(name: str, model: nn.Module, x, y, s: Settings, gates: list[Gate
         def router_loss(x_adv):
             logits, gates_adv = model(x_adv, return_routing=True)
             # CE(f(x'), y) + (1/L) sum_l CE(router_l(x'), e_l(x)): also push each router off its clean choice
-            push = sum(F.cross_entropy(g.logits.float(), c, reduction="sum") for g, c in zip(gates_adv, clean))
+            push = sum(F.cross_entropy(g.logits.float(), c, reduction="sum")
+                       for g, c in zip(gates_adv, clean))
             return F.cross_entropy(logits.float(), y, reduction="sum") + push / len(clean)
         return [("router", run(router_loss))]
     if name == "soft":  # hard forward, backward through experts mixed by router probabilities
@@ -865,8 +883,8 @@ def autoattack_components(model: nn.Module, eps: float, seed: int) -> list[tuple
 
 
 def autoattack(model: nn.Module, x, y, eps: float, seed: int, log=None) -> list[tuple[str, torch.Tensor]]:
-    """Run the components in order, as AutoAttack does: each attacks only the inputs still classified correctly,
-    and an input fooled once stays fooled. Returns the adversarial batch after each component
+    """Run the components in order, as AutoAttack does: each attacks only the inputs still classified
+    correctly, and an input fooled once stays fooled. Returns the adversarial batch after each component
     ("autoattack/apgd-ce", ...) and the final one ("autoattack")."""
     x_adv, found = x.clone(), []
     with torch.no_grad():
@@ -879,7 +897,8 @@ def autoattack(model: nn.Module, x, y, eps: float, seed: int, log=None) -> list[
                 fooled = model(adv).argmax(1) != y[idx]
             x_adv[idx[fooled]], robust[idx[fooled]] = adv[fooled], False
         if log:
-            log(f"    autoattack {name}: {int(robust.sum())} of {len(y)} robust ({time.perf_counter() - t0:.0f} s)")
+            log(f"    autoattack {name}: {int(robust.sum())} of {len(y)} robust "
+                f"({time.perf_counter() - t0:.0f} s)")
         found.append((f"autoattack/{name}", x_adv.clone()))
     return found + [("autoattack", x_adv)]
 
@@ -888,8 +907,8 @@ def import_torchattacks():
     try:
         import torchattacks
     except ImportError:
-        raise ConfigError("--eval-attacks square/autoattack and --eval-aa need the optional package torchattacks: "
-                          "pip install --no-deps torchattacks scipy") from None
+        raise ConfigError("--eval-attacks square/autoattack and --eval-aa need the optional package "
+                          "torchattacks: pip install --no-deps torchattacks scipy") from None
     return torchattacks
 
 
@@ -932,7 +951,8 @@ def evaluate(model: nn.Module, data, s: Settings, steps: int | None = None, limi
                     continue
                 if name == "autoattack":  # Table 2 sets PGD's RA on the same images beside RA-AA
                     pgd_on_aa += ok_pgd[:take].sum()
-                for label, x_adv in adversaries(name, model, x[:take], y[:take], s, gates, steps, gens[name], log):
+                found = adversaries(name, model, x[:take], y[:take], s, gates, steps, gens[name], log)
+                for label, x_adv in found:
                     with torch.no_grad():
                         logits_adv, gates_adv = model(x_adv, return_routing=True)
                     ok_adv = logits_adv.argmax(1) == y[:take]
@@ -952,23 +972,27 @@ def evaluate(model: nn.Module, data, s: Settings, steps: int | None = None, limi
                         if utility:
                             ious["clean"].append(pathway_iou(gates, utility.tables))
                             ious["adv"].append(pathway_iou(gates_adv, utility.tables))
-                progress(n + len(y) if name == attacks[-1] else n + take, lambda: f"({name} done on this batch)")
+                progress(n + len(y) if name == attacks[-1] else n + take,
+                         lambda: f"({name} done on this batch)")
             n, correct = n + len(y), correct + ok.sum()
             worst, covered = worst + (survived & saw_all).sum(), covered + saw_all.sum()
             worst_no_aa = worst_no_aa + survived_no_aa.sum()
     ras = {label: round(100 * v.item() / seen[label], 2) for label, v in per_attack.items()}
     result = {"sa": round(100 * correct.item() / n, 2), "ra": ras[f"pgd{steps}"], "n": n,
               "attack": f"PGD-{steps} (CE, eps {s.eps:.5f}, step {s.test_step_size:.5f}, uniform start)",
-              "attacks": ras, "attack_n": seen, "ra_worst": round(100 * worst.item() / max(covered.item(), 1), 2),
+              "attacks": ras, "attack_n": seen,
+              "ra_worst": round(100 * worst.item() / max(covered.item(), 1), 2),
               "ra_worst_n": covered.item(), "routing": {},
-              # RA-worst over every attack but AutoAttack, on all n images (AutoAttack sees the first --aa-n only)
+              # RA-worst over every attack but AutoAttack, on all n images (AutoAttack sees the first --aa-n)
               "ra_worst_without_aa": round(100 * int(worst_no_aa) / n, 2)}
     if "autoattack" in seen:
+        classes = model.backbone.fc.out_features
         result["autoattack"] = {
             "label": "AutoAttack (standard)", "images": seen["autoattack"],
             "ra_pgd_same_images": round(100 * int(pgd_on_aa) / seen["autoattack"], 2),
-            "components": [{"name": name, "attack": cls, "settings": kw, "ra_after": ras.get(f"autoattack/{name}")}
-                           for name, (cls, kw) in autoattack_settings(s.eps, model.backbone.fc.out_features).items()]}
+            "components": [{"name": name, "attack": cls, "settings": kw,
+                            "ra_after": ras.get(f"autoattack/{name}")}
+                           for name, (cls, kw) in autoattack_settings(s.eps, classes).items()]}
     if usage is not None:
         result["routing"] = routing_summary(usage, usage_adv, flips, split_counts, pathways, n)
     if ious["clean"]:
@@ -1036,17 +1060,20 @@ def router_utility_tables(model: nn.Module, path: str, samples: int = 1000) -> U
     ckpt = read_checkpoint(Path(path))
     extra = ckpt.get("extra") or {}
     if "keep" not in extra:
-        raise ConfigError(f"--iou-with {path} is not an AT(Sparse) checkpoint: give <sparse run>/checkpoint.pt")
+        raise ConfigError(f"--iou-with {path} is not an AT(Sparse) checkpoint: give "
+                          f"<sparse run>/checkpoint.pt")
     tables, chance = {}, []
     gen = torch.Generator().manual_seed(0)
     for m in model.modules():
         if isinstance(m, MoEConv) and m.n > 1 and m.gives not in extra["sizes"]:
-            raise ConfigError(f"--iou-with {path} is an AT(Sparse) run of another backbone ({ckpt['identity']['arch']}, "
+            raise ConfigError(f"--iou-with {path} is an AT(Sparse) run of another backbone "
+                              f"({ckpt['identity']['arch']}, "
                               f"no layer {m.gives}): give the Sparse run of this backbone")
         if isinstance(m, MoEConv) and m.n > 1:
             size, keep = extra["sizes"][m.gives], extra["keep"][m.gives]
             if m.n * m.cout != size or len(keep) != m.cout:
-                raise ConfigError(f"--iou-with needs N*r = 1 and the Sparse run's r (layer {m.gives}: {m.n} experts of "
+                raise ConfigError(f"--iou-with needs N*r = 1 and the Sparse run's r (layer {m.gives}: "
+                                  f"{m.n} experts of "
                                   f"{m.cout} channels, Sparse keeps {len(keep)} of {size})")
             kept = torch.zeros(size, dtype=torch.bool)
             kept[keep] = True
@@ -1058,12 +1085,14 @@ def router_utility_tables(model: nn.Module, path: str, samples: int = 1000) -> U
             hits = kept[picks].sum(1).float()                                         # (samples,)
             chance.append(hits / (2 * m.cout - hits))
     if not tables:
-        raise ConfigError("--iou-with measures an MoE-CNN's pathways: use it with --method moe, advmoe or standard")
+        raise ConfigError("--iou-with measures an MoE-CNN's pathways: use it with --method moe, advmoe or "
+                          "standard")
     return Utility(tables, torch.stack(chance).mean(0))  # a random pathway's IoU, averaged over layers
 
 
 def pathway_iou(gates: list[Gate], tables: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B,): each input's IoU with the Sparse mask, averaged over MoE layers (its pathway's choice at each)."""
+    """(B,): each input's IoU with the Sparse mask, averaged over MoE layers (its pathway's choice at
+    each)."""
     return torch.stack([tables[g.layer][g.choice] for g in gates]).mean(0)
 
 
@@ -1105,36 +1134,45 @@ class Settings:
     # ---- what to train --------------------------------------------------------------------------
     dataset: str = setting("cifar10", "cifar10 | cifar100 | tinyimagenet | imagenet | synthetic (offline)")
     arch: str = setting("resnet18", "resnet18 | wrn28_10 | vgg16 | densenet (DenseNet-BC-40, k=12)")
-    method: str = setting("advmoe", "dense | sdense | moe | advmoe | sparse | standard: AT(Dense), AT(S-Dense), AT(MoE), "
-                                    "AdvMoE, AT(Sparse) (HYDRA channel pruning of a Dense model, then AT fine-tuning), "
+    method: str = setting("advmoe", "dense | sdense | moe | advmoe | sparse | standard: AT(Dense), "
+                                    "AT(S-Dense), AT(MoE), "
+                                    "AdvMoE, AT(Sparse) (HYDRA channel pruning of a Dense model, then AT "
+                                    "fine-tuning), "
                                     "standard (natural, non-adversarial training of an MoE-CNN; Sec. 4)")
     ratio: float = setting(0.5, "r in (0,1]: an expert (and S-Dense) keeps r*C of a layer's C channels")
     n_experts: int = setting(2, "N >= 1: experts per MoE layer (moe, advmoe)")
-    width: float = setting(1.0, "W > 0: base channel multiplier of every backbone (1: the paper's networks); Dense "
+    width: float = setting(1.0, "W > 0: base channel multiplier of every backbone (1: the paper's networks); "
+                                "Dense "
                                 "has round(W*C) channels, S-Dense and an expert r of those")
-    router: str = setting("layer", "layer: a gate per MoE layer (paper) | global: one image-level router (official code)")
-    init: str = setting("", "checkpoint.pt whose weights start the run (sparse: an AT(Dense) run; otherwise the same model)")
-    train_params: str = setting("all", "all | routers | backbone: which parameters the joint methods train (Sec. 4 "
+    router: str = setting("layer", "layer: a gate per MoE layer (paper) | global: one image-level router "
+                                   "(official code)")
+    init: str = setting("", "checkpoint.pt whose weights start the run (sparse: an AT(Dense) run; otherwise "
+                            "the same model)")
+    train_params: str = setting("all", "all | routers | backbone: which parameters the joint methods train "
+                                       "(Sec. 4 "
                                        "study: AT of the routers, then of the backbone, of an --init model)")
-    prune_epochs: int = setting(20, "sparse: epochs of score learning (weights frozen) before --epochs of fine-tuning")
+    prune_epochs: int = setting(20, "sparse: epochs of score learning (weights frozen) before --epochs of "
+                                    "fine-tuning")
     # ---- robust loss and attacks (eps and step sizes in pixel units of [0,1] images) ---------------
     loss: str = setting("trades", "trades (default, beta-weighted KL) | pgdat (Madry: CE on PGD examples)")
     beta: float = setting(6.0, "TRADES weight 1/lambda")
-    eps: float = setting(None, "l_inf radius (default: 8/255 on CIFAR and synthetic, 2/255 on TinyImageNet/ImageNet)",
+    eps: float = setting(None, "l_inf radius (default: 8/255 on CIFAR and synthetic, 2/255 on "
+                               "TinyImageNet/ImageNet)",
                                  float)
     train_steps: int = setting(2, "K: PGD steps of the training attack")
     train_step_size: float = setting(None, "training PGD step (default: 2.5*eps/K)", float)
     test_steps: int = setting(50, "PGD steps of the final robustness evaluation (RA)")
     test_step_size: float = setting(None, "test PGD step (default: eps/4)", float)
     # ---- routing regularizers (NOTE(ours): the paper has none; it is silent on routing collapse) ---
-    # Defaults: the paper's (no balance term, the routers at the backbone's learning rate). On real CIFAR-10 at
-    # laptop scale (results/cifar10_laptop/) it gave AdvMoE's best validation RA-worst, 18.85 (seeds 19.0,
+    # Defaults: the paper's (no balance term, the routers at the backbone's learning rate). On real CIFAR-10
+    # at laptop scale (results/cifar10_laptop/) it gave AdvMoE's best validation RA-worst, 18.85 (seeds 19.0,
     # 18.7), although it collapses most layers onto one expert; a balance term of 0.1 kept every expert in use
     # but lowered it (16.1 with the router lr x 0.1, seed 1; 16.0 at the shared rate). They stay as options.
     balance: float = setting(0.0, "weight of the Switch balance term N*sum_k f_k*P_k (0: off, the paper)")
     router_noise: float = setting(0.0, "std of Gaussian noise added to router logits in training")
     router_lr: float = setting(1.0, "router learning rate = lr * router_lr (1: shared, the paper)")
-    router_supervision: float = setting(0.0, "weight of CE(router, y mod N), the official code's router target")
+    router_supervision: float = setting(0.0, "weight of CE(router, y mod N), the official code's router "
+                                             "target")
     # ---- optimization (the authors' settings) ------------------------------------------------------
     epochs: int = setting(100, "training epochs (an epoch is one pass of B_psi over the training set)")
     batch_size: int = setting(128, "images per batch (each of B_phi and B_psi for advmoe)")
@@ -1145,39 +1183,55 @@ class Settings:
     # ---- data --------------------------------------------------------------------------------------
     data_dir: str = setting("data", "where data sets live (CIFAR is downloaded here when possible)")
     download: bool = setting(True, "let torchvision download CIFAR when it is missing")
-    synthetic_train: int = setting(128, "training images of the synthetic data set (small: a smoke set for CPUs)")
-    synthetic_test: int = setting(16, "test images of the synthetic data set (PGD-50 of Dense WRN-28-10 costs ~9 s an image on 2 cores)")
-    train_n: int = setting(0, "train on a fixed random subset of this many training images (0: all but --val-n)")
-    val_n: int = setting(0, "hold this many training images out as a validation split, evaluated beside the test "
+    synthetic_train: int = setting(128, "training images of the synthetic data set (small: a smoke set for "
+                                        "CPUs)")
+    synthetic_test: int = setting(16, "test images of the synthetic data set (PGD-50 of Dense WRN-28-10 "
+                                      "costs ~9 s an image on 2 cores)")
+    train_n: int = setting(0, "train on a fixed random subset of this many training images (0: all but "
+                              "--val-n)")
+    val_n: int = setting(0, "hold this many training images out as a validation split, evaluated beside the "
+                            "test "
                             "set (choose settings on it, never on the test set)")
     # ---- evaluation --------------------------------------------------------------------------------
     eval_n: int = setting(0, "test images for the final SA/RA (0: the whole test set)")
-    eval_attacks: str = setting("pgd", "comma-separated: pgd (the paper's RA) | router | soft | fixed (router-aware "
-                                       "PGD) | square | autoattack (need torchattacks); RA-worst over all of them")
-    eval_aa: bool = setting(False, "also evaluate with AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square; needs "
+    eval_attacks: str = setting("pgd", "comma-separated: pgd (the paper's RA) | router | soft | fixed "
+                                       "(router-aware "
+                                       "PGD) | square | autoattack (need torchattacks); RA-worst over all of "
+                                       "them")
+    eval_aa: bool = setting(False, "also evaluate with AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square; "
+                                   "needs "
                                    "torchattacks): RA-AA, Table 2")
-    aa_n: int = setting(0, "test images for AutoAttack (the first ones of the evaluation; 0: all of --eval-n)")
-    iou_with: str = setting("", "router utility (Fig. 6): IoU of each input's MoE pathway with the static mask of this "
+    aa_n: int = setting(0, "test images for AutoAttack (the first ones of the evaluation; 0: all of "
+                           "--eval-n)")
+    iou_with: str = setting("", "router utility (Fig. 6): IoU of each input's MoE pathway with the static "
+                                "mask of this "
                                 "AT(Sparse) checkpoint.pt, on clean and PGD inputs (needs N*r = 1)")
     quick_eval_n: int = setting(500, "test images for the per-epoch SA / RA(PGD-10) check (0: skip)")
     square_queries: int = setting(5000, "queries of the Square attack (AutoAttack's standard 5000)")
     eval_batch_size: int = setting(256, "batch size of evaluation and attacks at test time")
     # ---- run ---------------------------------------------------------------------------------------
     out: str = setting("", "run folder (result.json, checkpoint.pt, log.jsonl); default runs/<name>")
-    resume: bool = setting(False, "continue from <out>/checkpoint.pt (the recipe must be the same; --epochs may grow)")
-    overwrite: bool = setting(False, "replace the run already in --out (without it, a folder holding a run is refused)")
+    resume: bool = setting(False, "continue from <out>/checkpoint.pt (the recipe must be the same; --epochs "
+                                  "may grow)")
+    overwrite: bool = setting(False, "replace the run already in --out (without it, a folder holding a run "
+                                     "is refused)")
     eval_only: str = setting("", "path of a checkpoint to evaluate instead of training")
     device: str = setting("auto", "auto | cpu | cuda | cuda:K")
     amp: bool = setting(True, "bf16 autocast on CUDA (ignored on CPU)")
     channels_last: bool = setting(True, "channels_last memory format on CUDA")
-    train_dispatch: str = setting("auto", "MoE layers in training: auto (masked on CUDA, sparse on the CPU) | sparse "
-                                          "(group by expert: only the chosen experts are computed, a host sync per "
+    train_dispatch: str = setting("auto", "MoE layers in training: auto (masked on CUDA, sparse on the CPU) "
+                                          "| sparse "
+                                          "(group by expert: only the chosen experts are computed, a host "
+                                          "sync per "
                                           "layer) | masked (every expert, static shapes, no host sync)")
-    cudnn_benchmark: bool = setting(False, "cuDNN autotuning per shape (helps Dense/S-Dense; MoE group sizes vary, "
+    cudnn_benchmark: bool = setting(False, "cuDNN autotuning per shape (helps Dense/S-Dense; MoE group sizes "
+                                           "vary, "
                                            "so every new size is re-tuned)")
-    compile: bool = setting(False, "torch.compile the training forwards (on CUDA one graph, with CUDA graphs; "
+    compile: bool = setting(False, "torch.compile the training forwards (on CUDA one graph, with CUDA "
+                                   "graphs; "
                                    "README, 'Speed and cost')")
-    log_every: float = setting(30.0, "seconds between progress lines (done/total, images/s, ETA) in training, "
+    log_every: float = setting(30.0, "seconds between progress lines (done/total, images/s, ETA) in "
+                                     "training, "
                                      "evaluation and attacks (0: after every batch)")
 
     def __post_init__(self):
@@ -1185,43 +1239,56 @@ class Settings:
              "train_dispatch": ("auto", "sparse", "masked")}
         for name, allowed in check.items():
             if getattr(self, name) not in allowed:
-                raise ConfigError(f"unknown --{name} {getattr(self, name)!r}: choose one of {', '.join(allowed)}")
+                raise ConfigError(f"unknown --{name} {getattr(self, name)!r}: choose one of "
+                                  f"{', '.join(allowed)}")
         if not 0 < self.ratio <= 1:
-            raise ConfigError(f"--ratio {self.ratio} is outside (0, 1]: an expert keeps a fraction r of the channels")
+            raise ConfigError(f"--ratio {self.ratio} is outside (0, 1]: an expert keeps a fraction r of the "
+                              f"channels")
         if self.n_experts < 1:
             raise ConfigError(f"--n-experts {self.n_experts} must be at least 1")
         if self.method in MOE_METHODS and self.n_experts < 2:
-            raise ConfigError(f"--method {self.method} needs --n-experts >= 2 (with one expert use --method sdense)")
+            raise ConfigError(f"--method {self.method} needs --n-experts >= 2 (with one expert use --method "
+                              f"sdense)")
         if self.method == "sparse" and self.ratio == 1:
-            raise ConfigError("--method sparse keeps a fraction --ratio of the channels: give --ratio below 1")
+            raise ConfigError("--method sparse keeps a fraction --ratio of the channels: give --ratio below "
+                              "1")
         if self.train_params not in TRAIN_PARAMS:
-            raise ConfigError(f"unknown --train-params {self.train_params!r}: choose one of {', '.join(TRAIN_PARAMS)}")
+            raise ConfigError(f"unknown --train-params {self.train_params!r}: choose one of "
+                              f"{', '.join(TRAIN_PARAMS)}")
         if self.train_params != "all" and (self.method == "advmoe" or not self.init):
-            raise ConfigError(f"--train-params {self.train_params} freezes part of the model: use it with --init CKPT "
-                              f"and a joint method (moe, standard), not advmoe (whose levels already split it)")
+            raise ConfigError(f"--train-params {self.train_params} freezes part of the model: use it with "
+                              f"--init CKPT "
+                              f"and a joint method (moe, standard), not advmoe (whose levels already split "
+                              f"it)")
         if self.train_params == "routers" and self.method not in MOE_METHODS:
-            raise ConfigError(f"--train-params routers needs an MoE-CNN (--method moe or standard), not {self.method}")
+            raise ConfigError(f"--train-params routers needs an MoE-CNN (--method moe or standard), not "
+                              f"{self.method}")
         if self.eps is None:
             self.eps = 2 / 255 if self.dataset in ("tinyimagenet", "imagenet") else 8 / 255
         if self.eps < 0:
-            raise ConfigError(f"--eps {self.eps} is negative: give the l_inf radius in pixel units, e.g. 0.0314")
+            raise ConfigError(f"--eps {self.eps} is negative: give the l_inf radius in pixel units, e.g. "
+                              f"0.0314")
         if not math.isfinite(self.eps) or self.eps > 1:
-            raise ConfigError(f"--eps {self.eps} is not a radius in pixel units of [0,1] images: give e.g. 0.0314 (8/255)")
+            raise ConfigError(f"--eps {self.eps} is not a radius in pixel units of [0,1] images: give e.g. "
+                              f"0.0314 (8/255)")
         for name in ("lr", "momentum", "weight_decay", "beta", "balance", "router_lr", "router_noise",
                      "router_supervision"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a finite number >= 0")
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a finite number "
+                                  f">= 0")
         for name in ("eval_n", "quick_eval_n"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be 0 (0: "
-                                  f"{'all test images' if name == 'eval_n' else 'no per-epoch check'}) or more")
+                                  f"{'all test images' if name == 'eval_n' else 'no per-epoch check'}) or "
+                                  f"more")
         for name in ("test_steps", "train_steps", "square_queries"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
         if self.prune_epochs < 0 or self.aa_n < 0:
             raise ConfigError("--prune-epochs and --aa-n must be 0 or more")
         if not (0 < self.width <= 64):
-            raise ConfigError(f"--width {self.width} must be in (0, 64]: the channel multiplier of the backbone")
+            raise ConfigError(f"--width {self.width} must be in (0, 64]: the channel multiplier of the "
+                              f"backbone")
         if self.train_n < 0 or self.val_n < 0:
             raise ConfigError("--train-n and --val-n must be 0 or more (0: not used)")
         if not self.log_every >= 0:
@@ -1231,7 +1298,8 @@ class Settings:
                 raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
         unknown = [a for a in self.eval_attacks.split(",") if a not in EVAL_ATTACKS]
         if unknown:
-            raise ConfigError(f"unknown --eval-attacks {','.join(unknown)}: choose from {', '.join(EVAL_ATTACKS)}")
+            raise ConfigError(f"unknown --eval-attacks {','.join(unknown)}: choose from "
+                              f"{', '.join(EVAL_ATTACKS)}")
         if {"square", "autoattack"} & set(self.attacks):
             import_torchattacks()  # fail now, not after training
         # None: derived from eps (resolved here, once; a Settings object always holds numbers)
@@ -1240,7 +1308,8 @@ class Settings:
         if self.test_step_size is None:
             self.test_step_size = self.eps / 4
         if min(self.train_step_size, self.test_step_size) < 0:
-            raise ConfigError("--train-step-size and --test-step-size must be 0 or more (or left out: derived from eps)")
+            raise ConfigError("--train-step-size and --test-step-size must be 0 or more (or left out: "
+                              "derived from eps)")
 
     @property
     def attacks(self) -> tuple[str, ...]:
@@ -1259,21 +1328,25 @@ class Settings:
 
     @property
     def name(self) -> str:
-        return f"{self.dataset}_{self.arch}_{self.method}_r{self.model_ratio:g}_n{self.model_experts}_s{self.seed}"
+        return (f"{self.dataset}_{self.arch}_{self.method}_r{self.model_ratio:g}_n{self.model_experts}"
+                f"_s{self.seed}")
 
 
 def settings_parser(defaults: bool = True) -> argparse.ArgumentParser:
     """argparse flags from the Settings fields: --field-name, typed by the default, help from the field.
     defaults=False: a flag not on the command line is left out of the parsed namespace."""
     parser = argparse.ArgumentParser(
-        description="AdvMoE: robust training of MoE-CNNs (ICCV 2023). Other commands: 'python advmoe.py report "
-                    "DIR' (every table from the result.json files below DIR), 'python advmoe.py bench --help' "
+        description="AdvMoE: robust training of MoE-CNNs (ICCV 2023). Other commands: 'python advmoe.py "
+                    "report "
+                    "DIR' (every table from the result.json files below DIR), 'python advmoe.py bench "
+                    "--help' "
                     "(speed and cost).", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=None if defaults else argparse.SUPPRESS)
     for f in dataclasses.fields(Settings):
         flag, default = "--" + f.name.replace("_", "-"), f.default if defaults else argparse.SUPPRESS
         if isinstance(f.default, bool):
-            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=f.metadata["help"])
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default,
+                                help=f.metadata["help"])
         else:
             parser.add_argument(flag, type=f.metadata["type"], default=default, help=f.metadata["help"])
     return parser
@@ -1294,14 +1367,16 @@ def given_flags(argv: list[str]) -> set[str]:
 class TensorData:
     """A data set held as uint8 tensors (B, 3, H, W) on `device`, with batched crop/flip augmentation."""
 
-    def __init__(self, train: tuple, test: tuple, num_classes: int, device: torch.device, val: tuple | None = None):
+    def __init__(self, train: tuple, test: tuple, num_classes: int, device: torch.device,
+                 val: tuple | None = None):
         self.x_train, self.y_train = (t.to(device) for t in train)
         self.x_test, self.y_test = (t.to(device) for t in test)
         self.x_val, self.y_val = (t.to(device) for t in val) if val else (self.x_test[:0], self.y_test[:0])
         self.num_classes, self.image_size, self.device = num_classes, self.x_train.shape[-1], device
         self.shard = (0, 1)  # (rank, world size) under torchrun
 
-    def train_batches(self, batch_size: int, gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def train_batches(self, batch_size: int,
+                      gen: torch.Generator) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """One shuffled epoch of augmented batches. The epoch's randomness (order, crop offsets, flips) is
         drawn at once on the CPU from `gen`, so it is a function of the seed and the epoch, and moved in one
         copy. Distributed: every process draws the same shuffle and takes a disjoint part of it."""
@@ -1310,13 +1385,15 @@ class TensorData:
         shifts = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen)  # crop offsets in the padded image
         flips = torch.rand(n, generator=gen) < 0.5
         rank, world = self.shard
-        perm, shifts, flips = (t.to(self.device, non_blocking=True) for t in (perm[rank::world], shifts, flips))
+        perm, shifts, flips = (t.to(self.device, non_blocking=True)
+                               for t in (perm[rank::world], shifts, flips))
         for i in range(0, len(perm) - batch_size + 1, batch_size):  # drop the last partial batch, as is usual
             idx = perm[i:i + batch_size]
             x = augment(self.x_train[idx], shifts[idx], flips[idx], pad)
             yield x, self.y_train[idx]
 
-    def test_batches(self, batch_size: int, limit: int = 0, split: str = "test") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def test_batches(self, batch_size: int, limit: int = 0,
+                     split: str = "test") -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches of the test set (or of the validation split held out of the training set), in order."""
         x, y = (self.x_test, self.y_test) if split == "test" else (self.x_val, self.y_val)
         n = self.eval_len(limit, split)
@@ -1353,9 +1430,11 @@ class FolderData:
         from torchvision.datasets import ImageFolder
         if image_size >= 128:  # ImageNet recipe
             train_tf = T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor()])
-            test_tf = T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size), T.ToTensor()])
+            test_tf = T.Compose([T.Resize(int(image_size * 256 / 224)), T.CenterCrop(image_size),
+                                 T.ToTensor()])
         else:  # TinyImageNet: 64x64, CIFAR-style augmentation
-            train_tf = T.Compose([T.RandomCrop(image_size, padding=4), T.RandomHorizontalFlip(), T.ToTensor()])
+            train_tf = T.Compose([T.RandomCrop(image_size, padding=4), T.RandomHorizontalFlip(),
+                                  T.ToTensor()])
             test_tf = T.ToTensor()
         self.train = ImageFolder(str(root / "train"), train_tf)
         self.test = ImageFolder(str(root / "val"), test_tf)
@@ -1364,7 +1443,8 @@ class FolderData:
             keep, held = split_train(len(self.train), train_n, val_n)
             self.val = torch.utils.data.Subset(ImageFolder(str(root / "train"), test_tf), held.tolist())
             self.train = torch.utils.data.Subset(self.train, keep.tolist())
-        self.num_classes, self.image_size, self.device, self.workers = len(self.train.classes), image_size, device, workers
+        self.num_classes, self.image_size = len(self.train.classes), image_size
+        self.device, self.workers = device, workers
         self.shard = (0, 1)
 
     def _loader(self, dataset, batch_size, sampler=None, drop_last=False):
@@ -1427,17 +1507,20 @@ def load_cifar(name: str, root: Path, download: bool):
         sets = [cls(str(root), train=train, download=download) for train in (True, False)]
     except Exception as e:  # offline, or files missing with --no-download
         raise ConfigError(f"{name} is not in {root} and could not be downloaded ({type(e).__name__}): "
-                          f"run once with network access, or put the torchvision copy (e.g. cifar-10-batches-py/) "
+                          f"run once with network access, or put the torchvision copy (e.g. "
+                          f"cifar-10-batches-py/) "
                           f"or {name}_train.npz/{name}_test.npz in --data-dir") from None
     return [(nchw(s.data), torch.tensor(s.targets)) for s in sets]
 
 
 def read_npz(path: Path, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """DATA_DIR/<name>_<split>.npz, checked: x uint8 (N, H, W, 3) in 0..255, y integers (N,) in [0, classes)."""
+    """DATA_DIR/<name>_<split>.npz, checked: x uint8 (N, H, W, 3) in 0..255, y integers (N,) in [0,
+    classes)."""
     import numpy as np
     must = f"it must hold x: uint8 images (N, H, W, 3) and y: N integer labels in [0, {classes})"
     if not path.exists():
-        raise ConfigError(f"{path} is missing (its other split is there): {must}; or remove both to use torchvision")
+        raise ConfigError(f"{path} is missing (its other split is there): {must}; or remove both to use "
+                          f"torchvision")
     try:
         z = np.load(path)
         files = getattr(z, "files", ())
@@ -1448,7 +1531,8 @@ def read_npz(path: Path, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise ConfigError(f"{path} has no array {missing[0]!r}: {must}")
     x, y = z["x"], z["y"]
     if x.dtype != np.uint8:
-        raise ConfigError(f"{path}: x is {x.dtype}, not uint8: {must} (scale float images in [0,1] by 255 and round)")
+        raise ConfigError(f"{path}: x is {x.dtype}, not uint8: {must} (scale float images in [0,1] by 255 "
+                          f"and round)")
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ConfigError(f"{path}: x has shape {x.shape}, not (N, H, W, 3): {must}")
     if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
@@ -1472,9 +1556,11 @@ SPLIT_SEED = 0  # the --train-n subset and the --val-n split: the same images fo
 
 def split_train(n: int, train_n: int, val_n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (sorted) of the training subset and of the disjoint validation split, drawn once from
-    SPLIT_SEED: the validation images are the first val_n of a fixed permutation, the subset the next train_n."""
+    SPLIT_SEED: the validation images are the first val_n of a fixed permutation, the subset the next
+    train_n."""
     if val_n >= n or train_n + val_n > n:
-        raise ConfigError(f"--train-n {train_n} plus --val-n {val_n} exceed the {n} training images: lower them")
+        raise ConfigError(f"--train-n {train_n} plus --val-n {val_n} exceed the {n} training images: lower "
+                          f"them")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
     held, rest = perm[:val_n], perm[val_n:]
     return (rest[:train_n] if train_n else rest).sort().values, held.sort().values
@@ -1485,13 +1571,15 @@ def load_data(s: Settings, device: torch.device):
     if s.dataset in ("tinyimagenet", "imagenet"):
         folder = root / ("tiny-imagenet-200" if s.dataset == "tinyimagenet" else "imagenet")
         if not (folder / "train").is_dir() or not (folder / "val").is_dir():
-            raise ConfigError(f"{s.dataset} needs ImageFolder trees {folder}/train/<class>/ and {folder}/val/<class>/ "
+            raise ConfigError(f"{s.dataset} needs ImageFolder trees {folder}/train/<class>/ and "
+                              f"{folder}/val/<class>/ "
                               f"(TinyImageNet's val images must first be moved into one folder per class)")
         return FolderData(folder, 64 if s.dataset == "tinyimagenet" else 224, device, s.train_n, s.val_n)
     if s.dataset == "synthetic":
         (train, test), classes = synthetic_data(s.synthetic_train, s.synthetic_test), 10
     else:
-        (train, test), classes = load_cifar(s.dataset, root, s.download), 10 if s.dataset == "cifar10" else 100
+        (train, test) = load_cifar(s.dataset, root, s.download)
+        classes = 10 if s.dataset == "cifar10" else 100
     val = None
     if s.train_n or s.val_n:
         keep, held = split_train(len(train[1]), s.train_n, s.val_n)
@@ -1500,7 +1588,8 @@ def load_data(s: Settings, device: torch.device):
 
 
 def data_summary(s: Settings, data) -> dict:
-    """What result.json records of the data: images per split and how the subset / validation split were drawn."""
+    """What result.json records of the data: images per split and how the subset / validation split were
+    drawn."""
     return {"train_images": data.train_len(1) * data.shard[1], "val_images": data.eval_len(split="val"),
             "test_images": data.eval_len(), "train_n": s.train_n or None, "val_n": s.val_n or None,
             "split_seed": SPLIT_SEED if (s.train_n or s.val_n) else None}
@@ -1511,7 +1600,8 @@ def data_summary(s: Settings, data) -> dict:
 # ==================================================================================================
 def place(model: nn.Module, s: Settings, device: torch.device) -> nn.Module:
     model = model.to(device)
-    return model.to(memory_format=torch.channels_last) if (device.type == "cuda" and s.channels_last) else model
+    cl = device.type == "cuda" and s.channels_last
+    return model.to(memory_format=torch.channels_last) if cl else model
 
 
 def resolve_device(name: str) -> torch.device:
@@ -1522,11 +1612,13 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError:
         raise ConfigError(f"unknown --device {name!r}: use auto, cpu, cuda or cuda:K") from None
     if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {name}: advmoe.py runs on cpu or cuda (auto picks cuda when there is one)")
+        raise ConfigError(f"--device {name}: advmoe.py runs on cpu or cuda (auto picks cuda when there is "
+                          f"one)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name} asked for, but torch sees no CUDA device: use --device cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
-        raise ConfigError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s), cuda:0 to "
+        raise ConfigError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s), cuda:0 "
+                          f"to "
                           f"cuda:{torch.cuda.device_count() - 1}")
     return device
 
@@ -1541,19 +1633,22 @@ def check_fits(s: Settings, num_classes: int, image_size: int, device: torch.dev
         free = torch.cuda.mem_get_info(device)[0]
     else:  # MemAvailable counts the page cache the system can give back; free pages alone would not
         meminfo = Path("/proc/meminfo").read_text() if Path("/proc/meminfo").exists() else ""
-        avail = [int(line.split()[1]) * 1024 for line in meminfo.splitlines() if line.startswith("MemAvailable:")]
+        avail = [int(line.split()[1]) * 1024 for line in meminfo.splitlines()
+                 if line.startswith("MemAvailable:")]
         free = avail[0] if avail else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     if need > free:
-        raise ConfigError(f"the model has {params / 1e6:.0f}M parameters ({need / 2**30:.1f} GiB with gradients "
+        raise ConfigError(f"the model has {params / 1e6:.0f}M parameters ({need / 2**30:.1f} GiB with "
+                          f"gradients "
                           f"and momentum), more than the {free / 2**30:.1f} GiB free on {device}: lower "
                           f"--n-experts, --ratio or --width")
 
 
 def compiled(model: nn.Module, s: Settings, device: torch.device) -> nn.Module:
-    """--compile: the model as torch.compile captures it, for the training forwards. On CUDA the dispatch is the
-    masked one ("auto"): no host read, static shapes, so the whole forward is one graph (fullgraph=True fails
-    loudly if it is not) and mode "reduce-overhead" replays it as CUDA graphs, one launch instead of one per
-    kernel. On the CPU, or with the sparse dispatch, the default mode, with a graph break per MoE layer."""
+    """--compile: the model as torch.compile captures it, for the training forwards. On CUDA the dispatch is
+    the masked one ("auto"): no host read, static shapes, so the whole forward is one graph (fullgraph=True
+    fails loudly if it is not) and mode "reduce-overhead" replays it as CUDA graphs, one launch instead of one
+    per kernel. On the CPU, or with the sparse dispatch, the default mode, with a graph break per MoE
+    layer."""
     if not s.compile:
         return model
     static = device.type == "cuda" and resolve_dispatch(s.train_dispatch, device) == "masked"
@@ -1591,7 +1686,8 @@ def train_in(out: Path, s: Settings, rank: int, world: int, device: torch.device
     if s.iou_with:  # fail now, not after training
         router_utility_tables(model, s.iou_with)
     if data.train_len(s.batch_size) == 0:
-        raise ConfigError(f"--batch-size {s.batch_size} is larger than the training set (per process): lower it")
+        raise ConfigError(f"--batch-size {s.batch_size} is larger than the training set (per process): lower "
+                          f"it")
     start, history, train_seconds, extra = starting_point(out, model, opts, s, rank, world, log)
     with stop_on_signals() as stop:
         if s.method == "sparse" and start == 0:  # AT(Sparse): prune, then fine-tune below
@@ -1600,7 +1696,8 @@ def train_in(out: Path, s: Settings, rank: int, world: int, device: torch.device
             model.load_state_dict(state)
             train_seconds += time.perf_counter() - t0
             extra = {**mask, "prune_history": prune_history}
-            log(f"pruned to {sum(map(len, mask['keep'].values()))} of {sum(mask['sizes'].values())} channels; "
+            log(f"pruned to {sum(map(len, mask['keep'].values()))} of {sum(mask['sizes'].values())} "
+                f"channels; "
                 f"fine-tuning for {s.epochs} epochs")
         sync_model(model)
         # Training forwards may go through torch.compile; checkpoints and evaluation use the module itself.
@@ -1612,7 +1709,8 @@ def train_in(out: Path, s: Settings, rank: int, world: int, device: torch.device
             train_seconds += time.perf_counter() - t0
             # the learning rate each parameter group ended the epoch with (routers and backbone may differ)
             row.update(seconds=round(time.perf_counter() - t0, 2),
-                       **{f"lr_{g.get('name', 'scores')}": round(g["lr"], 6) for o in opts.values() for g in o.param_groups})
+                       **{f"lr_{g.get('name', 'scores')}": round(g["lr"], 6)
+                          for o in opts.values() for g in o.param_groups})
             if not lead:
                 continue
             if s.quick_eval_n and epoch + 1 < s.epochs:  # the final evaluation replaces the last one
@@ -1629,7 +1727,8 @@ def train_in(out: Path, s: Settings, rank: int, world: int, device: torch.device
     info = {"world_size": world, "ranks_identical": identical}
     if s.method == "sparse":
         info["sparse"] = {"init": s.init or None, "prune_epochs": len(extra["prune_history"]),
-                          "kept": {g: len(v) for g, v in extra["keep"].items()}, "prune_history": extra["prune_history"]}
+                          "kept": {g: len(v) for g, v in extra["keep"].items()},
+                          "prune_history": extra["prune_history"]}
     result = finish(model, data, s, out, history, train_seconds, device, log, info) if lead else None
     if world > 1:
         dist.barrier()
@@ -1678,9 +1777,11 @@ def train_epoch(net: nn.Module, opts: dict, data, s: Settings, epoch: int, devic
         progress((it + 1) * s.batch_size * streams, lambda: f"loss {sums['loss'].item() / (it + 1):.4f}")
         if stop:
             kept = f"the checkpoint of epoch {epoch} is kept" if epoch else "no epoch had finished"
-            raise Interrupted(f"interrupted by {stop[0]} in epoch {epoch + 1}: {kept}; continue with --resume")
+            raise Interrupted(f"interrupted by {stop[0]} in epoch {epoch + 1}: {kept}; continue with "
+                              f"--resume")
     if bad_step.item() >= 0:
-        raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, iteration {bad_step.item() + 1}: kept the "
+        raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, iteration {bad_step.item() + 1}: "
+                                 f"kept the "
                                  f"checkpoint of epoch {epoch}; lower --lr or check the data")
     return {k: round(v.item() / (it + 1), 4) for k, v in sums.items()}
 
@@ -1709,11 +1810,13 @@ class Progress:
             return
         self.last, rate = now, done / max(now - self.start, 1e-9)
         eta = (self.total - done) / max(rate, 1e-9)
-        self.log(f"  {self.what}: {done}/{self.total} images, {rate:.1f} img/s, ETA {eta:.0f} s {details()}".rstrip())
+        self.log(f"  {self.what}: {done}/{self.total} images, {rate:.1f} img/s, ETA {eta:.0f} s "
+                 f"{details()}".rstrip())
 
 
 def prep(x: torch.Tensor, s: Settings, device: torch.device) -> torch.Tensor:
-    """A batch of images as the model takes it: channels_last on CUDA (--channels-last), as it is elsewhere."""
+    """A batch of images as the model takes it: channels_last on CUDA (--channels-last), as it is
+    elsewhere."""
     return x.contiguous(memory_format=torch.channels_last) if device.type == "cuda" and s.channels_last else x
 
 
@@ -1821,7 +1924,8 @@ class ChannelScores(nn.Module):
     def __init__(self, dense: MoECNN, ratio: float):
         super().__init__()
         self.dense, self.spec = dense, Spec(ratio)
-        # HYDRA starts the scores in proportion to the weights: here the norm of the filters writing a channel.
+        # HYDRA starts the scores in proportion to the weights: here the norm of the filters writing a
+        # channel.
         norms: dict[str, torch.Tensor] = {}
         for m in dense.modules():
             if isinstance(m, MoEConv):
@@ -1830,7 +1934,8 @@ class ChannelScores(nn.Module):
 
     def keep(self) -> dict[str, torch.Tensor]:
         """The channels each group keeps (sorted indices): its top r*C scores."""
-        return {g: v.detach().topk(self.spec.width(len(v))).indices.sort().values for g, v in self.scores.items()}
+        return {g: v.detach().topk(self.spec.width(len(v))).indices.sort().values
+                for g, v in self.scores.items()}
 
     def forward(self, x, return_routing: bool = False, dispatch: str = "auto", force=None):
         masks = {g: top_k_mask(v, self.spec.width(len(v))) for g, v in self.scores.items()}
@@ -1855,7 +1960,8 @@ def extract_sparse(dense: MoECNN, keep: dict[str, torch.Tensor]) -> dict[str, to
         prefix = name + "."
         if isinstance(m, MoEConv):
             rows = kept((m.gives,))
-            cols = kept(m.takes) if m.takes else torch.arange(m.weight.shape[1], device=rows.device)  # RGB: all
+            # the input channels it keeps (the stem reads RGB: all three)
+            cols = kept(m.takes) if m.takes else torch.arange(m.weight.shape[1], device=rows.device)
             state[prefix + "weight"] = m.weight[rows][:, cols]
             if m.bn is not None:
                 state.update(bn_rows(m.bn, rows, prefix + "bn."))
@@ -1872,13 +1978,14 @@ def prune(s: Settings, data, device: torch.device, stop: list, log) -> tuple[dic
     Returns the pruned S-Dense-shaped state dict, the mask (kept channels and group sizes), and the phase's
     per-epoch log. Phase 2,
     fine-tuning the weights with the mask fixed, is the ordinary training loop (train)."""
-    dense = place(MoECNN(s.arch, data.num_classes, data.image_size, mean_std=MEAN_STD[s.dataset], width=s.width),
-                  s, device)
+    dense = MoECNN(s.arch, data.num_classes, data.image_size, mean_std=MEAN_STD[s.dataset], width=s.width)
+    dense = place(dense, s, device)
     if s.init:
         load_init(dense, s.init, {"dataset": s.dataset, "arch": s.arch, "method": "dense", "width": s.width},
                   f"<AT(Dense) {s.dataset} {s.arch} run>/checkpoint.pt")
     else:
-        log("warning: --method sparse without --init: pruning starts from random weights (HYDRA prunes a trained "
+        log("warning: --method sparse without --init: pruning starts from random weights (HYDRA prunes a "
+            "trained "
             "model: pass --init <AT(Dense) run>/checkpoint.pt)")
     dense.requires_grad_(False)
     pruner = ChannelScores(dense, s.ratio)
@@ -1891,9 +1998,11 @@ def prune(s: Settings, data, device: torch.device, stop: list, log) -> tuple[dic
     for epoch in range(s.prune_epochs):
         t0 = time.perf_counter()
         try:
-            row = {"epoch": epoch + 1, **train_epoch(pruner, {"all": opt}, data, phase, epoch, device, stop, log)}
+            stats = train_epoch(pruner, {"all": opt}, data, phase, epoch, device, stop, log)
+            row = {"epoch": epoch + 1, **stats}
         except Interrupted:  # nothing is saved before pruning ends
-            raise Interrupted(f"interrupted by {stop[0]} in pruning epoch {epoch + 1}: no checkpoint is written "
+            raise Interrupted(f"interrupted by {stop[0]} in pruning epoch {epoch + 1}: no checkpoint is "
+                              f"written "
                               f"before pruning ends; run the command again") from None
         row["seconds"] = round(time.perf_counter() - t0, 2)
         history.append(row)
@@ -1924,9 +2033,10 @@ def finish(model, data, s: Settings, out: Path, history: list, train_seconds: fl
     utility = router_utility_tables(model, s.iou_with) if s.iou_with else None
     ev = evaluate(model, data, s, limit=s.eval_n, attacks=s.attacks, utility=utility, log=log)
     val = None
-    if data.eval_len(split="val"):  # --val-n: the same attacks but AutoAttack, on the held-out training images
+    if data.eval_len(split="val"):  # --val-n: the same attacks but AutoAttack, on the held-out images
         log(f"evaluating on the validation split ({data.eval_len(split='val')} images)")
-        v = evaluate(model, data, s, attacks=tuple(a for a in s.attacks if a != "autoattack"), split="val", log=log)
+        attacks = tuple(a for a in s.attacks if a != "autoattack")
+        v = evaluate(model, data, s, attacks=attacks, split="val", log=log)
         val = {k: v[k] for k in ("sa", "ra", "ra_worst", "n", "attacks", "attack_n", "ra_worst_n")}
     x = next(data.test_batches(min(s.eval_batch_size, 64)))[0]
     result = {
@@ -1937,8 +2047,9 @@ def finish(model, data, s: Settings, out: Path, history: list, train_seconds: fl
         "attack_n": ev["attack_n"], "ra_aa": ev["attacks"].get("autoattack"), "ra_worst": ev["ra_worst"],
         "ra_worst_n": ev["ra_worst_n"], "ra_worst_without_aa": ev["ra_worst_without_aa"],
         **({"router_utility": ev["router_utility"]} if "router_utility" in ev else {}),
-        **({"autoattack": ev["autoattack"]} if "autoattack" in ev else {}), "val": val, "data": data_summary(s, data),
-        "gflops": round(gflops_per_input(model, x), 4), "params": count_params(model), "routing": ev["routing"],
+        **({"autoattack": ev["autoattack"]} if "autoattack" in ev else {}), "val": val,
+        "data": data_summary(s, data), "gflops": round(gflops_per_input(model, x), 4),
+        "params": count_params(model), "routing": ev["routing"],
         "train_seconds": round(train_seconds, 1), "eval_seconds": round(time.perf_counter() - t0, 1),
         "device": device_name(device), "torch": torch.__version__, "commit": git_commit(),
         "command": command_line(s), **(extra or {}), "settings": dataclasses.asdict(s), "history": history,
@@ -1952,10 +2063,12 @@ def finish(model, data, s: Settings, out: Path, history: list, train_seconds: fl
 
 def command_line(s: Settings) -> str:
     """The command that reproduces a run: the flags that differ from their defaults."""
-    base = Settings(dataset=s.dataset, eps=s.eps, train_steps=s.train_steps)  # same derived eps and step sizes
+    # (the same derived eps and step sizes)
+    base = Settings(dataset=s.dataset, eps=s.eps, train_steps=s.train_steps)
     flags = [f"--{f.name.replace('_', '-')} {getattr(s, f.name)}" if not isinstance(f.default, bool) else
              f"--{'' if getattr(s, f.name) else 'no-'}{f.name.replace('_', '-')}"
-             for f in dataclasses.fields(s) if f.name == "dataset" or getattr(s, f.name) != getattr(base, f.name)]
+             for f in dataclasses.fields(s)
+             if f.name == "dataset" or getattr(s, f.name) != getattr(base, f.name)]
     return "python advmoe.py " + " ".join(flags)
 
 
@@ -1988,7 +2101,8 @@ def atomic_write(path: Path, write: Callable[[str], None]):
         os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600
         os.replace(tmp, path)
     except OSError as e:
-        raise RunFailed(f"cannot write {path} ({e.strerror or e}): the previous {path.name} is intact; free space "
+        raise RunFailed(f"cannot write {path} ({e.strerror or e}): the previous {path.name} is intact; free "
+                        f"space "
                         f"there and continue with --resume") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -2009,10 +2123,10 @@ RUN_FILES = ("result.json", "checkpoint.pt", "log.jsonl")
 
 @contextlib.contextmanager
 def run_folder(out: Path, s: Settings, lead: bool = True):
-    """The run's folder for its lifetime: created if missing (and removed again if the run stops before writing
-    anything), locked against a second writer (an flock, released by the system however the process ends, so
-    a lock left by a killed run is free again), and never replaced silently: a folder holding a run is refused
-    unless --resume (training) or --overwrite."""
+    """The run's folder for its lifetime: created if missing (and removed again if the run stops before
+    writing anything), locked against a second writer (an flock, released by the system however the process
+    ends, so a lock left by a killed run is free again), and never replaced silently: a folder holding a run
+    is refused unless --resume (training) or --overwrite."""
     if not lead:  # torchrun: rank 0 alone writes
         yield
         return
@@ -2021,16 +2135,19 @@ def run_folder(out: Path, s: Settings, lead: bool = True):
         out.mkdir(parents=True, exist_ok=True)
         lock = open(out / ".lock", "a+")
     except OSError as e:
-        raise ConfigError(f"cannot write to output folder {out} ({e.strerror}): choose another --out") from None
+        raise ConfigError(f"cannot write to output folder {out} ({e.strerror}): choose another "
+                          f"--out") from None
     try:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = (out / ".lock").read_text().strip() or "another process"
-            raise ConfigError(f"--out {out} is in use by another run ({holder}): wait for it to end, or choose "
+            raise ConfigError(f"--out {out} is in use by another run ({holder}): wait for it to end, or "
+                              f"choose "
                               f"another --out") from None
         lock.truncate(0)
-        lock.write(f"pid {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        lock.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
+                   f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         lock.flush()
         found = [f for f in RUN_FILES if (out / f).exists()]
         if found and s.overwrite:
@@ -2039,7 +2156,8 @@ def run_folder(out: Path, s: Settings, lead: bool = True):
         elif found and not (s.resume and not s.eval_only):
             what = "an evaluation" if s.eval_only else "a run"
             raise ConfigError(f"--out {out} already holds {what} ({', '.join(found)}): choose another --out, "
-                              + ("" if s.eval_only else "continue it with --resume, ") + "or replace it with --overwrite")
+                              + ("" if s.eval_only else "continue it with --resume, ") + "or replace it with "
+                                                                                         "--overwrite")
         yield
     finally:
         with contextlib.suppress(OSError):
@@ -2061,8 +2179,8 @@ def keep_aside(path: Path, stem: str) -> Path:
 IDENTITY = ("dataset", "arch", "method", "model_ratio", "model_experts", "router", "width")
 
 
-def save_checkpoint(path: Path, model, opts: dict, s: Settings, epoch: int, history: list, train_seconds: float,
-                    extra: dict | None = None):
+def save_checkpoint(path: Path, model, opts: dict, s: Settings, epoch: int, history: list,
+                    train_seconds: float, extra: dict | None = None):
     """extra: what else the run needs (AT(Sparse): the mask, for --resume and --iou-with)."""
     state = {"settings": dataclasses.asdict(s), "identity": {k: getattr(s, k) for k in IDENTITY},
              "epoch": epoch, "history": history, "train_seconds": train_seconds, "extra": extra or {},
@@ -2079,8 +2197,9 @@ MODEL_FIELDS = ("arch", "method", "ratio", "n_experts", "router", "width")  # wh
 
 
 # flags of the run itself and of evaluation: a --resume may change them (and --epochs); not the recipe
-RUN_FIELDS = ("out", "resume", "overwrite", "eval_only", "device", "data_dir", "download", "amp", "channels_last", "train_dispatch",
-              "cudnn_benchmark", "compile", "log_every", "eval_batch_size", "iou_with", "eval_aa", "aa_n")
+RUN_FIELDS = ("out", "resume", "overwrite", "eval_only", "device", "data_dir", "download", "amp",
+              "channels_last", "train_dispatch", "cudnn_benchmark", "compile", "log_every", "eval_batch_size",
+              "iou_with", "eval_aa", "aa_n")
 
 
 EVAL_FIELDS = ("eval_n", "eval_attacks", "quick_eval_n", "square_queries", "test_steps", "test_step_size")
@@ -2090,31 +2209,37 @@ def read_checkpoint(path: Path) -> dict:
     """A checkpoint written by save_checkpoint, checked: anything else is a one-line ConfigError naming it."""
     path, fix = Path(path), "give the checkpoint.pt of a run of advmoe.py"
     if not path.exists():
-        raise ConfigError(f"checkpoint {path} does not exist: give the path of a checkpoint.pt written by a run")
+        raise ConfigError(f"checkpoint {path} does not exist: give the path of a checkpoint.pt written by a "
+                          f"run")
     if path.is_dir():
         raise ConfigError(f"checkpoint {path} is a folder: give the checkpoint.pt inside it")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)  # checkpoints are data, not code
     except Exception as e:  # truncated, empty, garbage, or a pickle that needs code
-        raise ConfigError(f"checkpoint {path} cannot be read (torch.load: {type(e).__name__}): it is truncated, "
-                          f"empty or not a torch file; {fix}") from None
+        raise ConfigError(f"checkpoint {path} cannot be read (torch.load: {type(e).__name__}): it is "
+                          f"truncated, empty or not a torch file; {fix}") from None
     if not isinstance(ckpt, dict) or not all(k in ckpt for k in CHECKPOINT_KEYS):
-        raise ConfigError(f"checkpoint {path} is not a checkpoint of advmoe.py (a bare state_dict, or another "
-                          f"program's file: it lacks {', '.join(k for k in CHECKPOINT_KEYS if k not in ckpt) if isinstance(ckpt, dict) else 'every key'}); {fix}")
+        lacks = ", ".join(k for k in CHECKPOINT_KEYS if k not in ckpt) if isinstance(ckpt, dict) \
+            else "every key"
+        raise ConfigError(f"checkpoint {path} is not a checkpoint of advmoe.py (a bare state_dict, or "
+                          f"another program's file: it lacks {lacks}); {fix}")
     unknown = set(ckpt["settings"]) - {f.name for f in dataclasses.fields(Settings)}
     if unknown:
-        raise ConfigError(f"checkpoint {path} has settings this advmoe.py does not know ({', '.join(sorted(unknown))}): "
+        raise ConfigError(f"checkpoint {path} has settings this advmoe.py does not know "
+                          f"({', '.join(sorted(unknown))}): "
                           f"it was written by another version; evaluate it with that version")
     return ckpt
 
 
 def load_weights(model: nn.Module, state: dict, path) -> None:
-    """model.load_state_dict, with a one-line ConfigError when the checkpoint's tensors do not fit the model."""
+    """model.load_state_dict, with a one-line ConfigError when the checkpoint's tensors do not fit the
+    model."""
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)[:160]
-        raise ConfigError(f"checkpoint {path} does not fit the model ({first[:160]}): give a checkpoint of the "
+        raise ConfigError(f"checkpoint {path} does not fit the model ({first[:160]}): give a checkpoint of "
+                          f"the "
                           f"same model") from None
 
 
@@ -2130,11 +2255,13 @@ def load_checkpoint(path: Path, model, opts: dict, s: Settings):
     ckpt = read_checkpoint(path)
     check_identity(ckpt["identity"], {k: getattr(s, k) for k in IDENTITY}, f"checkpoint {path}",
                    "use a matching --out or the same settings")
-    recipe = [f.name for f in dataclasses.fields(Settings) if f.name not in RUN_FIELDS + EVAL_FIELDS + ("epochs",)]
+    recipe = [f.name for f in dataclasses.fields(Settings)
+              if f.name not in RUN_FIELDS + EVAL_FIELDS + ("epochs",)]
     changed = [f"--{k.replace('_', '-')} {ckpt['settings'].get(k, getattr(Settings, k))} -> {getattr(s, k)}"
                for k in recipe if ckpt["settings"].get(k, getattr(Settings, k)) != getattr(s, k)]
     if changed:
-        raise ConfigError(f"--resume would change the recipe of {path} ({'; '.join(changed)}): only --epochs and "
+        raise ConfigError(f"--resume would change the recipe of {path} ({'; '.join(changed)}): only --epochs "
+                          f"and "
                           f"evaluation or run flags may change; drop those flags, or start a new --out")
     load_weights(model, ckpt["model"], path)
     for k, o in opts.items():
@@ -2154,7 +2281,8 @@ def eval_only(s: Settings, log=print, given: set[str] | None = None) -> dict:
     if given is None:
         auto = Settings(dataset=s.dataset, train_steps=s.train_steps)
         given = {f.name for f in dataclasses.fields(s) if getattr(s, f.name) != getattr(auto, f.name)}
-    clash = [f"--{k.replace('_', '-')} {getattr(s, k)} (the checkpoint's is {theirs.get(k)})" for k in MODEL_FIELDS
+    clash = [f"--{k.replace('_', '-')} {getattr(s, k)} (the checkpoint's is "
+             f"{theirs.get(k)})" for k in MODEL_FIELDS
              if k in given and getattr(s, k) != theirs.get(k, getattr(Settings, k))]
     if clash:
         raise ConfigError(f"--eval-only rebuilds the checkpoint's model: drop {', '.join(clash)}")
@@ -2167,7 +2295,8 @@ def eval_only(s: Settings, log=print, given: set[str] | None = None) -> dict:
     model = build_model(s, data.num_classes, data.image_size).to(device)
     load_weights(model, ckpt["model"], s.eval_only)
     out = Path(s.out or Path(s.eval_only).parent / "eval")
-    if (out / "checkpoint.pt").exists() or (out / "log.jsonl").exists():  # a training run's folder: its result stays
+    # a training run's folder: its result stays
+    if (out / "checkpoint.pt").exists() or (out / "log.jsonl").exists():
         out = out / "eval"
         log(f"--out holds a training run: this evaluation goes to {out}")
     with run_folder(out, s):
@@ -2184,7 +2313,8 @@ METHOD_LABELS = {"sdense": "AT(S-Dense)", "sparse": "AT(Sparse)", "moe": "AT(MoE
 TABLE1_METHODS = ("sdense", "sparse", "moe", "advmoe", "dense")  # rows of Table 1; Dense is the reference
 
 
-STAGES = {"standard": "1. standard training of the MoE-CNN", "routers": "2. + AT of the routers (backbone frozen)",
+STAGES = {"standard": "1. standard training of the MoE-CNN", "routers": "2. + AT of the routers (backbone "
+                                                                        "frozen)",
           "backbone": "3. + AT of the backbone (routers frozen)"}
 
 
@@ -2205,7 +2335,8 @@ def md_table(head: list[str], rows: list[list], commands: list[dict]) -> list[st
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     lines += ["| " + " | ".join("" if c is None else str(c) for c in row) + " |" for row in rows]
     lines += ["", "<details><summary>commands and settings of these runs</summary>", ""]
-    lines += [f"- `{r.get('command', '?')}` ({r['device']}, torch {r['torch']}, commit {(r['commit'] or '?')[:10]}, "
+    lines += [f"- `{r.get('command', '?')}` ({r['device']}, torch {r['torch']}, commit "
+              f"{(r['commit'] or '?')[:10]}, "
               f"{r['epochs']} epochs, eval on {r['eval_n']} images)" for r in commands]
     return lines + ["", "</details>", ""]
 
@@ -2248,7 +2379,8 @@ def report(folder: str) -> str:
     fit one cell, the last by path is shown."""
     root = Path(folder)
     if not root.is_dir():
-        raise ConfigError(f"report folder {folder} does not exist: give the folder holding the runs' result.json")
+        raise ConfigError(f"report folder {folder} does not exist: give the folder holding the runs' "
+                          f"result.json")
     results = read_results(root)
     if not results:
         raise ConfigError(f"no result.json below {folder}: train a run with --out inside it first")
@@ -2256,7 +2388,8 @@ def report(folder: str) -> str:
     table1 = [r for r in results if in_table1(r)]
     for dataset in sorted({r["dataset"] for r in table1}):
         archs = sorted({r["arch"] for r in table1 if r["dataset"] == dataset})
-        cell = {(a, m): pick(table1, dataset=dataset, arch=a, method=m) for a in archs for m in TABLE1_METHODS}
+        cell = {(a, m): pick(table1, dataset=dataset, arch=a, method=m)
+                for a in archs for m in TABLE1_METHODS}
         best = {}  # per backbone, the best RA at the pathway's cost (AT(Dense), the reference, excluded)
         for (a, m), c in cell.items():
             if c and m != "dense":
@@ -2272,26 +2405,33 @@ def report(folder: str) -> str:
                 ra = f"**{c['ra']:.2f}**" if m != "dense" and c["ra"] == best.get(a) else fmt(c["ra"])
                 row += [fmt(c["sa"]), ra, fmt(c["gflops"], 3)]
             rows.append(row)
-        lines += [f"## Table 1: {dataset} (N = 2, r = 0.5; RA under PGD, steps in Runs; bold: best RA at the pathway's cost)", ""]
+        lines += [f"## Table 1: {dataset} (N = 2, r = 0.5; RA under PGD, steps in Runs; bold: best RA at the "
+                  f"pathway's cost)", ""]
         lines += md_table(["method"] + [f"{a} {c}" for a in archs for c in ("SA", "RA", "GFLOPs")], rows,
                           [c for c in cell.values() if c])
     aa = [r for r in results if r.get("autoattack", {}).get("label") == "AutoAttack (standard)"]
     if aa:
-        lines += ["## Table 2: AutoAttack (standard: APGD-CE, APGD-T, FAB-T 100 iterations, 9 targets; Square 5000 "
-                  "queries)", "", "RA (PGD) and RA-AA over the same images (the first AA images of the evaluation); "
+        lines += ["## Table 2: AutoAttack (standard: APGD-CE, APGD-T, FAB-T 100 iterations, 9 targets; "
+                  "Square 5000 "
+                  "queries)", "", "RA (PGD) and RA-AA over the same images (the first AA images of the "
+                                  "evaluation); "
                   "RA after each component, each run on the inputs still robust.", ""]
         rows = []
         for r in aa:
             parts = [fmt(c["ra_after"]) for c in r["autoattack"]["components"]]
             rows.append([r["path"], r["dataset"], r["arch"], METHOD_LABELS[r["method"]], fmt(r["sa"]),
-                         fmt(r["autoattack"]["ra_pgd_same_images"]), fmt(r["ra_aa"]), r["autoattack"]["images"]]
+                         fmt(r["autoattack"]["ra_pgd_same_images"]), fmt(r["ra_aa"]),
+                         r["autoattack"]["images"]]
                         + parts + [f"{r['ra']:.2f} ({r['eval_n']})"])
-        lines += md_table(["run", "dataset", "arch", "method", "SA", "RA (PGD)", "RA-AA", "images", "after APGD-CE",
-                           "after APGD-T", "after FAB-T", "after Square", "RA (PGD), all images (n)"], rows, aa)
+        lines += md_table(["run", "dataset", "arch", "method", "SA", "RA (PGD)", "RA-AA", "images",
+                           "after APGD-CE", "after APGD-T", "after FAB-T", "after Square",
+                           "RA (PGD), all images (n)"], rows, aa)
     weak = [r for r in results if r.get("ra_aa") is not None and r not in aa]
     if weak:
-        lines += ["Not in Table 2 (AutoAttack from torchattacks' AutoAttack(version='standard'), 10 iterations, "
-                  "before commit c34d948: weaker than the standard one): " + ", ".join(r["path"] for r in weak), ""]
+        lines += ["Not in Table 2 (AutoAttack from torchattacks' AutoAttack(version='standard'), 10 "
+                  "iterations, "
+                  "before commit c34d948: weaker than the standard "
+                  "one): " + ", ".join(r["path"] for r in weak), ""]
     sweep = [r for r in results if trained(r) and r["method"] == "advmoe"]
     for dataset, arch, runs in by_backbone(sweep):
         ns, ratios = sorted({r["n_experts"] for r in runs}), sorted({r["ratio"] for r in runs})
@@ -2310,54 +2450,77 @@ def report(folder: str) -> str:
         cells = {(q, m): pick(runs, ratio=q, method=m) for q in ratios for m in methods}
         dense = pick(runs, method="dense")
         lines += [f"## Fig. 8: SA / RA over r (N = 2), {dataset} {arch}", ""]
-        rows = [[f"{q:g}"] + [f"{c['sa']:.2f} / {c['ra']:.2f}" if (c := cells[q, m]) else None for m in methods]
-                + [f"{dense['sa']:.2f} / {dense['ra']:.2f}" if dense else None] for q in ratios]
+        rows = []
+        for q in ratios:
+            row = [f"{q:g}"]
+            for c in [cells[q, m] for m in methods] + [dense]:
+                row.append(f"{c['sa']:.2f} / {c['ra']:.2f}" if c else None)
+            rows.append(row)
         lines += md_table(["r"] + [METHOD_LABELS[m] for m in methods] + ["AT(Dense), r = 1"], rows,
                           [c for c in list(cells.values()) + [dense] if c])
-    study = [r for r in results if r["method"] == "standard" or r["settings"].get("train_params", "all") != "all"]
+    study = [r for r in results
+             if r["method"] == "standard" or r["settings"].get("train_params", "all") != "all"]
     for dataset, arch, runs in by_backbone(study):
-        stages = [(STAGES["standard" if r["method"] == "standard" else r["settings"]["train_params"]], r) for r in runs]
-        stages += [(f"reference: {METHOD_LABELS[m]}", c) for m in TABLE1_METHODS
-                   if (c := pick([r for r in results if in_table1(r)], dataset=dataset, arch=arch, method=m))]
+        stages = []  # (stage label, run): standard training, then the routers or the backbone adversarially
+        for r in runs:
+            stage = "standard" if r["method"] == "standard" else r["settings"]["train_params"]
+            stages.append((STAGES[stage], r))
+        for m in TABLE1_METHODS:
+            if c := pick([r for r in results if in_table1(r)], dataset=dataset, arch=arch, method=m):
+                stages.append((f"reference: {METHOD_LABELS[m]}", c))
         lines += [f"## Sec. 4 study (Insights 1-3): {dataset} {arch}", "",
-                  "4-way split of PGD examples, % of test images: (1) neither routers nor prediction fooled, (2) "
-                  "routers only, (3) prediction only, (4) both. Router robustness = (1)+(3), MoE robustness = (1)+(2).", ""]
-        lines += md_table(["stage", "SA", "RA", "router robustness", "MoE robustness", "(1)", "(2)", "(3)", "(4)"],
-                          [[label, fmt(r["sa"]), fmt(r["ra"])] + split_cells(r) for label, r in sorted(stages, key=lambda t: t[0])],
-                          [r for _, r in stages])
+                  "4-way split of PGD examples, % of test images: (1) neither routers nor prediction fooled, "
+                  "(2) "
+                  "routers only, (3) prediction only, (4) both. Router robustness = (1)+(3), MoE robustness "
+                  "= "
+                  "(1)+(2).", ""]
+        rows = [[label, fmt(r["sa"]), fmt(r["ra"])] + split_cells(r)
+                for label, r in sorted(stages, key=lambda t: t[0])]
+        lines += md_table(["stage", "SA", "RA", "router robustness", "MoE robustness", "(1)", "(2)", "(3)",
+                           "(4)"], rows, [r for _, r in stages])
     moes = [r for r in results if r["routing"]]
     if moes:
         lines += ["## Routing under attack (4-way split of PGD examples, every MoE run)", ""]
-        lines += md_table(["run", "method", "SA", "RA", "router robustness", "MoE robustness", "(1)", "(2)", "(3)",
-                           "(4)", "flip rate", "pathways clean", "pathways PGD"],
-                          [[r["path"], METHOD_LABELS[r["method"]], fmt(r["sa"]), fmt(r["ra"])] + split_cells(r) +
-                           [fmt(r["routing"]["flip_rate_any_layer"], 3), pathway_cell(r, "clean"),
-                            pathway_cell(r, "adv")] for r in moes], moes)
+        rows = []
+        for r in moes:
+            rows.append([r["path"], METHOD_LABELS[r["method"]], fmt(r["sa"]), fmt(r["ra"])] + split_cells(r)
+                        + [fmt(r["routing"]["flip_rate_any_layer"], 3), pathway_cell(r, "clean"),
+                           pathway_cell(r, "adv")])
+        lines += md_table(["run", "method", "SA", "RA", "router robustness", "MoE robustness", "(1)", "(2)",
+                           "(3)", "(4)", "flip rate", "pathways clean", "pathways PGD"], rows, moes)
     lines += seeds_table(results)
     utility = [r for r in results if "router_utility" in r]
     if utility:
         lines += ["## Fig. 6: router utility, IoU of each input's pathway with the AT(Sparse) mask", "",
                   "Histogram: inputs per IoU bin [0, 0.1), ..., [0.9, 1.0].", ""]
-        lines += ["Read the IoU against a random pathway's (the same channel counts, drawn at random): the two "
-                  "models are trained separately and correspond by channel position only. The paper's point is "
+        lines += ["Read the IoU against a random pathway's (the same channel counts, drawn at random): the "
+                  "two "
+                  "models are trained separately and correspond by channel position only. The paper's point "
+                  "is "
                   "pathway diversity: how many distinct pathways the inputs take, and the entropy of their "
                   "distribution (bits; 0 = one pathway for all).", ""]
-        lines += md_table(["run", "method", "mean IoU clean", "mean IoU PGD", "random pathway", "pathways clean",
-                           "pathways PGD", "histogram clean", "histogram PGD"],
-                          [[r["path"], METHOD_LABELS[r["method"]], fmt(r["router_utility"]["clean"]["mean"], 3),
-                            fmt(r["router_utility"]["adv"]["mean"], 3),
-                            fmt(r["router_utility"].get("random_pathway", {}).get("mean"), 3),
-                            pathway_cell(r, "clean"), pathway_cell(r, "adv"), r["router_utility"]["clean"]["histogram"],
-                            r["router_utility"]["adv"]["histogram"]] for r in utility], utility)
-    lines += ["## Runs", "", "RA: the paper's PGD; other attacks (--eval-attacks, --eval-aa) and RA-worst (robust under "
-              "every attack run) beside it.", ""]
+        rows = []
+        for r in utility:
+            u = r["router_utility"]
+            rows.append([r["path"], METHOD_LABELS[r["method"]], fmt(u["clean"]["mean"], 3),
+                         fmt(u["adv"]["mean"], 3),
+                         fmt(u.get("random_pathway", {}).get("mean"), 3), pathway_cell(r, "clean"),
+                         pathway_cell(r, "adv"), u["clean"]["histogram"], u["adv"]["histogram"]])
+        lines += md_table(["run", "method", "mean IoU clean", "mean IoU PGD", "random pathway",
+                           "pathways clean", "pathways PGD", "histogram clean", "histogram PGD"],
+                          rows, utility)
+    lines += ["## Runs", "", "RA: the paper's PGD; other attacks (--eval-attacks, --eval-aa) and RA-worst "
+                             "(robust "
+              "under every attack run) beside it.", ""]
+    rows = []
+    for r in results:
+        others = ", ".join(f"{k} {v:.2f}" for k, v in r.get("attacks", {}).items() if not k.startswith("pgd"))
+        rows.append([r["path"], r["dataset"], r["arch"], r["method"], f"{r['ratio']:g}", r["n_experts"],
+                     r["router"] or "", r["epochs"], fmt(r["sa"]), fmt(r["ra"]), r["attack"], others,
+                     fmt(r.get("ra_worst")), fmt(r["gflops"], 3), r["device"], r["torch"],
+                     (r["commit"] or "")[:10]])
     lines += md_table(["run", "dataset", "arch", "method", "r", "N", "router", "epochs", "SA", "RA", "attack",
-                       "RA per attack", "RA-worst", "GFLOPs", "device", "torch", "commit"],
-                      [[r["path"], r["dataset"], r["arch"], r["method"], f"{r['ratio']:g}", r["n_experts"],
-                        r["router"] or "", r["epochs"], fmt(r["sa"]), fmt(r["ra"]), r["attack"],
-                        ", ".join(f"{k} {v:.2f}" for k, v in r.get("attacks", {}).items() if not k.startswith("pgd")),
-                        fmt(r.get("ra_worst")), fmt(r["gflops"], 3), r["device"], r["torch"], (r["commit"] or "")[:10]]
-                       for r in results], results)
+                       "RA per attack", "RA-worst", "GFLOPs", "device", "torch", "commit"], rows, results)
     text = "\n".join(lines)
     atomic_write(root / "report.md", lambda tmp: Path(tmp).write_text(text))
     return text
@@ -2370,16 +2533,16 @@ def by_backbone(results: list[dict]) -> Iterator[tuple[str, str, list[dict]]]:
 
 
 def recipe(r: dict) -> tuple:
-    """What a run trained and how it was measured, without its seed and run flags (AutoAttack is a column of its
-    own): runs of one recipe differ by seed only."""
+    """What a run trained and how it was measured, without its seed and run flags (AutoAttack is a column of
+    its own): runs of one recipe differ by seed only."""
     skip = set(RUN_FIELDS) | {"seed", "quick_eval_n"}
     return tuple(sorted((k, str(v)) for k, v in r["settings"].items() if k not in skip))
 
 
 def seeds_table(results: list[dict]) -> list[str]:
-    """Where some recipe was run with several seeds, every recipe: the mean over its seeds of SA, RA under each
-    attack, RA-worst (test and validation), AutoAttack, routing collapse and pathway diversity, +- half the
-    range between seeds."""
+    """Where some recipe was run with several seeds, every recipe: the mean over its seeds of SA, RA under
+    each attack, RA-worst (test and validation), AutoAttack, routing collapse and pathway diversity, +- half
+    the range between seeds."""
     groups: dict[tuple, list] = {}
     for r in results:
         if trained(r):
@@ -2404,25 +2567,28 @@ def seeds_table(results: list[dict]) -> list[str]:
         square = [r["attacks"].get("square") for r in runs]
         rows.append([METHOD_LABELS[r0["method"]], routing, ", ".join(str(r["seed"]) for r in runs),
                      cell([r["sa"] for r in runs]), cell([r["ra"] for r in runs]), cell(square),
-                     cell([worst_without_aa(r) for r in runs]), cell([(r.get("val") or {}).get("ra_worst") for r in runs]),
+                     cell([worst_without_aa(r) for r in runs]),
+                     cell([(r.get("val") or {}).get("ra_worst") for r in runs]),
                      cell([r.get("ra_aa") for r in runs]), fmt(r0["gflops"], 4),
                      cell([collapsed(r) for r in runs], 1) if r0["routing"] else None,
                      cell([r["routing"]["pathways"]["clean"]["entropy_bits"] for r in runs
                            if r["routing"].get("pathways")]) if r0["routing"] else None])
     lines = ["## Recipes over seeds (mean ± half the range where there are several)", "",
-             "RA-worst: robust under PGD and every other attack but AutoAttack, on every evaluation image (test; val ="
-             " the held-out training images, every attack but AutoAttack). RA-AA: on the first --aa-n images. "
+             "RA-worst: robust under PGD and every other attack but AutoAttack, on every evaluation image "
+             "(test; val ="
+             " the held-out training images, every attack but AutoAttack). RA-AA: on the first --aa-n "
+             "images. "
              "Collapsed: MoE layers where one expert takes >= 95% of the clean test images (of "
              f"{len(next(iter(groups.values()))[0]['routing'].get('usage_clean', [])) or '?'}). "
              "Pathway entropy in bits (clean test images).", ""]
-    return lines + md_table(["method", "routing", "seeds", "SA", "RA (PGD)", "Square", "RA-worst", "val RA-worst",
-                             "RA-AA", "GFLOPs", "collapsed layers", "pathway entropy"], rows,
+    return lines + md_table(["method", "routing", "seeds", "SA", "RA (PGD)", "Square", "RA-worst",
+                             "val RA-worst", "RA-AA", "GFLOPs", "collapsed layers", "pathway entropy"], rows,
                             [r for runs in groups.values() for r in runs])
 
 
 def worst_without_aa(r: dict) -> float | None:
-    """RA-worst over every attack but AutoAttack, on all evaluation images (older results: when no AutoAttack ran,
-    RA-worst is that number)."""
+    """RA-worst over every attack but AutoAttack, on all evaluation images (older results: when no AutoAttack
+    ran, RA-worst is that number)."""
     return r.get("ra_worst_without_aa", None if "autoattack" in r.get("attacks", {}) else r["ra_worst"])
 
 
@@ -2436,7 +2602,8 @@ def split_cells(r: dict) -> list:
     rt = r["routing"]
     if not rt:
         return [None] * 6
-    return [fmt(rt["router_robustness"]), fmt(rt["moe_robustness"])] + [fmt(v) for v in rt["split_4way"].values()]
+    return [fmt(rt["router_robustness"]), fmt(rt["moe_robustness"])] + \
+        [fmt(v) for v in rt["split_4way"].values()]
 
 
 # ==================================================================================================
@@ -2475,12 +2642,15 @@ def bench(argv: list[str], log=print) -> dict:
     inference throughput and latency of Dense / S-Dense / MoE, GFLOPs as executed, and achieved FLOP/s."""
     p = argparse.ArgumentParser(prog="advmoe.py bench", description=bench.__doc__, epilog="Every other flag "
                                 "is a training flag (python advmoe.py --help): --device, --router, --amp, "
-                                "--cudnn-benchmark, --train-dispatch (also the timed inference's), --compile, ...")
+                                "--cudnn-benchmark, --train-dispatch (also the timed inference's), "
+                                "--compile, ...")
     p.add_argument("--arch", default="resnet18", help=f"one of {', '.join(ARCHS)}, or 'all'")
     p.add_argument("--out", default="", help="JSON file to write (a .md table is written beside it)")
     p.add_argument("--batch", type=int, default=128, help="training batch (each of B_phi and B_psi)")
-    p.add_argument("--infer-batch", type=int, default=0, help="large inference batch (0: 1024 on GPU, 64 on CPU)")
-    p.add_argument("--repeats", type=int, default=0, help="timed repeats, median reported (0: 20 GPU / 5 CPU)")
+    p.add_argument("--infer-batch", type=int, default=0, help="large inference batch (0: 1024 on GPU, 64 on "
+                                                              "CPU)")
+    p.add_argument("--repeats", type=int, default=0, help="timed repeats, median reported (0: 20 GPU / 5 "
+                                                          "CPU)")
     p.add_argument("--methods", default="dense,sdense,moe,advmoe", help="comma-separated methods (AT(Sparse) "
                    "fine-tunes S-Dense's shape: its step is S-Dense's)")
     p.add_argument("--skip-train", action="store_true", help="inference, latency and GFLOPs only")
@@ -2519,8 +2689,8 @@ def bench(argv: list[str], log=print) -> dict:
                     x = prep(torch.rand(b, 3, 32, 32, device=device), s, device)
                     # Balanced routing (inputs alternate between experts; the routers still run): the
                     # grouping's worst case, independent of what the briefly trained routers happen to do.
-                    infers[method, b] = bench_inference(model, x, torch.arange(b, device=device) % s.model_experts,
-                                                        s, device)
+                    balanced = torch.arange(b, device=device) % s.model_experts
+                    infers[method, b] = bench_inference(model, x, balanced, s, device)
                 by[method]["ops_infer_forward"] = count_ops(infers[method, infer_batch])
         if not a.skip_train:
             for method, t in interleaved_medians(steps, device, warmup, repeats).items():
@@ -2539,8 +2709,10 @@ def bench(argv: list[str], log=print) -> dict:
                 if "infer_img_s" in r:
                     r["infer_speedup_vs_dense"] = round(r["infer_img_s"] / by["dense"]["infer_img_s"], 2)
         if "sdense" in by and "advmoe" in by and not a.skip_train:
-            by["advmoe"]["step_time_vs_sdense"] = round(by["advmoe"]["train_step_ms"] / by["sdense"]["train_step_ms"], 2)
-        measured = [r for r in by.values() if len(r) > 2]  # (with --skip-train, AdvMoE has nothing of its own)
+            ratio = by["advmoe"]["train_step_ms"] / by["sdense"]["train_step_ms"]
+            by["advmoe"]["step_time_vs_sdense"] = round(ratio, 2)
+        # (with --skip-train, AdvMoE has nothing of its own)
+        measured = [r for r in by.values() if len(r) > 2]
         rows += measured
         for r in measured:
             log(json.dumps(r))
@@ -2573,8 +2745,8 @@ class OpCounter(TorchDispatchMode):
 
 
 def count_ops(fn: Callable[[], object]) -> int:
-    """Operator calls of one call of fn. On a launch-bound GPU each is about one kernel launch (and a host sync
-    stalls the queue between them), so this count, measurable on the CPU, is the number to drive down."""
+    """Operator calls of one call of fn. On a launch-bound GPU each is about one kernel launch (and a host
+    sync stalls the queue between them), so this count, measurable on the CPU, is the number to drive down."""
     with OpCounter() as counter:
         fn()
     return counter.calls
@@ -2597,16 +2769,18 @@ def bench_inference(model, x, force, s: Settings, device) -> Callable[[], None]:
 
 
 def bench_table(result: dict) -> str:
-    cols = ("arch", "method", "ops_train_step", "ops_infer_forward", "train_img_s", "train_step_ms", "epoch_s_cifar",
-            "step_time_vs_sdense", "gflops",
+    cols = ("arch", "method", "ops_train_step", "ops_infer_forward", "train_img_s", "train_step_ms",
+            "epoch_s_cifar", "step_time_vs_sdense", "gflops",
             "infer_img_s", "infer_speedup_vs_dense", "latency_ms_b1", "latency_ms_b32", "achieved_tflops",
             "fraction_of_peak")
     head = (f"bench on {result['device']}, torch {result['torch']}, commit {(result['commit'] or '?')[:10]}, "
             f"train batch {result['batch']}, inference batch {result['infer_batch']}, bf16 {result['amp']}, "
             f"router {result['router']}, training dispatch {result['train_dispatch']}, "
-            f"cudnn.benchmark {result['cudnn_benchmark']}, median of {result['repeats']} (cases timed in turn)\n\n")
+            f"cudnn.benchmark {result['cudnn_benchmark']}, median of {result['repeats']} (cases timed in "
+            f"turn)\n\n")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    lines += ["| " + " | ".join("" if r.get(c) is None else str(r[c]) for c in cols) + " |" for r in result["rows"]]
+    for r in result["rows"]:
+        lines.append("| " + " | ".join("" if r.get(c) is None else str(r[c]) for c in cols) + " |")
     return head + "\n".join(lines) + "\n"
 
 
@@ -2618,8 +2792,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv[:1] == ["report"]:
             if len(argv) == 2 and argv[1] in ("-h", "--help"):
-                print("usage: python advmoe.py report DIR\n\nWrite DIR/report.md (and print it): every table of "
-                      "the paper from the result.json files below DIR. A corrupt or incomplete result.json is skipped "
+                print("usage: python advmoe.py report DIR\n\nWrite DIR/report.md (and print it): every table "
+                      "of "
+                      "the paper from the result.json files below DIR. A corrupt or incomplete result.json "
+                      "is skipped "
                       "with a warning.")
                 return 0
             if len(argv) != 2:
@@ -2640,7 +2816,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"advmoe: {e}", file=sys.stderr)
         return 130
     except KeyboardInterrupt:  # outside training's own handler: loading, the final evaluation, report
-        print("advmoe: interrupted: nothing more was written (a run's last checkpoint is kept; evaluate it with "
+        print("advmoe: interrupted: nothing more was written (a run's last checkpoint is kept; evaluate it "
+              "with "
               "--eval-only, or continue it with --resume)", file=sys.stderr)
         return 130
     return 0
