@@ -241,7 +241,8 @@ class MoEConv(nn.Module):
 
     def sparse_forward(self, x: torch.Tensor, gate: Gate) -> torch.Tensor:
         """Group inputs by expert, one conv per group: only the chosen expert's channels are computed."""
-        # One host sync per layer: group sizes decide the shapes of the convs that follow.
+        # One host read per layer: group sizes decide the shapes of the convs that follow (free on the CPU;
+        # on CUDA it would stall the GPU, so "auto" takes masked_forward there).
         counts = torch.bincount(gate.choice, minlength=self.n).tolist()
         if max(counts) == len(x):  # one expert for the whole batch (always at batch 1): nothing to group
             return straight_through(self.conv_bn(x, counts.index(len(x))), gate)
@@ -414,6 +415,7 @@ class Classifier(nn.Linear):
         self.takes = takes
 
     def forward(self, x, routing):
+        # (B, C, H, W) -> pool -> (B, C) -> linear -> (B, classes)
         return super().forward(keep_channels(x.mean((2, 3)), routing, self.takes))
 
 
@@ -429,6 +431,7 @@ class BasicBlock(nn.Module):
             if (stride != 1 or cin != cout) else None
 
     def forward(self, x, routing):
+        # (B, r*cin, H, W) -> (B, r*cout, H/stride, W/stride); each routed conv picks its expert per input
         out = self.conv2(F.relu(self.conv1(x, routing)), routing)
         return F.relu(out + (x if self.shortcut is None else self.shortcut(x, routing)))
 
@@ -448,10 +451,10 @@ class ResNet18(nn.Module):
         self.fc = Classifier(spec, 512, num_classes, ("stage4",))
 
     def forward(self, x, routing):
-        x = F.relu(self.stem(x, routing))
-        for block in self.blocks:
-            x = block(x, routing)
-        return self.fc(x, routing)
+        x = F.relu(self.stem(x, routing))             # (B, r*64, 32, 32) on CIFAR
+        for block in self.blocks:                    # stages of r*64, r*128, r*256, r*512 channels at
+            x = block(x, routing)                    # 32, 16, 8, 4 px
+        return self.fc(x, routing)                   # (B, classes)
 
 
 class WideBlock(nn.Module):
@@ -467,8 +470,8 @@ class WideBlock(nn.Module):
             if (stride != 1 or cin != cout) else None
 
     def forward(self, x, routing):
-        o = F.relu(self.bn1(x))
-        out = self.conv2(F.relu(self.conv1(o, routing)), routing)
+        o = F.relu(self.bn1(x))                      # pre-activation, (B, r*cin, H, W)
+        out = self.conv2(F.relu(self.conv1(o, routing)), routing)   # (B, r*cout, H/stride, W/stride)
         return out + (x if self.shortcut is None else self.shortcut(o, routing))
 
 
@@ -490,10 +493,10 @@ class WideResNet(nn.Module):
         self.fc = Classifier(spec, cin, num_classes, (stream_in,))
 
     def forward(self, x, routing):
-        x = self.stem(x, routing)
-        for block in self.blocks:
+        x = self.stem(x, routing)                    # (B, r*16, 32, 32) on CIFAR
+        for block in self.blocks:                    # r*160, r*320, r*640 channels at 32, 16, 8 px
             x = block(x, routing)
-        return self.fc(F.relu(self.bn(x)), routing)
+        return self.fc(F.relu(self.bn(x)), routing)  # (B, classes)
 
 
 class VGG16(nn.Module):
@@ -514,10 +517,10 @@ class VGG16(nn.Module):
         self.fc = Classifier(spec, 512, num_classes, (f"conv{k}",))
 
     def forward(self, x, routing):
-        x = F.relu(self.stem(x, routing))
-        for layer in self.layers:
+        x = F.relu(self.stem(x, routing))             # (B, r*64, 32, 32) on CIFAR
+        for layer in self.layers:                    # five max-pools: 32 -> 1 px, up to r*512 channels
             x = layer(x) if isinstance(layer, nn.MaxPool2d) else F.relu(layer(x, routing))
-        return self.fc(x, routing)
+        return self.fc(x, routing)                   # (B, classes)
 
 
 class DenseLayer(nn.Module):
@@ -532,6 +535,7 @@ class DenseLayer(nn.Module):
         self.conv2 = spec.conv(4 * growth, growth, 3, 1, bn=False, takes=(f"{name}_mid",), gives=name)
 
     def forward(self, x, routing):
+        # (B, C, H, W) -> 1x1 conv (B, r*4k, H, W) -> 3x3 conv (B, r*k, H, W), appended: (B, C + r*k, H, W)
         out = self.conv2(F.relu(self.conv1(F.relu(self.bn(x)), routing)), routing)
         return torch.cat([x, out], 1)
 
@@ -566,7 +570,7 @@ class DenseNet(nn.Module):
         for layer in self.layers:
             if isinstance(layer, DenseLayer):
                 x = layer(x, routing)
-            else:  # transition
+            else:  # transition: (B, C, H, W) -> (B, C/2, H/2, W/2)
                 x = F.avg_pool2d(layer["conv"](F.relu(layer["bn"](x)), routing), 2)
         return self.fc(F.relu(self.bn(x)), routing)
 
@@ -592,7 +596,7 @@ class MoECNN(nn.Module):
 
     def forward(self, x, return_routing: bool = False, dispatch: str = "auto", force=None, masks=None):
         dispatch = resolve_dispatch(dispatch, x.device)
-        x = (x - self.mean) / self.std
+        x = (x - self.mean) / self.std               # (B, 3, H, W), inputs in [0,1] normalized here
         routing = Routing(dispatch=dispatch, force=force, noise=self.router_noise if self.training else 0.0,
                           masks=masks)
         if self.global_router is not None:
