@@ -1064,21 +1064,20 @@ def router_utility_tables(model: nn.Module, path: str, samples: int = 1000) -> U
     ckpt = read_checkpoint(Path(path))
     extra = ckpt.get("extra") or {}
     if "keep" not in extra:
-        raise ConfigError(f"--iou-with {path} is not an AT(Sparse) checkpoint: give "
-                          f"<sparse run>/checkpoint.pt")
+        raise ConfigError(f"--iou-with {path} is not an AT(Sparse) "
+                          f"checkpoint: give <sparse run>/checkpoint.pt")
     tables, chance = {}, []
     gen = torch.Generator().manual_seed(0)
     for m in model.modules():
         if isinstance(m, MoEConv) and m.n > 1 and m.gives not in extra["sizes"]:
             raise ConfigError(f"--iou-with {path} is an AT(Sparse) run of another backbone "
-                              f"({ckpt['identity']['arch']}, "
-                              f"no layer {m.gives}): give the Sparse run of this backbone")
+                              f"({ckpt['identity']['arch']}, no layer {m.gives}): "
+                              f"give the Sparse run of this backbone")
         if isinstance(m, MoEConv) and m.n > 1:
             size, keep = extra["sizes"][m.gives], extra["keep"][m.gives]
             if m.n * m.cout != size or len(keep) != m.cout:
-                raise ConfigError(f"--iou-with needs N*r = 1 and the Sparse run's r (layer {m.gives}: "
-                                  f"{m.n} experts of "
-                                  f"{m.cout} channels, Sparse keeps {len(keep)} of {size})")
+                raise ConfigError(f"--iou-with needs N*r = 1 and the Sparse run's r (layer {m.gives}: {m.n} "
+                                  f"experts of {m.cout} channels, Sparse keeps {len(keep)} of {size})")
             kept = torch.zeros(size, dtype=torch.bool)
             kept[keep] = True
             inter = kept.view(m.n, m.cout).sum(1).float()                           # |E_e ∩ K|, (N,)
@@ -1089,8 +1088,8 @@ def router_utility_tables(model: nn.Module, path: str, samples: int = 1000) -> U
             hits = kept[picks].sum(1).float()                                         # (samples,)
             chance.append(hits / (2 * m.cout - hits))
     if not tables:
-        raise ConfigError("--iou-with measures an MoE-CNN's pathways: use it with --method moe, advmoe or "
-                          "standard")
+        raise ConfigError("--iou-with measures an MoE-CNN's pathways: use "
+                          "it with --method moe, advmoe or standard")
     return Utility(tables, torch.stack(chance).mean(0))  # a random pathway's IoU, averaged over layers
 
 
@@ -1139,29 +1138,27 @@ class Settings:
     dataset: str = setting("cifar10", "cifar10 | cifar100 | tinyimagenet | imagenet | synthetic (offline)")
     arch: str = setting("resnet18", "resnet18 | wrn28_10 | vgg16 | densenet (DenseNet-BC-40, k=12)")
     method: str = setting("advmoe", "dense | sdense | moe | advmoe | sparse | standard: AT(Dense), "
-                                    "AT(S-Dense), AT(MoE), "
-                                    "AdvMoE, AT(Sparse) (HYDRA channel pruning of a Dense model, then AT "
-                                    "fine-tuning), "
-                                    "standard (natural, non-adversarial training of an MoE-CNN; Sec. 4)")
+                                    "AT(S-Dense), AT(MoE), AdvMoE, AT(Sparse) (HYDRA channel pruning of a "
+                                    "Dense model, then AT fine-tuning), standard (natural, non-adversarial "
+                                    "training of an MoE-CNN; Sec. 4)")
     ratio: float = setting(0.5, "r in (0,1]: an expert (and S-Dense) keeps r*C of a layer's C channels")
     n_experts: int = setting(2, "N >= 1: experts per MoE layer (moe, advmoe)")
     width: float = setting(1.0, "W > 0: base channel multiplier of every backbone (1: the paper's networks); "
-                                "Dense "
-                                "has round(W*C) channels, S-Dense and an expert r of those")
-    router: str = setting("layer", "layer: a gate per MoE layer (paper) | global: one image-level router "
-                                   "(official code)")
-    init: str = setting("", "checkpoint.pt whose weights start the run (sparse: an AT(Dense) run; otherwise "
-                            "the same model)")
+                                "Dense has round(W*C) channels, S-Dense and an expert r of those")
+    router: str = setting("layer", "layer: a gate per MoE layer (paper) | global: "
+                                   "one image-level router (official code)")
+    init: str = setting("", "checkpoint.pt whose weights start the run (sparse: an "
+                            "AT(Dense) run; otherwise the same model)")
     train_params: str = setting("all", "all | routers | backbone: which parameters the joint methods train "
-                                       "(Sec. 4 "
-                                       "study: AT of the routers, then of the backbone, of an --init model)")
-    prune_epochs: int = setting(20, "sparse: epochs of score learning (weights frozen) before --epochs of "
-                                    "fine-tuning")
+                                       "(Sec. 4 study: AT of the routers, "
+                                       "then of the backbone, of an --init model)")
+    prune_epochs: int = setting(20, "sparse: epochs of score learning (weights "
+                                    "frozen) before --epochs of fine-tuning")
     # ---- robust loss and attacks (eps and step sizes in pixel units of [0,1] images) ---------------
     loss: str = setting("trades", "trades (default, beta-weighted KL) | pgdat (Madry: CE on PGD examples)")
     beta: float = setting(6.0, "TRADES weight 1/lambda")
-    eps: float = setting(None, "l_inf radius (default: 8/255 on CIFAR and synthetic, 2/255 on "
-                               "TinyImageNet/ImageNet)",
+    eps: float = setting(None, "l_inf radius (default: 8/255 on CIFAR and "
+                               "synthetic, 2/255 on TinyImageNet/ImageNet)",
                                  float)
     train_steps: int = setting(2, "K: PGD steps of the training attack")
     train_step_size: float = setting(None, "training PGD step (default: 2.5*eps/K)", float)
@@ -1175,8 +1172,8 @@ class Settings:
     balance: float = setting(0.0, "weight of the Switch balance term N*sum_k f_k*P_k (0: off, the paper)")
     router_noise: float = setting(0.0, "std of Gaussian noise added to router logits in training")
     router_lr: float = setting(1.0, "router learning rate = lr * router_lr (1: shared, the paper)")
-    router_supervision: float = setting(0.0, "weight of CE(router, y mod N), the official code's router "
-                                             "target")
+    router_supervision: float = setting(0.0, "weight of CE(router, y "
+                                             "mod N), the official code's router target")
     # ---- optimization (the authors' settings) ------------------------------------------------------
     epochs: int = setting(100, "training epochs (an epoch is one pass of B_psi over the training set)")
     batch_size: int = setting(128, "images per batch (each of B_phi and B_psi for advmoe)")
@@ -1187,99 +1184,91 @@ class Settings:
     # ---- data --------------------------------------------------------------------------------------
     data_dir: str = setting("data", "where data sets live (CIFAR is downloaded here when possible)")
     download: bool = setting(True, "let torchvision download CIFAR when it is missing")
-    synthetic_train: int = setting(128, "training images of the synthetic data set (small: a smoke set for "
-                                        "CPUs)")
+    synthetic_train: int = setting(128, "training images of the synthetic "
+                                        "data set (small: a smoke set for CPUs)")
     synthetic_test: int = setting(16, "test images of the synthetic data set (PGD-50 of Dense WRN-28-10 "
                                       "costs ~9 s an image on 2 cores)")
-    train_n: int = setting(0, "train on a fixed random subset of this many training images (0: all but "
-                              "--val-n)")
+    train_n: int = setting(0, "train on a fixed random subset of this "
+                              "many training images (0: all but --val-n)")
     val_n: int = setting(0, "hold this many training images out as a validation split, evaluated beside the "
-                            "test "
-                            "set (choose settings on it, never on the test set)")
+                            "test set (choose settings on it, never on the test set)")
     # ---- evaluation --------------------------------------------------------------------------------
     eval_n: int = setting(0, "test images for the final SA/RA (0: the whole test set)")
     eval_attacks: str = setting("pgd", "comma-separated: pgd (the paper's RA) | router | soft | fixed "
-                                       "(router-aware "
-                                       "PGD) | square | autoattack (need torchattacks); RA-worst over all of "
-                                       "them")
+                                       "(router-aware PGD) | square | autoattack (need torchattacks); "
+                                       "RA-worst over all of them")
     eval_aa: bool = setting(False, "also evaluate with AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square; "
-                                   "needs "
-                                   "torchattacks): RA-AA, Table 2")
-    aa_n: int = setting(0, "test images for AutoAttack (the first ones of the evaluation; 0: all of "
-                           "--eval-n)")
+                                   "needs torchattacks): RA-AA, Table 2")
+    aa_n: int = setting(0, "test images for AutoAttack (the first ones "
+                           "of the evaluation; 0: all of --eval-n)")
     iou_with: str = setting("", "router utility (Fig. 6): IoU of each input's MoE pathway with the static "
-                                "mask of this "
-                                "AT(Sparse) checkpoint.pt, on clean and PGD inputs (needs N*r = 1)")
+                                "mask of this AT(Sparse) checkpoint.pt, "
+                                "on clean and PGD inputs (needs N*r = 1)")
     quick_eval_n: int = setting(500, "test images for the per-epoch SA / RA(PGD-10) check (0: skip)")
     square_queries: int = setting(5000, "queries of the Square attack (AutoAttack's standard 5000)")
     eval_batch_size: int = setting(256, "batch size of evaluation and attacks at test time")
     # ---- run ---------------------------------------------------------------------------------------
     out: str = setting("", "run folder (result.json, checkpoint.pt, log.jsonl); default runs/<name>")
-    resume: bool = setting(False, "continue from <out>/checkpoint.pt (the recipe must be the same; --epochs "
-                                  "may grow)")
-    overwrite: bool = setting(False, "replace the run already in --out (without it, a folder holding a run "
-                                     "is refused)")
+    resume: bool = setting(False, "continue from <out>/checkpoint.pt (the "
+                                  "recipe must be the same; --epochs may grow)")
+    overwrite: bool = setting(False, "replace the run already in --out (without "
+                                     "it, a folder holding a run is refused)")
     eval_only: str = setting("", "path of a checkpoint to evaluate instead of training")
     device: str = setting("auto", "auto | cpu | cuda | cuda:K")
     amp: bool = setting(True, "bf16 autocast on CUDA (ignored on CPU)")
     channels_last: bool = setting(True, "channels_last memory format on CUDA")
     train_dispatch: str = setting("auto", "MoE layers in training: auto (masked on CUDA, sparse on the CPU) "
-                                          "| sparse "
-                                          "(group by expert: only the chosen experts are computed, a host "
-                                          "sync per "
-                                          "layer) | masked (every expert, static shapes, no host sync)")
+                                          "| sparse (group by expert: only the chosen experts are computed, "
+                                          "a host sync per layer) | masked "
+                                          "(every expert, static shapes, no host sync)")
     cudnn_benchmark: bool = setting(False, "cuDNN autotuning per shape (helps Dense/S-Dense; MoE group sizes "
-                                           "vary, "
-                                           "so every new size is re-tuned)")
+                                           "vary, so every new size is re-tuned)")
     compile: bool = setting(False, "torch.compile the training forwards (on CUDA one graph, with CUDA "
-                                   "graphs; "
-                                   "README, 'Speed and cost')")
+                                   "graphs; README, 'Speed and cost')")
     log_every: float = setting(30.0, "seconds between progress lines (done/total, images/s, ETA) in "
-                                     "training, "
-                                     "evaluation and attacks (0: after every batch)")
+                                     "training, evaluation and attacks (0: after every batch)")
 
     def __post_init__(self):
         check = {"dataset": DATASETS, "arch": ARCHS, "method": METHODS, "loss": LOSSES, "router": ROUTERS,
              "train_dispatch": ("auto", "sparse", "masked")}
         for name, allowed in check.items():
             if getattr(self, name) not in allowed:
-                raise ConfigError(f"unknown --{name} {getattr(self, name)!r}: choose one of "
-                                  f"{', '.join(allowed)}")
+                raise ConfigError(f"unknown --{name} {getattr(self, name)!r}: "
+                                  f"choose one of {', '.join(allowed)}")
         if not 0 < self.ratio <= 1:
-            raise ConfigError(f"--ratio {self.ratio} is outside (0, 1]: an expert keeps a fraction r of the "
-                              f"channels")
+            raise ConfigError(f"--ratio {self.ratio} is outside (0, 1]: an "
+                              f"expert keeps a fraction r of the channels")
         if self.n_experts < 1:
             raise ConfigError(f"--n-experts {self.n_experts} must be at least 1")
         if self.method in MOE_METHODS and self.n_experts < 2:
-            raise ConfigError(f"--method {self.method} needs --n-experts >= 2 (with one expert use --method "
-                              f"sdense)")
+            raise ConfigError(f"--method {self.method} needs --n-experts >= "
+                              f"2 (with one expert use --method sdense)")
         if self.method == "sparse" and self.ratio == 1:
-            raise ConfigError("--method sparse keeps a fraction --ratio of the channels: give --ratio below "
-                              "1")
+            raise ConfigError("--method sparse keeps a fraction --ratio "
+                              "of the channels: give --ratio below 1")
         if self.train_params not in TRAIN_PARAMS:
             raise ConfigError(f"unknown --train-params {self.train_params!r}: choose one of "
                               f"{', '.join(TRAIN_PARAMS)}")
         if self.train_params != "all" and (self.method == "advmoe" or not self.init):
             raise ConfigError(f"--train-params {self.train_params} freezes part of the model: use it with "
-                              f"--init CKPT "
-                              f"and a joint method (moe, standard), not advmoe (whose levels already split "
-                              f"it)")
+                              f"--init CKPT and a joint method (moe, standard), "
+                              f"not advmoe (whose levels already split it)")
         if self.train_params == "routers" and self.method not in MOE_METHODS:
-            raise ConfigError(f"--train-params routers needs an MoE-CNN (--method moe or standard), not "
-                              f"{self.method}")
+            raise ConfigError(f"--train-params routers needs an MoE-CNN "
+                              f"(--method moe or standard), not {self.method}")
         if self.eps is None:
             self.eps = 2 / 255 if self.dataset in ("tinyimagenet", "imagenet") else 8 / 255
         if self.eps < 0:
-            raise ConfigError(f"--eps {self.eps} is negative: give the l_inf radius in pixel units, e.g. "
-                              f"0.0314")
+            raise ConfigError(f"--eps {self.eps} is negative: give the "
+                              f"l_inf radius in pixel units, e.g. 0.0314")
         if not math.isfinite(self.eps) or self.eps > 1:
-            raise ConfigError(f"--eps {self.eps} is not a radius in pixel units of [0,1] images: give e.g. "
-                              f"0.0314 (8/255)")
+            raise ConfigError(f"--eps {self.eps} is not a radius in pixel units "
+                              f"of [0,1] images: give e.g. 0.0314 (8/255)")
         for name in ("lr", "momentum", "weight_decay", "beta", "balance", "router_lr", "router_noise",
                      "router_supervision"):
             if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be a finite number "
-                                  f">= 0")
+                raise ConfigError(f"--{name.replace('_', '-')} "
+                                  f"{getattr(self, name)} must be a finite number >= 0")
         for name in ("eval_n", "quick_eval_n"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be 0 (0: "
@@ -1291,8 +1280,8 @@ class Settings:
         if self.prune_epochs < 0 or self.aa_n < 0:
             raise ConfigError("--prune-epochs and --aa-n must be 0 or more")
         if not (0 < self.width <= 64):
-            raise ConfigError(f"--width {self.width} must be in (0, 64]: the channel multiplier of the "
-                              f"backbone")
+            raise ConfigError(f"--width {self.width} must be in (0, 64]: "
+                              f"the channel multiplier of the backbone")
         if self.train_n < 0 or self.val_n < 0:
             raise ConfigError("--train-n and --val-n must be 0 or more (0: not used)")
         if not self.log_every >= 0:
@@ -1312,8 +1301,8 @@ class Settings:
         if self.test_step_size is None:
             self.test_step_size = self.eps / 4
         if min(self.train_step_size, self.test_step_size) < 0:
-            raise ConfigError("--train-step-size and --test-step-size must be 0 or more (or left out: "
-                              "derived from eps)")
+            raise ConfigError("--train-step-size and --test-step-size must be "
+                              "0 or more (or left out: derived from eps)")
 
     @property
     def attacks(self) -> tuple[str, ...]:
@@ -1341,10 +1330,8 @@ def settings_parser(defaults: bool = True) -> argparse.ArgumentParser:
     defaults=False: a flag not on the command line is left out of the parsed namespace."""
     parser = argparse.ArgumentParser(
         description="AdvMoE: robust training of MoE-CNNs (ICCV 2023). Other commands: 'python advmoe.py "
-                    "report "
-                    "DIR' (every table from the result.json files below DIR), 'python advmoe.py bench "
-                    "--help' "
-                    "(speed and cost).", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                    "report DIR' (every table from the result.json files below DIR), 'python advmoe.py bench "
+                    "--help' (speed and cost).", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=None if defaults else argparse.SUPPRESS)
     for f in dataclasses.fields(Settings):
         flag, default = "--" + f.name.replace("_", "-"), f.default if defaults else argparse.SUPPRESS
@@ -1510,10 +1497,10 @@ def load_cifar(name: str, root: Path, download: bool):
     try:
         sets = [cls(str(root), train=train, download=download) for train in (True, False)]
     except Exception as e:  # offline, or files missing with --no-download
-        raise ConfigError(f"{name} is not in {root} and could not be downloaded ({type(e).__name__}): "
-                          f"run once with network access, or put the torchvision copy (e.g. "
-                          f"cifar-10-batches-py/) "
-                          f"or {name}_train.npz/{name}_test.npz in --data-dir") from None
+        raise ConfigError(f"{name} is not in {root} and could not be downloaded ({type(e).__name__}): run "
+                          f"once with network access, or put the torchvision copy (e.g. "
+                          f"cifar-10-batches-py/) or {name}_train.npz/{name}_test.npz in "
+                          f"--data-dir") from None
     return [(nchw(s.data), torch.tensor(s.targets)) for s in sets]
 
 
@@ -1523,8 +1510,8 @@ def read_npz(path: Path, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     import numpy as np
     must = f"it must hold x: uint8 images (N, H, W, 3) and y: N integer labels in [0, {classes})"
     if not path.exists():
-        raise ConfigError(f"{path} is missing (its other split is there): {must}; or remove both to use "
-                          f"torchvision")
+        raise ConfigError(f"{path} is missing (its other split is there): "
+                          f"{must}; or remove both to use torchvision")
     try:
         z = np.load(path)
         files = getattr(z, "files", ())
@@ -1535,8 +1522,8 @@ def read_npz(path: Path, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
         raise ConfigError(f"{path} has no array {missing[0]!r}: {must}")
     x, y = z["x"], z["y"]
     if x.dtype != np.uint8:
-        raise ConfigError(f"{path}: x is {x.dtype}, not uint8: {must} (scale float images in [0,1] by 255 "
-                          f"and round)")
+        raise ConfigError(f"{path}: x is {x.dtype}, not uint8: {must} (scale "
+                          f"float images in [0,1] by 255 and round)")
     if x.ndim != 4 or x.shape[-1] != 3:
         raise ConfigError(f"{path}: x has shape {x.shape}, not (N, H, W, 3): {must}")
     if not np.issubdtype(y.dtype, np.integer) or y.ndim != 1:
@@ -1563,8 +1550,8 @@ def split_train(n: int, train_n: int, val_n: int) -> tuple[torch.Tensor, torch.T
     SPLIT_SEED: the validation images are the first val_n of a fixed permutation, the subset the next
     train_n."""
     if val_n >= n or train_n + val_n > n:
-        raise ConfigError(f"--train-n {train_n} plus --val-n {val_n} exceed the {n} training images: lower "
-                          f"them")
+        raise ConfigError(f"--train-n {train_n} plus --val-n {val_n} "
+                          f"exceed the {n} training images: lower them")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
     held, rest = perm[:val_n], perm[val_n:]
     return (rest[:train_n] if train_n else rest).sort().values, held.sort().values
@@ -1576,8 +1563,8 @@ def load_data(s: Settings, device: torch.device):
         folder = root / ("tiny-imagenet-200" if s.dataset == "tinyimagenet" else "imagenet")
         if not (folder / "train").is_dir() or not (folder / "val").is_dir():
             raise ConfigError(f"{s.dataset} needs ImageFolder trees {folder}/train/<class>/ and "
-                              f"{folder}/val/<class>/ "
-                              f"(TinyImageNet's val images must first be moved into one folder per class)")
+                              f"{folder}/val/<class>/ (TinyImageNet's val images must "
+                              f"first be moved into one folder per class)")
         return FolderData(folder, 64 if s.dataset == "tinyimagenet" else 224, device, s.train_n, s.val_n)
     if s.dataset == "synthetic":
         (train, test), classes = synthetic_data(s.synthetic_train, s.synthetic_test), 10
@@ -1616,14 +1603,13 @@ def resolve_device(name: str) -> torch.device:
     except RuntimeError:
         raise ConfigError(f"unknown --device {name!r}: use auto, cpu, cuda or cuda:K") from None
     if device.type not in ("cpu", "cuda"):
-        raise ConfigError(f"--device {name}: advmoe.py runs on cpu or cuda (auto picks cuda when there is "
-                          f"one)")
+        raise ConfigError(f"--device {name}: advmoe.py runs on cpu or "
+                          f"cuda (auto picks cuda when there is one)")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name} asked for, but torch sees no CUDA device: use --device cpu")
     if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
         raise ConfigError(f"--device {name}: torch sees {torch.cuda.device_count()} CUDA device(s), cuda:0 "
-                          f"to "
-                          f"cuda:{torch.cuda.device_count() - 1}")
+                          f"to cuda:{torch.cuda.device_count() - 1}")
     return device
 
 
@@ -1642,9 +1628,8 @@ def check_fits(s: Settings, num_classes: int, image_size: int, device: torch.dev
         free = avail[0] if avail else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
     if need > free:
         raise ConfigError(f"the model has {params / 1e6:.0f}M parameters ({need / 2**30:.1f} GiB with "
-                          f"gradients "
-                          f"and momentum), more than the {free / 2**30:.1f} GiB free on {device}: lower "
-                          f"--n-experts, --ratio or --width")
+                          f"gradients and momentum), more than the {free / 2**30:.1f} GiB free on {device}: "
+                          f"lower --n-experts, --ratio or --width")
 
 
 def compiled(model: nn.Module, s: Settings, device: torch.device) -> nn.Module:
@@ -1690,8 +1675,8 @@ def train_in(out: Path, s: Settings, rank: int, world: int, device: torch.device
     if s.iou_with:  # fail now, not after training
         router_utility_tables(model, s.iou_with)
     if data.train_len(s.batch_size) == 0:
-        raise ConfigError(f"--batch-size {s.batch_size} is larger than the training set (per process): lower "
-                          f"it")
+        raise ConfigError(f"--batch-size {s.batch_size} is larger than "
+                          f"the training set (per process): lower it")
     start, history, train_seconds, extra = starting_point(out, model, opts, s, rank, world, log)
     with stop_on_signals() as stop:
         if s.method == "sparse" and start == 0:  # AT(Sparse): prune, then fine-tune below
@@ -1701,8 +1686,7 @@ def train_in(out: Path, s: Settings, rank: int, world: int, device: torch.device
             train_seconds += time.perf_counter() - t0
             extra = {**mask, "prune_history": prune_history}
             log(f"pruned to {sum(map(len, mask['keep'].values()))} of {sum(mask['sizes'].values())} "
-                f"channels; "
-                f"fine-tuning for {s.epochs} epochs")
+                f"channels; fine-tuning for {s.epochs} epochs")
         sync_model(model)
         # Training forwards may go through torch.compile; checkpoints and evaluation use the module itself.
         net = compiled(model, s, device)
@@ -1781,12 +1765,11 @@ def train_epoch(net: nn.Module, opts: dict, data, s: Settings, epoch: int, devic
         progress((it + 1) * s.batch_size * streams, lambda: f"loss {sums['loss'].item() / (it + 1):.4f}")
         if stop:
             kept = f"the checkpoint of epoch {epoch} is kept" if epoch else "no epoch had finished"
-            raise Interrupted(f"interrupted by {stop[0]} in epoch {epoch + 1}: {kept}; continue with "
-                              f"--resume")
+            raise Interrupted(f"interrupted by {stop[0]} in epoch "
+                              f"{epoch + 1}: {kept}; continue with --resume")
     if bad_step.item() >= 0:
         raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, iteration {bad_step.item() + 1}: "
-                                 f"kept the "
-                                 f"checkpoint of epoch {epoch}; lower --lr or check the data")
+                                 f"kept the checkpoint of epoch {epoch}; lower --lr or check the data")
     return {k: round(v.item() / (it + 1), 4) for k, v in sums.items()}
 
 
@@ -1989,8 +1972,7 @@ def prune(s: Settings, data, device: torch.device, stop: list, log) -> tuple[dic
                   f"<AT(Dense) {s.dataset} {s.arch} run>/checkpoint.pt")
     else:
         log("warning: --method sparse without --init: pruning starts from random weights (HYDRA prunes a "
-            "trained "
-            "model: pass --init <AT(Dense) run>/checkpoint.pt)")
+            "trained model: pass --init <AT(Dense) run>/checkpoint.pt)")
     dense.requires_grad_(False)
     pruner = ChannelScores(dense, s.ratio)
     opt = torch.optim.SGD([{"params": list(pruner.scores.values()), "base_lr": s.lr}], lr=s.lr,
@@ -2006,8 +1988,7 @@ def prune(s: Settings, data, device: torch.device, stop: list, log) -> tuple[dic
             row = {"epoch": epoch + 1, **stats}
         except Interrupted:  # nothing is saved before pruning ends
             raise Interrupted(f"interrupted by {stop[0]} in pruning epoch {epoch + 1}: no checkpoint is "
-                              f"written "
-                              f"before pruning ends; run the command again") from None
+                              f"written before pruning ends; run the command again") from None
         row["seconds"] = round(time.perf_counter() - t0, 2)
         history.append(row)
         log("prune " + format_row(row, phase))
@@ -2060,8 +2041,8 @@ def finish(model, data, s: Settings, out: Path, history: list, train_seconds: fl
     }
     write_json(out / "result.json", result)
     others = "".join(f"  {k} {v:.2f}" for k, v in result["attacks"].items() if not k.startswith("pgd"))
-    log(f"SA {result['sa']:.2f}  RA {result['ra']:.2f}{others}  RA-worst {result['ra_worst']:.2f}  "
-        f"GFLOPs {result['gflops']:.3f}  -> {out / 'result.json'}")
+    log(f"SA {result['sa']:.2f}  RA {result['ra']:.2f}{others}  RA-worst {result['ra_worst']:.2f}  GFLOPs "
+        f"{result['gflops']:.3f}  -> {out / 'result.json'}")
     return result
 
 
@@ -2106,8 +2087,7 @@ def atomic_write(path: Path, write: Callable[[str], None]):
         os.replace(tmp, path)
     except OSError as e:
         raise RunFailed(f"cannot write {path} ({e.strerror or e}): the previous {path.name} is intact; free "
-                        f"space "
-                        f"there and continue with --resume") from None
+                        f"space there and continue with --resume") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.remove(tmp)
@@ -2146,9 +2126,8 @@ def run_folder(out: Path, s: Settings, lead: bool = True):
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = (out / ".lock").read_text().strip() or "another process"
-            raise ConfigError(f"--out {out} is in use by another run ({holder}): wait for it to end, or "
-                              f"choose "
-                              f"another --out") from None
+            raise ConfigError(f"--out {out} is in use by another run ({holder}): wait "
+                              f"for it to end, or choose another --out") from None
         lock.truncate(0)
         lock.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
                    f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
@@ -2213,8 +2192,8 @@ def read_checkpoint(path: Path) -> dict:
     """A checkpoint written by save_checkpoint, checked: anything else is a one-line ConfigError naming it."""
     path, fix = Path(path), "give the checkpoint.pt of a run of advmoe.py"
     if not path.exists():
-        raise ConfigError(f"checkpoint {path} does not exist: give the path of a checkpoint.pt written by a "
-                          f"run")
+        raise ConfigError(f"checkpoint {path} does not exist: give the "
+                          f"path of a checkpoint.pt written by a run")
     if path.is_dir():
         raise ConfigError(f"checkpoint {path} is a folder: give the checkpoint.pt inside it")
     try:
@@ -2230,8 +2209,8 @@ def read_checkpoint(path: Path) -> dict:
     unknown = set(ckpt["settings"]) - {f.name for f in dataclasses.fields(Settings)}
     if unknown:
         raise ConfigError(f"checkpoint {path} has settings this advmoe.py does not know "
-                          f"({', '.join(sorted(unknown))}): "
-                          f"it was written by another version; evaluate it with that version")
+                          f"({', '.join(sorted(unknown))}): it was written by another "
+                          f"version; evaluate it with that version")
     return ckpt
 
 
@@ -2242,9 +2221,8 @@ def load_weights(model: nn.Module, state: dict, path) -> None:
         model.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).strip().splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)[:160]
-        raise ConfigError(f"checkpoint {path} does not fit the model ({first[:160]}): give a checkpoint of "
-                          f"the "
-                          f"same model") from None
+        raise ConfigError(f"checkpoint {path} does not fit the model ({first[:160]}): "
+                          f"give a checkpoint of the same model") from None
 
 
 def check_identity(theirs: dict, want: dict, what: str, fix: str):
@@ -2265,8 +2243,7 @@ def load_checkpoint(path: Path, model, opts: dict, s: Settings):
                for k in recipe if ckpt["settings"].get(k, getattr(Settings, k)) != getattr(s, k)]
     if changed:
         raise ConfigError(f"--resume would change the recipe of {path} ({'; '.join(changed)}): only --epochs "
-                          f"and "
-                          f"evaluation or run flags may change; drop those flags, or start a new --out")
+                          f"and evaluation or run flags may change; drop those flags, or start a new --out")
     load_weights(model, ckpt["model"], path)
     for k, o in opts.items():
         o.load_state_dict(ckpt["opts"][k])
@@ -2317,8 +2294,8 @@ METHOD_LABELS = {"sdense": "AT(S-Dense)", "sparse": "AT(Sparse)", "moe": "AT(MoE
 TABLE1_METHODS = ("sdense", "sparse", "moe", "advmoe", "dense")  # rows of Table 1; Dense is the reference
 
 
-STAGES = {"standard": "1. standard training of the MoE-CNN", "routers": "2. + AT of the routers (backbone "
-                                                                        "frozen)",
+STAGES = {"standard": "1. standard training of the MoE-CNN", "routers": "2. + AT of the "
+                                                                        "routers (backbone frozen)",
           "backbone": "3. + AT of the backbone (routers frozen)"}
 
 
@@ -2340,8 +2317,8 @@ def md_table(head: list[str], rows: list[list], commands: list[dict]) -> list[st
     lines += ["| " + " | ".join("" if c is None else str(c) for c in row) + " |" for row in rows]
     lines += ["", "<details><summary>commands and settings of these runs</summary>", ""]
     lines += [f"- `{r.get('command', '?')}` ({r['device']}, torch {r['torch']}, commit "
-              f"{(r['commit'] or '?')[:10]}, "
-              f"{r['epochs']} epochs, eval on {r['eval_n']} images)" for r in commands]
+              f"{(r['commit'] or '?')[:10]}, {r['epochs']} epochs, eval on {r['eval_n']} "
+              f"images)" for r in commands]
     return lines + ["", "</details>", ""]
 
 
@@ -2383,8 +2360,8 @@ def report(folder: str) -> str:
     fit one cell, the last by path is shown."""
     root = Path(folder)
     if not root.is_dir():
-        raise ConfigError(f"report folder {folder} does not exist: give the folder holding the runs' "
-                          f"result.json")
+        raise ConfigError(f"report folder {folder} does not exist: give "
+                          f"the folder holding the runs' result.json")
     results = read_results(root)
     if not results:
         raise ConfigError(f"no result.json below {folder}: train a run with --out inside it first")
@@ -2409,15 +2386,15 @@ def report(folder: str) -> str:
                 ra = f"**{c['ra']:.2f}**" if m != "dense" and c["ra"] == best.get(a) else fmt(c["ra"])
                 row += [fmt(c["sa"]), ra, fmt(c["gflops"], 3)]
             rows.append(row)
-        lines += [f"## Table 1: {dataset} (N = 2, r = 0.5; RA under PGD, steps in Runs; bold: best RA at the "
-                  f"pathway's cost)", ""]
+        lines += [f"## Table 1: {dataset} (N = 2, r = 0.5; RA under PGD, steps in "
+                  f"Runs; bold: best RA at the pathway's cost)", ""]
         lines += md_table(["method"] + [f"{a} {c}" for a in archs for c in ("SA", "RA", "GFLOPs")], rows,
                           [c for c in cell.values() if c])
     aa = [r for r in results if r.get("autoattack", {}).get("label") == "AutoAttack (standard)"]
     if aa:
         lines += ["## Table 2: AutoAttack (standard: APGD-CE, APGD-T, FAB-T 100 iterations, 9 targets; "
-                  "Square 5000 "
-                  "queries)", "", "RA (PGD) and RA-AA over the same images (the first AA images of the "
+                  "Square 5000 queries)", "", "RA (PGD) and RA-AA over the same images (the first AA images "
+                                              "of the "
                                   "evaluation); "
                   "RA after each component, each run on the inputs still robust.", ""]
         rows = []
@@ -2433,8 +2410,7 @@ def report(folder: str) -> str:
     weak = [r for r in results if r.get("ra_aa") is not None and r not in aa]
     if weak:
         lines += ["Not in Table 2 (AutoAttack from torchattacks' AutoAttack(version='standard'), 10 "
-                  "iterations, "
-                  "before commit c34d948: weaker than the standard "
+                  "iterations, before commit c34d948: weaker than the standard "
                   "one): " + ", ".join(r["path"] for r in weak), ""]
     sweep = [r for r in results if trained(r) and r["method"] == "advmoe"]
     for dataset, arch, runs in by_backbone(sweep):
@@ -2474,10 +2450,8 @@ def report(folder: str) -> str:
                 stages.append((f"reference: {METHOD_LABELS[m]}", c))
         lines += [f"## Sec. 4 study (Insights 1-3): {dataset} {arch}", "",
                   "4-way split of PGD examples, % of test images: (1) neither routers nor prediction fooled, "
-                  "(2) "
-                  "routers only, (3) prediction only, (4) both. Router robustness = (1)+(3), MoE robustness "
-                  "= "
-                  "(1)+(2).", ""]
+                  "(2) routers only, (3) prediction only, (4) both. Router robustness "
+                  "= (1)+(3), MoE robustness = (1)+(2).", ""]
         rows = [[label, fmt(r["sa"]), fmt(r["ra"])] + split_cells(r)
                 for label, r in sorted(stages, key=lambda t: t[0])]
         lines += md_table(["stage", "SA", "RA", "router robustness", "MoE robustness", "(1)", "(2)", "(3)",
@@ -2498,11 +2472,9 @@ def report(folder: str) -> str:
         lines += ["## Fig. 6: router utility, IoU of each input's pathway with the AT(Sparse) mask", "",
                   "Histogram: inputs per IoU bin [0, 0.1), ..., [0.9, 1.0].", ""]
         lines += ["Read the IoU against a random pathway's (the same channel counts, drawn at random): the "
-                  "two "
-                  "models are trained separately and correspond by channel position only. The paper's point "
-                  "is "
-                  "pathway diversity: how many distinct pathways the inputs take, and the entropy of their "
-                  "distribution (bits; 0 = one pathway for all).", ""]
+                  "two models are trained separately and correspond by channel position only. The paper's "
+                  "point is pathway diversity: how many distinct pathways the inputs take, and the entropy "
+                  "of their distribution (bits; 0 = one pathway for all).", ""]
         rows = []
         for r in utility:
             u = r["router_utility"]
@@ -2646,15 +2618,15 @@ def bench(argv: list[str], log=print) -> dict:
     inference throughput and latency of Dense / S-Dense / MoE, GFLOPs as executed, and achieved FLOP/s."""
     p = argparse.ArgumentParser(prog="advmoe.py bench", description=bench.__doc__, epilog="Every other flag "
                                 "is a training flag (python advmoe.py --help): --device, --router, --amp, "
-                                "--cudnn-benchmark, --train-dispatch (also the timed inference's), "
-                                "--compile, ...")
+                                "--cudnn-benchmark, --train-dispatch (also "
+                                "the timed inference's), --compile, ...")
     p.add_argument("--arch", default="resnet18", help=f"one of {', '.join(ARCHS)}, or 'all'")
     p.add_argument("--out", default="", help="JSON file to write (a .md table is written beside it)")
     p.add_argument("--batch", type=int, default=128, help="training batch (each of B_phi and B_psi)")
-    p.add_argument("--infer-batch", type=int, default=0, help="large inference batch (0: 1024 on GPU, 64 on "
-                                                              "CPU)")
-    p.add_argument("--repeats", type=int, default=0, help="timed repeats, median reported (0: 20 GPU / 5 "
-                                                          "CPU)")
+    p.add_argument("--infer-batch", type=int, default=0, help="large inference "
+                                                              "batch (0: 1024 on GPU, 64 on CPU)")
+    p.add_argument("--repeats", type=int, default=0, help="timed repeats, "
+                                                          "median reported (0: 20 GPU / 5 CPU)")
     p.add_argument("--methods", default="dense,sdense,moe,advmoe", help="comma-separated methods (AT(Sparse) "
                    "fine-tunes S-Dense's shape: its step is S-Dense's)")
     p.add_argument("--skip-train", action="store_true", help="inference, latency and GFLOPs only")
@@ -2779,9 +2751,8 @@ def bench_table(result: dict) -> str:
             "fraction_of_peak")
     head = (f"bench on {result['device']}, torch {result['torch']}, commit {(result['commit'] or '?')[:10]}, "
             f"train batch {result['batch']}, inference batch {result['infer_batch']}, bf16 {result['amp']}, "
-            f"router {result['router']}, training dispatch {result['train_dispatch']}, "
-            f"cudnn.benchmark {result['cudnn_benchmark']}, median of {result['repeats']} (cases timed in "
-            f"turn)\n\n")
+            f"router {result['router']}, training dispatch {result['train_dispatch']}, cudnn.benchmark "
+            f"{result['cudnn_benchmark']}, median of {result['repeats']} (cases timed in turn)\n\n")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
     for r in result["rows"]:
         lines.append("| " + " | ".join("" if r.get(c) is None else str(r[c]) for c in cols) + " |")
@@ -2797,10 +2768,8 @@ def main(argv: list[str] | None = None) -> int:
         if argv[:1] == ["report"]:
             if len(argv) == 2 and argv[1] in ("-h", "--help"):
                 print("usage: python advmoe.py report DIR\n\nWrite DIR/report.md (and print it): every table "
-                      "of "
-                      "the paper from the result.json files below DIR. A corrupt or incomplete result.json "
-                      "is skipped "
-                      "with a warning.")
+                      "of the paper from the result.json files below DIR. A corrupt or incomplete "
+                      "result.json is skipped with a warning.")
                 return 0
             if len(argv) != 2:
                 raise ConfigError("usage: python advmoe.py report DIR (the folder holding the runs)")
@@ -2821,8 +2790,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except KeyboardInterrupt:  # outside training's own handler: loading, the final evaluation, report
         print("advmoe: interrupted: nothing more was written (a run's last checkpoint is kept; evaluate it "
-              "with "
-              "--eval-only, or continue it with --resume)", file=sys.stderr)
+              "with --eval-only, or continue it with --resume)", file=sys.stderr)
         return 130
     return 0
 
