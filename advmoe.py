@@ -699,8 +699,10 @@ def routing_regularizer(gates: list[Gate], y: torch.Tensor, s: Settings) -> torc
         n = probs.shape[1]
         f = F.one_hot(g.choice, n).float().mean(0)                            # (N,) fraction routed
         if s.balance:
+            # lambda_bal * N * sum_k f_k * P_k: 1 when the routing is uniform, N when it has collapsed
             total = total + s.balance * n * (f * probs.mean(0)).sum()
         if s.router_supervision:
+            # lambda_sup * CE(router logits, y mod N)
             total = total + s.router_supervision * F.cross_entropy(g.logits.float(), y % n)
     return total / max(len(gates), 1)
 
@@ -1041,10 +1043,12 @@ def iou_summary(iou: torch.Tensor) -> dict:
 def routing_counts(gates: list[Gate], gates_adv: list[Gate], ok_adv: torch.Tensor):
     """Per batch: inputs per expert per layer (clean, adversarial), flips per layer, 4-way split counts."""
     choice = torch.stack([g.choice for g in gates], 1)                         # (B, L)
-    choice_adv = torch.stack([g.choice for g in gates_adv], 1)
-    flipped = choice != choice_adv
-    fooled = flipped.any(1)
-    groups = torch.stack([~fooled & ok_adv, fooled & ok_adv, ~fooled & ~ok_adv, fooled & ~ok_adv])
+    choice_adv = torch.stack([g.choice for g in gates_adv], 1)                 # (B, L)
+    flipped = choice != choice_adv                                             # (B, L)
+    # router fooled: any layer's choice under attack differs from its clean choice
+    fooled = flipped.any(1)                                                    # (B,)
+    # the 4-way split (Sec. 4, Insight 2): (1) neither fooled, (2) router only, (3) prediction only, (4) both
+    groups = torch.stack([~fooled & ok_adv, fooled & ok_adv, ~fooled & ~ok_adv, fooled & ~ok_adv])  # (4, B)
     b = len(ok_adv)
     return expert_usage(gates) * b, expert_usage(gates_adv) * b, flipped.sum(0), groups.sum(1)
 
