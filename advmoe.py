@@ -301,14 +301,15 @@ class MoEConv(nn.Module):
         bn, n = self.bn, self.n
         if not self.training:
             mean, var = bn.running_mean.view(n, -1), bn.running_var.view(n, -1)
-        else:
-            y = y.to(torch.promote_types(y.dtype, torch.float32))           # statistics in >= float32
-            onehot = F.one_hot(choice, n).to(y.dtype)                       # (B, N)
-            count = onehot.sum(0) * (y.shape[-1] * y.shape[-2])             # (N,) inputs x pixels per expert
-            mean = onehot.T @ y.sum((2, 3)) / count.clamp(min=1)[:, None]  # (N, cout)
-            # sum_hw (y_b - mean_e(b))^2, (B, cout)
-            centered = (y - mean[choice, :, None, None]).square().sum((2, 3))
-            var = onehot.T @ centered / count.clamp(min=1)[:, None]          # (N, cout)
+        else:  # statistics in >= float32, also under bf16 autocast (which would run the matmuls in bf16)
+            y = y.to(torch.promote_types(y.dtype, torch.float32))
+            with torch.autocast(y.device.type, enabled=False):
+                onehot = F.one_hot(choice, n).to(y.dtype)                   # (B, N)
+                count = onehot.sum(0) * (y.shape[-1] * y.shape[-2])         # (N,) inputs x pixels per expert
+                mean = onehot.T @ y.sum((2, 3)) / count.clamp(min=1)[:, None]   # (N, cout)
+                # sum_hw (y_b - mean_e(b))^2, (B, cout)
+                centered = (y - mean[choice, :, None, None]).square().sum((2, 3))
+                var = onehot.T @ centered / count.clamp(min=1)[:, None]      # (N, cout)
             self.update_running_stats(mean, var, count)
         # BN_e(y) = (y - mean_e) / sqrt(var_e + eps) * gamma_e + beta_e
         scale = bn.weight.view(n, -1) / torch.sqrt(var + bn.eps)
@@ -723,7 +724,7 @@ def training_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: Setti
         return pgd(model, x, ce_objective(model, y, d), s.eps, s.train_step_size, s.train_steps, "uniform")
     # TRADES: max_delta KL(f(x) || f(x+delta)); the clean target is computed once per attack and detached.
     with torch.no_grad(), evaluating(model):
-        target = model(x, dispatch=d)
+        target = model(x, dispatch=d).clone()  # (a copy: CUDA graphs (--compile) reuse their outputs)
     return pgd(model, x, lambda xa: kl_from_logits(target, model(xa, dispatch=d), "sum"), s.eps,
                s.train_step_size, s.train_steps, "normal")
 
@@ -803,7 +804,7 @@ def advmoe_step(model: nn.Module, opts: dict, batches: list, s: Settings) -> dic
     #    (the attack is generated against (psi, phi); a routing regularizer, if any, is trained here only)
     router_stats = level(model, opts["phi"], x_phi, y_phi, s, regularize=True)
     # 5: upper level: with phi fixed (= phi*), update psi by minimizing L_TRADES with a K-step PGD attack,
-    #    SGD on B_psi (the attack regenerated against (psi, phi*))
+    #    SGD on B_psi (the attack regenerated against (psi, phi*); phi* here is one SGD step, not the argmin)
     stats = level(model, opts["psi"], x_psi, y_psi, s, regularize=False)
     return {**stats, "router_loss": router_stats["loss"]}
 
@@ -2662,7 +2663,8 @@ def bench(argv: list[str], log=print) -> dict:
             steps[method] = bench_step(net, opts, data, s, device)
             by[method] = {"arch": arch, "method": method}
             if not a.skip_train:
-                by[method]["ops_train_step"] = count_ops(steps[method])
+                # counted on the eager model (a compiled one runs no operator a dispatch mode can see)
+                by[method]["ops_train_step"] = count_ops(bench_step(model, opts, data, s, device))
             if method != "advmoe":  # inference of Dense, S-Dense, MoE (AdvMoE's model is the MoE's)
                 by[method]["gflops"] = round(gflops_per_input(model.eval(), data[0][0][:16]), 4)
                 for b in (infer_batch, 1, 32):

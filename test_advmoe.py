@@ -99,6 +99,21 @@ def test_sparse_path_equals_masked_reference(arch, router):
             torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
 
+def test_masked_batchnorm_statistics_stay_float32_under_bf16_autocast():
+    """The masked (CUDA) path's per-expert statistics are matmuls, which autocast would run in bf16: at a mean
+    of 50 std that rounding moves the normalized output by a fifth of a std."""
+    torch.manual_seed(0)
+    layer = A.MoEConv(4, 8, 3, 1, 2, True, True).train()
+    y = 50 + torch.randn(16, 8, 6, 6)
+    choice = torch.arange(16) % 2
+    exact = layer.expert_affine(y, choice)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = layer.expert_affine(y, choice)
+    for a, b in zip(exact, autocast):
+        assert b.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+
+
 def test_sparse_path_updates_per_expert_batchnorm_statistics():
     model = moe("resnet18").train()
     layer = model.backbone.blocks[0].conv1
