@@ -73,6 +73,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import fcntl
 import json
@@ -1432,14 +1433,17 @@ class FolderData:
             train_tf = T.Compose([T.RandomCrop(image_size, padding=4), T.RandomHorizontalFlip(),
                                   T.ToTensor()])
             test_tf = T.ToTensor()
-        self.train = ImageFolder(str(root / "train"), train_tf)
+        train = ImageFolder(str(root / "train"), train_tf)
+        self.num_classes, self.image_size = len(train.classes), image_size
         self.test = ImageFolder(str(root / "val"), test_tf)
-        self.val = torch.utils.data.Subset(self.train, [])
-        if train_n or val_n:  # the validation split is read with the test transform
-            keep, held = split_train(len(self.train), train_n, val_n)
-            self.val = torch.utils.data.Subset(ImageFolder(str(root / "train"), test_tf), held.tolist())
-            self.train = torch.utils.data.Subset(self.train, keep.tolist())
-        self.num_classes, self.image_size = len(self.train.classes), image_size
+        self.train, self.val = train, torch.utils.data.Subset(train, [])
+        if train_n or val_n:
+            keep, held = split_train(len(train), train_n, val_n)
+            # the validation split: the same file list (scanned once), read with the test transform
+            held_out = copy.copy(train)
+            held_out.transform = test_tf
+            self.val = torch.utils.data.Subset(held_out, held.tolist())
+            self.train = torch.utils.data.Subset(train, keep.tolist())
         self.device, self.workers = device, workers
         self.shard = (0, 1)
 
@@ -1506,7 +1510,7 @@ def load_cifar(name: str, root: Path, download: bool):
                           f"once with network access, or put the torchvision copy (e.g. "
                           f"cifar-10-batches-py/) or {name}_train.npz/{name}_test.npz in "
                           f"--data-dir") from None
-    return [(nchw(s.data), torch.tensor(s.targets)) for s in sets]
+    return [(nchw(d.data), torch.tensor(d.targets)) for d in sets]
 
 
 def read_npz(path: Path, classes: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1079,6 +1079,28 @@ def test_train_subset_and_validation_split_are_fixed_and_disjoint():
     assert len(x_val) == 30 and x_val.dtype == torch.float32
 
 
+def test_image_folder_subset_and_validation_split(tmp_path):
+    """TinyImageNet / ImageNet trees: --train-n / --val-n split train/ into disjoint parts; the validation
+    part is read with the test transform (no random crop or flip: the same tensor every time)."""
+    from PIL import Image
+    gen = torch.Generator().manual_seed(0)
+    for split in ("train", "val"):
+        for c in ("a", "b", "c"):
+            (tmp_path / split / c).mkdir(parents=True)
+            for i in range(5):
+                pixels = (torch.rand(8, 8, 3, generator=gen) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(tmp_path / split / c / f"{i}.png")
+    data = A.FolderData(tmp_path, 8, torch.device("cpu"), train_n=6, val_n=4, workers=0)
+    assert data.num_classes == 3 and data.train_len(2) == 3
+    assert data.eval_len(split="val") == 4 and data.eval_len() == 15
+    train_files = {data.train.dataset.samples[i][0] for i in data.train.indices}
+    val_files = {data.val.dataset.samples[i][0] for i in data.val.indices}
+    assert len(train_files) == 6 and len(val_files) == 4 and not train_files & val_files
+    assert data.val.dataset.transform is not data.train.dataset.transform
+    first, again = (next(data.test_batches(4, split="val"))[0] for _ in range(2))
+    assert torch.equal(first, again)
+
+
 def test_validation_results_and_data_are_recorded(tmp_path):
     result = A.train(tiny(synthetic_train=48, train_n=32, val_n=16, test_steps=1, quick_eval_n=8, epochs=2,
                           out=str(tmp_path)), log=lambda _: None)
