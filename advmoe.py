@@ -1163,9 +1163,8 @@ class Settings:
     # ---- robust loss and attacks (eps and step sizes in pixel units of [0,1] images) ---------------
     loss: str = setting("trades", "trades (default, beta-weighted KL) | pgdat (Madry: CE on PGD examples)")
     beta: float = setting(6.0, "TRADES weight 1/lambda")
-    eps: float = setting(None, "l_inf radius (default: 8/255 on CIFAR and "
-                               "synthetic, 2/255 on TinyImageNet/ImageNet)",
-                                 float)
+    eps: float = setting(None, "l_inf radius (default: 8/255 on CIFAR and synthetic, 2/255 on "
+                               "TinyImageNet/ImageNet)", float)
     train_steps: int = setting(2, "K: PGD steps of the training attack")
     train_step_size: float = setting(None, "training PGD step (default: 2.5*eps/K)", float)
     test_steps: int = setting(50, "PGD steps of the final robustness evaluation (RA)")
@@ -1174,7 +1173,7 @@ class Settings:
     # Defaults: the paper's (no balance term, the routers at the backbone's learning rate). On real CIFAR-10
     # at laptop scale (results/cifar10_laptop/) it gave AdvMoE's best validation RA-worst, 18.85 (seeds 19.0,
     # 18.7), although it collapses most layers onto one expert; a balance term of 0.1 kept every expert in use
-    # but lowered it (16.1 with the router lr x 0.1, seed 1; 16.0 at the shared rate). They stay as options.
+    # but lowered it (15.95 with the router lr x 0.1; 16.0 at the shared rate). They stay as options.
     balance: float = setting(0.0, "weight of the Switch balance term N*sum_k f_k*P_k (0: off, the paper)")
     router_noise: float = setting(0.0, "std of Gaussian noise added to router logits in training")
     router_lr: float = setting(1.0, "router learning rate = lr * router_lr (1: shared, the paper)")
@@ -1277,9 +1276,9 @@ class Settings:
                                   f"{getattr(self, name)} must be a finite number >= 0")
         for name in ("eval_n", "quick_eval_n"):
             if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be 0 (0: "
-                                  f"{'all test images' if name == 'eval_n' else 'no per-epoch check'}) or "
-                                  f"more")
+                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be 0 "
+                                  f"(0: {'all test images' if name == 'eval_n' else 'no per-epoch check'}) "
+                                  f"or more")
         for name in ("test_steps", "train_steps", "square_queries"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
@@ -2148,8 +2147,8 @@ def run_folder(out: Path, s: Settings, lead: bool = True):
         elif found and not (s.resume and not s.eval_only):
             what = "an evaluation" if s.eval_only else "a run"
             raise ConfigError(f"--out {out} already holds {what} ({', '.join(found)}): choose another --out, "
-                              + ("" if s.eval_only else "continue it with --resume, ") + "or replace it with "
-                                                                                         "--overwrite")
+                              + ("" if s.eval_only else "continue it with --resume, ")
+                              + "or replace it with --overwrite")
         yield
     finally:
         with contextlib.suppress(OSError):
@@ -2303,8 +2302,8 @@ METHOD_LABELS = {"sdense": "AT(S-Dense)", "sparse": "AT(Sparse)", "moe": "AT(MoE
 TABLE1_METHODS = ("sdense", "sparse", "moe", "advmoe", "dense")  # rows of Table 1; Dense is the reference
 
 
-STAGES = {"standard": "1. standard training of the MoE-CNN", "routers": "2. + AT of the "
-                                                                        "routers (backbone frozen)",
+STAGES = {"standard": "1. standard training of the MoE-CNN",
+          "routers": "2. + AT of the routers (backbone frozen)",
           "backbone": "3. + AT of the backbone (routers frozen)"}
 
 
@@ -2402,9 +2401,8 @@ def report(folder: str) -> str:
     aa = [r for r in results if r.get("autoattack", {}).get("label") == "AutoAttack (standard)"]
     if aa:
         lines += ["## Table 2: AutoAttack (standard: APGD-CE, APGD-T, FAB-T 100 iterations, 9 targets; "
-                  "Square 5000 queries)", "", "RA (PGD) and RA-AA over the same images (the first AA images "
-                                              "of the "
-                                  "evaluation); "
+                  "Square 5000 queries)", "",
+                  "RA (PGD) and RA-AA over the same images (the first AA images of the evaluation); "
                   "RA after each component, each run on the inputs still robust.", ""]
         rows = []
         for r in aa:
@@ -2494,8 +2492,8 @@ def report(folder: str) -> str:
         lines += md_table(["run", "method", "mean IoU clean", "mean IoU PGD", "random pathway",
                            "pathways clean", "pathways PGD", "histogram clean", "histogram PGD"],
                           rows, utility)
-    lines += ["## Runs", "", "RA: the paper's PGD; other attacks (--eval-attacks, --eval-aa) and RA-worst "
-                             "(robust "
+    lines += ["## Runs", "",
+              "RA: the paper's PGD; other attacks (--eval-attacks, --eval-aa) and RA-worst (robust "
               "under every attack run) beside it.", ""]
     rows = []
     for r in results:
@@ -2560,9 +2558,8 @@ def seeds_table(results: list[dict]) -> list[str]:
                            if r["routing"].get("pathways")]) if r0["routing"] else None])
     lines = ["## Recipes over seeds (mean ± half the range where there are several)", "",
              "RA-worst: robust under PGD and every other attack but AutoAttack, on every evaluation image "
-             "(test; val ="
-             " the held-out training images, every attack but AutoAttack). RA-AA: on the first --aa-n "
-             "images. "
+             "(test; val = the held-out training images, every attack but AutoAttack). RA-AA: on the "
+             "first --aa-n images. "
              "Collapsed: MoE layers where one expert takes >= 95% of the clean test images (of "
              f"{len(next(iter(groups.values()))[0]['routing'].get('usage_clean', [])) or '?'}). "
              "Pathway entropy in bits (clean test images).", ""]
@@ -2625,13 +2622,12 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], device: torch.devi
 def bench(argv: list[str], log=print) -> dict:
     """Training throughput (upper-level images/s through a whole step, attack included) of the four methods,
     inference throughput and latency of Dense / S-Dense / MoE, GFLOPs as executed, and achieved FLOP/s."""
-    p = argparse.ArgumentParser(prog="advmoe.py bench", description=bench.__doc__, epilog="Every other flag "
-                                "is a training flag (python advmoe.py --help): --device, --router, --amp, "
-                                "--cudnn-benchmark, --train-dispatch (also "
-                                "the timed inference's), --compile, ...")
+    p = argparse.ArgumentParser(prog="advmoe.py bench", description=bench.__doc__, epilog=(
+        "Every other flag is a training flag (python advmoe.py --help): --device, --batch-size (each of "
+        "B_phi and B_psi), --router, --amp, --cudnn-benchmark, --train-dispatch (also the timed "
+        "inference's), --compile, ..."))
     p.add_argument("--arch", default="resnet18", help=f"one of {', '.join(ARCHS)}, or 'all'")
     p.add_argument("--out", default="", help="JSON file to write (a .md table is written beside it)")
-    p.add_argument("--batch", type=int, default=128, help="training batch (each of B_phi and B_psi)")
     p.add_argument("--infer-batch", type=int, default=0, help="large inference "
                                                               "batch (0: 1024 on GPU, 64 on CPU)")
     p.add_argument("--repeats", type=int, default=0, help="timed repeats, "
@@ -2661,8 +2657,8 @@ def bench(argv: list[str], log=print) -> dict:
             s = replace(base, arch=arch, method=method)
             model = place(build_model(s, 10, 32), s, device)
             net = compiled(model, s, device)
-            data = [(prep(torch.rand(a.batch, 3, 32, 32, device=device), s, device),
-                     torch.randint(10, (a.batch,), device=device)) for _ in range(STEPS[method][1])]
+            data = [(prep(torch.rand(s.batch_size, 3, 32, 32, device=device), s, device),
+                     torch.randint(10, (s.batch_size,), device=device)) for _ in range(STEPS[method][1])]
             opts = make_optimizers(model, s, device)
             steps[method] = bench_step(net, opts, data, s, device)
             by[method] = {"arch": arch, "method": method}
@@ -2680,8 +2676,8 @@ def bench(argv: list[str], log=print) -> dict:
                 by[method]["ops_infer_forward"] = count_ops(infers[method, infer_batch])
         if not a.skip_train:
             for method, t in interleaved_medians(steps, device, warmup, repeats).items():
-                by[method].update(train_img_s=round(a.batch / t, 1), train_step_ms=round(1000 * t, 2),
-                                  epoch_s_cifar=round(50000 / a.batch * t, 1))
+                by[method].update(train_img_s=round(base.batch_size / t, 1), train_step_ms=round(1000 * t, 2),
+                                  epoch_s_cifar=round(50000 / base.batch_size * t, 1))
         for (method, b), t in interleaved_medians(infers, device, warmup, repeats).items():
             row = by[method]
             if b == infer_batch:
@@ -2702,7 +2698,7 @@ def bench(argv: list[str], log=print) -> dict:
         rows += measured
         for r in measured:
             log(json.dumps(r))
-    result = {"device": name, "torch": torch.__version__, "commit": git_commit(), "batch": a.batch,
+    result = {"device": name, "torch": torch.__version__, "commit": git_commit(), "batch": base.batch_size,
               "infer_batch": infer_batch, "repeats": repeats, "amp": base.amp and gpu, "router": base.router,
               "cudnn_benchmark": gpu and base.cudnn_benchmark,
               "train_dispatch": base.train_dispatch, "compile": base.compile,
