@@ -377,8 +377,7 @@ class Spec:
              gives="") -> MoEConv:
         """A routed conv reading channel groups `takes` and writing group `gives` (see MoEConv)."""
         return MoEConv(self.width(cin), self.width(cout), kernel, stride, self.n_experts, bn,
-                       self.layer_router,
-                       takes, gives)
+                       self.layer_router, takes, gives)
 
     def shared_conv(self, cin, cout: int, kernel: int, stride: int, bn: bool = True, takes=(),
                     gives="") -> MoEConv:
@@ -586,8 +585,7 @@ class MoECNN(nn.Module):
 
     def __init__(self, arch: str, num_classes: int = 10, image_size: int = 32, ratio: float = 1.0,
                  n_experts: int = 1, router: str = "layer", mean_std=MEAN_STD["cifar10"],
-                 router_noise: float = 0.0,
-                 width: float = 1.0):
+                 router_noise: float = 0.0, width: float = 1.0):
         super().__init__()
         spec = Spec(ratio, n_experts, layer_router=(router == "layer"), base=width)
         self.backbone = BACKBONES[arch](spec, num_classes, image_size)
