@@ -39,7 +39,7 @@ Paper -> code
     4-way split (Sec. 4, Insight 2)     evaluate -> result["routing"]["split_4way"]
     Eq. (1) / Algorithm 1 (AdvMoE)      advmoe_step (lines 3-5), level (one level's update), STEPS
     AT(Dense), AT(S-Dense), AT(MoE)     joint_step (methods "dense", "sdense", "moe")
-    AT(Sparse) (Sparse-CNN, HYDRA)      ChannelScores, top_k_mask, prune, extract_sparse (method "sparse")
+    AT(Sparse) (Sparse-CNN, HYDRA)      channel_wiring, ChannelScores, prune, extract_sparse (method "sparse")
     Insights 1-3 (Sec. 4)               method "standard", --train-params routers | backbone, --init
     router utility (Fig. 6)             router_utility_tables, pathway_iou (--iou-with)
     AutoAttack (Table 2)                --eval-aa, --aa-n (torchattacks, optional)
@@ -121,7 +121,6 @@ class Gate(NamedTuple):
     logits: torch.Tensor  # (B, N) router scores
     choice: torch.Tensor  # (B,) chosen expert, int64
     scale: torch.Tensor   # (B,) exactly 1.0 in value; carries the router's gradient (straight-through)
-    layer: str = ""       # the channel group the layer writes (MoEConv.gives), to match it with a Sparse mask
 
 
 def top1_gate(logits: torch.Tensor, noise: float = 0.0, force: torch.Tensor | None = None) -> Gate:
@@ -157,18 +156,6 @@ class Routing:
     force: list | int | torch.Tensor | None = None  # per-layer choices, or one choice for every layer
                                                     # (an expert index, or a (B,) tensor), to impose
     noise: float = 0.0                      # router noise std (0 outside training)
-    masks: dict | None = None               # Sparse-CNN pruning: channel group -> (C,) 0/1 mask (see prune)
-
-
-def keep_channels(x: torch.Tensor, routing: Routing, takes: tuple) -> torch.Tensor:
-    """Sparse-CNN mask learning: zero the input channels a layer does not keep. `takes` names the channel
-    groups of the input, concatenated in order (several for a DenseNet concatenation). Masking the inputs of
-    every layer that consumes channels makes the masked Dense network compute exactly what the network with
-    the pruned channels removed computes (see extract_sparse)."""
-    if routing.masks is None or not takes:
-        return x
-    m = torch.cat([routing.masks[g] for g in takes]).to(x.dtype)            # (C_in,)
-    return x * m.view(1, -1, *([1] * (x.dim() - 2)))
 
 
 class MoEConv(nn.Module):
@@ -182,13 +169,9 @@ class MoEConv(nn.Module):
     Dense), while the sparse path here convolves each input with its expert's filters only (cost r^2).
     """
 
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int, n_experts: int, bn: bool, router: bool,
-                 takes: tuple = (), gives: str = ""):
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, n_experts: int, bn: bool, router: bool):
         super().__init__()
         self.cin, self.cout, self.stride, self.padding, self.n = cin, cout, stride, kernel // 2, n_experts
-        # Wiring (structure, not state): the channel groups this layer reads and the group it writes. Layers
-        # joined by a residual sum write one group; they keep or prune the same channels (Sparse-CNN).
-        self.takes, self.gives = takes, gives
         self.weight = nn.Parameter(torch.empty(n_experts * cout, cin, kernel, kernel))
         # Kaiming (fan_out) of one expert, a standalone conv of cout filters: std = sqrt(2 / (cout * k * k)).
         # (Kaiming on the stacked (N*cout, ...) weight would shrink every expert's std by 1/sqrt(N).)
@@ -220,7 +203,6 @@ class MoEConv(nn.Module):
                             self.training, bn.momentum, bn.eps)
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        x = keep_channels(x, routing, self.takes)
         if self.n == 1:
             return self.conv_bn(x, 0)
         gate = self.route(x, routing)
@@ -236,7 +218,6 @@ class MoEConv(nn.Module):
             gate = routing.shared if force is None else top1_gate(routing.shared.logits, force=force)
         else:
             gate = top1_gate(self.router(x.mean((2, 3))), routing.noise, force)   # (B, N)
-        gate = gate._replace(layer=self.gives)
         routing.gates.append(gate)
         return gate
 
@@ -373,33 +354,33 @@ class Spec:
             return sum(self.width(c) for c in channels)
         return max(1, round(self.ratio * max(1, round(self.base * channels))))
 
-    def conv(self, cin, cout: int, kernel: int = 3, stride: int = 1, bn: bool = True, takes=(),
-             gives="") -> MoEConv:
-        """A routed conv reading channel groups `takes` and writing group `gives` (see MoEConv)."""
+    def conv(self, cin, cout: int, kernel: int = 3, stride: int = 1, bn: bool = True) -> MoEConv:
+        """A routed conv: N experts of r*cout filters, each reading the pathway's r*cin channels."""
         return MoEConv(self.width(cin), self.width(cout), kernel, stride, self.n_experts, bn,
-                       self.layer_router, takes, gives)
+                       self.layer_router)
 
-    def shared_conv(self, cin, cout: int, kernel: int, stride: int, bn: bool = True, takes=(),
-                    gives="") -> MoEConv:
+    def shared_conv(self, cin, cout: int, kernel: int, stride: int, bn: bool = True) -> MoEConv:
         """A conv shared by all experts (stem, projection shortcut) at pathway width: an MoEConv, N = 1."""
-        return MoEConv(self.width(cin), self.width(cout), kernel, stride, 1, bn, False, takes, gives)
+        return MoEConv(self.width(cin), self.width(cout), kernel, stride, 1, bn, False)
 
-    def bn(self, channels, takes: tuple) -> nn.BatchNorm2d:
-        """A pre-activation BatchNorm on the pathway, shared by all experts, labelled with its groups."""
-        bn = nn.BatchNorm2d(self.width(channels))
-        bn.takes = takes  # wiring, read by extract_sparse
-        return bn
+    def bn(self, channels) -> nn.BatchNorm2d:
+        """A pre-activation BatchNorm on the pathway, shared by all experts (NOTE(ours), deviation 3)."""
+        return nn.BatchNorm2d(self.width(channels))
+
+    def fc(self, channels, num_classes: int) -> nn.Linear:
+        """The classifier, on the pathway's globally pooled channels."""
+        return nn.Linear(self.width(channels), num_classes)
 
 
 class Stem(nn.Module):
     """The shared stem on the RGB image. NOTE(ours): 3x3/1 for 32-64 px inputs; a 7x7/2 conv + 3x3/2
     max-pool for ImageNet-size inputs (with BatchNorm and ReLU before the pool)."""
 
-    def __init__(self, spec: Spec, cout: int, image_size: int, bn: bool = True, gives: str = "stem"):
+    def __init__(self, spec: Spec, cout: int, image_size: int, bn: bool = True):
         super().__init__()
         self.pool = image_size >= 128
         kernel, stride = (7, 2) if self.pool else (3, 1)
-        self.conv = MoEConv(3, spec.width(cout), kernel, stride, 1, bn, False, (), gives)
+        self.conv = MoEConv(3, spec.width(cout), kernel, stride, 1, bn, False)
 
     def forward(self, x, routing):
         x = self.conv(x, routing)
@@ -408,28 +389,13 @@ class Stem(nn.Module):
         return x
 
 
-class Classifier(nn.Linear):
-    """Global average pooling, then a linear layer on the pathway's channels (groups `takes`)."""
-
-    def __init__(self, spec: Spec, channels, num_classes: int, takes: tuple):
-        super().__init__(spec.width(channels), num_classes)
-        self.takes = takes
-
-    def forward(self, x, routing):
-        # (B, C, H, W) -> pool -> (B, C) -> linear -> (B, classes)
-        return super().forward(keep_channels(x.mean((2, 3)), routing, self.takes))
-
-
 class BasicBlock(nn.Module):
-    """ResNet block: relu(BN(conv2(relu(BN(conv1 x)))) + shortcut(x)); both 3x3 convs routed. conv2 and the
-    projection shortcut write the stage's residual stream (one channel group)."""
+    """ResNet block: relu(BN(conv2(relu(BN(conv1 x)))) + shortcut(x)); both 3x3 convs routed."""
 
-    def __init__(self, spec: Spec, cin: int, cout: int, stride: int, stream_in: str, stream: str, name: str):
+    def __init__(self, spec: Spec, cin: int, cout: int, stride: int):
         super().__init__()
-        self.conv1 = spec.conv(cin, cout, 3, stride, takes=(stream_in,), gives=f"{name}_mid")
-        self.conv2 = spec.conv(cout, cout, 3, 1, takes=(f"{name}_mid",), gives=stream)
-        self.shortcut = spec.shared_conv(cin, cout, 1, stride, takes=(stream_in,), gives=stream) \
-            if (stride != 1 or cin != cout) else None
+        self.conv1, self.conv2 = spec.conv(cin, cout, 3, stride), spec.conv(cout, cout, 3, 1)
+        self.shortcut = spec.shared_conv(cin, cout, 1, stride) if (stride != 1 or cin != cout) else None
 
     def forward(self, x, routing):
         # (B, r*cin, H, W) -> (B, r*cout, H/stride, W/stride); each routed conv picks its expert per input
@@ -440,35 +406,32 @@ class BasicBlock(nn.Module):
 class ResNet18(nn.Module):
     def __init__(self, spec: Spec, num_classes: int, image_size: int):
         super().__init__()
-        self.stem = Stem(spec, 64, image_size, gives="stage1")
+        self.stem = Stem(spec, 64, image_size)
         blocks, cin = [], 64
-        for stage, (cout, stride) in enumerate(((64, 1), (128, 2), (256, 2), (512, 2)), 1):
-            stream_in = f"stage{max(stage - 1, 1)}"
-            blocks += [BasicBlock(spec, cin, cout, stride, stream_in, f"stage{stage}",
-                                  f"block{2 * stage - 1}"),
-                       BasicBlock(spec, cout, cout, 1, f"stage{stage}", f"stage{stage}", f"block{2 * stage}")]
+        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):  # 4 stages of 2 blocks
+            blocks += [BasicBlock(spec, cin, cout, stride), BasicBlock(spec, cout, cout, 1)]
             cin = cout
         self.blocks = nn.ModuleList(blocks)
-        self.fc = Classifier(spec, 512, num_classes, ("stage4",))
+        self.fc = spec.fc(512, num_classes)
 
     def forward(self, x, routing):
         x = F.relu(self.stem(x, routing))             # (B, r*64, 32, 32) on CIFAR
         for block in self.blocks:                    # stages of r*64, r*128, r*256, r*512 channels at
             x = block(x, routing)                    # 32, 16, 8, 4 px
-        return self.fc(x, routing)                   # (B, classes)
+        return self.fc(x.mean((2, 3)))               # pool (B, r*512) -> (B, classes)
 
 
 class WideBlock(nn.Module):
     """Pre-activation wide block: conv2(relu(BN(conv1(relu(BN x))))) + shortcut. conv1 carries the middle
     BatchNorm (per expert); the first BatchNorm acts on the pathway and is shared (NOTE(ours))."""
 
-    def __init__(self, spec: Spec, cin: int, cout: int, stride: int, stream_in: str, stream: str, name: str):
+    def __init__(self, spec: Spec, cin: int, cout: int, stride: int):
         super().__init__()
-        self.bn1 = spec.bn(cin, (stream_in,))
-        self.conv1 = spec.conv(cin, cout, 3, stride, bn=True, takes=(stream_in,), gives=f"{name}_mid")
-        self.conv2 = spec.conv(cout, cout, 3, 1, bn=False, takes=(f"{name}_mid",), gives=stream)
-        self.shortcut = spec.shared_conv(cin, cout, 1, stride, bn=False, takes=(stream_in,), gives=stream) \
-            if (stride != 1 or cin != cout) else None
+        self.bn1 = spec.bn(cin)
+        self.conv1 = spec.conv(cin, cout, 3, stride, bn=True)
+        self.conv2 = spec.conv(cout, cout, 3, 1, bn=False)
+        self.shortcut = spec.shared_conv(cin, cout, 1, stride, bn=False) if (stride != 1 or cin != cout) \
+            else None
 
     def forward(self, x, routing):
         o = F.relu(self.bn1(x))                      # pre-activation, (B, r*cin, H, W)
@@ -481,23 +444,19 @@ class WideResNet(nn.Module):
 
     def __init__(self, spec: Spec, num_classes: int, image_size: int, depth: int = 28, widen: int = 10):
         super().__init__()
-        n = (depth - 4) // 6
-        self.stem = Stem(spec, 16, image_size, bn=False, gives="stem")
-        blocks, cin, stream_in = [], 16, "stem"
-        for stage, (cout, stride) in enumerate(((16 * widen, 1), (32 * widen, 2), (64 * widen, 2)), 1):
-            for i in range(n):
-                blocks.append(WideBlock(spec, cin, cout, stride if i == 0 else 1, stream_in, f"stage{stage}",
-                                        f"block{len(blocks) + 1}"))
-                cin, stream_in = cout, f"stage{stage}"
+        self.stem, blocks, cin = Stem(spec, 16, image_size, bn=False), [], 16
+        for cout, stride in ((16 * widen, 1), (32 * widen, 2), (64 * widen, 2)):
+            for i in range((depth - 4) // 6):
+                blocks.append(WideBlock(spec, cin, cout, stride if i == 0 else 1))
+                cin = cout
         self.blocks = nn.ModuleList(blocks)
-        self.bn = spec.bn(cin, (stream_in,))
-        self.fc = Classifier(spec, cin, num_classes, (stream_in,))
+        self.bn, self.fc = spec.bn(cin), spec.fc(cin, num_classes)
 
     def forward(self, x, routing):
         x = self.stem(x, routing)                    # (B, r*16, 32, 32) on CIFAR
         for block in self.blocks:                    # r*160, r*320, r*640 channels at 32, 16, 8 px
             x = block(x, routing)
-        return self.fc(F.relu(self.bn(x)), routing)  # (B, classes)
+        return self.fc(F.relu(self.bn(x)).mean((2, 3)))  # pool (B, r*640) -> (B, classes)
 
 
 class VGG16(nn.Module):
@@ -506,34 +465,30 @@ class VGG16(nn.Module):
 
     def __init__(self, spec: Spec, num_classes: int, image_size: int):
         super().__init__()
-        self.stem = Stem(spec, 64, image_size, gives="conv1")
-        layers, cin, k = [], 64, 1  # conv k writes channel group "conv{k}"
+        self.stem, layers, cin = Stem(spec, 64, image_size), [], 64
         for v in self.CFG[1:]:
-            if v == "M":
-                layers.append(nn.MaxPool2d(2))
-            else:
-                layers.append(spec.conv(cin, v, 3, 1, takes=(f"conv{k}",), gives=f"conv{k + 1}"))
-                cin, k = v, k + 1
+            layers.append(nn.MaxPool2d(2) if v == "M" else spec.conv(cin, v, 3, 1))
+            cin = cin if v == "M" else v
         self.layers = nn.ModuleList(layers)
-        self.fc = Classifier(spec, 512, num_classes, (f"conv{k}",))
+        self.fc = spec.fc(512, num_classes)
 
     def forward(self, x, routing):
         x = F.relu(self.stem(x, routing))             # (B, r*64, 32, 32) on CIFAR
         for layer in self.layers:                    # five max-pools: 32 -> 1 px, up to r*512 channels
             x = layer(x) if isinstance(layer, nn.MaxPool2d) else F.relu(layer(x, routing))
-        return self.fc(x, routing)                   # (B, classes)
+        return self.fc(x.mean((2, 3)))               # (B, classes)
 
 
 class DenseLayer(nn.Module):
     """DenseNet-BC bottleneck: BN-ReLU-conv1x1(4k)-BN-ReLU-conv3x3(k), output concatenated to the input.
     The 1x1 conv carries the middle BatchNorm (per expert); the first acts on the shared pathway. `chans`
-    and `groups` list the Dense channel counts and names of the concatenated input."""
+    lists the Dense channel counts of the concatenated input's groups."""
 
-    def __init__(self, spec: Spec, chans: tuple, groups: tuple, growth: int, name: str):
+    def __init__(self, spec: Spec, chans: tuple, growth: int):
         super().__init__()
-        self.bn = spec.bn(chans, groups)
-        self.conv1 = spec.conv(chans, 4 * growth, 1, 1, bn=True, takes=groups, gives=f"{name}_mid")
-        self.conv2 = spec.conv(4 * growth, growth, 3, 1, bn=False, takes=(f"{name}_mid",), gives=name)
+        self.bn = spec.bn(chans)
+        self.conv1 = spec.conv(chans, 4 * growth, 1, 1, bn=True)
+        self.conv2 = spec.conv(4 * growth, growth, 3, 1, bn=False)
 
     def forward(self, x, routing):
         # (B, C, H, W) -> 1x1 conv (B, r*4k, H, W) -> 3x3 conv (B, r*k, H, W), appended: (B, C + r*k, H, W)
@@ -548,23 +503,18 @@ class DenseNet(nn.Module):
     def __init__(self, spec: Spec, num_classes: int, image_size: int, depth: int = 40, growth: int = 12,
                  compression: float = 0.5):
         super().__init__()
-        n = (depth - 4) // 6
-        self.stem = Stem(spec, 2 * growth, image_size, bn=False, gives="stem")
-        chans, groups, layers = (2 * growth,), ("stem",), []
+        self.stem, chans, layers = Stem(spec, 2 * growth, image_size, bn=False), (2 * growth,), []
         for block in range(3):
-            for _ in range(n):
-                name = f"layer{len(layers) + 1}"
-                layers.append(DenseLayer(spec, chans, groups, growth, name))
-                chans, groups = chans + (growth,), groups + (name,)
-            if block < 2:
-                cout, name = int(sum(chans) * compression), f"transition{block + 1}"
-                layers.append(nn.ModuleDict({"bn": spec.bn(chans, groups),
-                                             "conv": spec.conv(chans, cout, 1, 1, bn=False, takes=groups,
-                                                               gives=name)}))
-                chans, groups = (cout,), (name,)
+            for _ in range((depth - 4) // 6):
+                layers.append(DenseLayer(spec, chans, growth))
+                chans += (growth,)
+            if block < 2:  # transition: BN-ReLU-conv1x1 to half the channels, then avg-pool
+                cout = int(sum(chans) * compression)
+                layers.append(nn.ModuleDict({"bn": spec.bn(chans),
+                                             "conv": spec.conv(chans, cout, 1, 1, bn=False)}))
+                chans = (cout,)
         self.layers = nn.ModuleList(layers)
-        self.bn = spec.bn(chans, groups)
-        self.fc = Classifier(spec, chans, num_classes, groups)
+        self.bn, self.fc = spec.bn(chans), spec.fc(chans, num_classes)
 
     def forward(self, x, routing):
         x = self.stem(x, routing)
@@ -573,7 +523,7 @@ class DenseNet(nn.Module):
                 x = layer(x, routing)
             else:  # transition: (B, C, H, W) -> (B, C/2, H/2, W/2)
                 x = F.avg_pool2d(layer["conv"](F.relu(layer["bn"](x)), routing), 2)
-        return self.fc(F.relu(self.bn(x)), routing)
+        return self.fc(F.relu(self.bn(x)).mean((2, 3)))
 
 
 BACKBONES = {"resnet18": ResNet18, "wrn28_10": WideResNet, "vgg16": VGG16, "densenet": DenseNet}
@@ -594,11 +544,10 @@ class MoECNN(nn.Module):
         self.register_buffer("std", torch.tensor(mean_std[1]).view(1, 3, 1, 1))
         self.router_noise = router_noise  # a hyper-parameter, not state
 
-    def forward(self, x, return_routing: bool = False, dispatch: str = "auto", force=None, masks=None):
+    def forward(self, x, return_routing: bool = False, dispatch: str = "auto", force=None):
         dispatch = resolve_dispatch(dispatch, x.device)
         x = (x - self.mean) / self.std               # (B, 3, H, W), inputs in [0,1] normalized here
-        routing = Routing(dispatch=dispatch, force=force, noise=self.router_noise if self.training else 0.0,
-                          masks=masks)
+        routing = Routing(dispatch=dispatch, force=force, noise=self.router_noise if self.training else 0.0)
         if self.global_router is not None:
             routing.shared = top1_gate(self.global_router(x), routing.noise)
         logits = self.backbone(x, routing)
@@ -1056,7 +1005,7 @@ def routing_counts(gates: list[Gate], gates_adv: list[Gate], ok_adv: torch.Tenso
 class Utility(NamedTuple):
     """Router utility (Fig. 6): per MoE layer, the IoU of each expert's channels with the Sparse mask; and the
     per-input IoU that random pathways of the same sizes get (the chance level to read the IoU against)."""
-    tables: dict[str, torch.Tensor]
+    tables: list[torch.Tensor]  # per MoE layer, in forward order: (N,) IoU of each expert with the mask
     chance: torch.Tensor
 
 
@@ -1070,37 +1019,38 @@ def router_utility_tables(model: nn.Module, path: str, samples: int = 1000) -> U
     if "keep" not in extra:
         raise ConfigError(f"--iou-with {path} is not an AT(Sparse) "
                           f"checkpoint: give <sparse run>/checkpoint.pt")
-    tables, chance = {}, []
+    tables, chance, wiring = [], [], channel_wiring(model)
     gen = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, MoEConv) and m.n > 1 and m.gives not in extra["sizes"]:
+    for m in model.modules():  # the MoE layers in forward order, the order of their Gates
+        if not (isinstance(m, MoEConv) and m.n > 1):
+            continue
+        group = wiring[m][1]
+        if group not in extra["sizes"]:
             raise ConfigError(f"--iou-with {path} is an AT(Sparse) run of another backbone "
-                              f"({ckpt['identity']['arch']}, no layer {m.gives}): "
+                              f"({ckpt['identity']['arch']}, no layer {group}): "
                               f"give the Sparse run of this backbone")
-        if isinstance(m, MoEConv) and m.n > 1:
-            size, keep = extra["sizes"][m.gives], extra["keep"][m.gives]
-            if m.n * m.cout != size or len(keep) != m.cout:
-                raise ConfigError(f"--iou-with needs N*r = 1 and the Sparse run's r (layer {m.gives}: {m.n} "
-                                  f"experts of {m.cout} channels, Sparse keeps {len(keep)} of {size})")
-            kept = torch.zeros(size, dtype=torch.bool)
-            kept[keep] = True
-            inter = kept.view(m.n, m.cout).sum(1).float()                           # |E_e ∩ K|, (N,)
-            # IoU(E_e, K) = |E_e ∩ K| / |E_e ∪ K|, and |E_e| = |K| = c
-            tables[m.gives] = (inter / (2 * m.cout - inter)).to(m.weight.device)
-            # chance: `samples` random c-subsets of the layer's N*c channels, the same IoU with K
-            picks = torch.rand(samples, size, generator=gen).argsort(1)[:, :m.cout]   # (samples, c)
-            hits = kept[picks].sum(1).float()                                         # (samples,)
-            chance.append(hits / (2 * m.cout - hits))
+        size, keep = extra["sizes"][group], extra["keep"][group]
+        if m.n * m.cout != size or len(keep) != m.cout:
+            raise ConfigError(f"--iou-with needs N*r = 1 and the Sparse run's r (layer {group}: {m.n} "
+                              f"experts of {m.cout} channels, Sparse keeps {len(keep)} of {size})")
+        kept = torch.zeros(size, dtype=torch.bool)
+        kept[keep] = True
+        inter = kept.view(m.n, m.cout).sum(1).float()                           # |E_e ∩ K|, (N,)
+        # IoU(E_e, K) = |E_e ∩ K| / |E_e ∪ K|, and |E_e| = |K| = c
+        tables.append((inter / (2 * m.cout - inter)).to(m.weight.device))
+        # chance: `samples` random c-subsets of the layer's N*c channels, the same IoU with K
+        picks = torch.rand(samples, size, generator=gen).argsort(1)[:, :m.cout]   # (samples, c)
+        hits = kept[picks].sum(1).float()                                         # (samples,)
+        chance.append(hits / (2 * m.cout - hits))
     if not tables:
         raise ConfigError("--iou-with measures an MoE-CNN's pathways: use "
                           "it with --method moe, advmoe or standard")
     return Utility(tables, torch.stack(chance).mean(0))  # a random pathway's IoU, averaged over layers
 
 
-def pathway_iou(gates: list[Gate], tables: dict[str, torch.Tensor]) -> torch.Tensor:
-    """(B,): each input's IoU with the Sparse mask, averaged over MoE layers (its pathway's choice at
-    each)."""
-    return torch.stack([tables[g.layer][g.choice] for g in gates]).mean(0)
+def pathway_iou(gates: list[Gate], tables: list[torch.Tensor]) -> torch.Tensor:
+    """(B,): each input's IoU with the Sparse mask, averaged over MoE layers (its choice at each)."""
+    return torch.stack([table[g.choice] for g, table in zip(gates, tables)]).mean(0)
 
 
 def gflops_per_input(model: nn.Module, x: torch.Tensor) -> float:
@@ -1898,9 +1848,54 @@ def ranks_identical(model: nn.Module) -> bool | None:
 # ==================================================================================================
 # 9. AT(Sparse): robustness-aware channel pruning of a Dense network (HYDRA, for channels)
 # ==================================================================================================
-def channel_groups(model: nn.Module) -> dict[str, int]:
-    """Every channel group of a model (see MoEConv.takes/gives) and its number of channels."""
-    return {m.gives: m.weight.shape[0] for m in model.modules() if isinstance(m, MoEConv)}
+def channel_wiring(model: MoECNN) -> dict[nn.Module, tuple[tuple, str]]:
+    """AT(Sparse)'s view of a backbone: for every layer that reads or writes the pathway's channels, (the
+    channel groups its input concatenates, in order; the group it writes). Layers whose outputs are summed (a
+    residual stream) write one group, so they keep the same channels and the pruned network is really r*C
+    wide (NOTE(ours), deviation 8); a DenseNet layer reads the concatenation of every group before it. The
+    stem reads RGB (no group); pre-activation BatchNorms and the classifier only read. Derived from the module
+    structure, so the backbones carry no pruning wiring."""
+    net, wire = model.backbone, {}
+    if isinstance(net, (ResNet18, WideResNet)):
+        # ResNet's stem feeds stage 1's identity blocks (one stream); WRN's first block projects it
+        stage = int(net.blocks[0].shortcut is None)
+        stream = "stage1" if stage else "stem"
+        wire[net.stem.conv] = ((), stream)
+        for i, block in enumerate(net.blocks, 1):
+            stage += block.shortcut is not None  # a projection shortcut starts the next stage's stream
+            mid, out = f"block{i}_mid", f"stage{stage}"
+            if isinstance(block, WideBlock):
+                wire[block.bn1] = ((stream,), "")
+            wire[block.conv1], wire[block.conv2] = ((stream,), mid), ((mid,), out)
+            if block.shortcut is not None:
+                wire[block.shortcut] = ((stream,), out)
+            stream = out
+        groups = (stream,)
+    elif isinstance(net, VGG16):
+        convs = [net.stem.conv] + [m for m in net.layers if isinstance(m, MoEConv)]
+        for k, conv in enumerate(convs, 1):
+            wire[conv] = ((f"conv{k - 1}",) if k > 1 else (), f"conv{k}")
+        groups = (f"conv{len(convs)}",)
+    else:  # DenseNet: layer k reads every group before it and appends its own; a transition starts anew
+        wire[net.stem.conv], groups, transitions = ((), "stem"), ("stem",), 0
+        for k, layer in enumerate(net.layers, 1):
+            if isinstance(layer, DenseLayer):
+                wire[layer.bn], wire[layer.conv1] = (groups, ""), (groups, f"layer{k}_mid")
+                wire[layer.conv2], groups = ((f"layer{k}_mid",), f"layer{k}"), groups + (f"layer{k}",)
+            else:
+                transitions += 1
+                wire[layer["bn"]], wire[layer["conv"]] = (groups, ""), (groups, f"transition{transitions}")
+                groups = (f"transition{transitions}",)
+    if isinstance(net, (WideResNet, DenseNet)):
+        wire[net.bn] = (groups, "")
+    wire[net.fc] = (groups, "")
+    return wire
+
+
+def channel_groups(model: MoECNN) -> dict[str, int]:
+    """Every channel group of a model (see channel_wiring) and its number of channels."""
+    wire = channel_wiring(model)
+    return {wire[m][1]: m.weight.shape[0] for m in model.modules() if isinstance(m, MoEConv)}
 
 
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -1916,13 +1911,14 @@ class ChannelScores(nn.Module):
 
     def __init__(self, dense: MoECNN, ratio: float):
         super().__init__()
-        self.dense, self.spec = dense, Spec(ratio)
-        # HYDRA starts the scores in proportion to the weights: here the norm of the filters writing a
+        self.dense, self.spec, self.wiring = dense, Spec(ratio), channel_wiring(dense)
+        # HYDRA starts the scores in proportion to the weights: here the norm of the filters writing each
         # channel.
         norms: dict[str, torch.Tensor] = {}
         for m in dense.modules():
             if isinstance(m, MoEConv):
-                norms[m.gives] = norms.get(m.gives, 0) + m.weight.detach().flatten(1).norm(dim=1)
+                group = self.wiring[m][1]
+                norms[group] = norms.get(group, 0) + m.weight.detach().flatten(1).norm(dim=1)
         self.scores = nn.ParameterDict({g: nn.Parameter(v / v.max()) for g, v in norms.items()})
 
     def keep(self) -> dict[str, torch.Tensor]:
@@ -1932,14 +1928,26 @@ class ChannelScores(nn.Module):
 
     def forward(self, x, return_routing: bool = False, dispatch: str = "auto", force=None):
         masks = {g: top_k_mask(v, self.spec.width(len(v))) for g, v in self.scores.items()}
-        return self.dense(x, return_routing, dispatch, force, masks)
+
+        def zero_pruned(layer, args):  # x -> x * m: the input channels `layer` does not keep are zeroed
+            m = torch.cat([masks[g] for g in self.wiring[layer][0]]).to(args[0].dtype)      # (C_in,)
+            return (args[0] * m.view(1, -1, *([1] * (args[0].dim() - 2))),) + args[1:]
+        # every layer that consumes channels (a conv or the classifier; a BatchNorm is per channel) sees them
+        # masked, for this forward only: the Dense network computes what the pruned network computes
+        hooks = [m.register_forward_pre_hook(zero_pruned) for m, (takes, _) in self.wiring.items()
+                 if takes and not isinstance(m, nn.BatchNorm2d)]
+        try:
+            return self.dense(x, return_routing, dispatch, force)
+        finally:
+            for h in hooks:
+                h.remove()
 
 
 def extract_sparse(dense: MoECNN, keep: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The pruned network as a state dict of S-Dense's shape: each layer's kept output channels (rows) and
     kept input channels (columns) of the Dense weights. Pruned channels are removed, not masked, so what
     executes (and its GFLOPs) is an r*C-wide network; its outputs equal the masked Dense network's."""
-    sizes = channel_groups(dense)
+    sizes, wiring = channel_groups(dense), channel_wiring(dense)
 
     def kept(groups: tuple) -> torch.Tensor:  # kept channels of a concatenation of groups, in its indices
         offsets = [0] + torch.tensor([sizes[g] for g in groups]).cumsum(0).tolist()
@@ -1950,18 +1958,20 @@ def extract_sparse(dense: MoECNN, keep: dict[str, torch.Tensor]) -> dict[str, to
 
     state = {"mean": dense.mean, "std": dense.std}
     for name, m in dense.named_modules():
-        prefix = name + "."
+        if m not in wiring:
+            continue
+        takes, gives, prefix = *wiring[m], name + "."
         if isinstance(m, MoEConv):
-            rows = kept((m.gives,))
+            rows = kept((gives,))
             # the input channels it keeps (the stem reads RGB: all three)
-            cols = kept(m.takes) if m.takes else torch.arange(m.weight.shape[1], device=rows.device)
+            cols = kept(takes) if takes else torch.arange(m.weight.shape[1], device=rows.device)
             state[prefix + "weight"] = m.weight[rows][:, cols]
             if m.bn is not None:
                 state.update(bn_rows(m.bn, rows, prefix + "bn."))
-        elif isinstance(m, nn.BatchNorm2d) and hasattr(m, "takes"):  # pre-activation BatchNorm on the pathway
-            state.update(bn_rows(m, kept(m.takes), prefix))
-        elif isinstance(m, Classifier):
-            state.update({prefix + "weight": m.weight[:, kept(m.takes)], prefix + "bias": m.bias})
+        elif isinstance(m, nn.BatchNorm2d):  # pre-activation BatchNorm on the pathway
+            state.update(bn_rows(m, kept(takes), prefix))
+        else:  # the classifier
+            state.update({prefix + "weight": m.weight[:, kept(takes)], prefix + "bias": m.bias})
     return {k: v.detach().clone() for k, v in state.items()}
 
 
