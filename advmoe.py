@@ -562,11 +562,6 @@ def resolve_dispatch(dispatch: str, device: torch.device) -> str:
     return ("masked" if device.type == "cuda" else "sparse") if dispatch == "auto" else dispatch
 
 
-def build_model(s: Settings, num_classes: int, image_size: int) -> MoECNN:
-    return MoECNN(s.arch, num_classes, image_size, s.model_ratio, s.model_experts, s.router,
-                  MEAN_STD[s.dataset], s.router_noise, s.width)
-
-
 def router_params(model: nn.Module) -> list[nn.Parameter]:
     """phi: the routers' parameters."""
     return [p for n, p in model.named_parameters() if "router" in n]
@@ -637,7 +632,8 @@ def trades_loss(logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor,
     return F.cross_entropy(logits.float(), y) + beta * kl_from_logits(logits, logits_adv)
 
 
-def routing_regularizer(gates: list[Gate], y: torch.Tensor, s: Settings) -> torch.Tensor:
+def routing_regularizer(gates: list[Gate], y: torch.Tensor, balance: float,
+                        supervision: float) -> torch.Tensor:
     """NOTE(ours): the paper is silent on routing collapse (all inputs to one expert), which a plain
     straight-through router falls into within an epoch. Terms, averaged over MoE layers:
       balance (Switch Transformer): N * sum_k f_k * P_k, f_k = fraction routed to k, P_k = mean p_k;
@@ -647,12 +643,12 @@ def routing_regularizer(gates: list[Gate], y: torch.Tensor, s: Settings) -> torc
         probs = g.logits.float().softmax(-1)                                   # (B, N)
         n = probs.shape[1]
         f = F.one_hot(g.choice, n).float().mean(0)                            # (N,) fraction routed
-        if s.balance:
+        if balance:
             # lambda_bal * N * sum_k f_k * P_k: 1 when the routing is uniform, N when it has collapsed
-            total = total + s.balance * n * (f * probs.mean(0)).sum()
-        if s.router_supervision:
+            total = total + balance * n * (f * probs.mean(0)).sum()
+        if supervision:
             # lambda_sup * CE(router logits, y mod N)
-            total = total + s.router_supervision * F.cross_entropy(g.logits.float(), y % n)
+            total = total + supervision * F.cross_entropy(g.logits.float(), y % n)
     return total / max(len(gates), 1)
 
 
@@ -665,35 +661,48 @@ def expert_usage(gates: list[Gate]) -> torch.Tensor:
 # ==================================================================================================
 # 4. Algorithm 1 (AdvMoE) and the baselines: each method is a step function of one table
 # ==================================================================================================
-def training_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: Settings) -> torch.Tensor:
+class Objective(NamedTuple):
+    """The training objective of every method and its inner attack: all that the method's functions read
+    (Settings.objective builds it from the flags)."""
+    loss: str           # "trades": CE + beta * KL | "pgdat": CE at PGD examples | "natural": CE, no attack
+    beta: float         # TRADES weight 1/lambda
+    eps: float          # l_inf radius of the training attack, pixel units
+    step_size: float    # its step alpha (default 2.5 * eps / K)
+    steps: int          # K, its number of steps
+    balance: float      # routing regularizer weights, NOTE(ours): 0 in the paper (see routing_regularizer)
+    supervision: float
+    dispatch: str       # how the MoE layers run (see resolve_dispatch)
+
+
+def training_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objective) -> torch.Tensor:
     """The inner maximization of the training loss, K steps."""
-    d = s.train_dispatch
-    if s.loss == "pgdat":  # Madry: max CE
-        return pgd(model, x, ce_objective(model, y, d), s.eps, s.train_step_size, s.train_steps, "uniform")
+    d = obj.dispatch
+    if obj.loss == "pgdat":  # Madry: max CE
+        return pgd(model, x, ce_objective(model, y, d), obj.eps, obj.step_size, obj.steps, "uniform")
     # TRADES: max_delta KL(f(x) || f(x+delta)); the clean target is computed once per attack and detached.
     with torch.no_grad(), evaluating(model):
         target = model(x, dispatch=d).clone()  # (a copy: CUDA graphs (--compile) reuse their outputs)
-    return pgd(model, x, lambda xa: kl_from_logits(target, model(xa, dispatch=d), "sum"), s.eps,
-               s.train_step_size, s.train_steps, "normal")
+    return pgd(model, x, lambda xa: kl_from_logits(target, model(xa, dispatch=d), "sum"), obj.eps,
+               obj.step_size, obj.steps, "normal")
 
 
-def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: Settings):
+def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objective):
     """A fresh training attack against the current model, then the training loss at (x, x_adv).
-    (--method standard: natural training, CE(f(x), y), no attack: stage 1 of the Sec. 4 study.)"""
-    if s.method == "standard":
-        logits, gates = model(x, return_routing=True, dispatch=s.train_dispatch)
+    (loss "natural", --method standard: CE(f(x), y), no attack: stage 1 of the Sec. 4 study.)"""
+    def forward(inputs):
+        return model(inputs, return_routing=True, dispatch=obj.dispatch)
+    if obj.loss == "natural":
+        logits, gates = forward(x)
         objective, logits_adv, gates_adv = F.cross_entropy(logits.float(), y), logits, []
-    elif s.loss == "trades":
-        x_adv = training_attack(model, x, y, s)
-        logits_adv, gates_adv = model(x_adv, return_routing=True, dispatch=s.train_dispatch)
-        logits, gates = model(x, return_routing=True, dispatch=s.train_dispatch)
-        objective = trades_loss(logits, logits_adv, y, s.beta)
+    elif obj.loss == "trades":
+        x_adv = training_attack(model, x, y, obj)
+        (logits_adv, gates_adv), (logits, gates) = forward(x_adv), forward(x)
+        objective = trades_loss(logits, logits_adv, y, obj.beta)
     else:  # pgdat: min CE(f(x_adv), y)
-        x_adv = training_attack(model, x, y, s)
-        logits_adv, gates_adv = model(x_adv, return_routing=True, dispatch=s.train_dispatch)
+        logits_adv, gates_adv = forward(training_attack(model, x, y, obj))
         logits, gates = logits_adv, []
         objective = F.cross_entropy(logits_adv.float(), y)
-    reg = routing_regularizer(gates + gates_adv, y, s)
+    reg = routing_regularizer(gates + gates_adv, y, obj.balance, obj.supervision)
     stats = {"loss": objective.detach(), "router_reg": reg.detach(),
              "acc": (logits.argmax(1) == y).float().mean(),
              "acc_adv": (logits_adv.argmax(1) == y).float().mean()}
@@ -702,35 +711,12 @@ def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, s: Settings)
     return objective, reg, stats
 
 
-def make_optimizers(model: nn.Module, s: Settings, device: torch.device) -> dict[str, torch.optim.Optimizer]:
-    """AdvMoE: one SGD for the routers phi and one for the backbone psi (same settings and schedule).
-    Joint methods: one SGD over everything, or over phi or psi alone (--train-params, the Sec. 4 study).
-    NOTE(ours): with psi frozen, BatchNorm running statistics (buffers of psi) still follow the data."""
-    kw = dict(lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
-    if device.type == "cuda":
-        kw["fused"] = True
-    phi = {"params": router_params(model), "base_lr": s.lr * s.router_lr, "name": "routers"}
-    psi = {"params": backbone_params(model), "base_lr": s.lr, "name": "backbone"}
-    if s.method == "advmoe":
-        return {"phi": torch.optim.SGD([phi], **kw), "psi": torch.optim.SGD([psi], **kw)}
-    groups = {"all": [psi] + ([phi] if phi["params"] else []), "routers": [phi],
-              "backbone": [psi]}[s.train_params]
-    return {"all": torch.optim.SGD(groups, **kw)}
-
-
-def set_lr(opts: dict, progress: float):
-    """Cosine schedule: lr_t = lr_0 * (1 + cos(pi * t / T)) / 2, per iteration."""
-    for opt in opts.values():
-        for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def level(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, s: Settings,
+def level(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, obj: Objective,
           regularize: bool = True) -> dict:
     """One adversarial-training update of the parameters held by `opt` (the others stay fixed). The routing
     regularizer is added only where the routers are trained (regularize): AdvMoE's lower level, not its
     upper."""
-    objective, reg, stats = robust_loss(model, x, y, s)
+    objective, reg, stats = robust_loss(model, x, y, obj)
     loss = objective + reg if regularize else objective
     params = [p for g in opt.param_groups for p in g["params"]]
     opt.zero_grad(set_to_none=True)
@@ -744,34 +730,29 @@ def level(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torc
 #     min_psi L_TRADES(psi, phi*(psi); D)   s.t.   phi*(psi) = argmin_phi L_TRADES(psi, phi; D)
 # Algorithm 1 solves it by alternating optimization: per iteration one SGD step of each level, each against
 # an attack regenerated for the model as it is then. Lines 1-2 (initialization, the loop): train, train_epoch.
-def advmoe_step(model: nn.Module, opts: dict, batches: list, s: Settings) -> dict:
+def advmoe_step(model: nn.Module, opts: dict, batches: list, obj: Objective) -> dict:
     """One iteration of Algorithm 1, lines 3-5."""
     # 3: draw two different random batches B_phi and B_psi (two independent shuffles, see train_epoch)
     (x_phi, y_phi), (x_psi, y_psi) = batches
     # 4: lower level: with psi fixed, update phi by minimizing L_TRADES with a K-step PGD attack, SGD on B_phi
     #    (the attack is generated against (psi, phi); a routing regularizer, if any, is trained here only)
-    router_stats = level(model, opts["phi"], x_phi, y_phi, s, regularize=True)
+    router_stats = level(model, opts["phi"], x_phi, y_phi, obj, regularize=True)
     # 5: upper level: with phi fixed (= phi*), update psi by minimizing L_TRADES with a K-step PGD attack,
     #    SGD on B_psi (the attack regenerated against (psi, phi*); phi* here is one SGD step, not the argmin)
-    stats = level(model, opts["psi"], x_psi, y_psi, s, regularize=False)
+    stats = level(model, opts["psi"], x_psi, y_psi, obj, regularize=False)
     return {**stats, "router_loss": router_stats["loss"]}
 
 
-def joint_step(model: nn.Module, opts: dict, batches: list, s: Settings) -> dict:
+def joint_step(model: nn.Module, opts: dict, batches: list, obj: Objective) -> dict:
     """The baselines AT(Dense), AT(S-Dense), AT(MoE) (and AT(Sparse)'s fine-tuning, natural training):
     min_{psi, phi} L_TRADES(psi, phi; D) jointly, one batch, one attack."""
-    return level(model, opts["all"], *batches[0], s)
+    return level(model, opts["all"], *batches[0], obj)
 
 
 # Every method is one step function, and the number of batch streams it draws per iteration.
 STEPS: dict[str, tuple[Callable, int]] = {"advmoe": (advmoe_step, 2), "moe": (joint_step, 1),
                                           "sdense": (joint_step, 1), "dense": (joint_step, 1),
                                           "sparse": (joint_step, 1), "standard": (joint_step, 1)}
-
-
-def train_step(model: nn.Module, opts: dict, batches: list, s: Settings) -> dict:
-    """One iteration of --method: batches = [(x, y)] for the joint methods, [B_phi, B_psi] for AdvMoE."""
-    return STEPS[s.method][0](model, opts, batches, s)
 
 
 # ==================================================================================================
@@ -1273,6 +1254,13 @@ class Settings:
         return self.n_experts if self.method in MOE_METHODS else 1
 
     @property
+    def objective(self) -> Objective:
+        """What the method's functions use of these settings (section 4)."""
+        return Objective("natural" if self.method == "standard" else self.loss, self.beta, self.eps,
+                         self.train_step_size, self.train_steps, self.balance, self.router_supervision,
+                         self.train_dispatch)
+
+    @property
     def name(self) -> str:
         return (f"{self.dataset}_{self.arch}_{self.method}_r{self.model_ratio:g}_n{self.model_experts}"
                 f"_s{self.seed}")
@@ -1545,6 +1533,39 @@ def data_summary(s: Settings, data) -> dict:
 # ==================================================================================================
 # 8. The training loop: devices, train, epochs, progress; data parallelism
 # ==================================================================================================
+def build_model(s: Settings, num_classes: int, image_size: int) -> MoECNN:
+    return MoECNN(s.arch, num_classes, image_size, s.model_ratio, s.model_experts, s.router,
+                  MEAN_STD[s.dataset], s.router_noise, s.width)
+
+
+def make_optimizers(model: nn.Module, s: Settings, device: torch.device) -> dict[str, torch.optim.Optimizer]:
+    """AdvMoE: one SGD for the routers phi and one for the backbone psi (same settings and schedule).
+    Joint methods: one SGD over everything, or over phi or psi alone (--train-params, the Sec. 4 study).
+    NOTE(ours): with psi frozen, BatchNorm running statistics (buffers of psi) still follow the data."""
+    kw = dict(lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+    if device.type == "cuda":
+        kw["fused"] = True
+    phi = {"params": router_params(model), "base_lr": s.lr * s.router_lr, "name": "routers"}
+    psi = {"params": backbone_params(model), "base_lr": s.lr, "name": "backbone"}
+    if s.method == "advmoe":
+        return {"phi": torch.optim.SGD([phi], **kw), "psi": torch.optim.SGD([psi], **kw)}
+    groups = {"all": [psi] + ([phi] if phi["params"] else []), "routers": [phi],
+              "backbone": [psi]}[s.train_params]
+    return {"all": torch.optim.SGD(groups, **kw)}
+
+
+def set_lr(opts: dict, progress: float):
+    """Cosine schedule: lr_t = lr_0 * (1 + cos(pi * t / T)) / 2, per iteration."""
+    for opt in opts.values():
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train_step(model: nn.Module, opts: dict, batches: list, s: Settings) -> dict:
+    """One iteration of --method: batches = [(x, y)] for the joint methods, [B_phi, B_psi] for AdvMoE."""
+    return STEPS[s.method][0](model, opts, batches, s.objective)
+
+
 def place(model: nn.Module, s: Settings, device: torch.device) -> nn.Module:
     model = model.to(device)
     cl = device.type == "cuda" and s.channels_last

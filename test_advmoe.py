@@ -132,7 +132,7 @@ def test_gradients_reach_every_router():
         model = moe("resnet18", ratio=0.25, router=router)
         s = tiny(router=router, balance=0.0)
         x, y = torch.rand(16, 3, 32, 32), torch.randint(10, (16,))
-        loss, reg, _ = A.robust_loss(model, x, y, s)
+        loss, reg, _ = A.robust_loss(model, x, y, s.objective)
         assert reg == 0
         loss.backward()
         for name, p in model.named_parameters():
@@ -173,7 +173,7 @@ def test_pgd_stays_in_ball_and_box_and_raises_the_loss():
         clean, random, attacked = objective(x), objective(noisy), objective(x_adv)
     assert attacked > 1.2 * clean and attacked > 1.2 * random
     s = tiny()
-    x_tr = A.training_attack(model, x, y, s)
+    x_tr = A.training_attack(model, x, y, s.objective)
     assert (x_tr - x).abs().max() <= s.eps + 1e-6 and x_tr.min() >= 0 and x_tr.max() <= 1
 
 
@@ -199,8 +199,8 @@ def test_balance_term_is_one_when_balanced_and_larger_when_collapsed():
     y = torch.zeros(4, dtype=torch.long)
     uniform = A.top1_gate(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [0.0, 1.0]]))
     collapsed = A.top1_gate(torch.tensor([[5.0, 0.0]] * 4))
-    assert A.routing_regularizer([uniform], y, s) < A.routing_regularizer([collapsed], y, s)
-    assert abs(A.routing_regularizer([collapsed], y, s).item() - 2 * 0.9933) < 1e-3  # N * 1 * P_0
+    assert A.routing_regularizer([uniform], y, s.balance, s.router_supervision) < A.routing_regularizer([collapsed], y, s.balance, s.router_supervision)
+    assert abs(A.routing_regularizer([collapsed], y, s.balance, s.router_supervision).item() - 2 * 0.9933) < 1e-3  # N * 1 * P_0
 
 
 # ------------------------------------------------------------------------------------ training
@@ -221,7 +221,7 @@ def test_each_advmoe_level_changes_only_its_own_parameters():
     x, y = torch.rand(16, 3, 32, 32), torch.randint(10, (16,))
     for name, is_router in (("phi", True), ("psi", False)):
         before = snapshot(model)
-        A.level(model, opts[name], x, y, s)
+        A.level(model, opts[name], x, y, s.objective)
         moved = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
         own = {n for n, _ in model.named_parameters() if ("router" in n) == is_router}
         assert moved and moved <= own, moved - own   # something moved, and only this level's parameters
@@ -332,7 +332,7 @@ def test_pruning_learns_the_scores_only():
     opt = torch.optim.SGD(list(scores.scores.parameters()), lr=0.1)
     before = {n: p.clone() for n, p in dense.named_parameters()}
     keep, mask = scores.keep(), {g: v.clone() for g, v in scores.scores.items()}
-    A.level(scores, opt, torch.rand(16, 3, 32, 32), torch.randint(10, (16,)), s)
+    A.level(scores, opt, torch.rand(16, 3, 32, 32), torch.randint(10, (16,)), s.objective)
     assert all(torch.equal(before[n], p) for n, p in dense.named_parameters())
     assert sum(not torch.equal(mask[g], v) for g, v in scores.scores.items()) > 0.9 * len(mask)
     assert {g: len(v) for g, v in keep.items()} == {g: round(0.5 * c) for g, c in A.channel_groups(dense).items()}
@@ -780,7 +780,7 @@ def test_trades_attack_maximizes_kl_from_the_eval_mode_clean_output(monkeypatch)
         return x_
 
     monkeypatch.setattr(A, "pgd", spy)
-    A.training_attack(model, x, y, tiny())
+    A.training_attack(model, x, y, tiny().objective)
     assert captured["start"] == "normal" and captured["training"]  # pgd itself switches to eval mode
     x2 = (x + 0.03 * torch.randn_like(x)).clamp(0, 1).requires_grad_(True)
     with A.evaluating(model):
@@ -1147,7 +1147,7 @@ def test_training_forward_and_trades_loss_compile_without_graph_break():
     def training_loss(x, x_adv, y, dispatch):
         logits, gates = model(x, return_routing=True, dispatch=dispatch)
         logits_adv, gates_adv = model(x_adv, return_routing=True, dispatch=dispatch)
-        return A.trades_loss(logits, logits_adv, y, s.beta) + A.routing_regularizer(gates + gates_adv, y, s)
+        return A.trades_loss(logits, logits_adv, y, s.beta) + A.routing_regularizer(gates + gates_adv, y, s.balance, s.router_supervision)
 
     torch._dynamo.reset()
     loss = torch.compile(training_loss, fullgraph=True, backend="aot_eager")(x, x_adv, y, cuda)
