@@ -1069,27 +1069,27 @@ def setting(default, help: str, kind: type | None = None):
 
 @dataclass
 class Settings:
-    # ---- what to train --------------------------------------------------------------------------
+    # ---- what to train ----------------------------------------------------------------------------
     dataset: str = setting("cifar10", "cifar10 | cifar100 | tinyimagenet | imagenet | synthetic (offline)")
     arch: str = setting("resnet18", "resnet18 | wrn28_10 | vgg16 | densenet (DenseNet-BC-40, k=12)")
     method: str = setting("advmoe", "dense | sdense | moe | advmoe | sparse | standard: AT(Dense), "
                                     "AT(S-Dense), AT(MoE), AdvMoE, AT(Sparse) (HYDRA channel pruning of a "
-                                    "Dense model, then AT fine-tuning), standard (natural, non-adversarial "
-                                    "training of an MoE-CNN; Sec. 4)")
+                                    "Dense model, then AT fine-tuning), standard (natural training of an "
+                                    "MoE-CNN; Sec. 4)")
     ratio: float = setting(0.5, "r in (0,1]: an expert (and S-Dense) keeps r*C of a layer's C channels")
     n_experts: int = setting(2, "N >= 1: experts per MoE layer (moe, advmoe)")
     width: float = setting(1.0, "W > 0: base channel multiplier of every backbone (1: the paper's networks); "
                                 "Dense has round(W*C) channels, S-Dense and an expert r of those")
-    router: str = setting("layer", "layer: a gate per MoE layer (paper) | global: "
-                                   "one image-level router (official code)")
-    init: str = setting("", "checkpoint.pt whose weights start the run (sparse: an "
-                            "AT(Dense) run; otherwise the same model)")
+    router: str = setting("layer", "layer: a gate per MoE layer (paper) | global: one image-level router "
+                                   "(official code)")
+    init: str = setting("", "checkpoint.pt whose weights start the run (sparse: an AT(Dense) run; otherwise "
+                            "the same model)")
     train_params: str = setting("all", "all | routers | backbone: which parameters the joint methods train "
-                                       "(Sec. 4 study: AT of the routers, "
-                                       "then of the backbone, of an --init model)")
-    prune_epochs: int = setting(20, "sparse: epochs of score learning (weights "
-                                    "frozen) before --epochs of fine-tuning")
-    # ---- robust loss and attacks (eps and step sizes in pixel units of [0,1] images) ---------------
+                                       "(Sec. 4 study: AT of the routers, then of the backbone, of an --init "
+                                       "model)")
+    prune_epochs: int = setting(20, "sparse: epochs of score learning (weights frozen) before --epochs of "
+                                    "fine-tuning")
+    # ---- robust loss and attacks (eps and step sizes in pixel units of [0,1] images) -----------------
     loss: str = setting("trades", "trades (default, beta-weighted KL) | pgdat (Madry: CE on PGD examples)")
     beta: float = setting(6.0, "TRADES weight 1/lambda")
     eps: float = setting(None, "l_inf radius (default: 8/255 on CIFAR and synthetic, 2/255 on "
@@ -1098,7 +1098,7 @@ class Settings:
     train_step_size: float = setting(None, "training PGD step (default: 2.5*eps/K)", float)
     test_steps: int = setting(50, "PGD steps of the final robustness evaluation (RA)")
     test_step_size: float = setting(None, "test PGD step (default: eps/4)", float)
-    # ---- routing regularizers (NOTE(ours): the paper has none; it is silent on routing collapse) ---
+    # ---- routing regularizers (NOTE(ours): the paper has none; it is silent on routing collapse) -----
     # Defaults: the paper's (no balance term, the routers at the backbone's learning rate). On real CIFAR-10
     # at laptop scale (results/cifar10_laptop/) it gave AdvMoE's best validation RA-worst, 18.85 (seeds 19.0,
     # 18.7), although it collapses most layers onto one expert; a balance term of 0.1 kept every expert in use
@@ -1106,55 +1106,54 @@ class Settings:
     balance: float = setting(0.0, "weight of the Switch balance term N*sum_k f_k*P_k (0: off, the paper)")
     router_noise: float = setting(0.0, "std of Gaussian noise added to router logits in training")
     router_lr: float = setting(1.0, "router learning rate = lr * router_lr (1: shared, the paper)")
-    router_supervision: float = setting(0.0, "weight of CE(router, y "
-                                             "mod N), the official code's router target")
-    # ---- optimization (the authors' settings) ------------------------------------------------------
+    router_supervision: float = setting(0.0, "weight of CE(router, y mod N), the official code's router "
+                                             "target")
+    # ---- optimization (the authors' settings) --------------------------------------------------------
     epochs: int = setting(100, "training epochs (an epoch is one pass of B_psi over the training set)")
     batch_size: int = setting(128, "images per batch (each of B_phi and B_psi for advmoe)")
     lr: float = setting(0.1, "SGD learning rate, cosine-annealed per iteration to 0")
     momentum: float = setting(0.9, "SGD momentum")
-    weight_decay: float = setting(5e-4, "SGD weight decay (all parameters)")
+    weight_decay: float = setting(0.0005, "SGD weight decay (all parameters)")
     seed: int = setting(1, "seed of weights, data order and attack starts")
-    # ---- data --------------------------------------------------------------------------------------
+    # ---- data ----------------------------------------------------------------------------------------
     data_dir: str = setting("data", "where data sets live (CIFAR is downloaded here when possible)")
     download: bool = setting(True, "let torchvision download CIFAR when it is missing")
-    synthetic_train: int = setting(128, "training images of the synthetic "
-                                        "data set (small: a smoke set for CPUs)")
+    synthetic_train: int = setting(128, "training images of the synthetic data set (a smoke set for CPUs)")
     synthetic_test: int = setting(16, "test images of the synthetic data set (PGD-50 of Dense WRN-28-10 "
                                       "costs ~9 s an image on 2 cores)")
-    train_n: int = setting(0, "train on a fixed random subset of this "
-                              "many training images (0: all but --val-n)")
+    train_n: int = setting(0, "train on a fixed random subset of this many training images (0: all but "
+                              "--val-n)")
     val_n: int = setting(0, "hold this many training images out as a validation split, evaluated beside the "
                             "test set (choose settings on it, never on the test set)")
-    # ---- evaluation --------------------------------------------------------------------------------
+    # ---- evaluation ----------------------------------------------------------------------------------
     eval_n: int = setting(0, "test images for the final SA/RA (0: the whole test set)")
     eval_attacks: str = setting("pgd", "comma-separated: pgd (the paper's RA) | router | soft | fixed "
                                        "(router-aware PGD) | square | autoattack (need torchattacks); "
                                        "RA-worst over all of them")
     eval_aa: bool = setting(False, "also evaluate with AutoAttack (standard: APGD-CE, APGD-T, FAB-T, Square; "
                                    "needs torchattacks): RA-AA, Table 2")
-    aa_n: int = setting(0, "test images for AutoAttack (the first ones "
-                           "of the evaluation; 0: all of --eval-n)")
+    aa_n: int = setting(0, "test images for AutoAttack (the first ones of the evaluation; 0: all of --eval-n)"
+                           "")
     iou_with: str = setting("", "router utility (Fig. 6): IoU of each input's MoE pathway with the static "
-                                "mask of this AT(Sparse) checkpoint.pt, "
-                                "on clean and PGD inputs (needs N*r = 1)")
+                                "mask of this AT(Sparse) checkpoint.pt, on clean and PGD inputs (needs N*r = "
+                                "1)")
     quick_eval_n: int = setting(500, "test images for the per-epoch SA / RA(PGD-10) check (0: skip)")
     square_queries: int = setting(5000, "queries of the Square attack (AutoAttack's standard 5000)")
     eval_batch_size: int = setting(256, "batch size of evaluation and attacks at test time")
-    # ---- run ---------------------------------------------------------------------------------------
+    # ---- run -----------------------------------------------------------------------------------------
     out: str = setting("", "run folder (result.json, checkpoint.pt, log.jsonl); default runs/<name>")
-    resume: bool = setting(False, "continue from <out>/checkpoint.pt (the "
-                                  "recipe must be the same; --epochs may grow)")
-    overwrite: bool = setting(False, "replace the run already in --out (without "
-                                     "it, a folder holding a run is refused)")
+    resume: bool = setting(False, "continue from <out>/checkpoint.pt (the recipe must be the same; --epochs "
+                                  "may grow)")
+    overwrite: bool = setting(False, "replace the run already in --out (without it, a folder holding a run "
+                                     "is refused)")
     eval_only: str = setting("", "path of a checkpoint to evaluate instead of training")
     device: str = setting("auto", "auto | cpu | cuda | cuda:K")
     amp: bool = setting(True, "bf16 autocast on CUDA (ignored on CPU)")
     channels_last: bool = setting(True, "channels_last memory format on CUDA")
     train_dispatch: str = setting("auto", "MoE layers in training: auto (masked on CUDA, sparse on the CPU) "
                                           "| sparse (group by expert: only the chosen experts are computed, "
-                                          "a host sync per layer) | masked "
-                                          "(every expert, static shapes, no host sync)")
+                                          "a host sync per layer) | masked (every expert, static shapes, no "
+                                          "host sync)")
     cudnn_benchmark: bool = setting(False, "cuDNN autotuning per shape (helps Dense/S-Dense; MoE group sizes "
                                            "vary, so every new size is re-tuned)")
     compile: bool = setting(False, "torch.compile the training forwards (on CUDA one graph, with CUDA "
@@ -1163,80 +1162,64 @@ class Settings:
                                      "training, evaluation and attacks (0: after every batch)")
 
     def __post_init__(self):
-        check = {"dataset": DATASETS, "arch": ARCHS, "method": METHODS, "loss": LOSSES, "router": ROUTERS,
-             "train_dispatch": ("auto", "sparse", "masked")}
-        for name, allowed in check.items():
+        """Every flag is checked here, once: a bad value is a one-line ConfigError naming it and the fix.
+        eps and the step sizes left out (None) are derived here, so a Settings object always holds numbers."""
+        def flag(name: str) -> str:
+            return "--" + name.replace("_", "-")
+        choices = {"dataset": DATASETS, "arch": ARCHS, "method": METHODS, "loss": LOSSES, "router": ROUTERS,
+                   "train_dispatch": ("auto", "sparse", "masked"), "train_params": TRAIN_PARAMS}
+        for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
-                raise ConfigError(f"unknown --{name} {getattr(self, name)!r}: "
+                raise ConfigError(f"unknown {flag(name)} {getattr(self, name)!r}: "
                                   f"choose one of {', '.join(allowed)}")
-        if not 0 < self.ratio <= 1:
-            raise ConfigError(f"--ratio {self.ratio} is outside (0, 1]: an "
-                              f"expert keeps a fraction r of the channels")
-        if self.n_experts < 1:
-            raise ConfigError(f"--n-experts {self.n_experts} must be at least 1")
-        if self.method in MOE_METHODS and self.n_experts < 2:
-            raise ConfigError(f"--method {self.method} needs --n-experts >= "
-                              f"2 (with one expert use --method sdense)")
-        if self.method == "sparse" and self.ratio == 1:
-            raise ConfigError("--method sparse keeps a fraction --ratio "
-                              "of the channels: give --ratio below 1")
-        if self.train_params not in TRAIN_PARAMS:
-            raise ConfigError(f"unknown --train-params {self.train_params!r}: choose one of "
-                              f"{', '.join(TRAIN_PARAMS)}")
-        if self.train_params != "all" and (self.method == "advmoe" or not self.init):
-            raise ConfigError(f"--train-params {self.train_params} freezes part of the model: use it with "
-                              f"--init CKPT and a joint method (moe, standard), "
-                              f"not advmoe (whose levels already split it)")
-        if self.train_params == "routers" and self.method not in MOE_METHODS:
-            raise ConfigError(f"--train-params routers needs an MoE-CNN "
-                              f"(--method moe or standard), not {self.method}")
+        unknown = [a for a in self.eval_attacks.split(",") if a not in EVAL_ATTACKS]
+        if unknown:
+            raise ConfigError(f"unknown --eval-attacks {','.join(unknown)}: "
+                              f"choose from {', '.join(EVAL_ATTACKS)}")
         if self.eps is None:
             self.eps = 2 / 255 if self.dataset in ("tinyimagenet", "imagenet") else 8 / 255
         if self.eps < 0:
-            raise ConfigError(f"--eps {self.eps} is negative: give the "
-                              f"l_inf radius in pixel units, e.g. 0.0314")
+            raise ConfigError(f"--eps {self.eps} is negative: give the l_inf radius in pixel units, "
+                              f"e.g. 0.0314")
         if not math.isfinite(self.eps) or self.eps > 1:
-            raise ConfigError(f"--eps {self.eps} is not a radius in pixel units "
-                              f"of [0,1] images: give e.g. 0.0314 (8/255)")
-        for name in ("lr", "momentum", "weight_decay", "beta", "balance", "router_lr", "router_noise",
-                     "router_supervision"):
-            if not math.isfinite(getattr(self, name)) or getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} "
-                                  f"{getattr(self, name)} must be a finite number >= 0")
-        for name in ("eval_n", "quick_eval_n"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be 0 "
-                                  f"(0: {'all test images' if name == 'eval_n' else 'no per-epoch check'}) "
-                                  f"or more")
-        for name in ("test_steps", "train_steps", "square_queries"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} must be at least 1")
-        if self.prune_epochs < 0 or self.aa_n < 0:
-            raise ConfigError("--prune-epochs and --aa-n must be 0 or more")
-        if not (0 < self.width <= 64):
-            raise ConfigError(f"--width {self.width} must be in (0, 64]: "
-                              f"the channel multiplier of the backbone")
-        if self.train_n < 0 or self.val_n < 0:
-            raise ConfigError("--train-n and --val-n must be 0 or more (0: not used)")
-        if not self.log_every >= 0:
-            raise ConfigError(f"--log-every {self.log_every} must be 0 or more seconds")
-        for name in ("epochs", "batch_size", "eval_batch_size", "synthetic_train", "synthetic_test"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer")
-        unknown = [a for a in self.eval_attacks.split(",") if a not in EVAL_ATTACKS]
-        if unknown:
-            raise ConfigError(f"unknown --eval-attacks {','.join(unknown)}: choose from "
-                              f"{', '.join(EVAL_ATTACKS)}")
-        if {"square", "autoattack"} & set(self.attacks):
-            import_torchattacks()  # fail now, not after training
-        # None: derived from eps (resolved here, once; a Settings object always holds numbers)
+            raise ConfigError(f"--eps {self.eps} is not a radius in pixel units of [0,1] images: give e.g. "
+                              f"0.0314 (8/255)")
         if self.train_step_size is None:
             self.train_step_size = 2.5 * self.eps / max(self.train_steps, 1)
         if self.test_step_size is None:
             self.test_step_size = self.eps / 4
-        if min(self.train_step_size, self.test_step_size) < 0:
-            raise ConfigError("--train-step-size and --test-step-size must be "
-                              "0 or more (or left out: derived from eps)")
+        rules = (  # (what a value must be, the flags it applies to, the message)
+            (lambda v: v >= 1, ("n_experts", "train_steps", "test_steps", "square_queries", "epochs",
+                                "batch_size", "eval_batch_size", "synthetic_train", "synthetic_test"),
+             "must be at least 1"),
+            (lambda v: math.isfinite(v) and v >= 0, ("lr", "momentum", "weight_decay", "beta", "balance",
+                                                     "router_lr", "router_noise", "router_supervision",
+                                                     "train_step_size", "test_step_size"),
+             "must be a finite number >= 0"),
+            (lambda v: v >= 0, ("eval_n", "quick_eval_n", "aa_n", "prune_epochs", "train_n", "val_n",
+                                "log_every"), "must be 0 or more (0: see --help)"),
+            (lambda v: 0 < v <= 1, ("ratio",),
+             "is outside (0, 1]: an expert keeps a fraction r of the channels"),
+            (lambda v: 0 < v <= 64, ("width",), "must be in (0, 64]: the channel multiplier of the backbone"))
+        for ok, names, must in rules:
+            for name in names:
+                if not ok(getattr(self, name)):
+                    raise ConfigError(f"{flag(name)} {getattr(self, name)} {must}")
+        if self.method in MOE_METHODS and self.n_experts < 2:
+            raise ConfigError(f"--method {self.method} needs --n-experts >= 2 (with one expert use --method "
+                              f"sdense)")
+        if self.method == "sparse" and self.ratio == 1:
+            raise ConfigError("--method sparse keeps a fraction --ratio of the channels: "
+                              "give --ratio below 1")
+        if self.train_params != "all" and (self.method == "advmoe" or not self.init):
+            raise ConfigError(f"--train-params {self.train_params} freezes part of the model: use it with "
+                              f"--init CKPT and a joint method (moe, standard), not advmoe (whose levels "
+                              f"already split it)")
+        if self.train_params == "routers" and self.method not in MOE_METHODS:
+            raise ConfigError(f"--train-params routers needs an MoE-CNN (--method moe or standard), not "
+                              f"{self.method}")
+        if {"square", "autoattack"} & set(self.attacks):
+            import_torchattacks()  # fail now, not after training
 
     @property
     def attacks(self) -> tuple[str, ...]:
