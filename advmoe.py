@@ -312,9 +312,9 @@ class MoEConv(nn.Module):
 def output_like(y: torch.Tensor, batch: int) -> torch.Tensor:
     """An empty (batch, ...) tensor in y's dtype and memory format (channels_last stays channels_last, so the
     layers after an MoE layer keep the fast format)."""
-    fmt = torch.channels_last if y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last) \
+    layout = torch.channels_last if y.dim() == 4 and y.is_contiguous(memory_format=torch.channels_last) \
         else torch.contiguous_format
-    return torch.empty((batch,) + y.shape[1:], dtype=y.dtype, device=y.device, memory_format=fmt)
+    return torch.empty((batch,) + y.shape[1:], dtype=y.dtype, device=y.device, memory_format=layout)
 
 
 class GlobalRouter(nn.Module):
@@ -868,9 +868,10 @@ def evaluate(model: nn.Module, data, s: Settings, steps: int | None = None, limi
     # changes no other attack's RA, and evaluating during training leaves the training's random stream alone.
     gens = {a: torch.Generator(device).manual_seed(1000 * s.seed + EVAL_ATTACKS.index(a)) for a in attacks}
     n, correct, worst, covered, per_attack, seen, pgd_on_aa, worst_no_aa = 0, 0, 0, 0, {}, {}, 0, 0
-    usage = usage_adv = flips = split_counts = None
+    # per batch of the PGD attack: each input's expert at every layer, clean and adversarial (B, L), whether
+    # it is still classified correctly (B,), and its pathway's IoU with a Sparse mask (B,)
     pathways: dict[str, list] = {"clean": [], "adv": []}
-    ious: dict[str, list] = {"clean": [], "adv": []}
+    pgd_correct, ious = [], {"clean": [], "adv": []}
     progress = Progress(f"evaluating on {split}", data.eval_len(limit, split), log, s.log_every)
     with evaluating(model), torch.autocast(device.type, enabled=False):
         for x, y in data.test_batches(s.eval_batch_size, limit, split):
@@ -900,11 +901,9 @@ def evaluate(model: nn.Module, data, s: Settings, steps: int | None = None, limi
                     if name == "pgd":
                         ok_pgd = ok_adv
                     if name == "pgd" and gates:
-                        batch = routing_counts(gates, gates_adv, ok_adv)
-                        usage, usage_adv, flips, split_counts = batch if usage is None else \
-                            tuple(a + b for a, b in zip((usage, usage_adv, flips, split_counts), batch))
                         pathways["clean"].append(torch.stack([g.choice for g in gates], 1))      # (B, L)
                         pathways["adv"].append(torch.stack([g.choice for g in gates_adv], 1))    # (B, L)
+                        pgd_correct.append(ok_adv)
                         if utility:
                             ious["clean"].append(pathway_iou(gates, utility.tables))
                             ious["adv"].append(pathway_iou(gates_adv, utility.tables))
@@ -929,18 +928,23 @@ def evaluate(model: nn.Module, data, s: Settings, steps: int | None = None, limi
             "components": [{"name": name, "attack": cls, "settings": kw,
                             "ra_after": ras.get(f"autoattack/{name}")}
                            for name, (cls, kw) in autoattack_settings(s.eps, classes).items()]}
-    if usage is not None:
-        result["routing"] = routing_summary(usage, usage_adv, flips, split_counts, pathways, n)
+    if pgd_correct:
+        result["routing"] = routing_summary(torch.cat(pathways["clean"]), torch.cat(pathways["adv"]),
+                                            torch.cat(pgd_correct), gates[0].logits.shape[1])
     if ious["clean"]:
         result["router_utility"] = {**{k: iou_summary(torch.cat(v)) for k, v in ious.items()},
                                     "random_pathway": iou_summary(utility.chance)}
     return result
 
 
-def routing_summary(usage, usage_adv, flips, split_counts, pathways: dict, n: int) -> dict:
-    """result["routing"] from evaluate's counts over n inputs: expert usage per layer (L, N), clean and under
-    PGD; how often PGD flips each layer's choice; the 4-way split (Sec. 4, Insight 2) in %, router robustness
-    = (1) + (3), MoE robustness = (1) + (2); pathway diversity, clean and under PGD."""
+def routing_summary(choice: torch.Tensor, choice_adv: torch.Tensor, ok_adv: torch.Tensor,
+                    n_experts: int) -> dict:
+    """result["routing"] from each input's pathway (n, L), clean and under PGD, and whether PGD left it
+    classified correctly (n,): expert usage per layer (L, N), clean and under PGD; how often PGD flips each
+    layer's choice; the 4-way split (Sec. 4, Insight 2) in %, router robustness = (1) + (3), MoE robustness
+    = (1) + (2); pathway diversity, clean and under PGD."""
+    n = len(choice)
+    usage, usage_adv, flips, split_counts = routing_counts(choice, choice_adv, ok_adv, n_experts)
     split_4 = [round(100 * v / n, 2) for v in split_counts.tolist()]
     return {"usage_clean": [[round(v / n, 4) for v in row] for row in usage.tolist()],
             "usage_adv": [[round(v / n, 4) for v in row] for row in usage_adv.tolist()],
@@ -949,7 +953,8 @@ def routing_summary(usage, usage_adv, flips, split_counts, pathways: dict, n: in
             "split_4way": dict(zip(("neither", "router_only", "prediction_only", "both"), split_4)),
             "router_robustness": round(split_4[0] + split_4[2], 2),
             "moe_robustness": round(split_4[0] + split_4[1], 2),
-            "pathways": {k: pathway_diversity(torch.cat(v), usage.shape[1]) for k, v in pathways.items()}}
+            "pathways": {"clean": pathway_diversity(choice, n_experts),
+                         "adv": pathway_diversity(choice_adv, n_experts)}}
 
 
 def pathway_diversity(choices: torch.Tensor, n_experts: int) -> dict:
@@ -970,17 +975,16 @@ def iou_summary(iou: torch.Tensor) -> dict:
             "histogram": [int(v) for v in hist.tolist()]}
 
 
-def routing_counts(gates: list[Gate], gates_adv: list[Gate], ok_adv: torch.Tensor):
-    """Per batch: inputs per expert per layer (clean, adversarial), flips per layer, 4-way split counts."""
-    choice = torch.stack([g.choice for g in gates], 1)                         # (B, L)
-    choice_adv = torch.stack([g.choice for g in gates_adv], 1)                 # (B, L)
+def routing_counts(choice: torch.Tensor, choice_adv: torch.Tensor, ok_adv: torch.Tensor, n_experts: int):
+    """From pathways (B, L), clean and adversarial, and ok_adv (B,): inputs per expert per layer (L, N), clean
+    and adversarial; flips per layer (L,); the 4-way split's counts (4,)."""
     flipped = choice != choice_adv                                             # (B, L)
     # router fooled: any layer's choice under attack differs from its clean choice
     fooled = flipped.any(1)                                                    # (B,)
     # the 4-way split (Sec. 4, Insight 2): (1) neither fooled, (2) router only, (3) prediction only, (4) both
     groups = torch.stack([~fooled & ok_adv, fooled & ok_adv, ~fooled & ~ok_adv, fooled & ~ok_adv])  # (4, B)
-    b = len(ok_adv)
-    return expert_usage(gates) * b, expert_usage(gates_adv) * b, flipped.sum(0), groups.sum(1)
+    usage, usage_adv = (F.one_hot(c, n_experts).sum(0) for c in (choice, choice_adv))   # (L, N) each
+    return usage, usage_adv, flipped.sum(0), groups.sum(1)
 
 
 class Utility(NamedTuple):
@@ -1282,9 +1286,9 @@ def given_flags(argv: list[str]) -> set[str]:
 class TensorData:
     """A data set held as uint8 tensors (B, 3, H, W) on `device`, with batched crop/flip augmentation."""
 
-    def __init__(self, train: tuple, test: tuple, num_classes: int, device: torch.device,
+    def __init__(self, train_set: tuple, test: tuple, num_classes: int, device: torch.device,
                  val: tuple | None = None):
-        self.x_train, self.y_train = (t.to(device) for t in train)
+        self.x_train, self.y_train = (t.to(device) for t in train_set)
         self.x_test, self.y_test = (t.to(device) for t in test)
         self.x_val, self.y_val = (t.to(device) for t in val) if val else (self.x_test[:0], self.y_test[:0])
         self.num_classes, self.image_size, self.device = num_classes, self.x_train.shape[-1], device
@@ -1351,17 +1355,17 @@ class FolderData:
             train_tf = T.Compose([T.RandomCrop(image_size, padding=4), T.RandomHorizontalFlip(),
                                   T.ToTensor()])
             test_tf = T.ToTensor()
-        train = ImageFolder(str(root / "train"), train_tf)
-        self.num_classes, self.image_size = len(train.classes), image_size
+        images = ImageFolder(str(root / "train"), train_tf)
+        self.num_classes, self.image_size = len(images.classes), image_size
         self.test = ImageFolder(str(root / "val"), test_tf)
-        self.train, self.val = train, torch.utils.data.Subset(train, [])
+        self.train, self.val = images, torch.utils.data.Subset(images, [])
         if train_n or val_n:
-            keep, held = split_train(len(train), train_n, val_n)
+            keep, held = split_train(len(images), train_n, val_n)
             # the validation split: the same file list (scanned once), read with the test transform
-            held_out = copy.copy(train)
+            held_out = copy.copy(images)
             held_out.transform = test_tf
             self.val = torch.utils.data.Subset(held_out, held.tolist())
-            self.train = torch.utils.data.Subset(train, keep.tolist())
+            self.train = torch.utils.data.Subset(images, keep.tolist())
         self.device, self.workers = device, workers
         self.shard = (0, 1)
 
@@ -1414,15 +1418,15 @@ def load_cifar(name: str, root: Path, download: bool):
     npz = [root / f"{name}_{split}.npz" for split in ("train", "test")]
     if any(p.exists() for p in npz):
         classes = 10 if name == "cifar10" else 100
-        train, test = (read_npz(p, classes) for p in npz)
-        if train[0].shape[1:] != test[0].shape[1:]:
-            raise ConfigError(f"{npz[0]} holds {tuple(train[0].shape[2:])} images but {npz[1]} holds "
+        train_set, test = (read_npz(p, classes) for p in npz)
+        if train_set[0].shape[1:] != test[0].shape[1:]:
+            raise ConfigError(f"{npz[0]} holds {tuple(train_set[0].shape[2:])} images but {npz[1]} holds "
                               f"{tuple(test[0].shape[2:])}: train and test must have the same image size")
-        return [train, test]
+        return [train_set, test]
     from torchvision.datasets import CIFAR10, CIFAR100
     cls = CIFAR10 if name == "cifar10" else CIFAR100
     try:
-        sets = [cls(str(root), train=train, download=download) for train in (True, False)]
+        sets = [cls(str(root), train=is_train, download=download) for is_train in (True, False)]
     except Exception as e:  # offline, or files missing with --no-download
         raise ConfigError(f"{name} is not in {root} and could not be downloaded ({type(e).__name__}): run "
                           f"once with network access, or put the torchvision copy (e.g. "
@@ -1494,15 +1498,16 @@ def load_data(s: Settings, device: torch.device):
                               f"first be moved into one folder per class)")
         return FolderData(folder, 64 if s.dataset == "tinyimagenet" else 224, device, s.train_n, s.val_n)
     if s.dataset == "synthetic":
-        (train, test), classes = synthetic_data(s.synthetic_train, s.synthetic_test), 10
+        (train_set, test), classes = synthetic_data(s.synthetic_train, s.synthetic_test), 10
     else:
-        (train, test) = load_cifar(s.dataset, root, s.download)
+        (train_set, test) = load_cifar(s.dataset, root, s.download)
         classes = 10 if s.dataset == "cifar10" else 100
     val = None
     if s.train_n or s.val_n:
-        keep, held = split_train(len(train[1]), s.train_n, s.val_n)
-        train, val = (train[0][keep], train[1][keep]), (train[0][held], train[1][held])
-    return TensorData(train, test, classes, device, val)
+        keep, held = split_train(len(train_set[1]), s.train_n, s.val_n)
+        (x, y), val = train_set, (train_set[0][held], train_set[1][held])
+        train_set = (x[keep], y[keep])
+    return TensorData(train_set, test, classes, device, val)
 
 
 def data_summary(s: Settings, data) -> dict:
@@ -2257,10 +2262,10 @@ def load_checkpoint(path: Path, model, opts: dict, s: Settings):
     ckpt = read_checkpoint(path)
     check_identity(ckpt["identity"], {k: getattr(s, k) for k in IDENTITY}, f"checkpoint {path}",
                    "use a matching --out or the same settings")
-    recipe = [f.name for f in dataclasses.fields(Settings)
-              if f.name not in RUN_FIELDS + EVAL_FIELDS + ("epochs",)]
+    recipe_flags = [f.name for f in dataclasses.fields(Settings)
+                    if f.name not in RUN_FIELDS + EVAL_FIELDS + ("epochs",)]
     changed = [f"--{k.replace('_', '-')} {ckpt['settings'].get(k, getattr(Settings, k))} -> {getattr(s, k)}"
-               for k in recipe if ckpt["settings"].get(k, getattr(Settings, k)) != getattr(s, k)]
+               for k in recipe_flags if ckpt["settings"].get(k, getattr(Settings, k)) != getattr(s, k)]
     if changed:
         raise ConfigError(f"--resume would change the recipe of {path} ({'; '.join(changed)}): only --epochs "
                           f"and evaluation or run flags may change; drop those flags, or start a new --out")

@@ -798,10 +798,13 @@ def test_four_way_split_on_a_constructed_case():
     def gates(*choices):
         return [A.Gate(torch.zeros(len(c), 2), torch.tensor(c), torch.ones(len(c))) for c in choices]
 
+    def pathway(gates):  # (B, L): each input's expert at every layer
+        return torch.stack([g.choice for g in gates], 1)
+
     clean = gates([0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1])
     adv = gates([0, 1, 1, 0, 1, 0], [1, 1, 1, 1, 1, 0])  # the router flips for inputs 1, 2, 4 (layer 0), 5 (layer 1)
     ok_adv = torch.tensor([True, True, True, False, False, False])
-    usage, usage_adv, flips, split = A.routing_counts(clean, adv, ok_adv)
+    usage, usage_adv, flips, split = A.routing_counts(pathway(clean), pathway(adv), ok_adv, 2)
     # (1) neither: input 0; (2) router only: 1, 2; (3) prediction only: 3; (4) both: 4, 5
     assert split.tolist() == [1, 2, 1, 2] and flips.tolist() == [3, 1]
     assert usage.tolist() == [[6, 0], [0, 6]] and usage_adv.tolist() == [[3, 3], [1, 5]]
