@@ -599,7 +599,8 @@ def pgd(model: nn.Module, x: torch.Tensor, loss_fn: Callable[[torch.Tensor], tor
     start: "uniform" in the eps-ball (test PGD) | "normal": x + 0.001*N(0,1) (TRADES); drawn from `generator`
     (the global stream when None)."""
     draw = torch.rand if start == "uniform" else torch.randn
-    r = draw(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    r = draw(x.shape, generator=generator, device=x.device, dtype=x.dtype)      # (B, 3, H, W)
+    # x'_0 = x + U(-eps, eps)^d (test PGD) or x + 0.001 N(0, I) (TRADES), projected like every step
     noise = (2 * r - 1) * eps if start == "uniform" else 0.001 * r
     x_adv = torch.min(torch.max(x + noise, x - eps), x + eps).clamp(0, 1)
     with evaluating(model):
@@ -615,12 +616,14 @@ def pgd(model: nn.Module, x: torch.Tensor, loss_fn: Callable[[torch.Tensor], tor
 def kl_from_logits(p_logits: torch.Tensor, q_logits: torch.Tensor,
                    reduction: str = "batchmean") -> torch.Tensor:
     """KL(p || q) from log-probabilities (stable where softmax underflows; the official code went NaN)."""
+    # KL(p || q) = sum_c p_c (log p_c - log q_c), with log p and log q from log_softmax (no log of a 0)
     return F.kl_div(q_logits.float().log_softmax(-1), p_logits.float().log_softmax(-1), reduction=reduction,
                     log_target=True)
 
 
 def ce_objective(model: nn.Module, y: torch.Tensor, dispatch: str = "auto", force=None) -> Callable:
     """Attack objective sum_b CE(f(x'_b), y_b) (optionally with routing forced, see Routing.force)."""
+    # a sum, not a mean: each input's gradient is its own, whatever the batch size (sign() ignores scale)
     return lambda x_adv: F.cross_entropy(model(x_adv, dispatch=dispatch, force=force).float(), y,
                                          reduction="sum")
 
@@ -639,7 +642,7 @@ def routing_regularizer(gates: list[Gate], y: torch.Tensor, balance: float,
       balance (Switch Transformer): N * sum_k f_k * P_k, f_k = fraction routed to k, P_k = mean p_k;
       supervision (NOTE(official code)): CE(router logits, y mod N), a fixed class-to-expert target."""
     total = torch.zeros((), device=y.device)
-    for g in gates:
+    for g in gates:  # one Gate per MoE layer (and per forward: clean and adversarial)
         probs = g.logits.float().softmax(-1)                                   # (B, N)
         n = probs.shape[1]
         f = F.one_hot(g.choice, n).float().mean(0)                            # (N,) fraction routed
@@ -655,6 +658,7 @@ def routing_regularizer(gates: list[Gate], y: torch.Tensor, balance: float,
 def expert_usage(gates: list[Gate]) -> torch.Tensor:
     """(L, N): fraction of the batch routed to each expert, per MoE layer."""
     n = gates[0].logits.shape[1]
+    # f_{l,k} = (1/B) sum_b [e_l(x_b) = k]
     return torch.stack([F.one_hot(g.choice, n).float().mean(0) for g in gates])
 
 
@@ -878,7 +882,9 @@ def evaluate(model: nn.Module, data, s: Settings, steps: int | None = None, limi
             x = prep(x, s, device)
             with torch.no_grad():
                 logits, gates = model(x, return_routing=True)
-            ok = logits.argmax(1) == y
+            ok = logits.argmax(1) == y                                            # (B,) correct, clean
+            # RA-worst counts input b only if it is correct clean and under every attack that saw it:
+            # survived_b = ok_b AND_a ok_adv_{a,b}; saw_all_b: every attack saw b (AutoAttack may stop short)
             survived, saw_all, ok_pgd, survived_no_aa = ok.clone(), torch.ones_like(ok), ok, ok.clone()
             for name in attacks:
                 # AutoAttack is the costly one: --aa-n caps its images (the first ones of the evaluation)
@@ -892,7 +898,7 @@ def evaluate(model: nn.Module, data, s: Settings, steps: int | None = None, limi
                 for label, x_adv in found:
                     with torch.no_grad():
                         logits_adv, gates_adv = model(x_adv, return_routing=True)
-                    ok_adv = logits_adv.argmax(1) == y[:take]
+                    ok_adv = logits_adv.argmax(1) == y[:take]                 # (take,) still correct
                     per_attack[label] = per_attack.get(label, 0) + ok_adv.sum()
                     seen[label] = seen.get(label, 0) + take
                     survived[:take] &= ok_adv
@@ -912,6 +918,7 @@ def evaluate(model: nn.Module, data, s: Settings, steps: int | None = None, limi
             n, correct = n + len(y), correct + ok.sum()
             worst, covered = worst + (survived & saw_all).sum(), covered + saw_all.sum()
             worst_no_aa = worst_no_aa + survived_no_aa.sum()
+    # RA_a = 100 * (inputs still correct under attack a) / (inputs attack a saw)
     ras = {label: round(100 * v.item() / seen[label], 2) for label, v in per_attack.items()}
     result = {"sa": round(100 * correct.item() / n, 2), "ra": ras[f"pgd{steps}"], "n": n,
               "attack": f"PGD-{steps} (CE, eps {s.eps:.5f}, step {s.test_step_size:.5f}, uniform start)",
