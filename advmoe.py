@@ -2398,6 +2398,18 @@ def report(folder: str) -> str:
     if not results:
         raise ConfigError(f"no result.json below {folder}: train a run with --out inside it first")
     lines = [f"# Results in {folder}", ""]
+    for section in (table1_section, table2_section, fig7_section, fig8_section, study_section,
+                    routing_section, seeds_table, utility_section, runs_section):
+        lines += section(results)
+    text = "\n".join(lines)
+    atomic_write(root / "report.md", lambda tmp: Path(tmp).write_text(text))
+    return text
+
+
+def table1_section(results: list[dict]) -> list[str]:
+    """Table 1 per data set: SA, RA and GFLOPs of every method on every backbone (N = 2, r = 0.5);
+    bold: the best RA at the pathway's cost (AT(Dense), the reference, excluded)."""
+    lines = []
     table1 = [r for r in results if in_table1(r)]
     for dataset in sorted({r["dataset"] for r in table1}):
         archs = sorted({r["arch"] for r in table1 if r["dataset"] == dataset})
@@ -2422,6 +2434,13 @@ def report(folder: str) -> str:
                   f"Runs; bold: best RA at the pathway's cost)", ""]
         lines += md_table(["method"] + [f"{a} {c}" for a in archs for c in ("SA", "RA", "GFLOPs")], rows,
                           [c for c in cell.values() if c])
+    return lines
+
+
+def table2_section(results: list[dict]) -> list[str]:
+    """Table 2: every AutoAttack (standard) evaluation, with PGD's RA on the same images and the RA
+    after each component; results of the older, weaker AutoAttack are named apart."""
+    lines = []
     aa = [r for r in results if r.get("autoattack", {}).get("label") == "AutoAttack (standard)"]
     if aa:
         lines += ["## Table 2: AutoAttack (standard: APGD-CE, APGD-T, FAB-T 100 iterations, 9 targets; "
@@ -2443,6 +2462,12 @@ def report(folder: str) -> str:
         lines += ["Not in Table 2 (AutoAttack from torchattacks' AutoAttack(version='standard'), 10 "
                   "iterations, before commit c34d948: weaker than the standard "
                   "one): " + ", ".join(r["path"] for r in weak), ""]
+    return lines
+
+
+def fig7_section(results: list[dict]) -> list[str]:
+    """Fig. 7: AdvMoE's RA over N (rows) and r (columns), per backbone."""
+    lines = []
     sweep = [r for r in results if trained(r) and r["method"] == "advmoe"]
     for dataset, arch, runs in by_backbone(sweep):
         ns, ratios = sorted({r["n_experts"] for r in runs}), sorted({r["ratio"] for r in runs})
@@ -2452,6 +2477,12 @@ def report(folder: str) -> str:
         cells = {(n, q): pick(runs, n_experts=n, ratio=q) for n in ns for q in ratios}
         rows = [[n] + [fmt(cells[n, q]["ra"]) if cells[n, q] else None for q in ratios] for n in ns]
         lines += md_table(["N"] + [f"r = {q:g}" for q in ratios], rows, [c for c in cells.values() if c])
+    return lines
+
+
+def fig8_section(results: list[dict]) -> list[str]:
+    """Fig. 8: SA / RA of every method over r (N = 2), per backbone, AT(Dense) beside them."""
+    lines = []
     fig8 = [r for r in results if trained(r) and r["n_experts"] in (1, 2) and r["method"] in TABLE1_METHODS]
     for dataset, arch, runs in by_backbone(fig8):
         ratios = sorted({r["ratio"] for r in runs if r["method"] != "dense"})
@@ -2469,6 +2500,13 @@ def report(folder: str) -> str:
             rows.append(row)
         lines += md_table(["r"] + [METHOD_LABELS[m] for m in methods] + ["AT(Dense), r = 1"], rows,
                           [c for c in list(cells.values()) + [dense] if c])
+    return lines
+
+
+def study_section(results: list[dict]) -> list[str]:
+    """The Sec. 4 study (Insights 1-3): standard training, then AT of the routers or of the backbone,
+    with the 4-way split of PGD examples; Table 1's runs of the backbone as references."""
+    lines = []
     study = [r for r in results
              if r["method"] == "standard" or r["settings"].get("train_params", "all") != "all"]
     for dataset, arch, runs in by_backbone(study):
@@ -2487,6 +2525,12 @@ def report(folder: str) -> str:
                 for label, r in sorted(stages, key=lambda t: t[0])]
         lines += md_table(["stage", "SA", "RA", "router robustness", "MoE robustness", "(1)", "(2)", "(3)",
                            "(4)"], rows, [r for _, r in stages])
+    return lines
+
+
+def routing_section(results: list[dict]) -> list[str]:
+    """Routing under attack, every MoE run: the 4-way split, the flip rate, pathway diversity."""
+    lines = []
     moes = [r for r in results if r["routing"]]
     if moes:
         lines += ["## Routing under attack (4-way split of PGD examples, every MoE run)", ""]
@@ -2497,7 +2541,12 @@ def report(folder: str) -> str:
                            pathway_cell(r, "adv")])
         lines += md_table(["run", "method", "SA", "RA", "router robustness", "MoE robustness", "(1)", "(2)",
                            "(3)", "(4)", "flip rate", "pathways clean", "pathways PGD"], rows, moes)
-    lines += seeds_table(results)
+    return lines
+
+
+def utility_section(results: list[dict]) -> list[str]:
+    """Fig. 6: router utility, the IoU of each input's pathway with the AT(Sparse) mask."""
+    lines = []
     utility = [r for r in results if "router_utility" in r]
     if utility:
         lines += ["## Fig. 6: router utility, IoU of each input's pathway with the AT(Sparse) mask", "",
@@ -2516,6 +2565,12 @@ def report(folder: str) -> str:
         lines += md_table(["run", "method", "mean IoU clean", "mean IoU PGD", "random pathway",
                            "pathways clean", "pathways PGD", "histogram clean", "histogram PGD"],
                           rows, utility)
+    return lines
+
+
+def runs_section(results: list[dict]) -> list[str]:
+    """Every run: recipe, SA, RA under each attack, RA-worst, GFLOPs, device, torch and commit."""
+    lines = []
     lines += ["## Runs", "",
               "RA: the paper's PGD; other attacks (--eval-attacks, --eval-aa) and RA-worst (robust "
               "under every attack run) beside it.", ""]
@@ -2528,9 +2583,7 @@ def report(folder: str) -> str:
                      (r["commit"] or "")[:10]])
     lines += md_table(["run", "dataset", "arch", "method", "r", "N", "router", "epochs", "SA", "RA", "attack",
                        "RA per attack", "RA-worst", "GFLOPs", "device", "torch", "commit"], rows, results)
-    text = "\n".join(lines)
-    atomic_write(root / "report.md", lambda tmp: Path(tmp).write_text(text))
-    return text
+    return lines
 
 
 def by_backbone(results: list[dict]) -> Iterator[tuple[str, str, list[dict]]]:
