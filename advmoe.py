@@ -50,7 +50,8 @@ Deviations (each marked NOTE(ours) where it is made)
     1. A BatchNorm per expert: the BatchNorm that follows a routed conv normalizes only the inputs
        routed to each expert, with that expert's own statistics and affine parameters.
     2. Routing regularizers the paper does not have, off by default: a Switch-Transformer balance term
-       (--balance, trained into the routers only: AdvMoE's lower level), a router learning-rate multiplier
+       (--balance; in AdvMoE trained in the lower level only, with the routers; in the joint methods part of
+       the one loss, unless the routers are frozen), a router learning-rate multiplier
        (--router-lr), router noise and the official code's class-mod-N router supervision. The defaults are
        the paper's (--balance 0 --router-lr 1), chosen on real CIFAR-10's validation split (see Settings).
     3. Pre-activation BatchNorms (WRN, DenseNet) act on the pathway's r*C channels and are shared by
@@ -118,7 +119,7 @@ MEAN_STD = {  # per-channel mean and std; the model normalizes as its first laye
 # ==================================================================================================
 class Gate(NamedTuple):
     """One MoE layer's routing decision for a batch."""
-    logits: torch.Tensor  # (B, N) router scores
+    logits: torch.Tensor  # (B, N) router scores (with --router-noise in training: the noised scores)
     choice: torch.Tensor  # (B,) chosen expert, int64
     scale: torch.Tensor   # (B,) exactly 1.0 in value; carries the router's gradient (straight-through)
 
@@ -134,6 +135,8 @@ def top1_gate(logits: torch.Tensor, noise: float = 0.0, force: torch.Tensor | No
         return Gate(logits, choice, torch.ones_like(probs[:, 0]))
     p = probs.gather(1, choice[:, None]).squeeze(1)                           # (B,) p_chosen
     # straight-through: forward value 1 (the hard one-hot), backward d/dphi of the chosen expert's p
+    # NOTE(official code): its mask passes the gradient to the chosen raw logit; here it flows through the
+    # softmax probability, so every logit of the router gets a gradient (both are "straight-through").
     scale = 1.0 + (p - p.detach())
     return Gate(logits, choice, scale)
 
@@ -217,7 +220,8 @@ class MoEConv(nn.Module):
         if routing.shared is not None:  # global router: one decision for every layer
             gate = routing.shared if force is None else top1_gate(routing.shared.logits, force=force)
         else:
-            gate = top1_gate(self.router(x.mean((2, 3))), routing.noise, force)   # (B, N)
+            # g_l(x) = top1(softmax(W_l GAP(x))): pooled (B, cin) -> logits (B, N)
+            gate = top1_gate(self.router(x.mean((2, 3))), routing.noise, force)
         routing.gates.append(gate)
         return gate
 
@@ -340,7 +344,8 @@ class GlobalRouter(nn.Module):
 @dataclass(frozen=True)
 class Spec:
     """What distinguishes Dense (r=1, N=1), S-Dense (r<1, N=1) and MoE-CNN (N>=2) for any backbone.
-    Channel counts passed in are the Dense network's; a tuple of counts is a concatenation of groups."""
+    Channel counts passed in are the paper's C (Dense has round(W*C) of them at --width W); a tuple of counts
+    is a concatenation of groups."""
     ratio: float = 1.0
     n_experts: int = 1
     layer_router: bool = True
@@ -374,7 +379,8 @@ class Spec:
 
 class Stem(nn.Module):
     """The shared stem on the RGB image. NOTE(ours): 3x3/1 for 32-64 px inputs; a 7x7/2 conv + 3x3/2
-    max-pool for ImageNet-size inputs (with BatchNorm and ReLU before the pool)."""
+    max-pool for ImageNet-size inputs: conv-BN-ReLU-pool, or conv-pool where the stem has no BatchNorm
+    (WRN and DenseNet, whose blocks start with one)."""
 
     def __init__(self, spec: Spec, cout: int, image_size: int, bn: bool = True):
         super().__init__()
@@ -555,10 +561,10 @@ class MoECNN(nn.Module):
 
 
 def resolve_dispatch(dispatch: str, device: torch.device) -> str:
-    """"auto", the default of training and inference: on CUDA the masked dispatch, whose static shapes need no
-    host sync, so the GPU never waits for group sizes and torch.compile captures the whole forward (at the
-    price of computing all N experts: N * r^2 of Dense's FLOPs instead of r^2); on the CPU the sparse one,
-    which computes only the chosen experts (a host read costs nothing there)."""
+    """With "auto", the default of training and inference: on CUDA the masked dispatch, whose static shapes
+    need no host sync, so the GPU never waits for group sizes and torch.compile captures the whole forward (at
+    the price of computing all N experts: N * r^2 of Dense's FLOPs instead of r^2); on the CPU the sparse
+    one, which computes only the chosen experts (a host read costs nothing there)."""
     return ("masked" if device.type == "cuda" else "sparse") if dispatch == "auto" else dispatch
 
 
@@ -615,7 +621,8 @@ def pgd(model: nn.Module, x: torch.Tensor, loss_fn: Callable[[torch.Tensor], tor
 
 def kl_from_logits(p_logits: torch.Tensor, q_logits: torch.Tensor,
                    reduction: str = "batchmean") -> torch.Tensor:
-    """KL(p || q) from log-probabilities (stable where softmax underflows; the official code went NaN)."""
+    """KL(p || q) from logits, through log_softmax (stable where softmax underflows; the official code went
+    NaN)."""
     # KL(p || q) = sum_c p_c (log p_c - log q_c), with log p and log q from log_softmax (no log of a 0)
     return F.kl_div(q_logits.float().log_softmax(-1), p_logits.float().log_softmax(-1), reduction=reduction,
                     log_target=True)
@@ -630,7 +637,7 @@ def ce_objective(model: nn.Module, y: torch.Tensor, dispatch: str = "auto", forc
 
 def trades_loss(logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
     # (AT) CE(f(x), y) + beta * KL(f(x) || f(x + delta))
-    # NOTE(paper): as in TRADES' reference code, both sides of the KL carry gradient here; only attack
+    # NOTE(paper): TRADES as in its reference code: both sides of the KL carry gradient here; only attack
     # targets are detached.
     return F.cross_entropy(logits.float(), y) + beta * kl_from_logits(logits, logits_adv)
 
@@ -638,7 +645,8 @@ def trades_loss(logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor,
 def routing_regularizer(gates: list[Gate], y: torch.Tensor, balance: float,
                         supervision: float) -> torch.Tensor:
     """NOTE(ours): the paper is silent on routing collapse (all inputs to one expert), which a plain
-    straight-through router falls into within an epoch. Terms, averaged over MoE layers:
+    straight-through router falls into within an epoch. Terms, averaged over the gates given (every MoE
+    layer of the clean and of the adversarial forward):
       balance (Switch Transformer): N * sum_k f_k * P_k, f_k = fraction routed to k, P_k = mean p_k;
       supervision (NOTE(official code)): CE(router logits, y mod N), a fixed class-to-expert target."""
     total = torch.zeros((), device=y.device)
@@ -685,7 +693,9 @@ def training_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Obj
         return pgd(model, x, ce_objective(model, y, d), obj.eps, obj.step_size, obj.steps, "uniform")
     # TRADES: max_delta KL(f(x) || f(x+delta)); the clean target is computed once per attack and detached.
     with torch.no_grad(), evaluating(model):
-        target = model(x, dispatch=d).clone()  # (a copy: CUDA graphs (--compile) reuse their outputs)
+        # f(x): (B, classes), eval mode, no gradient: the fixed P of KL(P || f(x')). (A copy: CUDA graphs,
+        # with --compile, reuse their outputs.)
+        target = model(x, dispatch=d).clone()
     return pgd(model, x, lambda xa: kl_from_logits(target, model(xa, dispatch=d), "sum"), obj.eps,
                obj.step_size, obj.steps, "normal")
 
@@ -721,6 +731,7 @@ def level(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torc
     regularizer is added only where the routers are trained (regularize): AdvMoE's lower level, not its
     upper."""
     objective, reg, stats = robust_loss(model, x, y, obj)
+    # L = L_TRADES(psi, phi; B) (+ R(phi), the routing regularizer, where the routers are trained)
     loss = objective + reg if regularize else objective
     params = [p for g in opt.param_groups for p in g["params"]]
     opt.zero_grad(set_to_none=True)
@@ -748,9 +759,11 @@ def advmoe_step(model: nn.Module, opts: dict, batches: list, obj: Objective) -> 
 
 
 def joint_step(model: nn.Module, opts: dict, batches: list, obj: Objective) -> dict:
-    """The baselines AT(Dense), AT(S-Dense), AT(MoE) (and AT(Sparse)'s fine-tuning, natural training):
-    min_{psi, phi} L_TRADES(psi, phi; D) jointly, one batch, one attack."""
-    return level(model, opts["all"], *batches[0], obj)
+    """The baselines AT(Dense), AT(S-Dense), AT(MoE) (and AT(Sparse)'s score learning and fine-tuning,
+    natural training): min_{psi, phi} L_TRADES(psi, phi; D) jointly, one batch, one attack. The routing
+    regularizer is added where the routers are trained (not with --train-params backbone)."""
+    routers = any(g.get("name") == "routers" for g in opts["all"].param_groups)
+    return level(model, opts["all"], *batches[0], obj, regularize=routers)
 
 
 # Every method is one step function, and the number of batch streams it draws per iteration.
@@ -781,7 +794,7 @@ def adversaries(name: str, model: nn.Module, x, y, s: Settings, gates: list[Gate
         return autoattack(model, x, y, s.eps, s.seed, log)
     if not gates:  # no routers: the router-aware attacks are plain PGD
         return []
-    clean = [g.choice for g in gates]
+    clean = [g.choice[:len(x)] for g in gates]  # L x (B,): e_l(x), each layer's clean choice
     if name == "router":
         def router_loss(x_adv):
             logits, gates_adv = model(x_adv, return_routing=True)
@@ -1042,7 +1055,8 @@ def router_utility_tables(model: nn.Module, path: str, samples: int = 1000) -> U
 
 def pathway_iou(gates: list[Gate], tables: list[torch.Tensor]) -> torch.Tensor:
     """(B,): each input's IoU with the Sparse mask, averaged over MoE layers (its choice at each)."""
-    return torch.stack([table[g.choice] for g, table in zip(gates, tables)]).mean(0)
+    # (L, B): each layer's IoU at the input's choice -> mean over layers -> (B,)
+    return torch.stack([table[g.choice] for g, table in zip(gates, tables, strict=True)]).mean(0)
 
 
 def gflops_per_input(model: nn.Module, x: torch.Tensor) -> float:
@@ -1873,7 +1887,8 @@ def channel_wiring(model: MoECNN) -> dict[nn.Module, tuple[tuple, str]]:
     structure, so the backbones carry no pruning wiring."""
     net, wire = model.backbone, {}
     if isinstance(net, (ResNet18, WideResNet)):
-        # ResNet's stem feeds stage 1's identity blocks (one stream); WRN's first block projects it
+        # the index of the current residual stream: 1 if the stem feeds identity blocks (ResNet: the stem and
+        # blocks 1-2's conv2 all write "stage1"); 0 if block 1 projects (WRN: the stem writes "stem" alone)
         stage = int(net.blocks[0].shortcut is None)
         stream = "stage1" if stage else "stem"
         wire[net.stem.conv] = ((), stream)
@@ -1923,13 +1938,15 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
 class ChannelScores(nn.Module):
     """A Dense network whose channels are kept by learned importance scores, one per channel of every group:
     its forward is the Dense network with each group's top r*C channels kept (the others zeroed where they
-    are read). The scores are the only parameters trained; the Dense weights stay frozen."""
+    are read). The scores are the only parameters trained; the Dense weights stay frozen (its BatchNorm
+    running statistics follow the masked network, as in HYDRA)."""
 
     def __init__(self, dense: MoECNN, ratio: float):
         super().__init__()
         self.dense, self.spec, self.wiring = dense, Spec(ratio), channel_wiring(dense)
         # HYDRA starts the scores in proportion to the weights: here the norm of the filters writing each
         # channel.
+        # s_g[c] = sum over the convs writing group g of ||W[c]||_2, divided by its max: (C_g,) in (0, 1]
         norms: dict[str, torch.Tensor] = {}
         for m in dense.modules():
             if isinstance(m, MoEConv):
@@ -1943,6 +1960,7 @@ class ChannelScores(nn.Module):
                 for g, v in self.scores.items()}
 
     def forward(self, x, return_routing: bool = False, dispatch: str = "auto", force=None):
+        # m_g = 1[c among the top r*C_g of s_g] + s_g - sg(s_g): (C_g,) per group, straight-through
         masks = {g: top_k_mask(v, self.spec.width(len(v))) for g, v in self.scores.items()}
 
         def zero_pruned(layer, args):  # x -> x * m: the input channels `layer` does not keep are zeroed
@@ -1950,8 +1968,8 @@ class ChannelScores(nn.Module):
             return (args[0] * m.view(1, -1, *([1] * (args[0].dim() - 2))),) + args[1:]
         # every layer that consumes channels (a conv or the classifier; a BatchNorm is per channel) sees them
         # masked, for this forward only: the Dense network computes what the pruned network computes
-        hooks = [m.register_forward_pre_hook(zero_pruned) for m, (takes, _) in self.wiring.items()
-                 if takes and not isinstance(m, nn.BatchNorm2d)]
+        hooks = [m.register_forward_pre_hook(zero_pruned) for m, (reads, _) in self.wiring.items()
+                 if reads and not isinstance(m, nn.BatchNorm2d)]
         try:
             return self.dense(x, return_routing, dispatch, force)
         finally:
@@ -1966,6 +1984,7 @@ def extract_sparse(dense: MoECNN, keep: dict[str, torch.Tensor]) -> dict[str, to
     sizes, wiring = channel_groups(dense), channel_wiring(dense)
 
     def kept(groups: tuple) -> torch.Tensor:  # kept channels of a concatenation of groups, in its indices
+        # offsets[i]: where group i starts in the concatenation; its kept indices shift by it
         offsets = [0] + torch.tensor([sizes[g] for g in groups]).cumsum(0).tolist()
         return torch.cat([keep[g].to(dense.mean.device) + o for g, o in zip(groups, offsets)])
 
@@ -1976,18 +1995,19 @@ def extract_sparse(dense: MoECNN, keep: dict[str, torch.Tensor]) -> dict[str, to
     for name, m in dense.named_modules():
         if m not in wiring:
             continue
-        takes, gives, prefix = *wiring[m], name + "."
+        reads, writes, prefix = *wiring[m], name + "."
         if isinstance(m, MoEConv):
-            rows = kept((gives,))
+            rows = kept((writes,))
             # the input channels it keeps (the stem reads RGB: all three)
-            cols = kept(takes) if takes else torch.arange(m.weight.shape[1], device=rows.device)
+            cols = kept(reads) if reads else torch.arange(m.weight.shape[1], device=rows.device)
+            # W_sparse = W[kept rows][:, kept columns]: (r*C_out, r*C_in, k, k)
             state[prefix + "weight"] = m.weight[rows][:, cols]
             if m.bn is not None:
                 state.update(bn_rows(m.bn, rows, prefix + "bn."))
         elif isinstance(m, nn.BatchNorm2d):  # pre-activation BatchNorm on the pathway
-            state.update(bn_rows(m, kept(takes), prefix))
+            state.update(bn_rows(m, kept(reads), prefix))
         else:  # the classifier
-            state.update({prefix + "weight": m.weight[:, kept(takes)], prefix + "bias": m.bias})
+            state.update({prefix + "weight": m.weight[:, kept(reads)], prefix + "bias": m.bias})
     return {k: v.detach().clone() for k, v in state.items()}
 
 

@@ -721,6 +721,20 @@ def test_the_balance_term_stays_out_of_the_upper_level():
     assert all(torch.equal(moved[0][n], moved[1][n]) for n in moved[0])
 
 
+def test_routing_regularizers_stay_out_of_a_frozen_router():
+    """--train-params backbone (Sec. 4, stage 3): the routers are frozen, so the routing regularizers, which
+    exist to shape the routers, must not train the backbone either."""
+    moved = []
+    for balance, supervision in ((0.0, 0.0), (1.0, 1.0)):
+        s, model, opts = model_and_optimizers(method="moe", train_params="backbone", init="x.pt", balance=balance,
+                                              router_supervision=supervision)
+        A.set_lr(opts, 0.0)
+        before = snapshot(model)
+        A.train_step(model, opts, [(torch.rand(16, 3, 32, 32), torch.randint(10, (16,)))], s)
+        moved.append({n: p.detach() - before[n] for n, p in model.named_parameters() if "router" not in n})
+    assert all(torch.equal(moved[0][n], moved[1][n]) for n in moved[0])
+
+
 def test_each_expert_is_initialized_like_a_standalone_conv():
     torch.manual_seed(0)
     for n in (2, 10):
