@@ -31,7 +31,7 @@ Notation (paper -> code)
 Paper -> code
     Fig. 1a / A1, MoE layer             MoEConv (router + channel-expert conv, sparse and masked paths)
     top-1 routing, straight-through     top1_gate
-    Eq. (AT), TRADES                    trades_loss, training_attack, robust_loss
+    Eq. (AT), TRADES                    trades_loss, training_attack, robust_loss; Objective (what they read)
     PGD-50 evaluation, SA / RA          pgd, evaluate
     adaptive attacks, RA-worst          adversaries: router-aware, soft, fixed-routing PGD, Square, AutoAttack
     AutoAttack (standard, Table 2)      autoattack_settings, autoattack: torchattacks' parts, reference values
