@@ -588,13 +588,15 @@ def count_params(model: nn.Module) -> dict:
 # ==================================================================================================
 @contextlib.contextmanager
 def evaluating(model: nn.Module):
-    """Eval mode for the duration (BatchNorm running statistics, no router noise), then the old mode."""
-    was_training = model.training
+    """Eval mode for the duration (BatchNorm running statistics, no router noise), then every module's own
+    mode back (a part frozen in eval mode by --train-params stays frozen)."""
+    modes = [(m, m.training) for m in model.modules()]
     model.train(False)
     try:
         yield
     finally:
-        model.train(was_training)
+        for m, mode in modes:
+            m.training = mode
 
 
 def pgd(model: nn.Module, x: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor], eps: float,
@@ -1080,7 +1082,8 @@ class ConfigError(ValueError):
 
 
 class RunFailed(RuntimeError):
-    """The run could not go on (out of disk, a non-finite loss): the CLI prints one line and exits with 1."""
+    """The run could not go on (a file could not be written): the CLI prints one line and exits with 1 (as for
+    the FloatingPointError of a non-finite loss)."""
 
 
 class Interrupted(Exception):
@@ -1102,7 +1105,7 @@ class Settings:
                                     "Dense model, then AT fine-tuning), standard (natural training of an "
                                     "MoE-CNN; Sec. 4)")
     ratio: float = setting(0.5, "r in (0,1]: an expert (and S-Dense) keeps r*C of a layer's C channels")
-    n_experts: int = setting(2, "N >= 1: experts per MoE layer (moe, advmoe)")
+    n_experts: int = setting(2, "N: experts per MoE layer (moe, advmoe, standard: N >= 2)")
     width: float = setting(1.0, "W > 0: base channel multiplier of every backbone (1: the paper's networks); "
                                 "Dense has round(W*C) channels, S-Dense and an expert r of those")
     router: str = setting("layer", "layer: a gate per MoE layer (paper) | global: one image-level router "
@@ -1222,7 +1225,7 @@ class Settings:
                                                      "train_step_size", "test_step_size"),
              "must be a finite number >= 0"),
             (lambda v: v >= 0, ("eval_n", "quick_eval_n", "aa_n", "prune_epochs", "train_n", "val_n",
-                                "log_every"), "must be 0 or more (0: see --help)"),
+                                "log_every"), "must be 0 or more"),
             (lambda v: 0 < v <= 1, ("ratio",),
              "is outside (0, 1]: an expert keeps a fraction r of the channels"),
             (lambda v: 0 < v <= 64, ("width",), "must be in (0, 64]: the channel multiplier of the backbone"))
@@ -1240,16 +1243,20 @@ class Settings:
             raise ConfigError(f"--train-params {self.train_params} freezes part of the model: use it with "
                               f"--init CKPT and a joint method (moe, standard), not advmoe (whose levels "
                               f"already split it)")
-        if self.train_params == "routers" and self.method not in MOE_METHODS:
-            raise ConfigError(f"--train-params routers needs an MoE-CNN (--method moe or standard), not "
-                              f"{self.method}")
+        if self.train_params != "all" and self.method not in MOE_METHODS:
+            raise ConfigError(f"--train-params {self.train_params} needs an MoE-CNN (--method moe or "
+                              f"standard), not {self.method}")
+        if self.resume and self.overwrite and not self.eval_only:
+            raise ConfigError("--resume and --overwrite contradict each other (continue the run in --out, or "
+                              "replace it): give one of them")
         if {"square", "autoattack"} & set(self.attacks):
             import_torchattacks()  # fail now, not after training
 
     @property
     def attacks(self) -> tuple[str, ...]:
         """Every attack of the final evaluation: --eval-attacks, plus AutoAttack with --eval-aa."""
-        return tuple(self.eval_attacks.split(",")) + (("autoattack",) if self.eval_aa else ())
+        named = self.eval_attacks.split(",") + (["autoattack"] if self.eval_aa else [])
+        return tuple(dict.fromkeys(named))  # each once, in order
 
     # The model a method trains, by parameters and not by copies of the backbone. AT(Sparse) ends as a
     # network of S-Dense's shape (its pruned channels removed).
@@ -1274,10 +1281,17 @@ class Settings:
                 f"_s{self.seed}")
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse whose errors (a bad type, an unknown flag) are one-line ConfigErrors, like every other."""
+
+    def error(self, message: str):
+        raise ConfigError(f"{message} (python advmoe.py --help lists the flags)")
+
+
 def settings_parser(defaults: bool = True) -> argparse.ArgumentParser:
     """argparse flags from the Settings fields: --field-name, typed by the default, help from the field.
     defaults=False: a flag not on the command line is left out of the parsed namespace."""
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         description="AdvMoE: robust training of MoE-CNNs (ICCV 2023). Other commands: 'python advmoe.py "
                     "report DIR' (every table from the result.json files below DIR), 'python advmoe.py bench "
                     "--help' (speed and cost).", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -1325,8 +1339,9 @@ class TensorData:
         shifts = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen)  # crop offsets in the padded image
         flips = torch.rand(n, generator=gen) < 0.5
         rank, world = self.shard
-        perm, shifts, flips = (t.to(self.device, non_blocking=True)
-                               for t in (perm[rank::world], shifts, flips))
+        # every process the same number of images (an extra batch would wait forever in its all-reduce)
+        perm = perm[:n - n % world][rank::world]
+        perm, shifts, flips = (t.to(self.device, non_blocking=True) for t in (perm, shifts, flips))
         for i in range(0, len(perm) - batch_size + 1, batch_size):  # drop the last partial batch, as is usual
             idx = perm[i:i + batch_size]
             x = augment(self.x_train[idx], shifts[idx], flips[idx], pad)
@@ -1396,7 +1411,9 @@ class FolderData:
 
     def train_batches(self, batch_size, gen):
         rank, world = self.shard
-        order = torch.randperm(len(self.train), generator=gen)[rank::world].tolist()  # same shuffle, own part
+        n = len(self.train) - len(self.train) % world  # every process as many images (see TensorData)
+        # the same shuffle in every process, each its own part
+        order = torch.randperm(len(self.train), generator=gen)[:n][rank::world].tolist()
         for x, y in self._loader(self.train, batch_size, order, drop_last=True):
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
@@ -1550,7 +1567,8 @@ def build_model(s: Settings, num_classes: int, image_size: int) -> MoECNN:
 def make_optimizers(model: nn.Module, s: Settings, device: torch.device) -> dict[str, torch.optim.Optimizer]:
     """AdvMoE: one SGD for the routers phi and one for the backbone psi (same settings and schedule).
     Joint methods: one SGD over everything, or over phi or psi alone (--train-params, the Sec. 4 study).
-    NOTE(ours): with psi frozen, BatchNorm running statistics (buffers of psi) still follow the data."""
+    With part of the model frozen (--train-params), its BatchNorms normalize with their running statistics and
+    leave them fixed (freeze_batchnorm)."""
     kw = dict(lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
     if device.type == "cuda":
         kw["fused"] = True
@@ -1754,8 +1772,9 @@ def train_epoch(net: nn.Module, opts: dict, data, s: Settings, epoch: int, devic
             raise Interrupted(f"interrupted by {stop[0]} in epoch "
                               f"{epoch + 1}: {kept}; continue with --resume")
     if bad_step.item() >= 0:
+        kept = f"kept the checkpoint of epoch {epoch}" if epoch else "no checkpoint was written"
         raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, iteration {bad_step.item() + 1}: "
-                                 f"kept the checkpoint of epoch {epoch}; lower --lr or check the data")
+                                 f"{kept}; lower --lr or check the data")
     return {k: round(v.item() / (it + 1), 4) for k, v in sums.items()}
 
 
@@ -2098,14 +2117,19 @@ def finish(model, data, s: Settings, out: Path, history: list, train_seconds: fl
     return result
 
 
+def non_default(s: Settings) -> list[str]:
+    """The fields of s that differ from their defaults, in order. eps's default is its data set's; a step
+    size's is the one derived from s's own eps and K (a derived value is not a choice)."""
+    plain = Settings(dataset=s.dataset)
+    derived = Settings(dataset=s.dataset, eps=s.eps, train_steps=s.train_steps)
+    return [f.name for f in dataclasses.fields(s)
+            if getattr(s, f.name) != getattr(derived if f.name.endswith("step_size") else plain, f.name)]
+
+
 def command_line(s: Settings) -> str:
-    """The command that reproduces a run: the flags that differ from their defaults."""
-    # (the same derived eps and step sizes)
-    base = Settings(dataset=s.dataset, eps=s.eps, train_steps=s.train_steps)
-    flags = [f"--{f.name.replace('_', '-')} {getattr(s, f.name)}" if not isinstance(f.default, bool) else
-             f"--{'' if getattr(s, f.name) else 'no-'}{f.name.replace('_', '-')}"
-             for f in dataclasses.fields(s)
-             if f.name == "dataset" or getattr(s, f.name) != getattr(base, f.name)]
+    """The command that reproduces a run: --dataset and the flags that differ from their defaults."""
+    flags = [f"--{k.replace('_', '-')} {getattr(s, k)}" if not isinstance(getattr(Settings, k), bool) else
+             f"--{'' if getattr(s, k) else 'no-'}{k.replace('_', '-')}" for k in ["dataset"] + non_default(s)]
     return "python advmoe.py " + " ".join(flags)
 
 
@@ -2137,8 +2161,9 @@ def atomic_write(path: Path, write: Callable[[str], None]):
         os.umask(mask)
         os.chmod(tmp, 0o666 & ~mask)  # mkstemp makes 0600
         os.replace(tmp, path)
-    except OSError as e:
-        raise RunFailed(f"cannot write {path} ({e.strerror or e}): the previous {path.name} is intact; free "
+    except (OSError, RuntimeError) as e:  # (torch.save's zip writer raises RuntimeError on a full disk)
+        why = getattr(e, "strerror", None) or str(e).strip().splitlines()[0][:160]
+        raise RunFailed(f"cannot write {path} ({why}): the previous {path.name} is intact; free "
                         f"space there and continue with --resume") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
@@ -2173,6 +2198,7 @@ def run_folder(out: Path, s: Settings, lead: bool = True):
     except OSError as e:
         raise ConfigError(f"cannot write to output folder {out} ({e.strerror}): choose another "
                           f"--out") from None
+    held = False
     try:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -2180,6 +2206,7 @@ def run_folder(out: Path, s: Settings, lead: bool = True):
             holder = (out / ".lock").read_text().strip() or "another process"
             raise ConfigError(f"--out {out} is in use by another run ({holder}): wait "
                               f"for it to end, or choose another --out") from None
+        held = True
         lock.truncate(0)
         lock.write(f"pid {os.getpid()} on {socket.gethostname()}, started "
                    f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
@@ -2188,15 +2215,16 @@ def run_folder(out: Path, s: Settings, lead: bool = True):
         if found and s.overwrite:
             for f in found:
                 (out / f).unlink()
-        elif found and not (s.resume and not s.eval_only):
+        elif found and (s.eval_only or not s.resume):
             what = "an evaluation" if s.eval_only else "a run"
             raise ConfigError(f"--out {out} already holds {what} ({', '.join(found)}): choose another --out, "
                               + ("" if s.eval_only else "continue it with --resume, ")
                               + "or replace it with --overwrite")
         yield
     finally:
-        with contextlib.suppress(OSError):
-            (out / ".lock").unlink()
+        if held:  # (a run refused the folder leaves the holder's lock alone)
+            with contextlib.suppress(OSError):
+                (out / ".lock").unlink()
         lock.close()
         if created and not any(out.iterdir()):  # stopped before writing anything: leave no empty folder
             out.rmdir()
@@ -2293,9 +2321,14 @@ def load_checkpoint(path: Path, model, opts: dict, s: Settings):
                     if f.name not in RUN_FIELDS + EVAL_FIELDS + ("epochs",)]
     changed = [f"--{k.replace('_', '-')} {ckpt['settings'].get(k, getattr(Settings, k))} -> {getattr(s, k)}"
                for k in recipe_flags if ckpt["settings"].get(k, getattr(Settings, k)) != getattr(s, k)]
+    if s.epochs < ckpt["epoch"]:
+        raise ConfigError(f"--epochs {s.epochs} is below the {ckpt['epoch']} epochs {path} has trained: "
+                          f"--resume continues a run; give --epochs {ckpt['epoch']} or more, or start a new "
+                          f"--out")
     if changed:
-        raise ConfigError(f"--resume would change the recipe of {path} ({'; '.join(changed)}): only --epochs "
-                          f"and evaluation or run flags may change; drop those flags, or start a new --out")
+        raise ConfigError(f"--resume would change the recipe of {path} ({'; '.join(changed)}): only "
+                          f"--epochs and evaluation or run flags may change; give the values on the left, or "
+                          f"start a new --out")
     load_weights(model, ckpt["model"], path)
     for k, o in opts.items():
         o.load_state_dict(ckpt["opts"][k])
@@ -2312,8 +2345,7 @@ def eval_only(s: Settings, log=print, given: set[str] | None = None) -> dict:
     ckpt = read_checkpoint(Path(s.eval_only))
     theirs = ckpt["settings"]
     if given is None:
-        auto = Settings(dataset=s.dataset, train_steps=s.train_steps)
-        given = {f.name for f in dataclasses.fields(s) if getattr(s, f.name) != getattr(auto, f.name)}
+        given = set(non_default(s))
     clash = [f"--{k.replace('_', '-')} {getattr(s, k)} (the checkpoint's is "
              f"{theirs.get(k)})" for k in MODEL_FIELDS
              if k in given and getattr(s, k) != theirs.get(k, getattr(Settings, k))]
@@ -2408,8 +2440,8 @@ def read_results(root: Path, warn=lambda text: print(text, file=sys.stderr)) -> 
 def report(folder: str) -> str:
     """Markdown from every result.json below `folder`: Table 1 (SA, RA, GFLOPs; best RA of the same-cost
     methods in bold), Table 2 (AutoAttack), the N x r sweeps (Fig. 7, 8), the Sec. 4 study and 4-way split,
-    router utility (Fig. 6) and every run. Blank cells were not run; nothing is filled in. When several runs
-    fit one cell, the last by path is shown."""
+    routing under attack, recipes over seeds, router utility (Fig. 6) and every run. Blank cells were not run;
+    nothing is filled in. When several runs fit one cell, the last by path is shown."""
     root = Path(folder)
     if not root.is_dir():
         raise ConfigError(f"report folder {folder} does not exist: give "
@@ -2719,7 +2751,7 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], device: torch.devi
 def bench(argv: list[str], log=print) -> dict:
     """Training throughput (upper-level images/s through a whole step, attack included) of the four methods,
     inference throughput and latency of Dense / S-Dense / MoE, GFLOPs as executed, and achieved FLOP/s."""
-    p = argparse.ArgumentParser(prog="advmoe.py bench", description=bench.__doc__, epilog=(
+    p = Parser(prog="advmoe.py bench", description=bench.__doc__, epilog=(
         "Every other flag is a training flag (python advmoe.py --help): --device, --batch-size (each of "
         "B_phi and B_psi), --router, --amp, --cudnn-benchmark, --train-dispatch (also the timed "
         "inference's), --compile, ..."))
@@ -2737,6 +2769,9 @@ def bench(argv: list[str], log=print) -> dict:
     device = resolve_device(base.device)
     gpu = device.type == "cuda"
     torch.backends.cudnn.benchmark = gpu and base.cudnn_benchmark
+    if a.repeats < 0 or a.infer_batch < 0:
+        raise ConfigError(f"--repeats {a.repeats} and --infer-batch {a.infer_batch} must be 0 (the device's "
+                          f"default) or more")
     infer_batch, repeats = a.infer_batch or (1024 if gpu else 64), a.repeats or (20 if gpu else 5)
     archs = ARCHS if a.arch == "all" else (a.arch,)
     if any(arch not in ARCHS for arch in archs):

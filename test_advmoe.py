@@ -1176,3 +1176,80 @@ def test_training_forward_and_trades_loss_compile_without_graph_break():
     with torch.no_grad():
         logits = torch.compile(model, fullgraph=True, backend="aot_eager")(x, dispatch=cuda)
         torch.testing.assert_close(logits, model(x, dispatch="sparse"))
+
+
+# ------------------------------------------------------- review of the operations (issue 13's session)
+def test_frozen_batchnorm_stays_frozen_through_the_training_attack():
+    """--train-params: the frozen part's BatchNorms are in eval mode; the attacks inside a training step switch the
+    model to eval mode and back, and must give every module its own mode back."""
+    s, model, opts = model_and_optimizers(method="moe", train_params="routers", init="x.pt")
+    model.train()
+    A.freeze_batchnorm(model, "routers")  # the backbone frozen: its BatchNorms in eval mode
+    frozen = {n for n, m in model.named_modules() if not m.training}
+    A.train_step(model, opts, [(torch.rand(8, 3, 32, 32), torch.randint(10, (8,)))], s)
+    assert frozen and frozen == {n for n, m in model.named_modules() if not m.training}
+
+
+def test_every_process_draws_as_many_batches_as_the_others():
+    """Under torchrun a process with one batch more would wait forever in its extra all-reduce."""
+    train, test = A.synthetic_data(958, 4)
+    counts = []
+    for rank in range(3):
+        data = A.TensorData(train, test, 10, torch.device("cpu"))
+        data.shard = (rank, 3)
+        counts.append(sum(1 for _ in data.train_batches(32, torch.Generator().manual_seed(0))))
+    assert counts == [data.train_len(32)] * 3
+
+
+def test_a_refused_run_leaves_the_holders_lock(tmp_path, capsys):
+    import fcntl
+    out = tmp_path / "r"
+    out.mkdir()
+    with open(out / ".lock", "w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        for _ in range(2):  # refused, and refused again: the holder's lock is still in place
+            assert A.main(B + ["--out", str(out)]) == 2
+            one_line_error(capsys, "is in use by another run")
+    assert not (out / "result.json").exists()
+
+
+def test_the_recorded_command_reproduces_the_run():
+    for s in (A.Settings(dataset="synthetic", eps=0.02, train_steps=3, seed=5),
+              A.Settings(dataset="cifar10", train_step_size=0.01, amp=False)):
+        command = A.command_line(s)
+        assert A.parse_settings(command.split()[2:]) == s, command
+    assert A.command_line(A.Settings(dataset="synthetic", eps=0.02)) == "python advmoe.py --dataset synthetic --eps 0.02"
+    assert "step-size" not in A.command_line(A.Settings(dataset="synthetic", eps=0.02, train_steps=3))
+
+
+def test_an_attack_named_twice_runs_once():
+    assert tiny(eval_attacks="pgd,router,router").attacks == ("pgd", "router")
+
+
+def test_resume_cannot_shorten_a_run_nor_overwrite_it(tmp_path, capsys):
+    out = str(tmp_path / "r")
+    assert A.main(B + ["--epochs", "2", "--out", out]) == 0
+    assert A.main(B + ["--epochs", "1", "--resume", "--out", out]) == 2
+    one_line_error(capsys, "--epochs 1 is below the 2 epochs")
+    assert A.main(B + ["--epochs", "3", "--resume", "--overwrite", "--out", out]) == 2
+    one_line_error(capsys, "--resume and --overwrite")
+    assert json.loads((tmp_path / "r" / "result.json").read_text())["epochs"] == 2
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--epochs", "abc"], "--epochs: invalid int value: 'abc'"),
+    (["--method", "sdense", "--train-params", "backbone", "--init", "x.pt"], "needs an MoE-CNN"),
+    (["bench", "--repeats", "-1", "--skip-train"], "--repeats -1"),
+])
+def test_more_bad_flags_give_one_line_errors(args, needle, tmp_path, capsys):
+    args = args + ["--out", str(tmp_path / "r")] if args[0] != "bench" else args + ["--device", "cpu"]
+    assert A.main((B if args[0] != "bench" else []) + args) == 2
+    one_line_error(capsys, needle)
+
+
+def test_a_checkpoint_that_cannot_be_written_is_a_one_line_error(tmp_path, capsys, monkeypatch):
+    def fails(obj, f):  # what torch.save raises when its zip writer hits a full disk
+        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
+    monkeypatch.setattr(torch, "save", fails)
+    assert A.main(B + ["--out", str(tmp_path / "r")]) == 1
+    one_line_error(capsys, "cannot write")
