@@ -95,6 +95,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.data import DataLoader, Subset
 
 
 ARCHS = ("resnet18", "wrn28_10", "vgg16", "densenet")
@@ -922,6 +923,7 @@ def evaluate(model: nn.Module, data, s: Settings, steps: int | None = None, limi
                     if name == "pgd":
                         ok_pgd = ok_adv
                     if name == "pgd" and gates:
+                        n_experts = gates[0].logits.shape[1]
                         pathways["clean"].append(torch.stack([g.choice for g in gates], 1))      # (B, L)
                         pathways["adv"].append(torch.stack([g.choice for g in gates_adv], 1))    # (B, L)
                         pgd_correct.append(ok_adv)
@@ -952,7 +954,7 @@ def evaluate(model: nn.Module, data, s: Settings, steps: int | None = None, limi
                            for name, (cls, kw) in autoattack_settings(s.eps, classes).items()]}
     if pgd_correct:
         result["routing"] = routing_summary(torch.cat(pathways["clean"]), torch.cat(pathways["adv"]),
-                                            torch.cat(pgd_correct), gates[0].logits.shape[1])
+                                            torch.cat(pgd_correct), n_experts)
     if ious["clean"]:
         result["router_utility"] = {**{k: iou_summary(torch.cat(v)) for k, v in ious.items()},
                                     "random_pathway": iou_summary(utility.chance)}
@@ -1338,10 +1340,8 @@ class TensorData:
         perm = torch.randperm(n, generator=gen)
         shifts = torch.randint(0, 2 * pad + 1, (n, 2), generator=gen)  # crop offsets in the padded image
         flips = torch.rand(n, generator=gen) < 0.5
-        rank, world = self.shard
-        # every process the same number of images (an extra batch would wait forever in its all-reduce)
-        perm = perm[:n - n % world][rank::world]
-        perm, shifts, flips = (t.to(self.device, non_blocking=True) for t in (perm, shifts, flips))
+        perm, shifts, flips = (t.to(self.device, non_blocking=True)
+                               for t in (own_part(perm, self.shard), shifts, flips))
         for i in range(0, len(perm) - batch_size + 1, batch_size):  # drop the last partial batch, as is usual
             idx = perm[i:i + batch_size]
             x = augment(self.x_train[idx], shifts[idx], flips[idx], pad)
@@ -1361,6 +1361,13 @@ class TensorData:
 
     def train_len(self, batch_size: int) -> int:
         return len(self.y_train) // self.shard[1] // batch_size
+
+
+def own_part(perm: torch.Tensor, shard: tuple[int, int]) -> torch.Tensor:
+    """This process's part of an epoch's shuffle, the same in every process (torchrun; shard = (rank, world
+    size)): every process takes as many images, since an extra batch would wait forever in its all-reduce."""
+    rank, world = shard
+    return perm[:len(perm) - len(perm) % world][rank::world]
 
 
 def augment(x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, pad: int) -> torch.Tensor:
@@ -1394,26 +1401,23 @@ class FolderData:
         images = ImageFolder(str(root / "train"), train_tf)
         self.num_classes, self.image_size = len(images.classes), image_size
         self.test = ImageFolder(str(root / "val"), test_tf)
-        self.train, self.val = images, torch.utils.data.Subset(images, [])
+        self.train, self.val = images, Subset(images, [])
         if train_n or val_n:
             keep, held = split_train(len(images), train_n, val_n)
             # the validation split: the same file list (scanned once), read with the test transform
             held_out = copy.copy(images)
             held_out.transform = test_tf
-            self.val = torch.utils.data.Subset(held_out, held.tolist())
-            self.train = torch.utils.data.Subset(images, keep.tolist())
+            self.val = Subset(held_out, held.tolist())
+            self.train = Subset(images, keep.tolist())
         self.device, self.workers = device, workers
         self.shard = (0, 1)
 
     def _loader(self, dataset, batch_size, sampler=None, drop_last=False):
-        return torch.utils.data.DataLoader(dataset, batch_size, sampler=sampler, drop_last=drop_last,
-                                           num_workers=self.workers, pin_memory=self.device.type == "cuda")
+        return DataLoader(dataset, batch_size, sampler=sampler, drop_last=drop_last, num_workers=self.workers,
+                          pin_memory=self.device.type == "cuda")
 
     def train_batches(self, batch_size, gen):
-        rank, world = self.shard
-        n = len(self.train) - len(self.train) % world  # every process as many images (see TensorData)
-        # the same shuffle in every process, each its own part
-        order = torch.randperm(len(self.train), generator=gen)[:n][rank::world].tolist()
+        order = own_part(torch.randperm(len(self.train), generator=gen), self.shard).tolist()
         for x, y in self._loader(self.train, batch_size, order, drop_last=True):
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
 
