@@ -185,8 +185,8 @@ class MoEConv(nn.Module):
         # NOTE(official code): one BatchNorm of cout channels shared by whichever expert was gathered, so
         # its statistics mix experts whose filters differ.
         self.bn = nn.BatchNorm2d(n_experts * cout) if bn else None
-        # Per-layer router (Fig. A1): pooled input features -> linear -> N logits.
-        self.router = nn.Linear(cin, n_experts) if (router and n_experts > 1) else None
+        # Per-layer router (Fig. A1): pooled input features -> standardized -> linear (no bias) -> N logits.
+        self.router = router_head(cin, n_experts) if (router and n_experts > 1) else None
 
     @property
     def pointwise(self) -> bool:
@@ -221,8 +221,8 @@ class MoEConv(nn.Module):
         if routing.shared is not None:  # global router: one decision for every layer
             gate = routing.shared if force is None else top1_gate(routing.shared.logits, force=force)
         else:
-            # g_l(x) = top1(softmax(W_l GAP(x))): pooled (B, cin) -> logits (B, N)
-            gate = top1_gate(self.router(x.mean((2, 3))), routing.noise, force)
+            # g_l(x) = top1(softmax(W_l std(GAP(x)))): pooled (B, cin) -> logits (B, N)
+            gate = top1_gate(self.router(standardize(x.mean((2, 3)))), routing.noise, force)
         routing.gates.append(gate)
         return gate
 
@@ -322,6 +322,25 @@ def output_like(y: torch.Tensor, batch: int) -> torch.Tensor:
     return torch.empty((batch,) + y.shape[1:], dtype=y.dtype, device=y.device, memory_format=layout)
 
 
+def standardize(z: torch.Tensor) -> torch.Tensor:
+    """Each input's pooled features at zero mean and unit variance over channels: (B, C) -> (B, C).
+    NOTE(ours): a router reads pooled post-BatchNorm-ReLU features, which share a large positive mean; a plain
+    linear router then gives every input nearly the same logits (an offset 2-5x their spread across inputs),
+    so most layers send 95% or more of the inputs to one expert before any training, and SGD moves mostly
+    that offset. Standardized per input, without a bias, the logits depend on which channels respond, not on
+    how strongly all of them do."""
+    # z_b <- (z_b - mean_c z_bc) / sqrt(var_c z_bc + eps)
+    return F.layer_norm(z.float(), z.shape[1:])
+
+
+def router_head(cin: int, n_experts: int) -> nn.Linear:
+    """The router's linear map to N logits: no bias (a shared offset is what the standardization removes) and a
+    small init (std 0.01), so the first choices are the input's and the probabilities start near 1/N."""
+    head = nn.Linear(cin, n_experts, bias=False)
+    nn.init.normal_(head.weight, 0.0, 0.01)
+    return head
+
+
 class GlobalRouter(nn.Module):
     """The official code's image-level router, one decision shared by all layers (a small CNN; theirs is
     ResNet-20-like with 16/32/64 channels)."""
@@ -333,10 +352,10 @@ class GlobalRouter(nn.Module):
             layers += [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
             cin = cout
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(64, n_experts)
+        self.head = router_head(64, n_experts)
 
     def forward(self, x):
-        return self.head(self.features(x))                                   # (B, N)
+        return self.head(standardize(self.features(x)))                      # (B, N)
 
 
 # ==================================================================================================
@@ -682,7 +701,7 @@ class Objective(NamedTuple):
     loss: str           # "trades": CE + beta * KL | "pgdat": CE at PGD examples | "natural": CE, no attack
     beta: float         # TRADES weight 1/lambda
     eps: float          # l_inf radius of the training attack, pixel units
-    step_size: float    # its step alpha (default 2.5 * eps / K)
+    step_size: float    # its step alpha (default 1.25 * eps / K: the authors' 5/255 at eps 8/255, K = 2)
     steps: int          # K, its number of steps
     balance: float      # routing regularizer weights, NOTE(ours): 0 in the paper (see routing_regularizer)
     supervision: float
@@ -891,7 +910,7 @@ def evaluate(model: nn.Module, data, s: Settings, steps: int | None = None, limi
     # per batch of the PGD attack: each input's expert at every layer, clean and adversarial (B, L), whether
     # it is still classified correctly (B,), and its pathway's IoU with a Sparse mask (B,)
     pathways: dict[str, list] = {"clean": [], "adv": []}
-    pgd_correct, ious = [], {"clean": [], "adv": []}
+    pgd_correct, clean_correct, ious = [], [], {"clean": [], "adv": []}
     progress = Progress(f"evaluating on {split}", data.eval_len(limit, split), log, s.log_every)
     with evaluating(model), torch.autocast(device.type, enabled=False):
         for x, y in data.test_batches(s.eval_batch_size, limit, split):
@@ -927,6 +946,7 @@ def evaluate(model: nn.Module, data, s: Settings, steps: int | None = None, limi
                         pathways["clean"].append(torch.stack([g.choice for g in gates], 1))      # (B, L)
                         pathways["adv"].append(torch.stack([g.choice for g in gates_adv], 1))    # (B, L)
                         pgd_correct.append(ok_adv)
+                        clean_correct.append(ok)
                         if utility:
                             ious["clean"].append(pathway_iou(gates, utility.tables))
                             ious["adv"].append(pathway_iou(gates_adv, utility.tables))
@@ -954,7 +974,7 @@ def evaluate(model: nn.Module, data, s: Settings, steps: int | None = None, limi
                            for name, (cls, kw) in autoattack_settings(s.eps, classes).items()]}
     if pgd_correct:
         result["routing"] = routing_summary(torch.cat(pathways["clean"]), torch.cat(pathways["adv"]),
-                                            torch.cat(pgd_correct), n_experts)
+                                            torch.cat(pgd_correct), torch.cat(clean_correct), n_experts)
     if ious["clean"]:
         result["router_utility"] = {**{k: iou_summary(torch.cat(v)) for k, v in ious.items()},
                                     "random_pathway": iou_summary(utility.chance)}
@@ -962,19 +982,24 @@ def evaluate(model: nn.Module, data, s: Settings, steps: int | None = None, limi
 
 
 def routing_summary(choice: torch.Tensor, choice_adv: torch.Tensor, ok_adv: torch.Tensor,
-                    n_experts: int) -> dict:
-    """result["routing"] from each input's pathway (n, L), clean and under PGD, and whether PGD left it
-    classified correctly (n,): expert usage per layer (L, N), clean and under PGD; how often PGD flips each
-    layer's choice; the 4-way split (Sec. 4, Insight 2) in %, router robustness = (1) + (3), MoE robustness
-    = (1) + (2); pathway diversity, clean and under PGD."""
+                    ok_clean: torch.Tensor, n_experts: int) -> dict:
+    """result["routing"] from each input's pathway (n, L), clean and under PGD, and whether it is classified
+    correctly under PGD and clean (n,) each: expert usage per layer (L, N), clean and under PGD; how often PGD
+    flips each layer's choice; the 4-way split (Sec. 4, Insight 2) in % of the split_n inputs classified
+    correctly when clean (an input already wrong was not fooled by the attack), router robustness = (1) + (3),
+    MoE robustness = (1) + (2); pathway diversity, clean and under PGD."""
     n = len(choice)
-    usage, usage_adv, flips, split_counts = routing_counts(choice, choice_adv, ok_adv, n_experts)
-    split_4 = [round(100 * v / n, 2) for v in split_counts.tolist()]
+    usage, usage_adv, flips, split_counts = routing_counts(choice, choice_adv, ok_adv, ok_clean, n_experts)
+    m = max(int(ok_clean.sum()), 1)
+    # % of the clean-correct inputs: (1) neither, (2) router only, (3) prediction only, (4) both fooled
+    split_4 = [100 * v / m for v in split_counts.tolist()]
     return {"usage_clean": [[round(v / n, 4) for v in row] for row in usage.tolist()],
             "usage_adv": [[round(v / n, 4) for v in row] for row in usage_adv.tolist()],
             "flip_rate_per_layer": [round(v / n, 4) for v in flips.tolist()],
-            "flip_rate_any_layer": round((split_4[1] + split_4[3]) / 100, 4),
-            "split_4way": dict(zip(("neither", "router_only", "prediction_only", "both"), split_4)),
+            "flip_rate_any_layer": round((choice != choice_adv).any(1).float().mean().item(), 4),
+            "split_4way": dict(zip(("neither", "router_only", "prediction_only", "both"),
+                                   [round(v, 2) for v in split_4])),
+            "split_n": int(ok_clean.sum()),
             "router_robustness": round(split_4[0] + split_4[2], 2),
             "moe_robustness": round(split_4[0] + split_4[1], 2),
             "pathways": {"clean": pathway_diversity(choice, n_experts),
@@ -999,14 +1024,17 @@ def iou_summary(iou: torch.Tensor) -> dict:
             "histogram": [int(v) for v in hist.tolist()]}
 
 
-def routing_counts(choice: torch.Tensor, choice_adv: torch.Tensor, ok_adv: torch.Tensor, n_experts: int):
-    """From pathways (B, L), clean and adversarial, and ok_adv (B,): inputs per expert per layer (L, N), clean
-    and adversarial; flips per layer (L,); the 4-way split's counts (4,)."""
+def routing_counts(choice: torch.Tensor, choice_adv: torch.Tensor, ok_adv: torch.Tensor, ok_clean: torch.Tensor,
+                   n_experts: int):
+    """From pathways (B, L), clean and adversarial, and ok_adv, ok_clean (B,): inputs per expert per layer (L,
+    N), clean and adversarial; flips per layer (L,); the 4-way split's counts (4,) over the clean-correct
+    inputs."""
     flipped = choice != choice_adv                                             # (B, L)
     # router fooled: any layer's choice under attack differs from its clean choice
     fooled = flipped.any(1)                                                    # (B,)
-    # the 4-way split (Sec. 4, Insight 2): (1) neither fooled, (2) router only, (3) prediction only, (4) both
-    groups = torch.stack([~fooled & ok_adv, fooled & ok_adv, ~fooled & ~ok_adv, fooled & ~ok_adv])  # (4, B)
+    # the 4-way split (Sec. 4, Insight 2) of the inputs correct when clean: (1) neither fooled, (2) router
+    # only, (3) prediction only, (4) both
+    groups = torch.stack([~fooled & ok_adv, fooled & ok_adv, ~fooled & ~ok_adv, fooled & ~ok_adv]) & ok_clean
     usage, usage_adv = (F.one_hot(c, n_experts).sum(0) for c in (choice, choice_adv))   # (L, N) each
     return usage, usage_adv, flipped.sum(0), groups.sum(1)
 
@@ -1125,7 +1153,8 @@ class Settings:
     eps: float = setting(None, "l_inf radius (default: 8/255 on CIFAR and synthetic, 2/255 on "
                                "TinyImageNet/ImageNet)", float)
     train_steps: int = setting(2, "K: PGD steps of the training attack")
-    train_step_size: float = setting(None, "training PGD step (default: 2.5*eps/K)", float)
+    train_step_size: float = setting(None, "training PGD step (default: 1.25*eps/K, the authors' 5/255 at "
+                                           "eps 8/255 and K = 2)", float)
     test_steps: int = setting(50, "PGD steps of the final robustness evaluation (RA)")
     test_step_size: float = setting(None, "test PGD step (default: eps/4)", float)
     # ---- routing regularizers (NOTE(ours): the paper has none; it is silent on routing collapse) -----
@@ -1215,7 +1244,10 @@ class Settings:
             raise ConfigError(f"--eps {self.eps} is not a radius in pixel units of [0,1] images: give e.g. "
                               f"0.0314 (8/255)")
         if self.train_step_size is None:
-            self.train_step_size = 2.5 * self.eps / max(self.train_steps, 1)
+            # NOTE(official code): 5/255 at eps 8/255 and K = 2 (the paper fixes no step); scaled with eps
+            # and K, so the K steps together travel 1.25 eps, and TRADES' start near x is not thrown to a corner
+            # of the box in one step (2.5 eps / K would be 10/255).
+            self.train_step_size = 1.25 * self.eps / max(self.train_steps, 1)
         if self.test_step_size is None:
             self.test_step_size = self.eps / 4
         rules = (  # (what a value must be, the flags it applies to, the message)
@@ -1696,6 +1728,12 @@ def train_in(out: Path, s: Settings, rank: int, world: int, device: torch.device
             log(f"pruned to {sum(map(len, mask['keep'].values()))} of {sum(mask['sizes'].values())} "
                 f"channels; fine-tuning for {s.epochs} epochs")
         sync_model(model)
+        if start == 0 and lead:  # the routing of the model before training: epoch 0
+            row0 = {"epoch": 0, "routing": routing_snapshot(model, data, s, fresh=True)}
+            if row0["routing"]:
+                extra = {**extra, "routing_epoch0": row0["routing"]}
+                log(format_routing(row0["routing"], "epoch 0 (before training): routing"))
+                append_jsonl(out / "log.jsonl", row0)
         # Training forwards may go through torch.compile; checkpoints and evaluation use the module itself.
         net = compiled(model, s, device)
         for epoch in range(start, s.epochs):
@@ -1713,14 +1751,17 @@ def train_in(out: Path, s: Settings, rank: int, world: int, device: torch.device
                 # on the validation split when there is one (settings are chosen there, not on the test set)
                 split = "val" if data.eval_len(split="val") else "test"
                 quick = evaluate(model, data, s, steps=10, limit=s.quick_eval_n, split=split)
-                row.update(sa=quick["sa"], ra_pgd10=quick["ra"], quick_split=split,
-                           usage=quick["routing"].get("usage_clean"))
+                row.update(sa=quick["sa"], ra_pgd10=quick["ra"], quick_split=split)
+            routing = routing_snapshot(model, data, s, (history[-1] if history else extra).get(
+                "routing" if history else "routing_epoch0"))
+            if routing:
+                row["routing"] = routing
             history.append(row)
             log(format_row(row, s))
             save_checkpoint(ckpt_path, model, opts, s, epoch + 1, history, train_seconds, extra)
             append_jsonl(out / "log.jsonl", row)
     identical = ranks_identical(model)
-    info = {"world_size": world, "ranks_identical": identical}
+    info = {"world_size": world, "ranks_identical": identical, "routing_epoch0": extra.get("routing_epoch0")}
     if s.method == "sparse":
         info["sparse"] = {"init": s.init or None, "prune_epochs": len(extra["prune_history"]),
                           "kept": {g: len(v) for g, v in extra["keep"].items()},
@@ -1823,11 +1864,50 @@ def format_row(row: dict, s: Settings) -> str:
         text += f" router_loss {row['router_loss']:.4f}"
     if "sa" in row:
         text += f" | SA {row['sa']:.2f} RA(PGD-10) {row['ra_pgd10']:.2f}"
-    if row.get("usage"):
-        shares = sorted(max(u) for u in row["usage"])
-        text += f" | top-expert share per layer min {shares[0]:.2f} median {shares[len(shares) // 2]:.2f} " \
-                f"max {shares[-1]:.2f}"
+    if row.get("routing"):
+        text += format_routing(row["routing"], " | routing")
     return text + f" | {row['seconds']:.1f}s"
+
+
+def format_routing(r: dict, what: str) -> str:
+    shares = sorted(r["top_share"])
+    changed = f", majority changed in {r['majority_changed']}" if r.get("majority_changed") is not None else ""
+    return f"{what}: collapsed {r['collapsed']}/{len(shares)}{changed}, top-expert share min {shares[0]:.2f} " \
+           f"median {shares[len(shares) // 2]:.2f} max {shares[-1]:.2f}"
+
+
+ROUTING_N = 256  # images of the per-epoch routing check
+
+
+def routing_snapshot(model: nn.Module, data, s: Settings, previous: dict | None = None,
+                     fresh: bool = False) -> dict | None:
+    """The model's routing now (eval mode, clean inputs), on the first ROUTING_N images of the validation split
+    (of the test set without one): per MoE layer the top expert's share and the majority expert, the number
+    of collapsed layers (one expert takes >= 95%), pathway diversity, and the number of layers whose majority
+    expert changed since `previous` (the last epoch's snapshot). None for a model without routers.
+    fresh (epoch 0, before training): BatchNorm running statistics are not estimated yet, so a copy of the
+    model normalizes with each batch's statistics (train mode), as the first training step will."""
+    split = "val" if data.eval_len(split="val") else "test"
+    device, choices = next(model.parameters()).device, []
+    model = copy.deepcopy(model).train() if fresh else model
+    with evaluating(model) if not fresh else contextlib.nullcontext(), torch.no_grad(), \
+            torch.autocast(device.type, enabled=False):
+        for x, _ in data.test_batches(s.eval_batch_size, ROUTING_N, split):
+            _, gates = model(prep(x, s, device), return_routing=True)
+            if not gates:
+                return None
+            choices.append(torch.stack([g.choice for g in gates], 1))          # (B, L)
+    choice = torch.cat(choices)                                                 # (n, L)
+    n_experts = gates[0].logits.shape[1]
+    # f_{l,k}: share of the inputs layer l sends to expert k, (L, N)
+    usage = F.one_hot(choice, n_experts).float().mean(0)
+    top, majority = usage.max(1)
+    snap = {"split": split, "images": len(choice), "top_share": [round(v, 4) for v in top.tolist()],
+            "majority": majority.tolist(), "collapsed": int((top >= 0.95).sum()),
+            "pathways": pathway_diversity(choice, n_experts)}
+    if previous:
+        snap["majority_changed"] = sum(a != b for a, b in zip(snap["majority"], previous["majority"]))
+    return snap
 
 
 @contextlib.contextmanager
@@ -2103,6 +2183,7 @@ def finish(model, data, s: Settings, out: Path, history: list, train_seconds: fl
         "dataset": s.dataset, "arch": s.arch, "method": s.method, "ratio": s.model_ratio,
         "n_experts": s.model_experts, "router": s.router if s.model_experts > 1 else None,
         "loss": s.loss, "epochs": len(history), "seed": s.seed, "eps": s.eps,
+        "train_step_size": s.train_step_size, "train_steps": s.train_steps,
         "sa": ev["sa"], "ra": ev["ra"], "eval_n": ev["n"], "attack": ev["attack"], "attacks": ev["attacks"],
         "attack_n": ev["attack_n"], "ra_aa": ev["attacks"].get("autoattack"), "ra_worst": ev["ra_worst"],
         "ra_worst_n": ev["ra_worst_n"], "ra_worst_without_aa": ev["ra_worst_without_aa"],
@@ -2574,7 +2655,7 @@ def study_section(results: list[dict]) -> list[str]:
             if c := pick([r for r in results if in_table1(r)], dataset=dataset, arch=arch, method=m):
                 stages.append((f"reference: {METHOD_LABELS[m]}", c))
         lines += [f"## Sec. 4 study (Insights 1-3): {dataset} {arch}", "",
-                  "4-way split of PGD examples, % of test images: (1) neither routers nor prediction fooled, "
+                  "4-way split of PGD examples, % of the test images classified correctly when clean: (1) neither routers nor prediction fooled, "
                   "(2) routers only, (3) prediction only, (4) both. Router robustness "
                   "= (1)+(3), MoE robustness = (1)+(2).", ""]
         rows = [[label, fmt(r["sa"]), fmt(r["ra"])] + split_cells(r)

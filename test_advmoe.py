@@ -114,6 +114,19 @@ def test_masked_batchnorm_statistics_stay_float32_under_bf16_autocast():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["resnet18", "wrn28_10", "vgg16", "densenet"])
+@pytest.mark.parametrize("router", ["layer", "global"])
+def test_a_fresh_router_routes_by_the_input(arch, router):
+    (_, _), (x, _) = A.synthetic_data(8, 256)
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        model = A.MoECNN(arch, 10, 32, 0.5, 2, router=router, width=0.25).train()
+        with torch.no_grad():
+            _, gates = model(x.float() / 255, return_routing=True)
+        share = A.expert_usage(gates).max(1).values                      # (L,) top expert's share per layer
+        assert share.max() < 0.9, (seed, share.tolist())                  # no layer sends 90% to one expert
+
+
 def test_sparse_path_updates_per_expert_batchnorm_statistics():
     model = moe("resnet18").train()
     layer = model.backbone.blocks[0].conv1
@@ -515,8 +528,11 @@ def test_adaptive_attacks_and_ra_worst(router):
     assert all(0 <= v <= result["sa"] + 1e-9 for v in [result["ra_worst"]])
     assert result["ra_worst"] <= min(result["attacks"].values())
     split = result["routing"]["split_4way"]
-    assert abs(sum(split.values()) - 100) < 0.05
-    assert abs(split["neither"] + split["router_only"] - result["ra"]) < 0.05  # MoE robustness = RA
+    n_ok = result["routing"]["split_n"]  # the split counts the inputs classified correctly when clean
+    assert abs(sum(split.values()) - (100 if n_ok else 0)) < 0.05
+    assert n_ok == round(result["sa"] * result["n"] / 100)
+    # MoE robustness (1)+(2) of them: correct clean and under PGD, at most RA's count
+    assert (split["neither"] + split["router_only"]) * n_ok / 100 <= result["ra"] * result["n"] / 100 + 0.05
 
 
 def test_square_and_autoattack_need_torchattacks(tmp_path):
@@ -816,10 +832,39 @@ def test_four_way_split_on_a_constructed_case():
     clean = gates([0, 0, 0, 0, 0, 0], [1, 1, 1, 1, 1, 1])
     adv = gates([0, 1, 1, 0, 1, 0], [1, 1, 1, 1, 1, 0])  # the router flips for inputs 1, 2, 4 (layer 0), 5 (layer 1)
     ok_adv = torch.tensor([True, True, True, False, False, False])
-    usage, usage_adv, flips, split = A.routing_counts(pathway(clean), pathway(adv), ok_adv, 2)
-    # (1) neither: input 0; (2) router only: 1, 2; (3) prediction only: 3; (4) both: 4, 5
-    assert split.tolist() == [1, 2, 1, 2] and flips.tolist() == [3, 1]
+    ok_clean = torch.tensor([True, True, False, True, False, True])  # inputs 2 and 4 are wrong before any attack
+    usage, usage_adv, flips, split = A.routing_counts(pathway(clean), pathway(adv), ok_adv, ok_clean, 2)
+    # over the clean-correct inputs 0, 1, 3, 5: (1) neither: 0; (2) router only: 1; (3) prediction only: 3;
+    # (4) both: 5 (over all six inputs it would be 1, 2, 1, 2)
+    assert split.tolist() == [1, 1, 1, 1] and flips.tolist() == [3, 1]
     assert usage.tolist() == [[6, 0], [0, 6]] and usage_adv.tolist() == [[3, 3], [1, 5]]
+    summary = A.routing_summary(pathway(clean), pathway(adv), ok_adv, ok_clean, 2)
+    assert summary["split_n"] == 4 and summary["split_4way"]["router_only"] == 25.0
+    assert summary["router_robustness"] == 50.0 and summary["moe_robustness"] == 50.0  # (1)+(3), (1)+(2)
+    assert summary["flip_rate_any_layer"] == 4 / 6  # inputs 1, 2, 4, 5 of all six
+
+
+def test_routing_is_logged_every_epoch_and_recorded_before_training(tmp_path):
+    lines = []
+    result = A.train(tiny(epochs=2, out=str(tmp_path)), log=lines.append)
+    rows = [json.loads(line) for line in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [0, 1, 2]
+    for r in rows:
+        layers = len(r["routing"]["top_share"])
+        assert layers == 16 and 0 <= r["routing"]["collapsed"] <= layers
+        assert r["routing"]["collapsed"] == sum(v >= 0.95 for v in r["routing"]["top_share"])
+    # majority changes are counted against the epoch before
+    for before, now in zip(rows, rows[1:]):
+        changed = sum(a != b for a, b in zip(before["routing"]["majority"], now["routing"]["majority"]))
+        assert now["routing"]["majority_changed"] == changed
+    assert result["routing_epoch0"] == rows[0]["routing"] and "usage_clean" in result["routing"]
+    assert any("epoch 1/2" in line and "collapsed" in line for line in lines)
+
+
+def test_the_training_step_is_the_authors_five_over_255_scaled_with_eps():
+    assert tiny().train_step_size == pytest.approx(5 / 255)                      # eps 8/255, K = 2
+    assert tiny(dataset="tinyimagenet").train_step_size == pytest.approx(1.25 / 255)  # eps 2/255
+    assert tiny(train_step_size=0.01).train_step_size == 0.01
 
 
 def test_pgdat_trains(tmp_path):
