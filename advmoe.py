@@ -330,7 +330,7 @@ def standardize(z: torch.Tensor) -> torch.Tensor:
     that offset. Standardized per input, without a bias, the logits depend on which channels respond, not on
     how strongly all of them do."""
     # z_b <- (z_b - mean_c z_bc) / sqrt(var_c z_bc + eps)
-    return F.layer_norm(z.float(), z.shape[1:])
+    return F.layer_norm(z, z.shape[1:])
 
 
 def router_head(cin: int, n_experts: int) -> nn.Linear:
