@@ -5,8 +5,9 @@
 #   bash train_all.sh                                              # everything, one job per visible GPU
 #   DRY_RUN=1 bash train_all.sh                                    # print the commands only
 #   EPOCHS=1 DATASETS=synthetic ARCHS=resnet18 bash train_all.sh   # a reduced grid (runs on a CPU)
+#   GRID=smoke bash train_all.sh                                   # check a machine first: bench, one short run per
+#                                                                  # method, report, the whole grid's time estimated
 #   GRID=laptop bash train_all.sh                                  # the real-CIFAR-10 laptop study on a 2-core CPU
-#                                                                  # (results/cifar10_laptop/: its README has the wall time)
 #
 # Environment:
 #   EPOCHS (100)        training epochs of every run (AT(Sparse): fine-tuning epochs)
@@ -16,7 +17,7 @@
 #   AA_N (1000)         test images for AutoAttack (Table 2)
 #   GPUS                GPU indices, one job per GPU (default: every GPU nvidia-smi lists; none: the CPU)
 #   OUT (runs), DATA_DIR (data), EXTRA (more flags for every run), DRY_RUN (0)
-#   GRID (paper | laptop), CPU_JOBS (1; laptop: 2): runs at a time without GPUs, each on
+#   GRID (paper | smoke | laptop), CPU_JOBS (1; laptop, smoke: 2): runs at a time without GPUs, each on
 #   $(nproc)/CPU_JOBS threads
 # A run whose OUT/<name>/result.json exists is skipped, so the script can be re-run after an interruption
 # (each training run also resumes from its own checkpoint: --resume). A job waits for the runs it starts
@@ -25,7 +26,11 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 GRID=${GRID:-paper}
-[[ $GRID == paper || $GRID == laptop ]] || { echo "train_all.sh: GRID=$GRID: choose paper or laptop" >&2; exit 2; }
+[[ $GRID == paper || $GRID == smoke || $GRID == laptop ]] || { echo "train_all.sh: GRID=$GRID: choose paper, smoke or laptop" >&2; exit 2; }
+if [[ $GRID == smoke ]]; then  # the machine's name: cpu, or the GPU's last word (h100, h200, a100, ...)
+  DEVICE_NAME=$(python -c "import torch; print(torch.cuda.get_device_name(0).split()[-1].lower() if torch.cuda.is_available() else 'cpu')")
+  EPOCHS=${EPOCHS:-1}; OUT=${OUT:-results/smoke_$DEVICE_NAME}; CPU_JOBS=${CPU_JOBS:-2}
+fi
 if [[ $GRID == laptop ]]; then
   EPOCHS=${EPOCHS:-12}; OUT=${OUT:-results/cifar10_laptop}; CPU_JOBS=${CPU_JOBS:-2}; GPUS=${GPUS-}
 fi
@@ -70,6 +75,24 @@ if [[ $GRID == laptop ]]; then
       job "${method}_authors_s$seed" "" "${lap[@]}" --method $method "${authors[@]}" --seed $seed
     done
   done
+fi
+
+# ---- GRID=smoke: check a machine in minutes before the full grid (README, "Check a machine first") --------
+# One short run of each Table 1 method on real CIFAR-10 when DATA_DIR has it (the synthetic set otherwise), an
+# --eval-only of the AdvMoE run, then (after the runner) the bench of ResNet-18, the report and the estimate.
+if [[ $GRID == smoke ]]; then
+  SMOKE_DATA=synthetic
+  [[ -f $DATA_DIR/cifar10_train.npz || -d $DATA_DIR/cifar-10-batches-py ]] && SMOKE_DATA=cifar10
+  if [[ $DEVICE_NAME == cpu ]]; then  # small CPU settings: a quarter-width ResNet-18, 512 images
+    small=(--width 0.25 --train-n 512 --eval-n 64 --test-steps 5 --quick-eval-n 0 --batch-size 64)
+  else                                # one GPU: 10,000 images at full width
+    small=(--train-n 10000 --eval-n 1000 --test-steps 10 --quick-eval-n 0)
+  fi
+  for method in dense sdense moe advmoe; do
+    job "$method" "" --dataset $SMOKE_DATA --method $method "${small[@]}"
+  done
+  job sparse dense --dataset $SMOKE_DATA --method sparse --init "$(ckpt dense)" --prune-epochs 1 "${small[@]}"
+  job advmoe_eval advmoe --eval-only "$(ckpt advmoe)"
 fi
 
 if [[ $GRID == paper ]]; then  # ---- GRID=paper (the default): every table of the paper, to the Runner below
@@ -210,9 +233,9 @@ while pending; do
     cmd=$(command_of "$name")
     echo "[$slot] $cmd"
     if [[ $slot == cpu* ]]; then
-      OMP_NUM_THREADS=$THREADS $cmd --device cpu > "$OUT/$name/stdout.log" 2>&1 &
+      OMP_NUM_THREADS=$THREADS $cmd --device cpu >> "$OUT/$name/stdout.log" 2>&1 &
     else
-      CUDA_VISIBLE_DEVICES=$slot $cmd > "$OUT/$name/stdout.log" 2>&1 &
+      CUDA_VISIBLE_DEVICES=$slot $cmd >> "$OUT/$name/stdout.log" 2>&1 &
     fi
     PID[$name]=$!; SLOT_OF[$name]=$slot; STATE[$name]=running
   done
@@ -222,4 +245,20 @@ done
 failed=0
 for name in "${NAMES[@]}"; do [[ ${STATE[$name]} == done ]] || failed=1; done
 python advmoe.py report "$OUT" > /dev/null && echo "report: $OUT/report.md"
+
+if [[ $GRID == smoke ]]; then  # the bench, the machine, and the paper grid's wall time estimated from the bench
+  {
+    echo "machine: $(uname -m), $(nproc) cores; device: $DEVICE_NAME; $(python -c 'import torch; print("torch", torch.__version__)')"
+    echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown); date: $(date -u +%Y-%m-%dT%H:%MZ)"
+  } > "$OUT/machine.txt"
+  if [[ $DEVICE_NAME == cpu ]]; then bench=(--width 0.25 --repeats 3); else bench=(--repeats 20); fi
+  python advmoe.py bench --out "$OUT/bench.json" "${bench[@]}" > "$OUT/bench.log" 2>&1 || failed=1
+  if [[ $DEVICE_NAME != cpu ]]; then  # and the same with --compile: the warm-up is its first step
+    python advmoe.py bench --out "$OUT/bench_compile.json" --compile "${bench[@]}" > "$OUT/bench_compile.log" 2>&1 || failed=1
+  fi
+  read -r -a gpus <<< "${GPUS:-}"; workers=${#gpus[@]}; ((workers)) || workers=1
+  GRID=paper DRY_RUN=1 EPOCHS=100 OUT=runs bash "$0" | python advmoe.py estimate "$OUT/bench.json" $workers \
+    > "$OUT/estimate.json" || failed=1
+  cat "$OUT/machine.txt" "$OUT/bench.log" "$OUT/estimate.json"
+fi
 exit $failed
