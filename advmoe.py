@@ -786,10 +786,10 @@ def routing_summary(choice, choice_adv, ok_adv, ok_clean, n_experts: int) -> dic
 
 def pathway_diversity(choices: torch.Tensor) -> dict:
     """choices (n, L), each input's pathway: the number of distinct pathways and the entropy of their
-    distribution in bits, H = -sum_p q_p log2 q_p (0: one pathway for every input)."""
+    distribution in bits, H = sum_p q_p log2(1 / q_p) (0: one pathway for every input)."""
     _, counts = choices.unique(dim=0, return_counts=True)
     q = counts.double() / counts.sum()
-    return {"distinct": len(counts), "entropy_bits": round(-(q * q.log2()).sum().item(), 3),
+    return {"distinct": len(counts), "entropy_bits": round((q * (1 / q).log2()).sum().item(), 3),
             "inputs": len(choices)}
 
 def routing_snapshot(model: nn.Module, data, s, previous: dict | None = None, fresh: bool = False):
@@ -1055,6 +1055,7 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # a bad type or an unknown flag: one line, like every other error
         raise ConfigError(f"{message} (python advmoe.py --help lists the flags)")
 
+@functools.cache  # built from Settings' source once (argparse parsers keep no state between parse_args calls)
 def settings_parser(defaults: bool = True) -> argparse.ArgumentParser:
     """The flags of Settings, grouped, with each field's comment as its help; defaults=False leaves out of
     the parsed namespace what was not given."""
