@@ -2125,6 +2125,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # while loading, or in report or bench
         print("advmoe: interrupted: nothing more was written", file=sys.stderr)
         return 130
+    finally:  # a gloo process group left to the interpreter's exit can abort the process (SIGABRT)
+        if dist.is_initialized():
+            dist.destroy_process_group()
     return 0
 
 if __name__ == "__main__":
