@@ -1629,7 +1629,7 @@ def finish(model, data, s: Settings, out: Path, history: list, seconds: float, d
               "params": {"total": sum(p.numel() for p in model.parameters()),
                          "routers": sum(p.numel() for p in router_params(model))},
               "train_seconds": round(seconds, 1), "eval_seconds": round(time.perf_counter() - t0, 1),
-              "device": device_name(device), "torch": torch.__version__, "commit": git_commit(),
+              "device": device_name(device), "torch": torch.__version__, "commit": COMMIT,
               "command": command_line(s), **(extra or {}), "settings": dataclasses.asdict(s),
               "history": history}
     write_json(out / "result.json", result)
@@ -1662,6 +1662,8 @@ def git_commit() -> str | None:
         ref = head.read_text().strip()
         return (head.parent / ref[5:]).read_text().strip() if ref.startswith("ref: ") else ref
     return None
+
+COMMIT = git_commit()  # read at import: the code that runs, even if the checkout moves on during a long run
 
 def atomic_write(path: Path, write: Callable[[str], None]):
     """Write a temporary file in the same folder, then rename it: never a half-written file, and a failed
@@ -2044,7 +2046,7 @@ def bench(argv: list[str], log=print) -> dict:
     dense = next((r["infer_img_s"] for r in rows if r["method"] == "dense"), None)
     for r in rows:
         r["infer_vs_dense"] = round(r["infer_img_s"] / dense, 2) if dense and "infer_img_s" in r else None
-    result = {"device": device_name(device), "torch": torch.__version__, "commit": git_commit(),
+    result = {"device": device_name(device), "torch": torch.__version__, "commit": COMMIT,
               "arch": base.arch, "width": base.width, "batch": base.batch_size, "infer_batch": infer_batch,
               "bf16": base.amp and gpu,
               "compile": base.compile, "repeats": repeats, "rows": rows}

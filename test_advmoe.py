@@ -1618,6 +1618,13 @@ def test_an_attack_named_twice_runs_once():
     assert tiny(eval_attacks="pgd,autoattack", eval_aa=True).attacks == ("pgd", "autoattack")
 
 
+def test_result_records_the_commit_of_the_code_that_ran(tmp_path, monkeypatch):
+    """A long run records the commit checked out when it started, not the one checked out when it finished."""
+    monkeypatch.setattr(A, "git_commit", lambda: "moved on")
+    result = A.train(A.parse_settings(B + ["--out", str(tmp_path / "r")]), log=lambda line: None)
+    assert result["commit"] == A.COMMIT != "moved on"
+
+
 def test_resume_cannot_shorten_a_run_nor_overwrite_it(two_epochs, tmp_path, capsys):
     out = str(copy_of(two_epochs[0], tmp_path / "r"))
     assert A.main(B + ["--router-lr", "0.5", "--epochs", "1", "--resume", "--out", out]) == 2
