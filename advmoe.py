@@ -558,6 +558,8 @@ def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objecti
     reg = routing_regularizer(gates + gates_adv, y, obj.balance, obj.supervision)
     stats = {"loss": objective.detach(), "acc": (logits.argmax(1) == y).float().mean(),
              "acc_adv": (logits_adv.argmax(1) == y).float().mean()}
+    if obj.balance or obj.supervision:  # logged: e.g. whether the routers learn the class-mod-N targets
+        stats["router_reg"] = reg.detach()
     return objective, reg, stats
 
 def level(model: nn.Module, opt: torch.optim.Optimizer, x, y, obj: Objective, regularize: bool) -> dict:
@@ -1399,8 +1401,7 @@ class Progress:
 def format_row(row: dict, s: Settings) -> str:
     text = f"epoch {row['epoch']}/{s.epochs} loss {row['loss']:.4f} acc {100 * row['acc']:.1f} acc_adv " \
            f"{100 * row['acc_adv']:.1f}"
-    text += f" router_loss {row['router_loss']:.4f}" if "router_loss" in row else ""
-
+    text += "".join(f" {k} {row[k]:.4f}" for k in ("router_loss", "router_reg") if k in row)
     text += f" | SA {row['sa']:.2f} RA(PGD-10) {row['ra_pgd10']:.2f}" if "sa" in row else ""
     text += format_routing(row["routing"], " | routing") if "routing" in row else ""
     return text + f" | {row['seconds']:.1f}s"

@@ -1618,6 +1618,17 @@ def test_an_attack_named_twice_runs_once():
     assert tiny(eval_attacks="pgd,autoattack", eval_aa=True).attacks == ("pgd", "autoattack")
 
 
+def test_the_routing_regularizer_is_logged_when_it_is_on(tmp_path):
+    """The authors' configuration (--router-supervision): each epoch's row and progress line carry the
+    regularizer's mean value (6 x CE to class mod N); the paper's routing has none."""
+    for extra, logged in ((["--router", "global", "--router-supervision", "6"], True), ([], False)):
+        lines, out = [], tmp_path / str(logged)
+        A.train(A.parse_settings(B + ["--method", "moe", "--out", str(out)] + extra), log=lines.append)
+        row = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
+        assert ("router_reg" in row) == logged == any(" router_reg " in line for line in lines)
+        assert not logged or 0 < row["router_reg"] < math.inf
+
+
 def test_result_records_the_commit_of_the_code_that_ran(tmp_path, monkeypatch):
     """A long run records the commit checked out when it started, not the one checked out when it finished."""
     monkeypatch.setattr(A, "git_commit", lambda: "moved on")
