@@ -8,8 +8,9 @@ Claim (the paper): router-expert alternating adversarial training (Eq. 1, Algori
     robust than AT(S-Dense), AT(Sparse) and AT(MoE) at S-Dense's inference cost (Table 1).
 Evidence here: results/cifar10_laptop/ (real CIFAR-10, ResNet-18 at width 1/4, 20,000 images, 12 epochs; in
     progress). Seed 1, PGD-50 / AutoAttack RA on 2,000 / 500 test images: AT(S-Dense) 28.25 / 24.6, AT(MoE)
-    24.50 / 19.8, AdvMoE 23.90 / 19.0. At that scale AdvMoE's gain is not reproduced; AT(MoE) < AT(S-Dense)
-    is (one standard error ~1 / 2 points; the seed spread is not known yet).
+    24.50 / 19.8, AdvMoE 23.90 / 19.0; the authors' global router: AT(MoE) 30.75 / 19.8, AdvMoE 29.75 / 20.6
+    (PGD masked). At that scale AdvMoE's gain is not reproduced; AT(MoE) < AT(S-Dense) is (one standard
+    error ~1 / 2 points; two seeds so far differ by 0.2-1.0).
 
 Usage
     python advmoe.py --dataset cifar10 --arch resnet18 --method advmoe      # train + evaluate one model
