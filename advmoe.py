@@ -6,11 +6,11 @@ Reference implementation of
     Convolutional Neural Networks". ICCV 2023. arXiv:2308.10110.
 Claim (the paper): router-expert alternating adversarial training (Eq. 1, Algorithm 1) makes an MoE-CNN more
     robust than AT(S-Dense), AT(Sparse) and AT(MoE) at S-Dense's inference cost (Table 1).
-Evidence here: results/cifar10_laptop/ (real CIFAR-10, ResNet-18 at width 1/4, 20,000 images, 12 epochs; in
-    progress). Seed 1, PGD-50 / AutoAttack RA on 2,000 / 500 test images: AT(S-Dense) 28.25 / 24.6, AT(MoE)
-    24.50 / 19.8, AdvMoE 23.90 / 19.0; the authors' global router: AT(MoE) 30.75 / 19.8, AdvMoE 29.75 / 20.6
-    (PGD masked). At that scale AdvMoE's gain is not reproduced; AT(MoE) < AT(S-Dense) is (one standard
-    error ~1 / 2 points; two seeds so far differ by 0.2-1.0).
+Evidence here: results/cifar10_laptop/ (real CIFAR-10, ResNet-18 at width 1/4, 20,000 images, 12 epochs,
+    2 seeds). PGD-50 / AutoAttack RA on 2,000 / 500 test images, seed 1 (seed 2): AT(S-Dense) 28.25 (28.60) /
+    24.6, AT(MoE) 24.50 (25.70) / 19.8 (21.0), AdvMoE 23.90 (25.45) / 19.0 (20.4); the authors' global router
+    masks PGD (PGD-50 29.8-31.2, AutoAttack 19.8-21.4). At that scale AdvMoE's gain is not reproduced;
+    AT(MoE) < AT(S-Dense) is (one standard error ~1 / 2 points; the two seeds differ by 0.35-1.55).
 
 Usage
     python advmoe.py --dataset cifar10 --arch resnet18 --method advmoe      # train + evaluate one model
