@@ -1220,8 +1220,8 @@ def load_cifar(name: str, root: Path) -> list[tuple[torch.Tensor, torch.Tensor]]
             shutil.rmtree(created, ignore_errors=True)
         raise ConfigError(f"{name} is not in {root} and could not be downloaded ({type(e).__name__}): run "
                           f"once online, or put {name}_train.npz and {name}_test.npz in --data-dir") from None
-    return [(torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(d.targets))
-            for d in sets]  # images (n, H, W, 3) -> (n, 3, H, W), uint8
+    return [(torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(),  # (n, H, W, 3) -> (n, 3, H, W) uint8
+             torch.tensor(d.targets)) for d in sets]
 
 def read_npz(path: Path, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """DATA_DIR/<name>_<split>.npz, checked: x uint8 (N, H, W, 3), y N integer labels in [0, classes)."""
