@@ -95,8 +95,8 @@ from torch.utils.data import DataLoader, Subset
 
 ARCHS = ("resnet18", "wrn28_10", "vgg16", "densenet")
 DATASETS = ("cifar10", "cifar100", "tinyimagenet", "imagenet", "synthetic")
-METHODS = ("dense", "sdense", "moe", "advmoe", "sparse", "standard")
-MOE_METHODS = ("moe", "advmoe", "standard")  # the methods whose model is an MoE-CNN
+METHODS = ("dense", "sdense", "moe", "advmoe", "sparse")
+MOE_METHODS = ("moe", "advmoe")  # the methods whose model is an MoE-CNN
 EVAL_ATTACKS = ("pgd", "soft", "square", "autoattack")
 MEAN_STD = {  # per-channel mean and std; the model normalizes as its first layer
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
@@ -159,14 +159,17 @@ class MoEConv(nn.Module):
     S-Dense layer, so every backbone is written once. Expert e owns filters [e*cout, (e+1)*cout) of one
     (N*cout, cin, k, k) weight and reads the pathway's cin channels (deviation 3)."""
 
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int, n_experts: int, bn: bool, router: bool):
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, n_experts: int, bn: bool, router: bool,
+                 shared_bn: bool = False, standardized: bool = True):
         super().__init__()
         self.cin, self.cout, self.stride, self.padding, self.n = cin, cout, stride, kernel // 2, n_experts
+        self.shared_bn, self.standardized = shared_bn and n_experts > 1, standardized
         self.weight = nn.Parameter(torch.empty(n_experts * cout, cin, kernel, kernel))
         # Kaiming (fan_out) of one expert as a standalone conv: std = sqrt(2 / (cout * k * k))
         nn.init.normal_(self.weight, 0.0, math.sqrt(2.0 / (cout * kernel * kernel)))
-        # NOTE(ours), deviation 1: a BatchNorm per expert, stored as one BatchNorm over N*cout channels.
-        self.bn = nn.BatchNorm2d(n_experts * cout) if bn else None
+        # NOTE(ours), deviation 1: a BatchNorm per expert, stored as one BatchNorm over N*cout channels;
+        # --shared-bn: one BatchNorm over the pathway's cout channels for every expert (the authors' code).
+        self.bn = nn.BatchNorm2d(cout if self.shared_bn else n_experts * cout) if bn else None
         # the per-layer router (Fig. A1) on the layer's pooled input
         self.router = router_head(cin, n_experts) if (router and n_experts > 1) else None
 
@@ -174,21 +177,28 @@ class MoEConv(nn.Module):
         if self.n == 1:
             return self.conv_bn(x, 0)
         # g_l(x) = top1(softmax(W_l std(GAP(x)))); the global router decided once for every layer
-        gate = routing.shared or top1_gate(self.router(standardize(x.mean((2, 3)))))
+        pooled = x.mean((2, 3))                                                   # (B, cin)
+        gate = routing.shared or top1_gate(self.router(standardize(pooled) if self.standardized else pooled))
         routing.gates.append(gate)
         if routing.dispatch == "sparse":
             # y_b = E_{e(b)}(x_b): group the batch by expert, one conv of the expert's r*C filters per group
             order = gate.choice.argsort()
             sizes = gate.choice.bincount(minlength=self.n).tolist()     # the one host read of the layer
             ys = [self.conv_bn(xe, e) for e, xe in enumerate(x[order].split(sizes)) if len(xe)]
-            return straight_through(torch.cat(ys)[order.argsort()], gate)
+            y = torch.cat(ys)[order.argsort()]                                    # (B, cout, H', W')
+            return straight_through(self.normalize(y, slice(None)) if self.shared_bn else y, gate)
         return self.masked_forward(x, gate, soft=routing.dispatch == "soft")
 
     def conv_bn(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        """Expert e (its filters, then its BatchNorm) on the inputs routed to it: (b, cin, H, W) -> (b, cout,
-        H', W'). Its running statistics are slices (views) of the BatchNorm's buffers, updated in place."""
+        """Expert e (its filters, then its own BatchNorm) on the inputs routed to it: (b, cin, H, W) -> (b,
+        cout, H', W'). Its running statistics are slices (views) of the BatchNorm's buffers, updated in
+        place. A shared BatchNorm is left to the caller: it normalizes the whole batch at once."""
         s = slice(e * self.cout, (e + 1) * self.cout)
         y = F.conv2d(x, self.weight[s], None, self.stride, self.padding)
+        return y if self.shared_bn else self.normalize(y, s)
+
+    def normalize(self, y: torch.Tensor, s: slice) -> torch.Tensor:
+        """The BatchNorm's channels s on y (batch statistics in training, running ones in eval)."""
         bn = self.bn
         return y if bn is None else F.batch_norm(y, bn.running_mean[s], bn.running_var[s], bn.weight[s],
                                                   bn.bias[s], self.training, bn.momentum, bn.eps)
@@ -203,8 +213,10 @@ class MoEConv(nn.Module):
         # E_{e(b)}(x_b): each input's rows of its chosen expert (a gather)
         hard = y[torch.arange(len(y), device=y.device), gate.choice]         # (B, cout, H', W')
         if self.bn is not None:  # each expert's BatchNorm as y * scale_e + shift_e, (N, cout) each
-            scale, shift = self.expert_affine(hard, gate.choice)
-            hard = hard * scale[gate.choice, :, None, None] + shift[gate.choice, :, None, None]
+            # (a shared BatchNorm: one group of statistics for every input, (1, cout) each)
+            group = gate.choice * (not self.shared_bn)                             # (B,)
+            scale, shift = self.expert_affine(hard, group)
+            hard = hard * scale[group, :, None, None] + shift[group, :, None, None]
             y = y * scale[:, :, None, None] + shift[:, :, None, None] if soft else y
         hard = straight_through(hard, gate)
         if not soft:
@@ -217,7 +229,7 @@ class MoEConv(nn.Module):
         """BN_e(y) = y * scale_e + shift_e, from the B chosen outputs y (B, cout, H', W'). In training the
         statistics of expert e are those of the inputs routed to it, as F.batch_norm computes them for a group
         of the sparse path (in float32 also under bf16 autocast); in eval, its running statistics."""
-        bn, n = self.bn, self.n
+        bn, n = self.bn, 1 if self.shared_bn else self.n
         mean, var = bn.running_mean.view(n, -1), bn.running_var.view(n, -1)
         if self.training:
             y = y.to(torch.promote_types(y.dtype, torch.float32))
@@ -241,9 +253,9 @@ class GlobalRouter(nn.Module):
     """The authors' image-level router: one decision shared by every layer (a small CNN, 16/32/64 channels,
     as their ResNet-20-like one), on the same standardized pooled features as the per-layer routers."""
 
-    def __init__(self, n_experts: int):
+    def __init__(self, n_experts: int, standardized: bool = True):
         super().__init__()
-        layers, cin = [], 3
+        layers, cin, self.standardized = [], 3, standardized
         for cout, stride in ((16, 1), (32, 2), (64, 2)):
             layers += [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
             cin = cout
@@ -251,7 +263,8 @@ class GlobalRouter(nn.Module):
         self.head = router_head(64, n_experts)
 
     def forward(self, x):
-        return self.head(standardize(self.features(x)))                      # (B, N)
+        z = self.features(x)                                                   # (B, 64)
+        return self.head(standardize(z) if self.standardized else z)           # (B, N)
 
 # ==================================================================================================
 # 2. Backbones, each written once; `Spec` makes the same class Dense, S-Dense or MoE-CNN
@@ -264,6 +277,8 @@ class Spec:
     n_experts: int = 1
     layer_router: bool = True
     base: float = 1.0  # --width W: Dense has round(W * C) channels where the paper's has C
+    shared_bn: bool = False     # --shared-bn: one BatchNorm for every expert of a layer
+    standardized: bool = True   # --router-standardize: the routers read standardized pooled features
 
     def width(self, channels: int | tuple) -> int:
         """Channels of a tensor in the pathway (= S-Dense): r * round(W * C), at least 1; of a concatenation,
@@ -276,7 +291,8 @@ class Spec:
         """A routed conv: N experts of r*cout filters, each reading the pathway's r*cin channels; shared=True:
         one conv for all experts (stem, projection shortcut)."""
         n = 1 if shared else self.n_experts
-        return MoEConv(self.width(cin), self.width(cout), kernel, stride, n, bn, self.layer_router)
+        return MoEConv(self.width(cin), self.width(cout), kernel, stride, n, bn, self.layer_router,
+                       self.shared_bn, self.standardized)
 
     def bn(self, channels) -> nn.BatchNorm2d:
         """A pre-activation BatchNorm on the pathway, shared by all experts (deviation 5)."""
@@ -423,11 +439,13 @@ class MoECNN(nn.Module):
     it; model(x, return_routing=True) also returns the Gates, one per MoE layer, in forward order."""
 
     def __init__(self, arch: str, num_classes: int = 10, image_size: int = 32, ratio: float = 1.0,
-                 n_experts: int = 1, router: str = "layer", mean_std=MEAN_STD["cifar10"], width: float = 1.0):
+                 n_experts: int = 1, router: str = "layer", mean_std=MEAN_STD["cifar10"], width: float = 1.0,
+                 shared_bn: bool = False, router_standardize: bool = True):
         super().__init__()
-        spec = Spec(ratio, n_experts, router == "layer", width)
+        spec = Spec(ratio, n_experts, router == "layer", width, shared_bn, router_standardize)
         self.backbone = BACKBONES[arch](spec, num_classes, image_size)
-        self.global_router = GlobalRouter(n_experts) if (router == "global" and n_experts > 1) else None
+        self.global_router = GlobalRouter(n_experts, router_standardize) \
+            if (router == "global" and n_experts > 1) else None
         self.register_buffer("mean", torch.tensor(mean_std[0]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(mean_std[1]).view(1, 3, 1, 1))
 
@@ -545,7 +563,8 @@ def training_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Obj
 
 def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objective):
     """A fresh training attack against the model as it is now, then the training loss at (x, x_adv) and the
-    routing regularizer of both forwards. loss "natural" (--method standard, Sec. 4 stage 1): CE(f(x), y)."""
+    routing regularizer of both forwards. loss "natural" (Sec. 4 stage 1, and the learnability diagnosis):
+    CE(f(x), y), no attack."""
     if obj.loss == "natural":
         logits, gates = model(x, return_routing=True)
         objective, logits_adv, gates_adv = F.cross_entropy(logits.float(), y), logits, []
@@ -598,7 +617,7 @@ def joint_step(model: nn.Module, opts: dict, batches: list, obj: Objective) -> d
 
 # Every method: its step function and the number of batch streams it draws per iteration.
 STEPS = {"advmoe": (advmoe_step, 2), "moe": (joint_step, 1), "sdense": (joint_step, 1),
-         "dense": (joint_step, 1), "sparse": (joint_step, 1), "standard": (joint_step, 1)}
+         "dense": (joint_step, 1), "sparse": (joint_step, 1)}
 
 def make_optimizers(model: nn.Module, s, device) -> dict[str, torch.optim.Optimizer]:
     """AdvMoE: one SGD for the routers phi and one for the backbone psi, same settings, one schedule (the
@@ -895,8 +914,8 @@ class Settings:
     dataset: str = "cifar10"
     # resnet18 | wrn28_10 | vgg16 | densenet (DenseNet-BC-40, k = 12)
     arch: str = "resnet18"
-    # dense | sdense | moe | advmoe | sparse | standard: AT(Dense), AT(S-Dense), AT(MoE), AdvMoE, AT(Sparse)
-    # (HYDRA channel pruning of an AT(Dense) model, then AT), natural training of an MoE-CNN (Sec. 4)
+    # dense | sdense | moe | advmoe | sparse: AT(Dense), AT(S-Dense), AT(MoE), AdvMoE, AT(Sparse) (HYDRA
+    # channel pruning of an AT(Dense) model, then AT); with --loss natural, natural training of each
     method: str = "advmoe"
     # r in (0, 1]: an expert, and S-Dense, keeps r*C of a layer's C channels
     ratio: float = 0.5
@@ -906,6 +925,10 @@ class Settings:
     width: float = 1.0
     # layer: a gate per MoE layer (the paper) | global: one image-level router (the authors' code)
     router: str = "layer"
+    # one BatchNorm shared by a layer's experts (the authors' code) instead of one per expert (deviation 1)
+    shared_bn: bool = False
+    # routers read their pooled features standardized per input (deviation 2); --no-router-standardize: raw
+    router_standardize: bool = True
     # checkpoint.pt whose weights start the run (sparse: the AT(Dense) run to prune)
     init: str = ""
     # all | routers | backbone: what a joint method trains (the Sec. 4 study, with --init)
@@ -913,7 +936,7 @@ class Settings:
     # sparse: epochs of score learning before the --epochs of fine-tuning
     prune_epochs: int = 20
     # --- robust loss and attacks (eps and step sizes in pixel units of [0,1] images)
-    # trades (CE + beta * KL) | pgdat (Madry: CE on PGD examples)
+    # trades (CE + beta * KL) | pgdat (Madry: CE on PGD examples) | natural (CE, no attack)
     loss: str = "trades"
     # TRADES weight 1/lambda
     beta: float = 6.0
@@ -992,8 +1015,9 @@ class Settings:
     def __post_init__(self):
         """A bad value is a one-line ConfigError naming the flag and the fix. eps and the step sizes left out
         are derived here, so a Settings object always holds numbers."""
-        choices = {"dataset": DATASETS, "arch": ARCHS, "method": METHODS, "loss": ("trades", "pgdat"),
-                   "router": ("layer", "global"), "train_params": ("all", "routers", "backbone")}
+        choices = {"dataset": DATASETS, "arch": ARCHS, "method": METHODS,
+                   "loss": ("trades", "pgdat", "natural"), "router": ("layer", "global"),
+                   "train_params": ("all", "routers", "backbone")}
         for name, allowed in [*choices.items(), ("eval_attacks", EVAL_ATTACKS)]:
             given = getattr(self, name)
             if any(v not in allowed for v in (given.split(",") if name == "eval_attacks" else [given])):
@@ -1022,9 +1046,9 @@ class Settings:
             raise ConfigError(f"--method {self.method} needs --n-experts 2 or more (one: --method sdense)")
         if self.method == "sparse" and self.ratio == 1:
             raise ConfigError("--method sparse keeps a fraction --ratio of the channels: give one below 1")
-        if self.train_params != "all" and (self.method not in ("moe", "standard") or not self.init):
+        if self.train_params != "all" and (self.method != "moe" or not self.init):
             raise ConfigError(f"--train-params {self.train_params} freezes part of an MoE-CNN: use it with "
-                              f"--method moe or standard and --init CKPT")
+                              f"--method moe and --init CKPT")
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite contradict each other: give one of them")
         if {"square", "autoattack"} & set(self.attacks):
@@ -1046,7 +1070,7 @@ class Settings:
     @property
     def objective(self) -> Objective:
         """What the method's functions read of these settings (section 4)."""
-        return Objective("natural" if self.method == "standard" else self.loss, self.beta, self.eps,
+        return Objective(self.loss, self.beta, self.eps,
                          self.train_step_size, self.train_steps, self.balance, self.router_supervision)
 
     @property
@@ -1271,7 +1295,7 @@ def load_data(s: Settings, device, shard: tuple = (0, 1)):
 # ==================================================================================================
 def build_model(s: Settings, num_classes: int, image_size: int) -> MoECNN:
     return MoECNN(s.arch, num_classes, image_size, s.model_ratio, s.model_experts, s.router,
-                  MEAN_STD[s.dataset], s.width)
+                  MEAN_STD[s.dataset], s.width, s.shared_bn, s.router_standardize)
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -1719,8 +1743,11 @@ def run_folder(out: Path, s: Settings, lead: bool = True):
             out.rmdir()
 
 # what a checkpoint's weights fit, and the flags that build its model
-IDENTITY = ("dataset", "arch", "method", "model_ratio", "model_experts", "router", "width")
-MODEL_FIELDS = ("arch", "method", "ratio", "n_experts", "router", "width")
+IDENTITY = ("dataset", "arch", "method", "model_ratio", "model_experts", "router", "width", "shared_bn",
+            "router_standardize")
+MODEL_FIELDS = ("arch", "method", "ratio", "n_experts", "router", "width", "shared_bn", "router_standardize")
+# what a checkpoint that does not record a setting was trained with
+LEGACY = {"shared_bn": False, "router_standardize": True}
 # flags of the run and of its evaluation: --resume and --eval-only may change them, not the recipe
 RUN_FIELDS = ("out", "resume", "overwrite", "eval_only", "device", "data_dir", "amp", "compile",
               "eval_batch_size", "iou_with", "eval_aa", "aa_n")
@@ -1751,7 +1778,11 @@ def read_checkpoint(path: Path) -> dict:
         raise ConfigError(f"checkpoint {path} is not a checkpoint of advmoe.py (a bare state_dict, or "
                           f"another program's file): {fix}")
     known = Settings.__dataclass_fields__
-    return {**ckpt, "settings": {k: v for k, v in ckpt["settings"].items() if k in known}}
+    if ckpt["settings"].get("method") == "standard":  # natural training, once a method of its own
+        ckpt["settings"].update(method="moe", loss="natural")
+        ckpt["identity"]["method"] = "moe"
+    return {**ckpt, "settings": {**LEGACY, **{k: v for k, v in ckpt["settings"].items() if k in known}},
+            "identity": {**LEGACY, **ckpt["identity"]}}
 
 def load_weights(model: nn.Module, state: dict, path, want: dict | None = None, theirs: dict | None = None):
     """model.load_state_dict, refusing (one line, naming every difference) a checkpoint of another model."""
@@ -1828,7 +1859,7 @@ def eval_only(s: Settings, log=print, given: set[str] | None = None) -> dict:
 # 11. Report: every table of the paper from result.json files
 # ==================================================================================================
 LABELS = {"sdense": "AT(S-Dense)", "sparse": "AT(Sparse)", "moe": "AT(MoE)", "advmoe": "AdvMoE",
-          "dense": "AT(Dense)", "standard": "standard (MoE)"}
+          "dense": "AT(Dense)"}
 TABLE1 = ("sdense", "sparse", "moe", "advmoe", "dense")  # Table 1's rows; AT(Dense) is the reference
 SPLIT = ["router robustness", "MoE robustness", "(1)", "(2)", "(3)", "(4)", "split n"]
 
@@ -1853,7 +1884,7 @@ def recipe(r: dict, drop: tuple = ()) -> tuple:
 
 def trained(r: dict) -> bool:  # a training run of every parameter (not --eval-only, not a Sec. 4 stage)
     st = r["settings"]
-    return not st["eval_only"] and st["train_params"] == "all" and r["method"] != "standard"
+    return not st["eval_only"] and st["train_params"] == "all" and r["loss"] != "natural"
 
 def cell(runs: list[dict], get: Callable = lambda r: r["ra"], digits: int = 2) -> str | None:
     """The mean over runs (the seeds of one recipe) of get(run), ± half the range (the number of runs)."""
@@ -1923,9 +1954,9 @@ def report(folder: str) -> str:
         lines += md_table(f"Fig. 8: SA / RA over r, N = 2, {dataset} {arch}", ["r", *map(LABELS.get, TABLE1)],
                           [[f"{q:g}"] + [sa_ra([r for r in runs if r["method"] == m and r["ratio"] == (
                               1.0 if m == "dense" else q)]) for m in TABLE1] for q in qs], runs)
-    if study := [r for r in moes if r["method"] == "standard" or r["settings"]["train_params"] != "all"]:
+    if study := [r for r in moes if r["loss"] == "natural" or r["settings"]["train_params"] != "all"]:
         lines += md_table("Sec. 4 study (Insights 1-3)", ["run", "stage", "SA", "RA"] + SPLIT,
-                          [[r["path"], {"moe": r["settings"]["train_params"]}.get(r["method"], r["method"]),
+                          [[r["path"], "natural" if r["loss"] == "natural" else r["settings"]["train_params"],
                             r["sa"], r["ra"]] + split_cells(r) for r in study], study)
     if moes:
         lines += md_table("Routing: before training, and under attack (every MoE run)",
@@ -2075,7 +2106,7 @@ def estimate(bench_file: str, commands: list[str], workers: int = 1) -> dict:
         size = {"tinyimagenet": 64, "imagenet": 224}.get(s.dataset, 32)
         if s.eval_only:  # a re-evaluation (AutoAttack, router utility): left out
             continue
-        r = rows["sdense" if s.method == "sparse" else "moe" if s.method == "standard" else s.method]
+        r = rows["sdense" if s.method == "sparse" else s.method]
         epochs = s.epochs + (s.prune_epochs if s.method == "sparse" else 0)
         train = epochs * (s.train_n or IMAGES[s.dataset][0]) / b["batch"] * r["train_step_ms"] / 1000
         test = (s.eval_n or IMAGES[s.dataset][1]) * s.test_steps * r["pgd_step_ms_per_image"] / 1000

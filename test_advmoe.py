@@ -133,11 +133,12 @@ def test_return_routing_lists_every_moe_layer():
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "wrn28_10", "vgg16", "densenet"])
-@pytest.mark.parametrize("router", ["layer", "global"])
-def test_sparse_path_equals_masked_reference(arch, router):
-    """Outputs, gradients (routers included) and BatchNorm running statistics, float64, train and eval."""
+@pytest.mark.parametrize("router,shared_bn", [("layer", False), ("global", False), ("layer", True)])
+def test_sparse_path_equals_masked_reference(arch, router, shared_bn):
+    """Outputs, gradients (routers included) and BatchNorm running statistics, float64, train and eval; with
+    a BatchNorm per expert and with one shared by the experts (--shared-bn)."""
     torch.manual_seed(0)
-    sparse = moe(arch, router=router, width=0.25).double()
+    sparse = moe(arch, router=router, width=0.25, shared_bn=shared_bn).double()
     masked = copy.deepcopy(sparse)
     x = torch.rand(8, 3, 32, 32, dtype=torch.float64)
     for training in (True, False):
@@ -529,7 +530,7 @@ def test_the_paper_analyses_end_to_end(tmp_path, monkeypatch):
     assert sum(utility["clean"]["histogram"]) == sum(utility["adv"]["histogram"]) == 4
     assert 0 <= utility["clean"]["mean"] <= 1 and 0 < utility["random_pathway"]["mean"] < 1
     # Sec. 4 study: each stage changes only the parameters it trains.
-    run("s1", method="standard")
+    run("s1", method="moe", loss="natural")
     run("s2", method="moe", train_params="routers", init=str(runs / "s1" / "checkpoint.pt"))
     run("s3", method="moe", train_params="backbone", init=str(runs / "s2" / "checkpoint.pt"))
     w = [torch.load(runs / f"s{i}" / "checkpoint.pt", weights_only=True)["model"] for i in (1, 2, 3)]
@@ -541,7 +542,7 @@ def test_the_paper_analyses_end_to_end(tmp_path, monkeypatch):
     text = A.report(str(runs))
     assert (runs / "report.md").read_text() == text
     for heading in ("## Table 1: synthetic", "## Table 2: AutoAttack", "## Sec. 4 study", "## Fig. 6: router utility",
-                    "## Routing", "## Runs", "| AT(Sparse) |", "| AT(Dense) |", "| s1 | standard |",
+                    "## Routing", "## Runs", "| AT(Sparse) |", "| AT(Dense) |", "| s1 | natural |",
                     "| s2 | routers |", "| s3 | backbone |"):
         assert heading in text, heading
     assert "## Recipes over seeds" not in text and "## Fig. 7" not in text  # one seed each, one N
@@ -1666,3 +1667,100 @@ def _cpu_time(request):  # TEMPORARY-INSTRUMENTATION
     yield
     with open("/tmp/cpu_times.txt", "a") as f:
         f.write(f"{now() - t0:.2f} {time.perf_counter() - w0:.2f} {request.node.nodeid}\n")
+
+
+# ------------------------------------------------------------- the learnability switches (issue: MoE vs S-Dense)
+@pytest.mark.parametrize("dispatch", ["sparse", "masked"])
+def test_a_shared_batchnorm_normalizes_the_whole_batch_with_one_set_of_statistics(dispatch):
+    """--shared-bn: one BatchNorm of cout channels; in training it normalizes every input's chosen expert output
+    with the statistics of the whole batch (a per-expert BatchNorm uses each expert's group's)."""
+    torch.manual_seed(0)
+    layer = A.MoEConv(4, 6, 3, 1, 2, bn=True, router=True, shared_bn=True).train()
+    assert layer.bn.weight.shape == (6,)
+    with torch.no_grad():
+        layer.bn.weight.uniform_(0.5, 2.0), layer.bn.bias.uniform_(-1, 1)
+    x, choice = torch.rand(8, 4, 8, 8), torch.arange(8) % 2
+    logits = F.one_hot(choice, 2).float()
+    y = layer(x, A.Routing(dispatch, shared=A.top1_gate(logits)))
+    out = torch.stack([F.conv2d(x[b:b + 1], layer.weight[expert(layer, int(choice[b]))], padding=1)[0]
+                       for b in range(8)])                        # each input's chosen expert, before the BatchNorm
+    ref = F.batch_norm(out, None, None, layer.bn.weight, layer.bn.bias, True, 0.0, layer.bn.eps)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(layer.bn.running_mean, 0.1 * out.mean((0, 2, 3)))
+    per_expert = A.MoEConv(4, 6, 3, 1, 2, bn=True, router=True).train()
+    per_expert.weight.data.copy_(layer.weight)
+    y_own = per_expert(x, A.Routing(dispatch, shared=A.top1_gate(logits)))
+    assert per_expert.bn.weight.shape == (12,) and not torch.allclose(y_own, ref, atol=1e-3)
+
+
+def test_shared_bn_is_a_flag_that_builds_the_model():
+    s = A.parse_settings(B + ["--method", "moe", "--shared-bn", "--no-router-standardize"])
+    assert s.shared_bn is True and s.router_standardize is False
+    convs = [m for m in A.build_model(s, 10, 32).modules() if isinstance(m, A.MoEConv) and m.n > 1]
+    assert convs and all(m.bn is None or m.bn.weight.shape == (m.cout,) for m in convs)
+    assert not any(m.standardized for m in convs)
+
+
+@pytest.mark.parametrize("router", ["layer", "global"])
+def test_the_router_reads_standardized_or_raw_pooled_features(router):
+    """--router-standardize (default) / --no-router-standardize: what the router's linear head reads."""
+    x = torch.rand(6, 3, 32, 32)
+    for standardized in (True, False):
+        torch.manual_seed(0)
+        model = moe("resnet18", router=router, width=0.25, router_standardize=standardized).train()
+        seen = []
+        head = model.global_router.head if router == "global" else model.backbone.blocks[0].conv1.router
+        head.register_forward_hook(lambda m, args, out: seen.append(args[0]))
+        model(x)
+        z = seen[0]                                                               # (B, C) the head's input
+        # standardized: mean 0, variance var / (var + 1e-5) per input (raw pooled features: mean ~0.4, var ~1e-4)
+        standard = bool(z.mean(1).abs().max() < 1e-4 and z.var(1, unbiased=False).min() > 0.5)
+        assert standard == standardized
+
+
+@pytest.mark.parametrize("method", ["dense", "sdense", "moe", "advmoe"])
+def test_loss_natural_is_cross_entropy_with_no_attack_for_every_method(method, monkeypatch):
+    s, model, opts = model_and_optimizers(method=method, loss="natural")
+    monkeypatch.setattr(A, "pgd", lambda *a, **k: pytest.fail("--loss natural ran an attack"))
+    batches = [(torch.rand(16, 3, 32, 32), torch.randint(10, (16,))) for _ in range(A.STEPS[method][1])]
+    reference = copy.deepcopy(model).train()
+    x, y = batches[-1]   # AdvMoE reports its upper level (B_psi, the last batch)
+    expected = F.cross_entropy(reference(x), y)
+    before = snapshot(model)
+    stats = step_of(s)(model.train(), opts, batches, s.objective)
+    torch.testing.assert_close(stats["loss"], expected.detach(), rtol=1e-5, atol=1e-5) if method != "advmoe" \
+        else None
+    assert stats["acc"] == stats["acc_adv"]
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+@pytest.mark.parametrize("method", ["moe", "advmoe"])
+def test_router_lr_zero_freezes_routing(method):
+    """--router-lr 0: the routers keep their initial weights (routing fixed, by the input) while the backbone
+    learns."""
+    s, model, opts = model_and_optimizers(method=method, router_lr=0.0, loss="natural")
+    A.set_lr(opts, 0.0)
+    before = snapshot(model)
+    batches = [(torch.rand(16, 3, 32, 32), torch.randint(10, (16,))) for _ in range(A.STEPS[method][1])]
+    for _ in range(2):
+        step_of(s)(model.train(), opts, batches, s.objective)
+    moved = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    routers = {n for n, _ in model.named_parameters() if "router" in n}
+    assert routers and moved and not moved & routers
+
+
+def test_a_checkpoint_that_does_not_record_a_setting_loads_as_it_was_trained(good_checkpoint, tmp_path):
+    """Checkpoints written before --shared-bn, --router-standardize and --loss natural existed: per-expert
+    BatchNorms, standardized routers; "--method standard" was natural training of an MoE-CNN."""
+    ckpt = torch.load(good_checkpoint, weights_only=True)
+    for part in ("settings", "identity"):
+        for k in ("shared_bn", "router_standardize"):
+            del ckpt[part][k]
+    ckpt["settings"]["method"] = ckpt["identity"]["method"] = "standard"
+    torch.save(ckpt, tmp_path / "old.pt")
+    read = A.read_checkpoint(tmp_path / "old.pt")
+    assert read["settings"]["shared_bn"] is False and read["settings"]["router_standardize"] is True
+    assert read["settings"]["method"] == "moe" and read["settings"]["loss"] == "natural"
+    assert A.main(["--eval-only", str(tmp_path / "old.pt"), "--out", str(tmp_path / "e"), "--device", "cpu"]) == 0
+    result = json.loads((tmp_path / "e" / "result.json").read_text())
+    assert result["method"] == "moe" and result["settings"]["shared_bn"] is False

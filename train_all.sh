@@ -26,13 +26,16 @@ set -euo pipefail
 cd "$(dirname "$0")"
 
 GRID=${GRID:-paper}
-[[ $GRID == paper || $GRID == smoke || $GRID == laptop ]] || { echo "train_all.sh: GRID=$GRID: choose paper, smoke or laptop" >&2; exit 2; }
+[[ $GRID == paper || $GRID == smoke || $GRID == laptop || $GRID == learnability ]] || { echo "train_all.sh: GRID=$GRID: choose paper, smoke, laptop or learnability" >&2; exit 2; }
 if [[ $GRID == smoke ]]; then  # the machine's name: cpu, or the GPU's last word (h100, h200, a100, ...)
   DEVICE_NAME=$(python -c "import torch; print(torch.cuda.get_device_name(0).split()[-1].lower() if torch.cuda.is_available() else 'cpu')")
   EPOCHS=${EPOCHS:-1}; OUT=${OUT:-results/smoke_$DEVICE_NAME}; CPU_JOBS=${CPU_JOBS:-2}
 fi
 if [[ $GRID == laptop ]]; then
   EPOCHS=${EPOCHS:-12}; OUT=${OUT:-results/cifar10_laptop}; CPU_JOBS=${CPU_JOBS:-2}; GPUS=${GPUS-}
+fi
+if [[ $GRID == learnability ]]; then
+  EPOCHS=${EPOCHS:-12}; OUT=${OUT:-results/moe_learnability}; CPU_JOBS=${CPU_JOBS:-2}; GPUS=${GPUS-}
 fi
 EPOCHS=${EPOCHS:-100}
 CPU_JOBS=${CPU_JOBS:-1}
@@ -73,6 +76,24 @@ if [[ $GRID == laptop ]]; then
     [[ $seed == 1 ]] && job dense_s1 "" "${lap[@]}" --method dense --seed 1
     for method in moe advmoe; do
       job "${method}_authors_s$seed" "" "${lap[@]}" --method $method "${authors[@]}" --seed $seed
+    done
+  done
+fi
+
+# ---- GRID=learnability: why the MoE-CNN learns worse than S-Dense (results/moe_learnability/README.md) ----
+# Natural training (--loss natural: cross-entropy, no attack) at the laptop recipe: S-Dense, today's MoE-CNN,
+# and one MoE-CNN per hypothesis: a shared BatchNorm (1), one expert index everywhere (2: the global router
+# without supervision), routers at a tenth of the learning rate (3) or frozen at init, raw router input (4).
+if [[ $GRID == learnability ]]; then
+  nat=(--dataset cifar10 --arch resnet18 --width 0.25 --n-experts 2 --ratio 0.5 --train-n 20000 --val-n 500
+       --loss natural --eval-n 2000 --test-steps 10 --quick-eval-n 0)
+  declare -A VARIANT=([moe]="" [moe_sharedbn]="--shared-bn" [moe_global]="--router global"
+                      [moe_routerlr0.1]="--router-lr 0.1" [moe_frozen]="--router-lr 0"
+                      [moe_rawrouter]="--no-router-standardize")
+  for seed in 1 2; do
+    job "sdense_s$seed" "" "${nat[@]}" --method sdense --seed $seed
+    for v in moe moe_sharedbn moe_global moe_routerlr0.1 moe_frozen moe_rawrouter; do
+      job "${v}_s$seed" "" "${nat[@]}" --method moe ${VARIANT[$v]} --seed $seed
     done
   done
 fi
@@ -133,7 +154,7 @@ base=(--dataset "$D" --arch "$A")
 # AT of its backbone on top (routers frozen). RA and the 4-way split after each stage; the report sets them
 # beside AT(S-Dense), AT(Sparse) and AT(MoE) of Table 1.
 s=study/${D}_${A}
-job "${s}_1_standard" "" "${base[@]}" --method standard
+job "${s}_1_standard" "" "${base[@]}" --method moe --loss natural
 job "${s}_2_routers" "${s}_1_standard" "${base[@]}" --method moe --train-params routers --init "$(ckpt "${s}_1_standard")"
 job "${s}_3_backbone" "${s}_2_routers" "${base[@]}" --method moe --train-params backbone --init "$(ckpt "${s}_2_routers")"
 
