@@ -83,16 +83,17 @@ fi
 # ---- GRID=learnability: why the MoE-CNN learns worse than S-Dense (results/moe_learnability/README.md) ----
 # Natural training (--loss natural: cross-entropy, no attack) at the laptop recipe: S-Dense, today's MoE-CNN,
 # and one MoE-CNN per hypothesis: a shared BatchNorm (1), one expert index everywhere (2: the global router
-# without supervision), routers at a tenth of the learning rate (3) or frozen at init, raw router input (4).
+# without supervision), routers at a tenth of the learning rate (3) or frozen at init, raw router input (4);
+# and the global router frozen at init: fixed input-dependent routing with one index everywhere (2 against 3).
 if [[ $GRID == learnability ]]; then
   nat=(--dataset cifar10 --arch resnet18 --width 0.25 --n-experts 2 --ratio 0.5 --train-n 20000 --val-n 500
        --loss natural --eval-n 2000 --test-steps 10 --quick-eval-n 0)
   declare -A VARIANT=([moe]="" [moe_sharedbn]="--shared-bn" [moe_global]="--router global"
                       [moe_routerlr0.1]="--router-lr 0.1" [moe_frozen]="--router-lr 0"
-                      [moe_rawrouter]="--no-router-standardize")
+                      [moe_rawrouter]="--no-router-standardize" [moe_globalfrozen]="--router global --router-lr 0")
   for seed in 1 2; do
     job "sdense_s$seed" "" "${nat[@]}" --method sdense --seed $seed
-    for v in moe moe_sharedbn moe_global moe_routerlr0.1 moe_frozen moe_rawrouter; do
+    for v in moe moe_sharedbn moe_global moe_routerlr0.1 moe_frozen moe_rawrouter moe_globalfrozen; do
       job "${v}_s$seed" "" "${nat[@]}" --method moe ${VARIANT[$v]} --seed $seed
     done
   done
