@@ -6,11 +6,6 @@ Reference implementation of
     Convolutional Neural Networks". ICCV 2023. arXiv:2308.10110.
 Claim (the paper): router-expert alternating adversarial training (Eq. 1, Algorithm 1) makes an MoE-CNN more
     robust than AT(S-Dense), AT(Sparse) and AT(MoE) at S-Dense's inference cost (Table 1).
-Evidence here: results/cifar10_laptop/ (real CIFAR-10, ResNet-18 at width 1/4, 20,000 images, 12 epochs,
-    2 seeds). PGD-50 / AutoAttack RA on 2,000 / 500 test images, seed 1 (seed 2): AT(S-Dense) 28.25 (28.60) /
-    24.6, AT(MoE) 24.50 (25.70) / 19.8 (21.0), AdvMoE 23.90 (25.45) / 19.0 (20.4); the authors' global router
-    masks PGD (PGD-50 29.8-31.2, AutoAttack 19.8-21.4). At that scale AdvMoE's gain is not reproduced;
-    AT(MoE) < AT(S-Dense) is (one standard error ~1 / 2 points; the two seeds differ by 0.35-1.55).
 
 Usage
     python advmoe.py --dataset cifar10 --arch resnet18 --method advmoe      # train + evaluate one model
@@ -27,23 +22,26 @@ Notation (paper -> code)
     N, r     experts per MoE layer; an expert owns r*C of a layer's C channels  --n-experts, --ratio
     eps      l_inf radius in pixel units (inputs in [0,1]; the model normalizes them itself)
     K        PGD steps in training (2); 50 at test time                        --train-steps, --test-steps
-    beta     TRADES weight 1/lambda (6)                                         --beta
+    beta     TRADES weight 1/lambda (6)                                         BETA
 
-Paper -> code
-    Fig. 1a / A1, MoE layer          MoEConv: router, top-1 straight-through gate, one expert's conv + BN
-    Eq. (AT), TRADES                 pgd, training_attack, trades_loss, robust_loss
-    Eq. (1), Algorithm 1             advmoe_step (lines 3-5), level, batch_streams, make_optimizers
-    AT(Dense / S-Dense / MoE)        joint_step;  AT(Sparse): channel_wiring, ChannelScores, prune
-    SA, RA (PGD-50), RA-AA, GFLOPs   evaluate, adversaries, autoattack, gflops_per_input
-    Insight 2 (4-way split)          routing_counts, routing_summary;  Insights 1-3: --train-params, --init
-    Fig. 6 (router utility)          router_utility_tables, pathway_iou;  Figs. 7-8, Tables 1-2: report
+Map: sections 1-5 are the method, 6-13 the operations that run it.
+    1. Fig. 1a / A1, MoE layer       MoEConv: router, top-1 straight-through gate, one expert's conv + BN
+    2. Backbones                     ResNet18, WideResNet, VGG16, DenseNet; Spec makes Dense/S-Dense/MoE
+    3. Eq. (AT), TRADES              pgd, training_attack, trades_loss, robust_loss
+    4. Eq. (1), Algorithm 1          advmoe_step (lines 3-5), level, batch_streams, make_optimizers;
+       AT(Dense / S-Dense / MoE)     joint_step
+    5. SA, RA (PGD-50), RA-AA        evaluate, adversaries, autoattack; Insight 2 (4-way split):
+       GFLOPs, routing               routing_summary; gflops_per_input; routing_snapshot (every epoch)
+    6-8. settings, data, training loop (train);  9. AT(Sparse): channel_wiring, ChannelScores, prune
+    10-13. files (checkpoints, --eval-only), report (Tables 1-2, Figs. 7-8, Sec. 4), bench, command line
 
 Deviations (each marked NOTE(ours) where it is made)
     1. A BatchNorm per expert: the BatchNorm after a routed conv normalizes the inputs routed to each expert
-       with that expert's statistics and affine parameters (the authors' code shares one).
+       with that expert's statistics and affine parameters (the authors' code shares one: --shared-bn).
     2. The router reads its pooled features standardized per input, with no bias and a small init; the paper
        does not say what a router reads. Plain linear routers on pooled post-ReLU features give every input
-       nearly the same logits, and most layers route 95% or more of the inputs to one expert before training.
+       nearly the same logits, and most layers route 95% or more of the inputs to one expert before training
+       (--no-router-standardize reads them raw, with the same head).
     3. Expert layout: expert e of a layer owns filters [e*rC, (e+1)*rC) of one N*rC-filter weight and reads
        the pathway's r*C channels by position, whichever expert wrote them (the authors' code does the same).
        The paper's text describes experts as sub-networks of one backbone, so with r = 1 an expert would be
@@ -59,12 +57,22 @@ Deviations (each marked NOTE(ours) where it is made)
        (--balance), a router learning-rate multiplier (--router-lr) and the authors' class-mod-N router
        supervision (--router-supervision, with --router global for their configuration).
     8. AT(Sparse) prunes channel groups: layers whose outputs are summed keep the same channels, so the pruned
-       network is really r*C wide. Its scores start from filter norms. Router utility (Fig. 6) compares the
-       MoE and the Sparse-CNN channel by position, beside the IoU of random pathways.
+       network is really r*C wide. Its scores start from filter norms; it learns them for epochs/5 epochs
+       (the paper's 20 of 100) before fine-tuning for --epochs.
     9. AutoAttack is assembled from torchattacks' components at the reference settings (torchattacks' own
        "standard" version runs 10 iterations). The soft attack and Square are added to PGD (RA-worst).
-   10. torchrun averages each level's gradients with one all-reduce (DDP's reducer cannot follow a level's
-       partial backward). --width, --train-n and --val-n scale a run down for a laptop.
+   10. The 4-way split of Insight 2 counts only the test images classified correctly when clean (an image
+       already wrong cannot be fooled); its percentages are of those images (split_n).
+   11. GFLOPs count what runs on the sparse path (the chosen pathway and the routers), a multiply-add as 2.
+   12. torchrun averages each level's gradients with one all-reduce (DDP's reducer cannot follow a level's
+       partial backward). On CUDA training runs under bf16 autocast. --width, --train-n and --val-n scale a
+       run down for a laptop.
+
+Evidence here: results/cifar10_laptop/ (real CIFAR-10, ResNet-18 at width 1/4, 20,000 images, 12 epochs,
+    TRADES, 2 seeds) and results/moe_learnability/ (the same recipe under natural training: why the MoE-CNN
+    learns worse than S-Dense). PGD-50 / AutoAttack RA, seed 1 (seed 2): AT(S-Dense) 28.25 (28.60) / 24.6,
+    AT(MoE) 24.50 (25.70) / 19.8 (21.0), AdvMoE 23.90 (25.45) / 19.0 (20.4). At that scale AdvMoE's gain is
+    not reproduced and AT(MoE) < AT(S-Dense) is, on an MoE-CNN that underfits its own pathway.
 """
 from __future__ import annotations
 
@@ -77,9 +85,6 @@ import inspect
 import json
 import math
 import os
-import shlex
-import shutil
-import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -109,6 +114,10 @@ MEAN_STD = {  # per-channel mean and std; the model normalizes as its first laye
 # ==================================================================================================
 # 1. The MoE layer: router, top-1 gate with a straight-through estimator, channel-expert convolution
 # ==================================================================================================
+# An MoE layer (Fig. 1a) replaces one convolution of the backbone. Its C output channels are split into N
+# experts of r*C channels each; a small router looks at the layer's input and picks one expert per input
+# (top-1, hard). Every input thus runs a pathway of r*C channels per layer, S-Dense's width, whatever N.
+# The choice is an argmax, so it has no gradient: the straight-through estimator below gives the router one.
 class Gate(NamedTuple):
     """One MoE layer's routing decision for a batch, returned to the caller (never stored on a module)."""
     logits: torch.Tensor  # (B, N) router scores
@@ -157,63 +166,80 @@ class MoEConv(nn.Module):
     """A conv (optionally with its BatchNorm) whose output channels are split into N experts of `cout`
     channels; a router picks one expert per input (Fig. 1a). With N = 1 it is a plain conv, the Dense /
     S-Dense layer, so every backbone is written once. Expert e owns filters [e*cout, (e+1)*cout) of one
-    (N*cout, cin, k, k) weight and reads the pathway's cin channels (deviation 3)."""
+    (N*cout, n_in*cin, k, k) weight (deviation 3). It reads the pathway's cin channels with columns
+    [u*cin, (u+1)*cin), where u is the expert of the routed conv that wrote its input when the layout keeps
+    channels apart by the expert that wrote them ("pathway": n_in = N), and 0 otherwise ("position": n_in = 1,
+    or an input that experts share, such as a residual stream)."""
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int, n_experts: int, bn: bool, router: bool,
-                 shared_bn: bool = False, standardized: bool = True):
+                 shared_bn: bool = False, standardized: bool = True, fed: bool = False):
         super().__init__()
         self.cin, self.cout, self.stride, self.padding, self.n = cin, cout, stride, kernel // 2, n_experts
         self.shared_bn, self.standardized = shared_bn and n_experts > 1, standardized
-        self.weight = nn.Parameter(torch.empty(n_experts * cout, cin, kernel, kernel))
+        self.n_in = n_experts if fed and n_experts > 1 else 1
+        self.weight = nn.Parameter(torch.empty(n_experts * cout, self.n_in * cin, kernel, kernel))
         # Kaiming (fan_out) of one expert as a standalone conv: std = sqrt(2 / (cout * k * k))
         nn.init.normal_(self.weight, 0.0, math.sqrt(2.0 / (cout * kernel * kernel)))
         # NOTE(ours), deviation 1: a BatchNorm per expert, stored as one BatchNorm over N*cout channels;
         # --shared-bn: one BatchNorm over the pathway's cout channels for every expert (the authors' code).
-        self.bn = nn.BatchNorm2d(cout if self.shared_bn else n_experts * cout) if bn else None
+        self.bn = nn.BatchNorm2d(cout if shared_bn else n_experts * cout) if bn else None
         # the per-layer router (Fig. A1) on the layer's pooled input
         self.router = router_head(cin, n_experts) if (router and n_experts > 1) else None
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         if self.n == 1:
-            return self.conv_bn(x, 0)
+            return self.normalize(self.conv(x, 0, 0), slice(None))
+        # u(b): the expert of the routed conv that wrote x_b (the last gate), under the pathway layout
+        up = routing.gates[-1].choice if self.n_in > 1 else x.new_zeros(len(x), dtype=torch.long)   # (B,)
         # g_l(x) = top1(softmax(W_l std(GAP(x)))); the global router decided once for every layer
         pooled = x.mean((2, 3))                                                   # (B, cin)
         gate = routing.shared or top1_gate(self.router(standardize(pooled) if self.standardized else pooled))
         routing.gates.append(gate)
-        if routing.dispatch == "sparse":
-            # y_b = E_{e(b)}(x_b): group the batch by expert, one conv of the expert's r*C filters per group
-            order = gate.choice.argsort()
-            sizes = gate.choice.bincount(minlength=self.n).tolist()     # the one host read of the layer
-            ys = [self.conv_bn(xe, e) for e, xe in enumerate(x[order].split(sizes)) if len(xe)]
-            y = torch.cat(ys)[order.argsort()]                                    # (B, cout, H', W')
-            return straight_through(self.normalize(y, slice(None)) if self.shared_bn else y, gate)
-        return self.masked_forward(x, gate, soft=routing.dispatch == "soft")
+        if routing.dispatch != "sparse":
+            return self.masked_forward(x, gate, up, soft=routing.dispatch == "soft")
+        # y_b = E_{e(b)}(x_b): the batch grouped by expert (and by u), one conv of r*C filters per group
+        group = gate.choice * self.n_in + up                                      # (B,) group (e, u)
+        order, sizes = group.argsort(), group.bincount(minlength=self.n * self.n_in).tolist()  # one host read
+        y = torch.cat([self.conv(xg, g // self.n_in, g % self.n_in)
+                       for g, xg in enumerate(x[order].split(sizes)) if len(xg)])  # (B, cout, H', W'), by e
+        # each expert's BatchNorm on the inputs routed to it (adjacent in this order), or one for them all
+        per_expert = [sum(sizes[e * self.n_in:(e + 1) * self.n_in]) for e in range(self.n)]
+        y = self.normalize(y, slice(None)) if self.shared_bn else torch.cat([
+            self.normalize(ye, self.rows(e)) for e, ye in enumerate(y.split(per_expert)) if len(ye)])
+        return straight_through(y[order.argsort()], gate)
 
-    def conv_bn(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        """Expert e (its filters, then its own BatchNorm) on the inputs routed to it: (b, cin, H, W) -> (b,
-        cout, H', W'). Its running statistics are slices (views) of the BatchNorm's buffers, updated in
-        place. A shared BatchNorm is left to the caller: it normalizes the whole batch at once."""
-        s = slice(e * self.cout, (e + 1) * self.cout)
-        y = F.conv2d(x, self.weight[s], None, self.stride, self.padding)
-        return y if self.shared_bn else self.normalize(y, s)
+    def rows(self, e: int) -> slice:
+        """Expert e's filters (and BatchNorm channels)."""
+        return slice(e * self.cout, (e + 1) * self.cout)
+
+    def conv(self, x: torch.Tensor, e: int, u: int) -> torch.Tensor:
+        """Expert e's filters on inputs written by upstream expert u: (b, cin, H, W) -> (b, cout, H', W')."""
+        w = self.weight[self.rows(e), u * self.cin:(u + 1) * self.cin]            # (cout, cin, k, k)
+        return F.conv2d(x, w, None, self.stride, self.padding)
 
     def normalize(self, y: torch.Tensor, s: slice) -> torch.Tensor:
-        """The BatchNorm's channels s on y (batch statistics in training, running ones in eval)."""
+        """The BatchNorm's channels s on y (batch statistics in training, running ones in eval). Its running
+        statistics are slices (views) of the BatchNorm's buffers, updated in place."""
         bn = self.bn
         return y if bn is None else F.batch_norm(y, bn.running_mean[s], bn.running_var[s], bn.weight[s],
                                                   bn.bias[s], self.training, bn.momentum, bn.eps)
 
-    # The speed path. The sparse path above needs the group sizes on the host, which stalls a GPU once per
-    # layer; on CUDA ("auto") every expert runs on every input instead: static shapes, no host read, one graph
-    # for torch.compile, at N times the experts' FLOPs. It is also the reference the sparse path is tested
-    # against, and, with soft=True, the surrogate-gradient attack's forward.
-    def masked_forward(self, x: torch.Tensor, gate: Gate, soft: bool = False) -> torch.Tensor:
+    def masked_forward(self, x: torch.Tensor, gate: Gate, up: torch.Tensor, soft: bool = False) -> torch.Tensor:
+        """Speed path and test reference: skip on a first read. The sparse path above reads the group sizes
+        on the host, which stalls a GPU once per layer; on CUDA ("auto") every expert runs on every input
+        instead (static shapes, no host read, one graph for torch.compile) at N times the experts' FLOPs.
+        It is also the reference the sparse path is tested against, and, with soft=True, the forward of the
+        surrogate-gradient attack."""
+        if self.n_in > 1:  # x_b in the column block of its upstream expert u(b), zeros elsewhere
+            x = rearrange(F.one_hot(up, self.n_in).to(x.dtype)[:, :, None, None, None] * x[:, None],
+                          "b u c h w -> b (u c) h w")                             # (B, N*cin, H, W)
         y = F.conv2d(x, self.weight, None, self.stride, self.padding)           # (B, N*cout, H', W')
         y = rearrange(y, "b (n c) h w -> b n c h w", n=self.n)              # (B, N, cout, H', W')
         # E_{e(b)}(x_b): each input's rows of its chosen expert (a gather)
         hard = y[torch.arange(len(y), device=y.device), gate.choice]         # (B, cout, H', W')
-        if self.bn is not None:  # each expert's BatchNorm as y * scale_e + shift_e, (N, cout) each
-            # (a shared BatchNorm: one group of statistics for every input, (1, cout) each)
+        if self.bn is not None:
+            # each expert's BatchNorm as y * scale_e + shift_e, (N, cout) each; a shared one is one group of
+            # statistics for every input, (1, cout) each
             group = gate.choice * (not self.shared_bn)                             # (B,)
             scale, shift = self.expert_affine(hard, group)
             hard = hard * scale[group, :, None, None] + shift[group, :, None, None]
@@ -225,27 +251,28 @@ class MoEConv(nn.Module):
         mix = (y * gate.logits.float().softmax(-1).to(y.dtype)[:, :, None, None, None]).sum(1)
         return mix + (hard - mix).detach()
 
-    def expert_affine(self, y: torch.Tensor, choice: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """BN_e(y) = y * scale_e + shift_e, from the B chosen outputs y (B, cout, H', W'). In training the
-        statistics of expert e are those of the inputs routed to it, as F.batch_norm computes them for a group
-        of the sparse path (in float32 also under bf16 autocast); in eval, its running statistics."""
+    def expert_affine(self, y: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Speed path and test reference: skip on a first read. BN_g(y) = y * scale_g + shift_g from the B
+        chosen outputs y (B, cout, H', W') and each input's statistics group g (its expert, or 0 when shared).
+        In training the statistics of group g are those of its inputs, as F.batch_norm computes them for a
+        group of the sparse path (in float32 also under bf16 autocast); in eval, its running statistics."""
         bn, n = self.bn, 1 if self.shared_bn else self.n
         mean, var = bn.running_mean.view(n, -1), bn.running_var.view(n, -1)
         if self.training:
             y = y.to(torch.promote_types(y.dtype, torch.float32))
             with torch.autocast(y.device.type, enabled=False):
-                onehot = F.one_hot(choice, n).to(y.dtype)                        # (B, N)
-                count = onehot.sum(0) * y[0, 0].numel()                          # (N,) inputs x pixels
-                # mean_e = sum_{b: e(b)=e} sum_hw y_b / n_e;  var_e = sum (y_b - mean_e)^2 / n_e
-                mean = onehot.T @ y.sum((2, 3)) / count.clamp(min=1)[:, None]    # (N, cout)
-                var = onehot.T @ (y - mean[choice, :, None, None]).square().sum((2, 3)) \
+                onehot = F.one_hot(group, n).to(y.dtype)                         # (B, G)
+                count = onehot.sum(0) * y[0, 0].numel()                          # (G,) inputs x pixels
+                # mean_g = sum_{b in g} sum_hw y_b / n_g;  var_g = sum_{b in g} (y_b - mean_g)^2 / n_g
+                mean = onehot.T @ y.sum((2, 3)) / count.clamp(min=1)[:, None]    # (G, cout)
+                var = onehot.T @ (y - mean[group, :, None, None]).square().sum((2, 3)) \
                     / count.clamp(min=1)[:, None]
-            with torch.no_grad():  # running <- running + m (stat - running) where the expert had inputs
+            with torch.no_grad():  # running <- running + m (stat - running) where the group had inputs
                 m, dt = (count > 0).to(mean.dtype)[:, None] * bn.momentum, bn.running_mean.dtype
                 bn.running_mean.view(n, -1).lerp_(mean.to(dt), m.to(dt))
                 unbiased = var * (count / (count - 1).clamp(min=1))[:, None]
                 bn.running_var.view(n, -1).lerp_(unbiased.to(dt), m.to(dt))
-        # BN_e(y) = (y - mean_e) / sqrt(var_e + eps) * gamma_e + beta_e
+        # BN_g(y) = (y - mean_g) / sqrt(var_g + eps) * gamma_g + beta_g
         scale = bn.weight.view(n, -1) / torch.sqrt(var + bn.eps)
         return scale, bn.bias.view(n, -1) - mean * scale
 
@@ -279,6 +306,7 @@ class Spec:
     base: float = 1.0  # --width W: Dense has round(W * C) channels where the paper's has C
     shared_bn: bool = False     # --shared-bn: one BatchNorm for every expert of a layer
     standardized: bool = True   # --router-standardize: the routers read standardized pooled features
+    layout: str = "position"    # --layout: how an expert reads a routed conv's output (deviation 3)
 
     def width(self, channels: int | tuple) -> int:
         """Channels of a tensor in the pathway (= S-Dense): r * round(W * C), at least 1; of a concatenation,
@@ -287,12 +315,14 @@ class Spec:
             return sum(self.width(c) for c in channels)
         return max(1, round(self.ratio * max(1, round(self.base * channels))))
 
-    def conv(self, cin, cout, kernel: int = 3, stride: int = 1, bn: bool = True, shared: bool = False):
+    def conv(self, cin, cout, kernel: int = 3, stride: int = 1, bn: bool = True, shared: bool = False,
+             fed: bool = False):
         """A routed conv: N experts of r*cout filters, each reading the pathway's r*cin channels; shared=True:
-        one conv for all experts (stem, projection shortcut)."""
+        one conv for all experts (stem, projection shortcut); fed=True: its input is a routed conv's output,
+        which the pathway layout reads with the columns of the expert that wrote it."""
         n = 1 if shared else self.n_experts
         return MoEConv(self.width(cin), self.width(cout), kernel, stride, n, bn, self.layer_router,
-                       self.shared_bn, self.standardized)
+                       self.shared_bn, self.standardized, fed and self.layout == "pathway")
 
     def bn(self, channels) -> nn.BatchNorm2d:
         """A pre-activation BatchNorm on the pathway, shared by all experts (deviation 5)."""
@@ -319,7 +349,7 @@ class BasicBlock(nn.Module):
 
     def __init__(self, spec: Spec, cin: int, cout: int, stride: int):
         super().__init__()
-        self.conv1, self.conv2 = spec.conv(cin, cout, 3, stride), spec.conv(cout, cout)
+        self.conv1, self.conv2 = spec.conv(cin, cout, 3, stride), spec.conv(cout, cout, fed=True)
         self.shortcut = spec.conv(cin, cout, 1, stride, shared=True) if (stride, cin) != (1, cout) else None
 
     def forward(self, x, routing):
@@ -349,7 +379,7 @@ class WideBlock(nn.Module):
     def __init__(self, spec: Spec, cin: int, cout: int, stride: int):
         super().__init__()
         self.bn1, self.conv1 = spec.bn(cin), spec.conv(cin, cout, 3, stride)
-        self.conv2 = spec.conv(cout, cout, bn=False)
+        self.conv2 = spec.conv(cout, cout, bn=False, fed=True)
         self.shortcut = spec.conv(cin, cout, 1, stride, False, True) if (stride, cin) != (1, cout) else None
 
     def forward(self, x, routing):
@@ -382,8 +412,8 @@ class VGG16(nn.Module):
     def __init__(self, spec: Spec, num_classes: int, image_size: int):
         super().__init__()
         self.stem, layers, cin = Stem(spec, 64, image_size), [], 64
-        for v in self.CFG[1:]:
-            layers.append(nn.MaxPool2d(2) if v == "M" else spec.conv(cin, v))
+        for v in self.CFG[1:]:  # every conv but the first reads the routed conv before it
+            layers.append(nn.MaxPool2d(2) if v == "M" else spec.conv(cin, v, fed=bool(layers)))
             cin = cin if v == "M" else v
         self.layers, self.fc = nn.ModuleList(layers), spec.fc(512, num_classes)
 
@@ -401,7 +431,8 @@ class DenseLayer(nn.Module):
     def __init__(self, spec: Spec, chans: tuple, growth: int):
         super().__init__()
         self.bn = spec.bn(chans)
-        self.conv1, self.conv2 = spec.conv(chans, 4 * growth, 1), spec.conv(4 * growth, growth, bn=False)
+        self.conv1 = spec.conv(chans, 4 * growth, 1)
+        self.conv2 = spec.conv(4 * growth, growth, bn=False, fed=True)
 
     def forward(self, x, routing):
         # (B, C, H, W) -> 1x1 conv (B, r*4k, H, W) -> 3x3 conv (B, r*k, H, W), appended: (B, C + r*k, H, W)
@@ -440,9 +471,9 @@ class MoECNN(nn.Module):
 
     def __init__(self, arch: str, num_classes: int = 10, image_size: int = 32, ratio: float = 1.0,
                  n_experts: int = 1, router: str = "layer", mean_std=MEAN_STD["cifar10"], width: float = 1.0,
-                 shared_bn: bool = False, router_standardize: bool = True):
+                 shared_bn: bool = False, router_standardize: bool = True, layout: str = "position"):
         super().__init__()
-        spec = Spec(ratio, n_experts, router == "layer", width, shared_bn, router_standardize)
+        spec = Spec(ratio, n_experts, router == "layer", width, shared_bn, router_standardize, layout)
         self.backbone = BACKBONES[arch](spec, num_classes, image_size)
         self.global_router = GlobalRouter(n_experts, router_standardize) \
             if (router == "global" and n_experts > 1) else None
@@ -545,7 +576,7 @@ class Objective(NamedTuple):
     loss: str           # "trades": CE + beta * KL | "pgdat": CE at PGD examples | "natural": CE, no attack
     beta: float         # TRADES weight 1/lambda
     eps: float          # l_inf radius of the training attack, pixel units
-    step_size: float    # its step alpha (default 1.25 eps / K: the authors' 5/255 at eps 8/255, K = 2)
+    step_size: float    # its step alpha (1.25 eps / K: the authors' 5/255 at eps 8/255, K = 2)
     steps: int          # K
     balance: float      # routing regularizer weights (deviation 7; 0 in the paper)
     supervision: float
@@ -563,8 +594,8 @@ def training_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Obj
 
 def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objective):
     """A fresh training attack against the model as it is now, then the training loss at (x, x_adv) and the
-    routing regularizer of both forwards. loss "natural" (Sec. 4 stage 1, and the learnability diagnosis):
-    CE(f(x), y), no attack."""
+    routing regularizer of both forwards. Loss "natural" (Sec. 4's first stage, and natural training of any
+    method): CE(f(x), y), no attack."""
     if obj.loss == "natural":
         logits, gates = model(x, return_routing=True)
         objective, logits_adv, gates_adv = F.cross_entropy(logits.float(), y), logits, []
@@ -582,48 +613,57 @@ def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objecti
         stats["router_reg"] = reg.detach()
     return objective, reg, stats
 
-def level(model: nn.Module, opt: torch.optim.Optimizer, x, y, obj: Objective, regularize: bool) -> dict:
-    """One adversarial-training update of the parameters `opt` holds; the others stay fixed."""
+def level(model: nn.Module, opt: torch.optim.Optimizer, x, y, obj: Objective, regularize: bool,
+          reduce: Callable | None = None) -> dict:
+    """One adversarial-training update of the parameters `opt` holds; the others stay fixed. `reduce`, if
+    given, acts on those parameters' gradients before the step (torchrun averages them over processes)."""
     objective, reg, stats = robust_loss(model, x, y, obj)
     # L = L_TRADES(psi, phi; B), + R(phi) where the routers are the ones trained (regularize)
     loss = objective + reg if regularize else objective
     params = [p for g in opt.param_groups for p in g["params"]]
     opt.zero_grad(set_to_none=True)
     loss.backward(inputs=params)  # gradients for this level's parameters only
-    average_gradients(params)
+    if reduce:
+        reduce(params)
     opt.step()
     return stats
 
 # Eq. (1), the bi-level problem AdvMoE solves (psi: backbone and experts; phi: routers; D: the training set):
 #     min_psi L_TRADES(psi, phi*(psi); D)   s.t.   phi*(psi) = argmin_phi L_TRADES(psi, phi; D)
 # Algorithm 1 solves it by alternating optimization: one SGD step of each level per iteration, each against an
-# attack regenerated for the model as it is then.
-def advmoe_step(model: nn.Module, opts: dict, batches: list, obj: Objective) -> dict:
+# attack regenerated for the model as it is then. Routers and experts share the learning rate and schedule.
+def advmoe_step(model: nn.Module, opts: dict, batches: list, obj: Objective, reduce=None) -> dict:
     """One iteration of Algorithm 1, lines 3-5."""
     # 3: draw two different random batches B_phi and B_psi (two independent shuffles: batch_streams)
     (x_phi, y_phi), (x_psi, y_psi) = batches
     # 4: lower level: with psi fixed, update phi by minimizing L_TRADES with a K-step PGD attack, SGD on B_phi
-    router_stats = level(model, opts["phi"], x_phi, y_phi, obj, regularize=True)
+    router_stats = level(model, opts["phi"], x_phi, y_phi, obj, regularize=True, reduce=reduce)
     # 5: upper level: with phi fixed (= phi*, one SGD step here, not the argmin), update psi by minimizing
     #    L_TRADES with a K-step PGD attack regenerated against (psi, phi*), SGD on B_psi
-    stats = level(model, opts["psi"], x_psi, y_psi, obj, regularize=False)
+    stats = level(model, opts["psi"], x_psi, y_psi, obj, regularize=False, reduce=reduce)
     return {**stats, "router_loss": router_stats["loss"]}
 
-def joint_step(model: nn.Module, opts: dict, batches: list, obj: Objective) -> dict:
+def joint_step(model: nn.Module, opts: dict, batches: list, obj: Objective, reduce=None) -> dict:
     """AT(Dense), AT(S-Dense), AT(MoE) (and AT(Sparse)'s score learning, natural training): min over every
-    trained parameter of L_TRADES at once, one batch, one attack."""
+    trained parameter of L_TRADES at once, one batch, one attack: the routers and the experts adapt to each
+    other only through the shared gradient step, which Insight 3 finds is not enough."""
     routers = any(g["name"] == "routers" for g in opts["all"].param_groups)
-    return level(model, opts["all"], *batches[0], obj, regularize=routers)
+    return level(model, opts["all"], *batches[0], obj, regularize=routers, reduce=reduce)
 
-# Every method: its step function and the number of batch streams it draws per iteration.
+# Every method: its step function and the number of batch streams it draws per iteration (AdvMoE reads two
+# batches per iteration: twice the images and backward passes of a joint method per epoch).
 STEPS = {"advmoe": (advmoe_step, 2), "moe": (joint_step, 1), "sdense": (joint_step, 1),
          "dense": (joint_step, 1), "sparse": (joint_step, 1)}
+# NOTE(official code): SGD with momentum 0.9 and weight decay 5e-4 on every parameter, routers included.
+MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
+# NOTE(paper): TRADES' weight 1/lambda = beta = 6 for every method (the TRADES default).
+BETA = 6.0
 
 def make_optimizers(model: nn.Module, s, device) -> dict[str, torch.optim.Optimizer]:
     """AdvMoE: one SGD for the routers phi and one for the backbone psi, same settings, one schedule (the
     paper: no new hyper-parameters; --router-lr scales phi's rate, deviation 7). Joint methods: one SGD over
     everything, or over phi or psi alone (--train-params, the Sec. 4 study)."""
-    kw = dict(lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay, fused=device.type == "cuda" or None)
+    kw = dict(lr=s.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=device.type == "cuda" or None)
     phi = {"params": router_params(model), "base_lr": s.lr * s.router_lr, "name": "routers"}
     psi = {"params": backbone_params(model), "base_lr": s.lr, "name": "backbone"}
     if s.method == "advmoe":
@@ -645,10 +685,12 @@ def batch_streams(data, s, epoch: int):
     return zip(*(data.train_batches(s.batch_size, g) for g in gens))
 
 # ==================================================================================================
-# 5. Evaluation: SA, RA (PGD-50), stronger attacks, AutoAttack, routing statistics, router utility, GFLOPs
+# 5. Evaluation: SA, RA (PGD-50), stronger attacks, AutoAttack, routing statistics, GFLOPs
 # ==================================================================================================
-def adversaries(name: str, model: nn.Module, x, y, s, gates: list[Gate], steps: int,
-                gen: torch.Generator | None = None, log=None) -> list[tuple[str, torch.Tensor]]:
+EVAL_BATCH = 256  # images per batch of evaluation and attacks
+
+def adversaries(name: str, model: nn.Module, x, y, s, steps: int, gen: torch.Generator | None = None,
+                log=None) -> list[tuple[str, torch.Tensor]]:
     """The attacks of --eval-attacks, as (label, x_adv) pairs. Hard top-1 routing can hide gradients, so PGD
     through the straight-through routers may overstate robustness: "soft" is the same PGD with a surrogate
     gradient through routing, and Square is gradient-free (gradient masking cannot fool it)."""
@@ -657,7 +699,7 @@ def adversaries(name: str, model: nn.Module, x, y, s, gates: list[Gate], steps: 
                                     generator=gen))]
     if name == "soft":  # the hard forward; the backward through experts mixed by the router's probabilities
         return [("soft", pgd(model, x, ce_objective(model, y, "soft"), s.eps, s.test_step_size, steps,
-                             generator=gen))] if gates else []
+                             generator=gen))] if router_params(model) else []
     if name == "square":
         attack = import_torchattacks().Square(model, norm="Linf", eps=s.eps, n_queries=s.square_queries,
                                               n_restarts=1, seed=s.seed)
@@ -682,7 +724,6 @@ def autoattack(model: nn.Module, x, y, eps: float, seed: int, log=None) -> list[
     with torch.no_grad():
         robust = model(x).argmax(1) == y                                         # (B,)
     for name, (cls, kw) in autoattack_settings(eps, n_classes(model)).items():
-
         idx = robust.nonzero().squeeze(1)
         if len(idx):
             adv = getattr(ta, cls)(model, seed=seed, **kw)(x[idx], y[idx]).detach()
@@ -701,89 +742,77 @@ def import_torchattacks():
     try:
         import torchattacks
     except ImportError:
-        raise ConfigError("--eval-attacks square/autoattack and --eval-aa need the optional package "
-                          "torchattacks: pip install --no-deps torchattacks scipy") from None
+        raise ConfigError("--eval-attacks square and autoattack need the optional package torchattacks: "
+                          "pip install --no-deps torchattacks scipy") from None
     return torchattacks
 
 def evaluate(model: nn.Module, data, s, steps: int | None = None, limit: int = 0, attacks=("pgd",),
-             utility=None, split: str = "test", log=None) -> dict:
-    """SA and RA in % (RA: PGD with `steps`, CE, uniform start, at the training eps), the RA of every other
-    attack asked for (AutoAttack on the first --aa-n images, with PGD's RA on them beside it), RA-worst, and
-    the routing statistics of the PGD attack (routing_summary); with `utility`, each input's pathway IoU with
-    a Sparse mask (Fig. 6). Everything runs in float32: FAB and Square stop just past the decision boundary,
-    and routing is an argmax, so a bf16 re-classification could flip them back."""
+             split: str = "test", log=None) -> dict:
+    """In %, on the first `limit` images (n) of `split`, each attack at the training eps:
+        SA        = 100 * #{b : f(x_b) = y_b} / n
+        RA_a      = 100 * #{b : f(x'_b) = y_b} / n_a, x' = attack a's example; n_a = the images a saw (n; for
+                    AutoAttack the first --aa-n, with PGD's RA on the same images beside it); RA = RA_PGD
+        RA-worst  = 100 * #{b : correct clean and under every attack} / #{b : every attack saw b}
+        4-way split of Insight 2 under PGD, over the split_n images correct when clean: routing_summary.
+    Everything runs in float32: FAB and Square stop just past the decision boundary, and routing is an argmax,
+    so a bf16 re-classification could flip them back."""
     steps, device = steps or s.test_steps, next(model.parameters()).device
     attacks = ("pgd",) + tuple(a for a in attacks if a != "pgd")
     # each attack draws its random starts from its own stream: adding one changes no other attack's RA
     gens = {a: torch.Generator(device).manual_seed(1000 * s.seed + 2 * EVAL_ATTACKS.index(a))
             for a in attacks}
-    n, correct, tally, seen, worst, covered, worst_no_aa, pgd_on_aa = 0, 0, {}, {}, 0, 0, 0, 0
-    kept: dict[str, list] = {k: [] for k in ("clean", "adv", "ok_adv", "ok", "iou_clean", "iou_adv")}
-    progress = Progress(f"evaluating on {split}", data.eval_len(limit, split), log)
+    correct: dict[str, list] = {"clean": []}     # label -> per batch, (b,) correct under it ("clean": none)
+    paths: dict[str, list] = {"clean": [], f"pgd{steps}": []}   # per batch, (B, L) each input's pathway
     with evaluating(model), torch.autocast(device.type, enabled=False):
-        for x, y in data.test_batches(s.eval_batch_size, limit, split):
-            with torch.no_grad():
-                logits, gates = model(x, return_routing=True)
-            ok = logits.argmax(1) == y                                             # (B,) correct when clean
-            # RA-worst: input b counts if it is correct clean and under every attack, and every attack saw it
-            survived, saw_all, survived_no_aa, ok_pgd = ok.clone(), torch.ones_like(ok), ok.clone(), ok
-            for name in attacks:
-                take = len(y) if name != "autoattack" or not s.aa_n else max(0, min(len(y), s.aa_n - n))
-                saw_all[take:] = False
-                if take == 0:
-                    continue
-                pgd_on_aa += int(ok_pgd[:take].sum()) if name == "autoattack" else 0
-                found = adversaries(name, model, x[:take], y[:take], s, gates, steps, gens[name], log)
-                for label, x_adv in found:
-                    with torch.no_grad():
-                        logits_adv, gates_adv = model(x_adv, return_routing=True)
-                    ok_adv = logits_adv.argmax(1) == y[:take]                   # (take,) still correct
-                    tally[label] = tally.get(label, 0) + int(ok_adv.sum())
-                    seen[label] = seen.get(label, 0) + take
-                    survived[:take] &= ok_adv
-                    if name != "autoattack":
-                        survived_no_aa &= ok_adv
-                    if name == "pgd":
-                        ok_pgd = ok_adv
-                    if name == "pgd" and gates:  # each input's pathway (B, L), clean and under PGD
-                        n_experts = gates[0].logits.shape[1]
-                        kept["clean"].append(torch.stack([g.choice for g in gates], 1))
-                        kept["adv"].append(torch.stack([g.choice for g in gates_adv], 1))
-                        kept["ok_adv"].append(ok_adv), kept["ok"].append(ok)
-                        if utility:
-                            kept["iou_clean"].append(pathway_iou(gates, utility.tables))
-                            kept["iou_adv"].append(pathway_iou(gates_adv, utility.tables))
-                progress(n + take, lambda: f"({name} done on this batch)")
-            n, correct = n + len(y), correct + int(ok.sum())
-            worst, covered = worst + int((survived & saw_all).sum()), covered + int(saw_all.sum())
-            worst_no_aa += int(survived_no_aa.sum())
-    # RA_a = 100 * (inputs still correct under attack a) / (inputs attack a saw)
-    ras = {label: round(100 * v / seen[label], 2) for label, v in tally.items()}
-    result = {"sa": round(100 * correct / n, 2), "ra": ras[f"pgd{steps}"], "n": n, "attacks": ras,
+        for x, y in data.test_batches(EVAL_BATCH, limit, split):
+            done = sum(map(len, correct["clean"]))                               # images before this batch
+            found = [("clean", x)]
+            for name in attacks:  # AutoAttack on the first --aa-n images only
+                take = len(y) if name != "autoattack" or not s.aa_n else max(0, min(len(y), s.aa_n - done))
+                if take:
+                    found += adversaries(name, model, x[:take], y[:take], s, steps, gens[name], log)
+            for label, x_adv in found:
+                with torch.no_grad():
+                    logits, gates = model(x_adv, return_routing=True)
+                correct.setdefault(label, []).append(logits.argmax(1) == y[:len(x_adv)])
+                if gates and label in paths:
+                    paths[label].append(torch.stack([g.choice for g in gates], 1))
+            if log:
+                log(f"  evaluated {done + len(y)}/{data.eval_len(limit, split)} images of {split}")
+    ok = {k: torch.cat(v) for k, v in correct.items()}                           # label -> (n_a,)
+    pgd_ok, final = ok[f"pgd{steps}"], ["clean"] + [k for k in ok if k != "clean" and "/" not in k]
+    seen_all = min(len(ok[k]) for k in final)                                    # AutoAttack's parts apart
+    ras = {k: percent(v) for k, v in ok.items() if k != "clean"}
+    result = {"sa": percent(ok["clean"]), "ra": percent(pgd_ok), "n": len(ok["clean"]), "attacks": ras,
               "attack": f"PGD-{steps} (CE, eps {s.eps:.5f}, step {s.test_step_size:.5f}, uniform start)",
-              "attack_n": seen, "ra_worst": round(100 * worst / max(covered, 1), 2), "ra_worst_n": covered,
-              "ra_worst_without_aa": round(100 * worst_no_aa / n, 2), "routing": {}}
-    if "autoattack" in seen:
+              "attack_n": {k: len(v) for k, v in ok.items() if k != "clean"},
+              "ra_worst": percent(torch.stack([ok[k][:seen_all] for k in final]).all(0)),
+              "ra_worst_n": seen_all,
+              "ra_worst_without_aa": percent(torch.stack([ok[k] for k in final if k != "autoattack"]).all(0)),
+              "routing": {}}
+    if "autoattack" in ok:
         result["autoattack"] = {
-            "label": "AutoAttack (standard)", "images": seen["autoattack"],
-            "ra_pgd_same_images": round(100 * pgd_on_aa / seen["autoattack"], 2),
+            "label": "AutoAttack (standard)", "images": len(ok["autoattack"]),
+            "ra_pgd_same_images": percent(pgd_ok[:len(ok["autoattack"])]),
             "components": [{"name": k, "attack": cls, "settings": kw, "ra_after": ras.get(f"autoattack/{k}")}
                            for k, (cls, kw) in autoattack_settings(s.eps, n_classes(model)).items()]}
-    if kept["clean"]:
-        result["routing"] = routing_summary(*(torch.cat(kept[k]) for k in ("clean", "adv", "ok_adv", "ok")),
+    if paths["clean"]:
+        n_experts = max(m.n for m in model.modules() if isinstance(m, MoEConv))
+        result["routing"] = routing_summary(*(torch.cat(p) for p in paths.values()), pgd_ok, ok["clean"],
                                             n_experts)
-    if kept["iou_clean"]:
-        result["router_utility"] = {"clean": iou_summary(torch.cat(kept["iou_clean"])),
-                                    "adv": iou_summary(torch.cat(kept["iou_adv"])),
-                                    "random_pathway": iou_summary(utility.chance)}
     return result
 
-def routing_counts(choice, choice_adv, ok_adv, ok_clean, n_experts: int):
+def percent(correct: torch.Tensor) -> float:
+    """100 * (the share of True in `correct`), 2 decimals: SA, RA_a, RA-worst."""
+    return round(100 * correct.float().mean().item(), 2)
+
+def routing_counts(choice, choice_adv, ok_adv, ok_clean, n_experts: int, layers=slice(None)):
     """From each input's pathway (B, L), clean and under attack, and whether it is classified correctly under
     attack and clean (B,): inputs per expert per layer (L, N), clean and under attack; flips per layer (L,);
-    the 4-way split's counts (4,) over the inputs correct when clean (one already wrong was not fooled)."""
+    the 4-way split's counts (4,) over the inputs correct when clean (one already wrong was not fooled), with
+    the router counted as fooled when the choice of one of `layers` moved."""
     flipped = choice != choice_adv                                             # (B, L)
-    fooled = flipped.any(1)                                                    # (B,) any layer's choice moved
+    fooled = flipped[:, layers].any(1)                                         # (B,) a layer's choice moved
     # Insight 2: (1) neither router nor prediction fooled, (2) router only, (3) prediction only, (4) both
     groups = torch.stack([~fooled & ok_adv, fooled & ok_adv, ~fooled & ~ok_adv, fooled & ~ok_adv]) & ok_clean
     usage, usage_adv = (F.one_hot(c, n_experts).sum(0) for c in (choice, choice_adv))   # (L, N) each
@@ -796,17 +825,23 @@ def rounded(t: torch.Tensor, n: int = 1) -> list:
 def routing_summary(choice, choice_adv, ok_adv, ok_clean, n_experts: int) -> dict:
     """result["routing"]: expert usage per layer, clean and under PGD; how often PGD flips each layer's
     choice; the 4-way split in % of the split_n clean-correct inputs, router robustness = (1) + (3) and MoE
-    robustness = (1) + (2); pathway diversity, clean and under PGD."""
+    robustness = (1) + (2); pathway diversity, clean and under PGD. A collapsed layer (one expert takes 95% or
+    more of the clean inputs) can hardly flip, so router robustness is also given over the other layers, with
+    their mean flip rate."""
     n, m = len(choice), max(int(ok_clean.sum()), 1)
     usage, usage_adv, flips, split = routing_counts(choice, choice_adv, ok_adv, ok_clean, n_experts)
-    split = [100 * v / m for v in split.tolist()]                               # % of the clean-correct
+    live = usage.max(1).values < 0.95 * n                                      # (L,) layers not collapsed
+    split_live = routing_counts(choice, choice_adv, ok_adv, ok_clean, n_experts, live)[3]
+    split, split_live = ([100 * v / m for v in t.tolist()] for t in (split, split_live))  # % of clean-correct
     return {"usage_clean": rounded(usage, n), "usage_adv": rounded(usage_adv, n),
             "flip_rate_per_layer": rounded(flips, n),
             "flip_rate_any_layer": round((choice != choice_adv).any(1).float().mean().item(), 4),
             "split_4way": dict(zip(("neither", "router_only", "prediction_only", "both"),
                                    [round(v, 2) for v in split])),
             "split_n": int(ok_clean.sum()), "router_robustness": round(split[0] + split[2], 2),
-            "moe_robustness": round(split[0] + split[1], 2),
+            "moe_robustness": round(split[0] + split[1], 2), "uncollapsed_layers": int(live.sum()),
+            "router_robustness_uncollapsed": round(split_live[0] + split_live[2], 2),
+            "flip_rate_uncollapsed": round(flips[live].double().mean().item() / n, 4) if live.any() else None,
             "pathways": {"clean": pathway_diversity(choice), "adv": pathway_diversity(choice_adv)}}
 
 def pathway_diversity(choices: torch.Tensor) -> dict:
@@ -817,7 +852,7 @@ def pathway_diversity(choices: torch.Tensor) -> dict:
     return {"distinct": len(counts), "entropy_bits": round((q * (1 / q).log2()).sum().item(), 3),
             "inputs": len(choices)}
 
-def routing_snapshot(model: nn.Module, data, s, previous: dict | None = None, fresh: bool = False):
+def routing_snapshot(model: nn.Module, data, previous: dict | None = None, fresh: bool = False):
     """The routing of the model now, on the first 256 clean images of the validation split (of the test set
     without one): per MoE layer the top expert's share and the majority expert, the collapsed layers (one
     expert takes >= 95%), pathway diversity, and the layers whose majority changed since `previous`. None
@@ -826,7 +861,7 @@ def routing_snapshot(model: nn.Module, data, s, previous: dict | None = None, fr
     split = "val" if data.eval_len(split="val") else "test"
     net, choices = copy.deepcopy(model).train() if fresh else model, []
     with (contextlib.nullcontext() if fresh else evaluating(net)), torch.no_grad():
-        for x, _ in data.test_batches(s.eval_batch_size, 256, split):
+        for x, _ in data.test_batches(EVAL_BATCH, 256, split):
             choices.append([g.choice for g in net(x, return_routing=True)[1]])
     if not choices[0]:
         return None
@@ -840,49 +875,6 @@ def routing_snapshot(model: nn.Module, data, s, previous: dict | None = None, fr
         snap["majority_changed"] = sum(a != b for a, b in zip(snap["majority"], previous["majority"]))
     return snap
 
-class Utility(NamedTuple):
-    """Router utility (Fig. 6): per MoE layer in forward order, the IoU of each expert's channels with the
-    Sparse mask (N,); and the IoU that random pathways of the same sizes get (the chance level)."""
-    tables: list[torch.Tensor]
-    chance: torch.Tensor
-
-def router_utility_tables(model: nn.Module, path: str, samples: int = 1000) -> Utility:
-    """Fig. 6: the IoU of each expert's channels with the AT(Sparse) checkpoint's kept channels. With N*r = 1
-    the N*c filters of a layer are the Dense layer's C channels, which the Sparse mask indexes; the two models
-    are trained separately, so they correspond by channel position only (deviation 8)."""
-    extra, wiring, gen = read_checkpoint(Path(path))["extra"], channel_wiring(model), torch.Generator()
-    if "keep" not in extra:
-        raise ConfigError(f"--iou-with {path} is not an AT(Sparse) run: give <sparse run>/checkpoint.pt")
-    tables, chance = [], []
-    for m in (m for m in model.modules() if isinstance(m, MoEConv) and m.n > 1):  # the order of the Gates
-        group = wiring[m][1]
-        size, keep = extra["sizes"].get(group), extra["keep"].get(group, ())
-        if size != m.n * m.cout or len(keep) != m.cout:
-            raise ConfigError(f"--iou-with {path} does not fit this model at layer {group} ({m.n} experts of "
-                              f"{m.cout} channels; the Sparse run keeps {len(keep)} of {size}): give the "
-                              f"Sparse run of the same backbone and r, with N*r = 1")
-        kept = torch.zeros(size, dtype=torch.bool)
-        kept[keep] = True
-        inter = kept.view(m.n, m.cout).sum(1).float()                           # |E_e ∩ K|, (N,)
-        # IoU(E_e, K) = |E_e ∩ K| / |E_e ∪ K|, with |E_e| = |K| = c
-        tables.append((inter / (2 * m.cout - inter)).to(m.weight.device))
-        # chance: `samples` random c-subsets of the N*c channels, the same IoU with K
-        hits = kept[torch.rand(samples, size, generator=gen.manual_seed(len(tables))).argsort(1)[:, :m.cout]]
-        chance.append(hits.sum(1).float() / (2 * m.cout - hits.sum(1).float()))
-    if not tables:
-        raise ConfigError("--iou-with measures an MoE-CNN's pathways: use it with --method moe, advmoe or "
-                          "standard")
-    return Utility(tables, torch.stack(chance).mean(0))
-
-def pathway_iou(gates: list[Gate], tables: list[torch.Tensor]) -> torch.Tensor:
-    """(B,): each input's IoU with the Sparse mask at its choices, averaged over the MoE layers."""
-    return torch.stack([table[g.choice] for g, table in zip(gates, tables, strict=True)]).mean(0)
-
-def iou_summary(iou: torch.Tensor) -> dict:
-    """Mean and 10-bin histogram on [0, 1] of per-input IoUs."""
-    return {"mean": round(iou.mean().item(), 4),
-            "histogram": torch.histc(iou.float().cpu(), bins=10, min=0, max=1).int().tolist()}
-
 def gflops_per_input(model: nn.Module, x: torch.Tensor) -> float:
     """FLOPs of one eval forward on the sparse path, counted by torch's FlopCounterMode on the ops that run
     (a multiply-add counts 2), per input: for an MoE-CNN the chosen pathway and the routers, nothing else."""
@@ -893,18 +885,12 @@ def gflops_per_input(model: nn.Module, x: torch.Tensor) -> float:
 
 # ==================================================================================================
 # OPERATIONS. Everything below serves the method above: settings, data, the training loop, AT(Sparse)'s
-# pruning, files, report, bench and the command line.
+# pruning, files, report, bench and the command line. A first read can stop here.
 # ==================================================================================================
 # 6. Settings
 # ==================================================================================================
 class ConfigError(ValueError):
     """Bad user input: the CLI prints it on one line and exits with status 2."""
-
-class RunFailed(RuntimeError):
-    """The run cannot go on (a file could not be written): one line, exit status 1."""
-
-class Interrupted(Exception):
-    """SIGINT / SIGTERM: one line saying what was kept, exit status 130."""
 
 @dataclass
 class Settings:
@@ -929,45 +915,36 @@ class Settings:
     shared_bn: bool = False
     # routers read their pooled features standardized per input (deviation 2); --no-router-standardize: raw
     router_standardize: bool = True
+    # position: an expert reads a routed conv's output by channel position, whichever expert wrote it |
+    # pathway: with weights of the expert that wrote it, so a channel keeps its meaning along a pathway
+    layout: str = "position"
     # checkpoint.pt whose weights start the run (sparse: the AT(Dense) run to prune)
     init: str = ""
     # all | routers | backbone: what a joint method trains (the Sec. 4 study, with --init)
     train_params: str = "all"
-    # sparse: epochs of score learning before the --epochs of fine-tuning
-    prune_epochs: int = 20
-    # --- robust loss and attacks (eps and step sizes in pixel units of [0,1] images)
+    # --- loss and attacks (eps in pixel units of [0,1]; PGD step 1.25*eps/K in training, eps/4 at test)
     # trades (CE + beta * KL) | pgdat (Madry: CE on PGD examples) | natural (CE, no attack)
     loss: str = "trades"
-    # TRADES weight 1/lambda
-    beta: float = 6.0
     # l_inf radius (default: 8/255 on CIFAR and synthetic, 2/255 on TinyImageNet and ImageNet)
     eps: float = None
     # K: PGD steps of the training attack
     train_steps: int = 2
-    # training PGD step (default: 1.25*eps/K, the authors' 5/255 at eps 8/255 and K = 2)
-    train_step_size: float = None
     # PGD steps of the final evaluation (RA)
     test_steps: int = 50
-    # test PGD step (default: eps/4)
-    test_step_size: float = None
     # --- routing regularizers (NOTE(ours): none in the paper, so 0 by default)
     # weight of the Switch balance term N * sum_k f_k P_k
     balance: float = 0.0
-    # the routers' learning rate: lr * router_lr
+    # the routers' learning rate: lr * router_lr (0 freezes routing at its initialization)
     router_lr: float = 1.0
     # weight of CE(router logits, y mod N), the authors' router target (theirs: 6)
     router_supervision: float = 0.0
-    # --- optimization (the authors' settings)
-    # training epochs (an epoch is one pass of B_psi over the training set)
+    # --- optimization (the authors' settings; SGD momentum 0.9, weight decay 5e-4)
+    # training epochs (an epoch is one pass of B_psi over the training set; sparse: after epochs/5 of pruning)
     epochs: int = 100
     # images per batch (each of B_phi and B_psi for advmoe)
     batch_size: int = 128
     # SGD learning rate, cosine-annealed per iteration to 0
     lr: float = 0.1
-    # SGD momentum
-    momentum: float = 0.9
-    # SGD weight decay, on every parameter
-    weight_decay: float = 0.0005
     # seed of the weights, the data order and the attacks' starts
     seed: int = 1
     # --- data
@@ -982,66 +959,49 @@ class Settings:
     # test images of the final evaluation (0: all)
     eval_n: int = 0
     # comma-separated: pgd (the paper's RA) | soft (PGD with a surrogate gradient through routing) | square |
-    # autoattack (both need torchattacks); RA-worst counts an image robust only under all of them
+    # autoattack (standard, Table 2; both need torchattacks); RA-worst: robust under all of them
     eval_attacks: str = "pgd"
-    # also AutoAttack (standard), for Table 2's RA-AA
-    eval_aa: bool = False
     # images for AutoAttack, the first ones of the evaluation (0: all)
     aa_n: int = 0
-    # router utility (Fig. 6): pathway IoU with this AT(Sparse) checkpoint.pt (needs N*r = 1)
-    iou_with: str = ""
     # images of the per-epoch SA / RA (PGD-10) check, on the validation split when there is one (0: none)
     quick_eval_n: int = 500
     # queries of the Square attack
     square_queries: int = 5000
-    # batch size of evaluation and attacks
-    eval_batch_size: int = 256
     # --- the run
     # run folder (result.json, checkpoint.pt, log.jsonl; default: runs/<name>)
     out: str = ""
     # continue the run in --out from its last checkpoint (--epochs may grow)
     resume: bool = False
-    # replace the run in --out
-    overwrite: bool = False
     # evaluate this checkpoint.pt instead of training
     eval_only: str = ""
     # auto | cpu | cuda | cuda:K
     device: str = "auto"
-    # bf16 autocast in training on CUDA
-    amp: bool = True
     # torch.compile the training forwards (on CUDA one graph, replayed as CUDA graphs)
     compile: bool = False
 
     def __post_init__(self):
-        """A bad value is a one-line ConfigError naming the flag and the fix. eps and the step sizes left out
-        are derived here, so a Settings object always holds numbers."""
-        choices = {"dataset": DATASETS, "arch": ARCHS, "method": METHODS,
+        """A bad value is a one-line ConfigError naming the flag and the fix; eps left out is derived here."""
+        choices = {"dataset": DATASETS, "arch": ARCHS, "method": METHODS, "eval_attacks": EVAL_ATTACKS,
                    "loss": ("trades", "pgdat", "natural"), "router": ("layer", "global"),
+                   "layout": ("position", "pathway"),
                    "train_params": ("all", "routers", "backbone")}
-        for name, allowed in [*choices.items(), ("eval_attacks", EVAL_ATTACKS)]:
-            given = getattr(self, name)
-            if any(v not in allowed for v in (given.split(",") if name == "eval_attacks" else [given])):
-                raise ConfigError(f"unknown {flag(name)} {given!r}: choose from {', '.join(allowed)}")
+        for name, allowed in choices.items():  # (--eval-attacks: a comma-separated list of them)
+            if not set(getattr(self, name).split(",")) <= set(allowed):
+                raise ConfigError(f"unknown {flag(name)} {getattr(self, name)!r}: choose from {', '.join(allowed)}")
         if self.eps is None:
             self.eps = 2 / 255 if self.dataset in ("tinyimagenet", "imagenet") else 8 / 255
-        if not (math.isfinite(self.eps) and 0 <= self.eps <= 1):
-            raise ConfigError(f"--eps {self.eps} is not a radius in pixel units of [0,1] images: e.g. 0.0314")
-        if self.train_step_size is None:
-            # NOTE(official code): their training step, 5/255 at eps 8/255 and K = 2 (the paper gives none),
-            # scaled with eps and K. 2.5 eps / K would throw TRADES' start to a corner of the box in one step.
-            self.train_step_size = 1.25 * self.eps / self.train_steps if self.train_steps > 0 else 0.0
-        self.test_step_size = self.eps / 4 if self.test_step_size is None else self.test_step_size
-        rules = ((lambda v: v >= 1, "n_experts train_steps test_steps square_queries epochs batch_size "
-                                    "eval_batch_size", "must be at least 1"),
-                 (lambda v: v >= 0, "eval_n quick_eval_n aa_n prune_epochs train_n val_n", "must be >= 0"),
-                 (lambda v: math.isfinite(v) and v >= 0, "lr momentum weight_decay beta balance router_lr "
-                  "router_supervision train_step_size test_step_size", "must be a finite number >= 0"),
+        rules = ((lambda v: v >= 1, "n_experts train_steps test_steps square_queries epochs batch_size",
+                  "must be at least 1"),
+                 (lambda v: v >= 0, "eval_n quick_eval_n aa_n train_n val_n", "must be >= 0"),
+                 (lambda v: math.isfinite(v) and v >= 0, "lr balance router_lr router_supervision",
+                  "must be a finite number >= 0"),
+                 (lambda v: math.isfinite(v) and 0 <= v <= 1, "eps",
+                  "is not a radius in pixel units of [0,1] images: e.g. 0.0314"),
                  (lambda v: 0 < v <= 1, "ratio", "is outside (0, 1]: an expert keeps r of the channels"),
                  (lambda v: 0 < v <= 64, "width", "must be in (0, 64]: the backbone's channel multiplier"))
         for ok, names, must in rules:
-            for name in names.split():
-                if not ok(getattr(self, name)):
-                    raise ConfigError(f"{flag(name)} {getattr(self, name)} {must}")
+            if bad := [name for name in names.split() if not ok(getattr(self, name))]:
+                raise ConfigError(f"{flag(bad[0])} {getattr(self, bad[0])} {must}")
         if self.method in MOE_METHODS and self.n_experts < 2:
             raise ConfigError(f"--method {self.method} needs --n-experts 2 or more (one: --method sdense)")
         if self.method == "sparse" and self.ratio == 1:
@@ -1049,29 +1009,28 @@ class Settings:
         if self.train_params != "all" and (self.method != "moe" or not self.init):
             raise ConfigError(f"--train-params {self.train_params} freezes part of an MoE-CNN: use it with "
                               f"--method moe and --init CKPT")
-        if self.resume and self.overwrite:
-            raise ConfigError("--resume and --overwrite contradict each other: give one of them")
         if {"square", "autoattack"} & set(self.attacks):
             import_torchattacks()  # fail now, not after training
 
     @property
-    def attacks(self) -> tuple[str, ...]:
-        """The attacks of the final evaluation, each once: --eval-attacks, and AutoAttack with --eval-aa."""
-        return tuple(dict.fromkeys(self.eval_attacks.split(",") + ["autoattack"] * self.eval_aa))
+    def attacks(self) -> tuple[str, ...]:  # the attacks of the final evaluation, each once
+        return tuple(dict.fromkeys(self.eval_attacks.split(",")))
 
-    @property
-    def model_ratio(self) -> float:  # the model a method trains (AT(Sparse) ends in S-Dense's shape)
-        return 1.0 if self.method == "dense" else self.ratio
-
-    @property
-    def model_experts(self) -> int:
-        return self.n_experts if self.method in MOE_METHODS else 1
+    # NOTE(official code): the training step, 5/255 at eps 8/255 and K = 2 (the paper gives none), scaled with
+    # eps and K; 2.5 eps / K would throw TRADES' start to a corner of the box in one step. Test PGD: eps/4.
+    train_step_size = property(lambda self: 1.25 * self.eps / self.train_steps)
+    test_step_size = property(lambda self: self.eps / 4)
+    # AT(Sparse) learns its channel scores for a fifth of the epochs first (the paper: 20 of 100; deviation 8)
+    prune_epochs = property(lambda self: max(1, self.epochs // 5))
+    # the model a method trains (AT(Sparse) ends in S-Dense's shape)
+    model_ratio = property(lambda self: 1.0 if self.method == "dense" else self.ratio)
+    model_experts = property(lambda self: self.n_experts if self.method in MOE_METHODS else 1)
 
     @property
     def objective(self) -> Objective:
         """What the method's functions read of these settings (section 4)."""
-        return Objective(self.loss, self.beta, self.eps,
-                         self.train_step_size, self.train_steps, self.balance, self.router_supervision)
+        return Objective(self.loss, BETA, self.eps, self.train_step_size, self.train_steps, self.balance,
+                         self.router_supervision)
 
     @property
     def name(self) -> str:
@@ -1089,10 +1048,10 @@ class Parser(argparse.ArgumentParser):
 def settings_parser(defaults: bool = True) -> argparse.ArgumentParser:
     """The flags of Settings, grouped, with each field's comment as its help; defaults=False leaves out of
     the parsed namespace what was not given."""
-    parser = Parser(usage="python advmoe.py [flags] | report DIR | bench [flags] | estimate BENCH.json [N]",
+    parser = Parser(usage="python advmoe.py [flags] | report DIR | bench [flags]",
                     description="AdvMoE: robust training of MoE-CNNs (ICCV 2023). Train and evaluate one "
                                 "model (the flags below), or: 'report DIR' (every table from the result.json "
-                                "files below DIR), 'bench --help' (speed, cost), 'estimate' (a grid's time).",
+                                "files below DIR), 'bench' (step time, images/s, GFLOPs per method).",
                     argument_default=None if defaults else argparse.SUPPRESS)
     types, group, text = {"str": str, "int": int, "float": float}, parser, []
     for line in (line.strip() for line in inspect.getsource(Settings).splitlines()):
@@ -1122,8 +1081,8 @@ class TensorData:
     def __init__(self, train: tuple, test: tuple, val: tuple, num_classes: int, device, shard=(0, 1)):
         splits = zip(("train", "test", "val"), (train, test, val))
         self.splits = {k: tuple(t.to(device) for t in v) for k, v in splits}
-        self.num_classes, self.image_size, self.device = num_classes, train[0].shape[-1], device
-        self.shard = shard
+        self.num_classes, self.image_size, self.device, self.shard = num_classes, train[0].shape[-1], device, shard
+        self.sizes = {k: len(v[1]) for k, v in self.splits.items()}
 
     def train_batches(self, batch_size: int, gen: torch.Generator):
         """One shuffled epoch, its randomness (order, crop offsets, flips) drawn at once from `gen`. Every
@@ -1143,11 +1102,11 @@ class TensorData:
         for i in range(0, n, batch_size):
             yield x[i:min(i + batch_size, n)].float() / 255, y[i:min(i + batch_size, n)]
 
-    def eval_len(self, limit: int = 0, split: str = "test") -> int:
-        return min(limit or len(self.splits[split][1]), len(self.splits[split][1]))
+    def eval_len(self, limit: int = 0, split: str = "test") -> int:  # images evaluated of `split`
+        return min(limit or self.sizes[split], self.sizes[split])
 
     def train_len(self, batch_size: int) -> int:  # batches per epoch and process
-        return len(self.splits["train"][1]) // self.shard[1] // batch_size
+        return self.sizes["train"] // self.shard[1] // batch_size
 
 def own_part(perm: torch.Tensor, shard: tuple) -> torch.Tensor:
     """This process's part of a shuffle: every process takes as many images (an extra batch would wait forever
@@ -1184,8 +1143,8 @@ class FolderData(TensorData):
         held_out.transform = test_tf
         self.splits = {"train": Subset(train, keep.tolist()), "val": Subset(held_out, held.tolist()),
                        "test": ImageFolder(str(root / "val"), test_tf)}
-        self.num_classes, self.image_size, self.device = len(train.classes), image_size, device
-        self.shard = shard
+        self.num_classes, self.image_size, self.device, self.shard = len(train.classes), image_size, device, shard
+        self.sizes = {k: len(v) for k, v in self.splits.items()}
 
     def loader(self, dataset, batch_size: int, order=None):
         return DataLoader(dataset, batch_size, sampler=order, drop_last=order is not None, num_workers=8,
@@ -1199,12 +1158,6 @@ class FolderData(TensorData):
     def test_batches(self, batch_size, limit=0, split="test"):
         for x, y in self.loader(Subset(self.splits[split], range(self.eval_len(limit, split))), batch_size):
             yield x.to(self.device), y.to(self.device)
-
-    def eval_len(self, limit=0, split="test"):
-        return min(limit or len(self.splits[split]), len(self.splits[split]))
-
-    def train_len(self, batch_size):
-        return len(self.splits["train"]) // self.shard[1] // batch_size
 
 SYNTHETIC = (2048, 512)  # training and test images of the synthetic set (--train-n and --eval-n take fewer)
 
@@ -1225,44 +1178,31 @@ def synthetic_data(n_train: int, n_test: int, num_classes: int = 10, seed: int =
 
 def load_cifar(name: str, root: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """CIFAR-10/100 as uint8 (B, 3, 32, 32): DATA_DIR/<name>_{train,test}.npz when present (x: uint8 NHWC,
-    y), else torchvision's copy, downloaded when missing (offline: a one-line error, no folder left)."""
+    y), else torchvision's copy, downloaded when missing (offline: a one-line error)."""
     npz = [root / f"{name}_{split}.npz" for split in ("train", "test")]
     if any(p.exists() for p in npz):
-        (x, y), test = (read_npz(p, 100 if name == "cifar100" else 10) for p in npz)
-        if x.shape[1:] != test[0].shape[1:]:
-            raise ConfigError(f"{npz[1]} holds {tuple(test[0].shape[1:])} images, {npz[0]} "
-                              f"{tuple(x.shape[1:])}: give both splits the same image size")
-        return (x, y), test
+        return [read_npz(p) for p in npz]
     from torchvision.datasets import CIFAR10, CIFAR100
-    # the topmost folder of root that is not there yet: removed again if the download fails
-    created = next((p for p in reversed([root, *root.parents]) if not p.exists()), None)
     try:
-        cls = CIFAR10 if name == "cifar10" else CIFAR100
-        sets = [cls(str(root), train, download=True) for train in (True, False)]
+        sets = [(CIFAR10 if name == "cifar10" else CIFAR100)(str(root), train, download=True)
+                for train in (True, False)]
     except Exception as e:
-        if created:
-            shutil.rmtree(created, ignore_errors=True)
         raise ConfigError(f"{name} is not in {root} and could not be downloaded ({type(e).__name__}): run "
                           f"once online, or put {name}_train.npz and {name}_test.npz in --data-dir") from None
     return [(torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(),  # (n, H, W, 3) -> (n, 3, H, W) uint8
              torch.tensor(d.targets)) for d in sets]
 
-def read_npz(path: Path, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """DATA_DIR/<name>_<split>.npz, checked: x uint8 (N, H, W, 3), y N integer labels in [0, classes)."""
+def read_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """DATA_DIR/<name>_<split>.npz: x uint8 (N, H, W, 3) -> (N, 3, H, W), y (N,) integer labels."""
     import numpy as np
-    must = f"it must hold x: uint8 images (N, H, W, 3) and y: N integer labels in [0, {classes})"
     try:
         with np.load(path) as z:
-            x, y = z["x"], z["y"]
-    except FileNotFoundError:
-        raise ConfigError(f"{path} is missing (its other split is there): {must}") from None
-    except Exception as e:  # not a zip, truncated, no x or y
-        raise ConfigError(f"{path} cannot be read as an .npz of x and y ({type(e).__name__}): {must}") \
-            from None
-    if x.dtype != np.uint8 or x.shape[3:] != (3,) or y.shape != x.shape[:1] or y.dtype.kind not in "iu" or \
-            not len(y) or y.min() < 0 or y.max() >= classes:
-        raise ConfigError(f"{path} holds x {x.dtype} {x.shape} and y {y.dtype} {y.shape}: {must}")
-    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y).long()
+            x, y = torch.from_numpy(z["x"]).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(z["y"]).long()
+        assert x.dtype == torch.uint8 and x.shape[1] == 3 and y.shape == x.shape[:1]
+    except Exception as e:  # missing, not a zip, truncated, no x or y, wrong shapes
+        raise ConfigError(f"{path} cannot be read ({type(e).__name__}): it must be an .npz of x (uint8 images "
+                          f"N, H, W, 3) and y (N integer labels)") from None
+    return x, y
 
 SPLIT_SEED = 0  # the --train-n subset and the --val-n split: the same images for every run and seed
 
@@ -1291,11 +1231,11 @@ def load_data(s: Settings, device, shard: tuple = (0, 1)):
                       device, shard)
 
 # ==================================================================================================
-# 8. The training loop: train, epochs, progress lines, signals; data parallelism under torchrun
+# 8. The training loop; data parallelism under torchrun
 # ==================================================================================================
 def build_model(s: Settings, num_classes: int, image_size: int) -> MoECNN:
     return MoECNN(s.arch, num_classes, image_size, s.model_ratio, s.model_experts, s.router,
-                  MEAN_STD[s.dataset], s.width, s.shared_bn, s.router_standardize)
+                  MEAN_STD[s.dataset], s.width, s.shared_bn, s.router_standardize, s.layout)
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -1314,90 +1254,92 @@ def compiled(model: nn.Module, s: Settings, device) -> nn.Module:
         else model
 
 def train(s: Settings, log: Callable[[str], None] = print) -> dict | None:
-    """Train one model, evaluate it, write <out>/result.json and return it. Under torchrun every process
-    trains on its part of each batch stream; rank 0 logs, checkpoints and evaluates (the others: None)."""
+    """Train one model, evaluate it, write <out>/result.json and return it. Every finished epoch writes a
+    checkpoint and its log.jsonl row, so an interrupted run loses only the epoch in progress (--resume).
+    Under torchrun every process trains on its part of each batch stream; rank 0 logs, checkpoints and
+    evaluates (the others return None)."""
     rank, world, device = distributed(s)
     log, out = (log if rank == 0 else (lambda _: None)), Path(s.out or f"runs/{s.name}")
-    with run_folder(out, s, rank == 0), stop_on_signals() as stop:
-        torch.manual_seed(s.seed)
-        data = load_data(s, device, (rank, world))
-        model = build_model(s, data.num_classes, data.image_size).to(device)
-        opts = make_optimizers(model, s, device)
-        if s.iou_with:  # fail now, not after training
-            router_utility_tables(model, s.iou_with)
-        if data.train_len(s.batch_size) == 0:
-            raise ConfigError(f"--batch-size {s.batch_size} is larger than the training set: lower it")
-        start, history, seconds, extra = starting_point(out, model, opts, s, rank, log)
-        if s.method == "sparse" and start == 0:  # AT(Sparse): prune, then fine-tune below
-            t0 = time.perf_counter()
-            state, extra = prune(s, data, device, stop, log)
-            model.load_state_dict(state)
-            seconds += time.perf_counter() - t0
-        rows = []  # log.jsonl rows, written with the next checkpoint: before it, the folder holds nothing
-        if start == 0 and rank == 0 and (routing := routing_snapshot(model, data, s, fresh=True)):
-            extra, rows = {**extra, "routing_epoch0": routing}, [{"epoch": 0, "routing": routing}]
-            log(format_routing(routing, "epoch 0 (before training): routing"))
-        sync_model(model)
-        net = compiled(model, s, device)  # checkpoints and evaluation use the module itself
-        for epoch in range(start, s.epochs):
-            t0 = time.perf_counter()
-            row = {"epoch": epoch + 1, **train_epoch(net, opts, data, s, epoch, device, stop, log)}
-            sync_model(model)  # rank 0's BatchNorm statistics everywhere
-            seconds += time.perf_counter() - t0
-            # the learning rate each parameter group ended the epoch with
-            lrs = {f"lr_{g['name']}": round(g["lr"], 6) for o in opts.values() for g in o.param_groups}
-            row.update(seconds=round(time.perf_counter() - t0, 2), **lrs)
-            if rank:
-                continue
-            split = "val" if data.eval_len(split="val") else "test"  # settings are chosen there
-            if s.quick_eval_n and epoch + 1 < s.epochs:
-                quick = evaluate(model, data, s, steps=10, limit=s.quick_eval_n, split=split)
-                row.update(sa=quick["sa"], ra_pgd10=quick["ra"], quick_split=split)
-            previous = history[-1].get("routing") if history else extra.get("routing_epoch0")
-            if routing := routing_snapshot(model, data, s, previous):
-                row["routing"] = routing
-            history.append(row)
-            log(format_row(row, s))
+    check_out(out, s, rank)
+    torch.manual_seed(s.seed)
+    data = load_data(s, device, (rank, world))
+    if data.train_len(s.batch_size) == 0:
+        raise ConfigError(f"--batch-size {s.batch_size} is larger than the training set: lower it")
+    model = build_model(s, data.num_classes, data.image_size).to(device)
+    opts = make_optimizers(model, s, device)
+    # the first epoch, the epochs' log rows, the training seconds so far, and what else the checkpoint keeps
+    start, history, seconds, extra = starting_point(out, model, opts, s, data, rank, log)
+    sync_model(model)
+    net = compiled(model, s, device)  # checkpoints and evaluation use the module itself
+    for epoch in range(start, s.epochs):
+        t0 = time.perf_counter()
+        row = {"epoch": epoch + 1, **train_epoch(net, opts, data, s, epoch, device, log)}
+        sync_model(model)  # rank 0's BatchNorm statistics everywhere
+        seconds += time.perf_counter() - t0
+        if rank == 0:
+            history.append(epoch_row(row, model, opts, data, s, history, extra, t0, log))
             save_checkpoint(out / "checkpoint.pt", model, opts, s, epoch + 1, history, seconds, extra)
-            for r in rows + [row]:
-                append_jsonl(out / "log.jsonl", r)
-            rows = []
-        if rank:
-            return None
-        info = {"world_size": world, "routing_epoch0": extra.get("routing_epoch0")}
-        if s.method == "sparse":
-            info["sparse"] = {"init": s.init or None, "kept": {g: len(v) for g, v in extra["keep"].items()},
-                              "prune_history": extra["prune_history"]}
-        try:
-            return finish(model, data, s, out, history, seconds, device, log, info)
-        except KeyboardInterrupt:
-            raise Interrupted("interrupted in the final evaluation: the trained checkpoint is kept; --resume "
-                              "evaluates it again") from None
+            first = epoch == 0 and "routing_epoch0" in extra  # epoch 0's routing goes with epoch 1's row
+            append_jsonl(out / "log.jsonl", [{"epoch": 0, "routing": extra.get("routing_epoch0")}] * first + [row])
+    if rank == 0:
+        return finish(model, data, s, out, history, seconds, device, log, {"world_size": world, **extra})
 
-def train_epoch(net: nn.Module, opts: dict, data, s: Settings, epoch: int, device, stop: list, log) -> dict:
+def train_epoch(net: nn.Module, opts: dict, data, s: Settings, epoch: int, device, log) -> dict:
     """One epoch of the method's step; returns the epoch's mean statistics (one host sync, at the end)."""
     (step, streams), iters = STEPS[s.method], data.train_len(s.batch_size)
     net.train()
     freeze_batchnorm(net, s.train_params)
     sums, bad_step = {}, torch.full((), -1, device=device)
-    progress = Progress(f"epoch {epoch + 1}/{s.epochs}", iters * s.batch_size * streams, log)
+    tick = ticker(f"epoch {epoch + 1}/{s.epochs}", iters * s.batch_size * streams, log)
     for it, batches in enumerate(batch_streams(data, s, epoch)):
         set_lr(opts, (epoch * iters + it) / (s.epochs * iters))
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=s.amp and device.type == "cuda"):
-            stats = step(net, opts, batches, s.objective)
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            stats = step(net, opts, batches, s.objective, average_gradients)
         sums = {k: sums.get(k, 0.0) + v for k, v in stats.items()}
         # the first non-finite step of either level, remembered without a host sync
         finite = torch.isfinite(stats["loss"]) & torch.isfinite(stats.get("router_loss", stats["loss"]))
         bad_step = torch.where((bad_step < 0) & ~finite, it, bad_step)
-        progress((it + 1) * s.batch_size * streams, lambda: f"loss {sums['loss'].item() / (it + 1):.4f}")
-        if stop:
-            kept = f"the checkpoint of epoch {epoch} is kept: continue with --resume" if epoch else \
-                "no epoch had finished, so nothing was kept: run the command again"
-            raise Interrupted(f"interrupted by {stop[0]} in epoch {epoch + 1}: {kept}")
+        tick((it + 1) * s.batch_size * streams, lambda: f"loss {sums['loss'].item() / (it + 1):.4f}")
     if bad_step.item() >= 0:
         raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, iteration {bad_step.item() + 1} "
                                  f"(the last checkpoint is kept): lower --lr or check the data")
     return {k: round(v.item() / (it + 1), 4) for k, v in sums.items()}
+
+def epoch_row(row: dict, model, opts: dict, data, s: Settings, history: list, extra: dict, t0, log) -> dict:
+    """The epoch's log row: its training statistics, the learning rate each parameter group ended with, SA /
+    RA (PGD-10) on --quick-eval-n validation images, the routing now (routing_snapshot); and its line."""
+    row.update({f"lr_{g['name']}": round(g["lr"], 6) for o in opts.values() for g in o.param_groups})
+    if s.quick_eval_n and row["epoch"] < s.epochs:
+        split = "val" if data.eval_len(split="val") else "test"  # settings are chosen there
+        quick = evaluate(model, data, s, steps=10, limit=s.quick_eval_n, split=split)
+        row.update(sa=quick["sa"], ra_pgd10=quick["ra"], quick_split=split)
+    previous = history[-1].get("routing") if history else extra.get("routing_epoch0")
+    if routing := routing_snapshot(model, data, previous):
+        row["routing"] = routing
+    row["seconds"] = round(time.perf_counter() - t0, 2)
+    text = f"epoch {row['epoch']}/{s.epochs} loss {row['loss']:.4f} acc {100 * row['acc']:.1f}"
+    text += f" acc_adv {100 * row['acc_adv']:.1f}"
+    text += "".join(f" {k} {row[k]:.4f}" for k in ("router_loss", "router_reg") if k in row)
+    if "sa" in row:
+        text += f" | SA {row['sa']:.2f} RA(PGD-10) {row['ra_pgd10']:.2f}"
+    if r := row.get("routing"):
+        text += f" | routing: collapsed {r['collapsed']}/{len(r['top_share'])}, majority changed in " \
+                f"{r.get('majority_changed')}, top-expert share max {max(r['top_share']):.2f}"
+    log(text + f" | {row['seconds']:.1f}s")
+    return row
+
+PROGRESS_SECONDS = 30.0  # at least this long between two progress lines of training
+
+def ticker(what: str, total: int, log) -> Callable:
+    """tick(done, details): a progress line (images done of total, images/s, ETA) every PROGRESS_SECONDS."""
+    t0, last = time.perf_counter(), [time.perf_counter()]
+
+    def tick(done: int, details: Callable[[], str] = str):
+        if log and (now := time.perf_counter()) - last[0] >= PROGRESS_SECONDS:
+            last[0], rate = now, done / max(now - t0, 1e-9)
+            log(f"  {what}: {done}/{total} images, {rate:.1f} img/s, ETA {(total - done) / rate:.0f} s "
+                f"{details()}")
+    return tick
 
 def freeze_batchnorm(model: nn.Module, train_params: str):
     """--train-params: the frozen part's BatchNorms normalize with their running statistics and keep them
@@ -1407,51 +1349,8 @@ def freeze_batchnorm(model: nn.Module, train_params: str):
                 ("router" in name) == (train_params == "backbone"):
             m.eval()
 
-PROGRESS_SECONDS = 30.0  # at least this long between two progress lines of training, evaluation, attacks
-
-class Progress:
-    """A progress line every PROGRESS_SECONDS or more: what, done / total images, images per second, ETA."""
-
-    def __init__(self, what: str, total: int, log):
-        self.what, self.total, self.log, self.start = what, total, log, time.perf_counter()
-        self.last = self.start
-
-    def __call__(self, done: int, details: Callable[[], str] = str):
-        now = time.perf_counter()
-        if self.log and now - self.last >= PROGRESS_SECONDS:
-            self.last, rate = now, done / max(now - self.start, 1e-9)
-            self.log(f"  {self.what}: {done}/{self.total} images, {rate:.1f} img/s, ETA "
-                     f"{(self.total - done) / max(rate, 1e-9):.0f} s {details()}".rstrip())
-
-def format_row(row: dict, s: Settings) -> str:
-    text = f"epoch {row['epoch']}/{s.epochs} loss {row['loss']:.4f} acc {100 * row['acc']:.1f} acc_adv " \
-           f"{100 * row['acc_adv']:.1f}"
-    text += "".join(f" {k} {row[k]:.4f}" for k in ("router_loss", "router_reg") if k in row)
-    text += f" | SA {row['sa']:.2f} RA(PGD-10) {row['ra_pgd10']:.2f}" if "sa" in row else ""
-    text += format_routing(row["routing"], " | routing") if "routing" in row else ""
-    return text + f" | {row['seconds']:.1f}s"
-
-def format_routing(r: dict, what: str) -> str:
-    shares, moved = sorted(r["top_share"]), r.get("majority_changed")
-    return f"{what}: collapsed {r['collapsed']}/{len(shares)}" + \
-        (f", majority changed in {moved}" if moved is not None else "") + \
-        f", top-expert share min {shares[0]:.2f} median {shares[len(shares) // 2]:.2f} max {shares[-1]:.2f}"
-
-@contextlib.contextmanager
-def stop_on_signals():
-    """SIGINT / SIGTERM end training after the current iteration; the previous handlers come back after."""
-    stop, previous = [], {}
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        with contextlib.suppress(ValueError):  # not the main thread (a notebook worker)
-            previous[sig] = signal.signal(sig, lambda signum, _: stop.append(signal.Signals(signum).name))
-    try:
-        yield stop
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-
 # Data parallelism (torchrun): every process draws the same shuffles and trains on its own part (own_part);
-# each level's gradients are averaged with one all-reduce (deviation 10).
+# each level's gradients are averaged with one all-reduce (deviation 12).
 def distributed(s: Settings) -> tuple[int, int, torch.device]:
     """(rank, world size, device): joins the process group when started by torchrun (NCCL on CUDA with one
     GPU per process, gloo on the CPU)."""
@@ -1600,9 +1499,9 @@ def extract_sparse(dense: MoECNN, keep: dict[str, torch.Tensor]) -> dict[str, to
             state.update({prefix + "weight": m.weight[:, kept(reads)], prefix + "bias": m.bias})
     return {k: v.detach().clone() for k, v in state.items()}
 
-def prune(s: Settings, data, device, stop: list, log) -> tuple[dict, dict]:
+def prune(s: Settings, data, device, log) -> tuple[dict, dict]:
     """AT(Sparse), phase 1: learn channel scores of the (--init) Dense network with the training loss for
-    --prune-epochs, its weights frozen; keep every group's top r*C channels. Returns the pruned S-Dense-shaped
+    epochs/5 epochs, its weights frozen; keep every group's top r*C channels. Returns the pruned S-Dense-shaped
     state dict and the mask (kept channels, group sizes, this phase's log). Phase 2, fine-tuning with the mask
     fixed, is the ordinary training loop."""
     dense = MoECNN(s.arch, data.num_classes, data.image_size, mean_std=MEAN_STD[s.dataset], width=s.width)
@@ -1617,33 +1516,27 @@ def prune(s: Settings, data, device, stop: list, log) -> tuple[dict, dict]:
     dense.requires_grad_(False)
     # the scores alone are trained, on the cosine schedule of the pruning epochs
     pruner, history = ChannelScores(dense, s.ratio), []
-    phase = dataclasses.replace(s, epochs=s.prune_epochs or 1)
+    phase = dataclasses.replace(s, epochs=s.prune_epochs)
     scores = {"params": list(pruner.scores.values()), "base_lr": s.lr, "name": "scores"}
-    opt = torch.optim.SGD([scores], lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
-    for epoch in range(s.prune_epochs):  # (0 epochs: the scores stay the filter norms)
+    opt = torch.optim.SGD([scores], lr=s.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    for epoch in range(s.prune_epochs):
         t0 = time.perf_counter()
-        try:
-            stats = train_epoch(pruner, {"all": opt}, data, phase, epoch, device, stop, log)
-        except Interrupted:
-            raise Interrupted(f"interrupted by {stop[0]} in pruning epoch {epoch + 1}: nothing is saved "
-                              f"before pruning ends; run the command again") from None
+        stats = train_epoch(pruner, {"all": opt}, data, phase, epoch, device, log)
         history.append({"epoch": epoch + 1, **stats, "seconds": round(time.perf_counter() - t0, 2)})
-
-        log("prune " + format_row(history[-1], phase))
+        log(f"pruning epoch {epoch + 1}/{s.prune_epochs} loss {stats['loss']:.4f} acc {100 * stats['acc']:.1f}")
     keep = pruner.keep()
     log(f"pruned to {sum(map(len, keep.values()))} of {sum(channel_groups(dense).values())} channels")
-    return extract_sparse(dense, keep), {"keep": {g: v.tolist() for g, v in keep.items()},
-                                         "sizes": channel_groups(dense), "prune_history": history}
+    return extract_sparse(dense, keep), {"sparse": {"init": s.init or None, "kept": {g: len(v) for g, v in
+                                                    keep.items()}, "prune_history": history}}
 
 # ==================================================================================================
-# 10. Files: result.json, atomic writes, run folders, checkpoints (data, not code), --eval-only
+# 10. Files: result.json, checkpoints (data, not code), --resume and --eval-only
 # ==================================================================================================
 def finish(model, data, s: Settings, out: Path, history: list, seconds: float, device, log, extra=None):
     """The final evaluation (and on the validation split every attack but AutoAttack), then result.json."""
     log(f"evaluating: SA and RA under PGD-{s.test_steps} on {s.eval_n or 'all'} test images")
     t0 = time.perf_counter()
-    utility = router_utility_tables(model, s.iou_with) if s.iou_with else None
-    ev = evaluate(model, data, s, limit=s.eval_n, attacks=s.attacks, utility=utility, log=log)
+    ev = evaluate(model, data, s, limit=s.eval_n, attacks=s.attacks, log=log)
     no_aa = tuple(a for a in s.attacks if a != "autoattack")
     val = data.eval_len(split="val") and evaluate(model, data, s, attacks=no_aa, split="val", log=log)
     result = {"dataset": s.dataset, "arch": s.arch, "method": s.method, "ratio": s.model_ratio,
@@ -1658,29 +1551,13 @@ def finish(model, data, s: Settings, out: Path, history: list, seconds: float, d
               "params": {"total": sum(p.numel() for p in model.parameters()),
                          "routers": sum(p.numel() for p in router_params(model))},
               "train_seconds": round(seconds, 1), "eval_seconds": round(time.perf_counter() - t0, 1),
-              "device": device_name(device), "torch": torch.__version__, "commit": COMMIT,
-              "command": command_line(s), **(extra or {}), "settings": dataclasses.asdict(s),
-              "history": history}
+              "device": device_name(device), "torch": torch.__version__, "commit": COMMIT, **(extra or {}),
+              "settings": dataclasses.asdict(s), "history": history}
     write_json(out / "result.json", result)
     others = "".join(f"  {k} {v:.2f}" for k, v in result["attacks"].items() if not k.startswith("pgd"))
     log(f"SA {result['sa']:.2f}  RA {result['ra']:.2f}{others}  RA-worst {result['ra_worst']:.2f}  GFLOPs "
         f"{result['gflops']:.3f}  -> {out / 'result.json'}")
     return result
-
-def non_default(s: Settings) -> list[str]:
-    """The fields of s that differ from their defaults (eps's default is its data set's, a step size's the one
-    derived from s's eps and K)."""
-    plain = Settings(dataset=s.dataset)
-    derived = Settings(dataset=s.dataset, eps=s.eps, train_steps=s.train_steps)
-    return [f.name for f in dataclasses.fields(s)
-            if getattr(s, f.name) != getattr(derived if f.name.endswith("step_size") else plain, f.name)]
-
-def command_line(s: Settings) -> str:
-    """The command that reproduces a run: --dataset and every flag that differs from its default."""
-    def arg(k: str) -> str:
-        v = getattr(s, k)
-        return (flag(k) if v else "--no-" + flag(k)[2:]) if isinstance(v, bool) else f"{flag(k)} {v}"
-    return "python advmoe.py " + " ".join(arg(k) for k in ["dataset"] + non_default(s))
 
 def device_name(device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
@@ -1695,66 +1572,52 @@ def git_commit() -> str | None:
 COMMIT = git_commit()  # read at import: the code that runs, even if the checkout moves on during a long run
 
 def atomic_write(path: Path, write: Callable[[str], None]):
-    """Write a temporary file in the same folder, then rename it: never a half-written file, and a failed
-    write (a full disk) leaves the previous file as it was."""
+    """Write a temporary file in the same folder, then rename it: a file is there whole, or not at all."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         write(str(tmp))
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:  # (torch.save's zip writer raises RuntimeError on a full disk)
-        why = getattr(e, "strerror", None) or str(e).strip().splitlines()[0][:160]
-        raise RunFailed(f"cannot write {path} ({why}): the previous {path.name} is intact; free space there "
-                        f"and run again (training continues with --resume)") from None
     finally:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 def write_json(path: Path, obj):
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1) + "\n"))
 
-def append_jsonl(path: Path, row: dict):
+def append_jsonl(path: Path, rows: list[dict]):
     with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+        f.writelines(json.dumps(row) + "\n" for row in rows)
 
 RUN_FILES = ("result.json", "checkpoint.pt", "log.jsonl")
 
-@contextlib.contextmanager
-def run_folder(out: Path, s: Settings, lead: bool = True):
-    """The run's folder: created if missing (and removed again if the run ends before writing anything), and
-    never replaced silently: a folder holding a run is refused without --resume (training) or --overwrite."""
-    created = lead and not out.exists()
-    try:
+def check_out(out: Path, s: Settings, rank: int = 0):
+    """The run's folder (created with its first file): one that holds a run is never replaced silently."""
+    found = [f for f in RUN_FILES if rank == 0 and (out / f).exists()]
+    if found and (s.eval_only or not s.resume):
+        raise ConfigError(f"--out {out} already holds {'an evaluation' if s.eval_only else 'a run'} "
+                          f"({', '.join(found)}): remove that folder or choose another --out"
+                          f"{'' if s.eval_only else ', or continue the run with --resume'}")
+    created = [p for p in [out, *out.parents] if not p.exists()]
+    try:  # a probe: the folder is made again with the run's first file
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"cannot write to output folder {out} ({e.strerror}): choose another --out") \
-            from None
-    found = [f for f in RUN_FILES if lead and (out / f).exists()]
-    if found and (s.eval_only or not s.resume) and not s.overwrite:
-        raise ConfigError(f"--out {out} already holds {'an evaluation' if s.eval_only else 'a run'} "
-                          f"({', '.join(found)}): choose another --out, "
-                          f"{'' if s.eval_only else 'continue it with --resume, '}or replace it with "
-                          f"--overwrite")
-    for f in found if s.overwrite else ():
-        (out / f).unlink()
-    try:
-        yield
-    finally:
-        if created and not any(out.iterdir()):
-            out.rmdir()
+        raise ConfigError(f"cannot write to output folder {out} ({e.strerror}): choose another --out") from None
+    for p in created:
+        p.rmdir()
 
 # what a checkpoint's weights fit, and the flags that build its model
 IDENTITY = ("dataset", "arch", "method", "model_ratio", "model_experts", "router", "width", "shared_bn",
-            "router_standardize")
-MODEL_FIELDS = ("arch", "method", "ratio", "n_experts", "router", "width", "shared_bn", "router_standardize")
+            "router_standardize", "layout")
+MODEL_FIELDS = ("arch", "method", "ratio", "n_experts", "router", "width", "shared_bn", "router_standardize",
+                "layout")
 # what a checkpoint that does not record a setting was trained with
-LEGACY = {"shared_bn": False, "router_standardize": True}
+LEGACY = {"shared_bn": False, "router_standardize": True, "layout": "position"}
 # flags of the run and of its evaluation: --resume and --eval-only may change them, not the recipe
-RUN_FIELDS = ("out", "resume", "overwrite", "eval_only", "device", "data_dir", "amp", "compile",
-              "eval_batch_size", "iou_with", "eval_aa", "aa_n")
-EVAL_FIELDS = ("eval_n", "eval_attacks", "quick_eval_n", "square_queries", "test_steps", "test_step_size")
+RUN_FIELDS = ("out", "resume", "eval_only", "device", "data_dir", "compile", "aa_n")
+EVAL_FIELDS = ("eval_n", "eval_attacks", "quick_eval_n", "square_queries", "test_steps")
 
 def save_checkpoint(path: Path, model, opts: dict, s: Settings, epoch: int, history: list, seconds, extra):
-    """All that --resume needs; extra: AT(Sparse)'s mask (also for --iou-with), the routing of epoch 0."""
+    """All that --resume needs; extra: AT(Sparse)'s mask, the routing of epoch 0."""
     atomic_write(path, lambda tmp: torch.save({
         "settings": dataclasses.asdict(s), "identity": {k: getattr(s, k) for k in IDENTITY}, "epoch": epoch,
         "history": history, "train_seconds": seconds, "extra": extra, "model": model.state_dict(),
@@ -1763,24 +1626,15 @@ def save_checkpoint(path: Path, model, opts: dict, s: Settings, epoch: int, hist
 
 def read_checkpoint(path: Path) -> dict:
     """A checkpoint of save_checkpoint, loaded as data (weights_only) and checked: anything else is a one-line
-    ConfigError naming it. Settings this file does not know are set aside."""
-    fix = "give the checkpoint.pt of a run of advmoe.py"
-    if not Path(path).is_file():
-        what = "is a folder" if Path(path).is_dir() else "does not exist"
-        raise ConfigError(f"checkpoint {path} {what}: {fix}")
+    ConfigError naming it. Settings this file does not know are set aside; those it does not record are the
+    behaviour it was trained with (LEGACY)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # truncated, empty, garbage, or a pickle that needs code
-        raise ConfigError(f"checkpoint {path} cannot be read (torch.load: {type(e).__name__}): {fix}") \
-            from None
-    needed = ("settings", "identity", "epoch", "history", "train_seconds", "model", "opts")
-    if not isinstance(ckpt, dict) or not all(k in ckpt for k in needed):
-        raise ConfigError(f"checkpoint {path} is not a checkpoint of advmoe.py (a bare state_dict, or "
-                          f"another program's file): {fix}")
+        assert all(k in ckpt for k in ("settings", "identity", "epoch", "history", "train_seconds", "model"))
+    except Exception as e:  # missing, a folder, truncated, garbage, a pickle that needs code, a bare state_dict
+        raise ConfigError(f"checkpoint {path} cannot be read as one of advmoe.py ({type(e).__name__}): give the "
+                          f"checkpoint.pt of a run of advmoe.py") from None
     known = Settings.__dataclass_fields__
-    if ckpt["settings"].get("method") == "standard":  # natural training, once a method of its own
-        ckpt["settings"].update(method="moe", loss="natural")
-        ckpt["identity"]["method"] = "moe"
     return {**ckpt, "settings": {**LEGACY, **{k: v for k, v in ckpt["settings"].items() if k in known}},
             "identity": {**LEGACY, **ckpt["identity"]}}
 
@@ -1795,18 +1649,26 @@ def load_weights(model: nn.Module, state: dict, path, want: dict | None = None, 
         raise ConfigError(f"checkpoint {path} is from another model ({first}): give one of this model, or "
                           f"the same settings") from None
 
-def starting_point(out: Path, model, opts: dict, s: Settings, rank: int, log):
+def starting_point(out: Path, model, opts: dict, s: Settings, data, rank: int, log):
     """(first epoch, history, training seconds, extra): --resume from <out>/checkpoint.pt (a finished run's
-    result.json is kept aside), else --init weights, else a fresh start."""
-    path = out / "checkpoint.pt"
+    result.json is kept aside); else a fresh start, from --init weights or, for AT(Sparse), from pruning, with
+    the routing before training (routing_epoch0) in extra."""
+    path, t0, extra = out / "checkpoint.pt", time.perf_counter(), {}
     if not (s.resume and path.exists()):
-        if s.init and s.method != "sparse":  # --init: start from another run's weights
+        if s.method == "sparse":  # AT(Sparse): prune the --init Dense network, then fine-tune
+            state, extra = prune(s, data, next(model.parameters()).device, log)
+            model.load_state_dict(state)
+        elif s.init:  # --init: start from another run's weights
             ckpt = read_checkpoint(Path(s.init))
             load_weights(model, ckpt["model"], s.init, {k: getattr(s, k) for k in IDENTITY if k != "method"},
                          ckpt["identity"])
+        if rank == 0 and (routing := routing_snapshot(model, data, fresh=True)):
+            extra["routing_epoch0"] = routing
+            log(f"epoch 0 (before training): routing collapsed in {routing['collapsed']} of "
+                f"{len(routing['top_share'])} MoE layers, top-expert share max {max(routing['top_share']):.2f}")
         if dist.is_initialized():
             torch.manual_seed(s.seed + rank)  # attack starts differ between processes
-        return 0, [], 0.0, {}
+        return 0, [], time.perf_counter() - t0 if s.method == "sparse" else 0.0, extra
     ckpt = read_checkpoint(path)
     changed = [f"{flag(k)} {v} -> {getattr(s, k)}" for k, v in ckpt["settings"].items()
                if k not in RUN_FIELDS + EVAL_FIELDS + ("epochs",) and v != getattr(s, k)]
@@ -1826,34 +1688,21 @@ def starting_point(out: Path, model, opts: dict, s: Settings, rank: int, log):
     log(f"resumed {path} after epoch {ckpt['epoch']}")
     return ckpt["epoch"], ckpt["history"], ckpt["train_seconds"], ckpt.get("extra") or {}
 
-def eval_only(s: Settings, log=print, given: set[str] | None = None) -> dict:
-    """Evaluate a checkpoint at its own settings (model, data, eps, test attack, images), except the flags
-    given on the command line (`given`; from Python, the fields of s that differ from their defaults) and
-    the run's own flags (device, out, AutoAttack, ...)."""
+def eval_only(s: Settings, given: set[str] = frozenset(), log=print) -> dict:
+    """Evaluate the checkpoint s.eval_only at its own settings (model, data, eps, test attack, images) but for
+    the run's flags (device, out, ...) and the settings named in `given` (on the command line: the flags
+    typed), written to --out (default: <the checkpoint's folder>/eval)."""
     ckpt = read_checkpoint(Path(s.eval_only))
-    theirs, given = ckpt["settings"], set(non_default(s)) if given is None else given
-    clash = [f"{flag(k)} {getattr(s, k)} (the checkpoint's: {theirs.get(k)})" for k in MODEL_FIELDS
-             if k in given and getattr(s, k) != theirs.get(k)]
+    clash = [flag(k) for k in MODEL_FIELDS if k in given and getattr(s, k) != ckpt["settings"].get(k)]
     if clash:
         raise ConfigError(f"--eval-only rebuilds the checkpoint's model: drop {', '.join(clash)}")
-    values = {**theirs, **{k: getattr(s, k) for k in given | set(RUN_FIELDS)}}
-    if {"eps", "dataset"} & given:  # derive what was not given from the new eps or data set
-        values.update({k: None for k in ("eps", "train_step_size", "test_step_size") if k not in given})
-    s = Settings(**values)
-    device = resolve_device(s.device)
+    s = Settings(**{**ckpt["settings"], **{k: getattr(s, k) for k in set(given) | set(RUN_FIELDS)}})
+    out, device = Path(s.out or Path(s.eval_only).parent / "eval"), resolve_device(s.device)
+    check_out(out, s)
     data = load_data(s, device)
     model = build_model(s, data.num_classes, data.image_size).to(device)
     load_weights(model, ckpt["model"], s.eval_only)
-    out = Path(s.out or Path(s.eval_only).parent / "eval")
-    if (out / "checkpoint.pt").exists() or (out / "log.jsonl").exists():  # a training run's folder stays
-
-        out = out / "eval"
-        log(f"--out holds a training run: this evaluation goes to {out}")
-    with run_folder(out, s):
-        try:
-            return finish(model, data, s, out, ckpt["history"], ckpt["train_seconds"], device, log)
-        except KeyboardInterrupt:
-            raise Interrupted("interrupted in the evaluation: nothing was written") from None
+    return finish(model, data, s, out, ckpt["history"], ckpt["train_seconds"], device, log)
 
 # ==================================================================================================
 # 11. Report: every table of the paper from result.json files
@@ -1861,307 +1710,197 @@ def eval_only(s: Settings, log=print, given: set[str] | None = None) -> dict:
 LABELS = {"sdense": "AT(S-Dense)", "sparse": "AT(Sparse)", "moe": "AT(MoE)", "advmoe": "AdvMoE",
           "dense": "AT(Dense)"}
 TABLE1 = ("sdense", "sparse", "moe", "advmoe", "dense")  # Table 1's rows; AT(Dense) is the reference
-SPLIT = ["router robustness", "MoE robustness", "(1)", "(2)", "(3)", "(4)", "split n"]
+# Insight 2's split of PGD examples, in % of the split n test images classified correctly when clean
+SPLIT = {"router robustness": "routing.router_robustness", "(uncollapsed layers)":
+         "routing.router_robustness_uncollapsed", "MoE robustness": "routing.moe_robustness",
+         "(1)": "routing.split_4way.neither", "(2)": "routing.split_4way.router_only",
+         "(3)": "routing.split_4way.prediction_only", "(4)": "routing.split_4way.both", "split n": "routing.split_n"}
+
+def key(path: str) -> Callable[[dict], object]:
+    """A getter of a result.json entry: key("routing.split_n")(r) = r["routing"]["split_n"] (None if absent)."""
+    return lambda r: functools.reduce(lambda d, k: d.get(k) if isinstance(d, dict) else None, path.split("."), r)
 
 def read_results(root: Path) -> list[dict]:
-    """Every result.json below root, with its folder as "path"; a corrupt or incomplete one is skipped with a
-    warning naming it, so one bad file costs one row."""
-    results, needed = [], ("dataset", "arch", "method", "sa", "ra", "settings", "routing", "command")
+    """Every result.json below root, with its folder as "path"; an unreadable one is skipped with a warning."""
+    results = []
     for p in sorted(root.rglob("result.json")):
         try:
             r = json.loads(p.read_text())
-            assert all(k in r for k in needed)
+            assert all(k in r for k in ("dataset", "arch", "method", "sa", "ra", "settings", "routing"))
             results.append({**r, "path": str(p.parent.relative_to(root))})
         except (OSError, ValueError, AssertionError, TypeError) as e:
-            print(f"advmoe: warning: skipping {p} ({type(e).__name__}): not a complete result.json",
-                  file=sys.stderr)
+            print(f"advmoe: warning: skipping {p} ({type(e).__name__}): not a complete result.json", file=sys.stderr)
     return results
 
 def recipe(r: dict, drop: tuple = ()) -> tuple:
-    """What a run trained and how it was measured, without its seed, its run flags and `drop`."""
+    """What a run trained and how it was measured (the settings this file knows) but its seed, run flags, `drop`."""
     skip = set(RUN_FIELDS) | {"seed", "quick_eval_n", *drop}
-    return tuple(sorted((k, str(v)) for k, v in r["settings"].items() if k not in skip))
+    return tuple(sorted((k, str(v)) for k, v in r["settings"].items() if k in Settings.__dataclass_fields__
+                        and k not in skip))
 
-def trained(r: dict) -> bool:  # a training run of every parameter (not --eval-only, not a Sec. 4 stage)
-    st = r["settings"]
-    return not st["eval_only"] and st["train_params"] == "all" and r["loss"] != "natural"
-
-def cell(runs: list[dict], get: Callable = lambda r: r["ra"], digits: int = 2) -> str | None:
+def cell(runs: list[dict], get: Callable = key("ra"), digits: int = 2) -> str | None:
     """The mean over runs (the seeds of one recipe) of get(run), ± half the range (the number of runs)."""
     v = [x for x in map(get, runs) if x is not None]
     spread = f" ± {(max(v) - min(v)) / 2:.{digits}f} ({len(v)})" if len(v) > 1 else ""
     return f"{sum(v) / len(v):.{digits}f}{spread}" if v else None
 
-def sa_ra(runs: list[dict], split: bool = False):
-    """"SA / RA" of runs; split=True: [SA, RA, GFLOPs], three cells."""
-    cells = [cell(runs, lambda r: r["sa"]), cell(runs), cell(runs, lambda r: r["gflops"], 4)]
-    return cells if split else (f"{cells[0]} / {cells[1]}" if runs else None)
+def md_table(title: str, head: list[str], rows: list[list], note: str = "") -> list[str]:
+    """A markdown table under its title; a blank cell was not run."""
+    return [f"## {title}", "", *([note, ""] if note else []), "| " + " | ".join(head) + " |",
+            "|---|" + "---:|" * (len(head) - 1), *("| " + " | ".join("" if c is None else str(c) for c in row)
+                                                 + " |" for row in rows), ""]
 
-def md_table(title: str, head: list[str], rows: list[list], runs: list[dict], note: str = "") -> list[str]:
-    """A markdown table under its title (a blank cell: not run), then the runs that fill it and commands."""
-    lines = [f"## {title}", ""] + ([note, ""] if note else [])
-    lines += ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
-    lines += ["| " + " | ".join("" if c is None else str(c) for c in row) + " |" for row in rows]
-    return lines + ["", "<details><summary>the runs in this table</summary>", ""] + [
-        f"- {r['path']}: `{r['command']}` ({r['device']}, torch {r['torch']}, commit "
-        f"{(r['commit'] or '?')[:10]}, {r['epochs']} epochs, {r['eval_n']} test images)" for r in runs] + [
-        "", "</details>", ""]
+def per_run(title: str, runs: list[dict], columns: dict, note: str = "") -> list[str]:
+    """A row per run: its folder, then a cell per column (a result.json key path, or a getter)."""
+    getters = [key(c) if isinstance(c, str) else c for c in columns.values()]
+    return md_table(title, ["run", *columns], [[r["path"], *(get(r) for get in getters)] for r in runs], note)
+
+def by_recipe(title: str, runs: list[dict], columns: dict, note: str = "") -> list[str]:
+    """A row per recipe, in the order of `runs`: the settings that tell its rows apart, its seeds, then a cell
+    per column, the mean over its seeds ± half their range."""
+    groups, getters = {}, [key(c) if isinstance(c, str) else c for c in columns.values()]
+    for r in runs:
+        groups.setdefault(recipe(r), []).append(r)
+    varying = sorted({k for g in groups for k, _ in g if len({dict(h).get(k) for h in groups}) > 1} - {"init"})
+    return md_table(title, ["recipe", "seeds", *columns], [
+        [", ".join(f"{k} {dict(g).get(k)}" for k in varying) or "-", ", ".join(str(r["seed"]) for r in rs),
+         *(cell(rs, get, 4 if name == "GFLOPs" else 2) for name, get in zip(columns, getters))]
+        for g, rs in groups.items()], note)
 
 def report(folder: str) -> str:
-    """Markdown from every result.json below `folder`, also written to folder/report.md: Table 1 (one per data
-    set and protocol; a cell averages the seeds of one recipe), Table 2, Figs. 7 and 8, the Sec. 4 study,
-    routing, recipes over seeds, router utility (Fig. 6) and every run. A blank cell was not run."""
-    root = Path(folder)
-    if not root.is_dir():
-        raise ConfigError(f"report folder {folder} does not exist: give the folder of the runs' result.json")
-    rs = read_results(root)
-    if not rs:
-        raise ConfigError(f"no result.json below {folder}: train a run with --out inside it first")
+    """Markdown from every result.json below `folder`, also written to folder/report.md: Table 1 per data set
+    and backbone, Table 2 (AutoAttack), the sweeps of Figs. 7 and 8, the Sec. 4 study, routing under attack,
+    every recipe over its seeds, and every run. A cell averages the seeds of one recipe."""
+    if not Path(folder).is_dir() or not (rs := read_results(Path(folder))):
+        raise ConfigError(f"no result.json below {folder}: give the folder of the runs (train with --out in it)")
     lines, moes = [f"# Results in {folder}", ""], [r for r in rs if r["routing"]]
-    # Table 1: the paper's protocol (N = 2, r = 0.5, its routing), one table per data set and recipe
-    paper = [r for r in rs if trained(r) and r["method"] in TABLE1 and r["n_experts"] in (1, 2) and
-             r["router"] != "global" and r["ratio"] == (1.0 if r["method"] == "dense" else 0.5) and
-             not r["settings"]["balance"]]
-    protocol = lambda r: recipe(r, ("method", "arch", "init", "prune_epochs"))  # noqa: E731
-    for key in dict.fromkeys(map(protocol, paper)):
-        table = [r for r in paper if protocol(r) == key]
-        archs, first = sorted({r["arch"] for r in table}), table[0]
-        rows = [[LABELS[m]] + [c for a in archs for c in sa_ra(
-            [r for r in table if (r["arch"], r["method"]) == (a, m)], split=True)] for m in TABLE1]
-        title = f"Table 1: {first['dataset']} (N = 2, r = 0.5, width {first['settings']['width']:g}, " \
-                f"{first['epochs']} epochs)"
-        head = ["method"] + [f"{a} {c}" for a in archs for c in ("SA", "RA", "GFLOPs")]
-        lines += md_table(title, head, rows, table)
+    adversarial = [r for r in rs if trained(r)]
+    for dataset, arch in sorted({(r["dataset"], r["arch"]) for r in adversarial}):
+        # Table 1: the paper's protocol (N = 2, r = 0.5, per-layer routers, no regularizer), a row per method
+        paper = sorted((r for r in adversarial if (r["dataset"], r["arch"]) == (dataset, arch) and r["method"] in
+                        TABLE1 and r["n_experts"] in (1, 2) and r["router"] != "global" and r["ratio"] == (
+                            1.0 if r["method"] == "dense" else 0.5) and not r["settings"]["balance"]),
+                       key=lambda r: TABLE1.index(r["method"]))
+        lines += by_recipe(f"Table 1: {dataset}, {arch}", paper, {"SA": "sa", "RA": "ra", "GFLOPs": "gflops"})
+        sweep = [r for r in adversarial if (r["dataset"], r["arch"]) == (dataset, arch)]
+        lines += by_recipe(f"Fig. 7: AdvMoE's RA over N and r, {dataset}, {arch}", [
+            r for r in sweep if r["method"] == "advmoe"], {"SA": "sa", "RA": "ra"}) if len(
+            {(r["n_experts"], r["ratio"]) for r in sweep if r["method"] == "advmoe"}) > 1 else []
+        fig8 = sorted((r for r in sweep if r["n_experts"] in (1, 2)), key=lambda r: (r["ratio"], r["method"]))
+        lines += by_recipe(f"Fig. 8: SA / RA over r (N = 2), {dataset}, {arch}", fig8, {"SA": "sa", "RA": "ra"}) \
+            if len({r["ratio"] for r in fig8 if r["method"] != "dense"}) > 1 else []
     if aa := [r for r in rs if r.get("autoattack")]:
-        parts = [c["name"] for c in aa[0]["autoattack"]["components"]]
-        lines += md_table("Table 2: AutoAttack (standard)",
-                          ["run", "method", "SA", "RA (PGD, same images)", "RA-AA", "images"] + parts,
-                          [[r["path"], LABELS[r["method"]], r["sa"], r["autoattack"]["ra_pgd_same_images"],
-                            r["ra_aa"], r["autoattack"]["images"]]
-                           + [c["ra_after"] for c in r["autoattack"]["components"]] for r in aa],
-                          aa, "RA after each component, each run on the inputs still robust.")
-    for (dataset, arch), runs in sweeps(rs, lambda r: trained(r) and r["method"] == "advmoe", "n_experts"):
-        ns, qs = sorted({r["n_experts"] for r in runs}), sorted({r["ratio"] for r in runs})
-        lines += md_table(f"Fig. 7: AdvMoE's RA over N (rows) and r, {dataset} {arch}",
-                          ["N"] + [f"r = {q:g}" for q in qs],
-                          [[n] + [cell([r for r in runs if (r["n_experts"], r["ratio"]) == (n, q)])
-                                  for q in qs] for n in ns], runs)
-    fig8 = lambda r: trained(r) and r["n_experts"] in (1, 2) and r["method"] in TABLE1  # noqa: E731
-    for (dataset, arch), runs in sweeps(rs, fig8, "ratio"):
-        qs = sorted({r["ratio"] for r in runs if r["method"] != "dense"})
-        if len(qs) < 2:  # (AT(Dense) alone differs)
-            continue
-        lines += md_table(f"Fig. 8: SA / RA over r, N = 2, {dataset} {arch}", ["r", *map(LABELS.get, TABLE1)],
-                          [[f"{q:g}"] + [sa_ra([r for r in runs if r["method"] == m and r["ratio"] == (
-                              1.0 if m == "dense" else q)]) for m in TABLE1] for q in qs], runs)
+        parts = {c["name"]: f"attacks.autoattack/{c['name']}" for c in aa[0]["autoattack"]["components"]}
+        lines += per_run("Table 2: AutoAttack (standard)", aa, {
+            "method": "method", "SA": "sa", "RA (PGD, same images)": "autoattack.ra_pgd_same_images",
+            "RA-AA": "ra_aa", "images": "autoattack.images", **parts}, "RA after each component.")
     if study := [r for r in moes if r["loss"] == "natural" or r["settings"]["train_params"] != "all"]:
-        lines += md_table("Sec. 4 study (Insights 1-3)", ["run", "stage", "SA", "RA"] + SPLIT,
-                          [[r["path"], "natural" if r["loss"] == "natural" else r["settings"]["train_params"],
-                            r["sa"], r["ra"]] + split_cells(r) for r in study], study)
-    if moes:
-        lines += md_table("Routing: before training, and under attack (every MoE run)",
-                          ["run", "method", "SA", "RA", "collapsed at epoch 0", "collapsed",
-                           "pathway entropy (bits)", "flip rate"] + SPLIT,
-                          [[r["path"], LABELS[r["method"]], r["sa"], r["ra"],
-                            (r.get("routing_epoch0") or {}).get("collapsed"), collapsed(r),
-                            r["routing"]["pathways"]["clean"]["entropy_bits"],
-                            r["routing"]["flip_rate_any_layer"]] + split_cells(r) for r in moes], moes,
-                          "Collapsed: MoE layers that send 95% or more of the inputs to one expert (epoch 0: "
-                          "256 validation images, batch statistics; final: the clean test images). The 4-way "
-                          "split of PGD examples, in % of the test images classified correctly when clean: "
-                          "(1) neither routers nor prediction fooled, (2) routers only, (3) prediction only, "
-                          "(4) both; router robustness (1)+(3), MoE robustness (1)+(2).")
-    groups = {}
-    for r in filter(trained, rs):
-        groups.setdefault(recipe(r), []).append(r)
-    if any(len(g) > 1 for g in groups.values()):
-        columns = {"SA": lambda r: r["sa"], "RA (PGD)": lambda r: r["ra"],
-                   "soft": lambda r: r["attacks"].get("soft"), "Square": lambda r: r["attacks"].get("square"),
-                   "RA-worst": lambda r: r["ra_worst_without_aa"],
-                   "val RA-worst": lambda r: (r["val"] or {}).get("ra_worst"), "RA-AA": lambda r: r["ra_aa"],
-                   "collapsed": collapsed, "pathway entropy": lambda r: r["routing"][
-                       "pathways"]["clean"]["entropy_bits"] if r["routing"] else None}
-        lines += md_table("Recipes over seeds (mean ± half the range (seeds))",
-                          ["method", "router", "seeds", *columns, "GFLOPs"],
-                          [[LABELS[g[0]["method"]], g[0]["router"], ", ".join(str(r["seed"]) for r in g)]
-                           + [cell(g, get) for get in columns.values()] + [cell(g, lambda r: r["gflops"], 4)]
-                           for g in groups.values()], [r for g in groups.values() for r in g],
-                          "RA-worst: correct under every attack but AutoAttack, on every test image (val: on "
-                          "the held-out training images). RA-AA: on the first --aa-n images.")
-    if util := [r for r in rs if "router_utility" in r]:
-        lines += md_table("Fig. 6: router utility, pathway IoU with the AT(Sparse) mask",
-                          ["run", "method", "IoU clean", "IoU PGD", "random pathway", "histogram clean",
-                           "histogram PGD"],
-                          [[r["path"], LABELS[r["method"]]]
-                           + [r["router_utility"][k]["mean"] for k in ("clean", "adv", "random_pathway")]
-                           + [r["router_utility"][k]["histogram"] for k in ("clean", "adv")] for r in util],
-                          util, "Read it beside a random pathway's IoU: they match by channel position only.")
-    lines += md_table("Runs", ["run", "method", "r", "N", "router", "epochs", "SA", "RA", "RA per attack",
-                               "RA-worst", "GFLOPs"],
-                      [[r["path"], r["method"], r["ratio"], r["n_experts"], r["router"], r["epochs"], r["sa"],
-                        r["ra"], ", ".join(f"{k} {v:.2f}" for k, v in r["attacks"].items()), r["ra_worst"],
-                        r["gflops"]] for r in rs], rs)
+        stage = lambda r: "natural" if r["loss"] == "natural" else r["settings"]["train_params"]  # noqa: E731
+        lines += per_run("Sec. 4 study (Insights 1-3)", study, {"stage": stage, "SA": "sa", "RA": "ra", **SPLIT})
+    lines += per_run("Routing: before training, and under attack (every MoE run)", moes, {
+        "method": "method", "SA": "sa", "RA": "ra", "collapsed at epoch 0": "routing_epoch0.collapsed",
+        "collapsed": collapsed, "pathway entropy (bits)": "routing.pathways.clean.entropy_bits",
+        "flip rate": "routing.flip_rate_any_layer", **SPLIT}, "Collapsed: MoE layers that send 95% or more of "
+        "the inputs to one expert (epoch 0: 256 validation images, batch statistics; final: the clean test "
+        "images). Insight 2's split of PGD examples, in % of the split n images correct when clean: (1) neither "
+        "routers nor prediction fooled, (2) routers only, (3) prediction only, (4) both; router robustness "
+        "(1)+(3), also counting only the layers that are not collapsed; MoE robustness (1)+(2).") if moes else []
+    lines += by_recipe("Every recipe over its seeds", [r for r in rs if not r["settings"]["eval_only"]], {
+        "train acc": lambda r: 100 * r["history"][-1]["acc"], "val SA": "val.sa", "SA": "sa", "RA (PGD)": "ra",
+        "soft": "attacks.soft", "Square": "attacks.square", "RA-worst": "ra_worst_without_aa", "RA-AA": "ra_aa",
+        "collapsed": collapsed, "majority changes": lambda r: sum(key("routing.majority_changed")(h) or 0
+                                                                  for h in r["history"]) if r["routing"] else None,
+        "GFLOPs": "gflops"}, "train acc: the last epoch's; RA-worst: correct under every attack but AutoAttack; "
+        "majority changes: MoE layers whose majority expert changed, summed over the epochs.")
+    lines += per_run("Runs", rs, {c: c for c in ("method", "ratio", "n_experts", "router", "loss", "epochs", "sa",
+                                                 "ra", "ra_worst", "gflops", "eval_n", "device", "torch")} | {
+        "RA per attack": lambda r: ", ".join(f"{k} {v:.2f}" for k, v in r["attacks"].items()),
+        "commit": lambda r: (r["commit"] or "?")[:10]})
     text = "\n".join(lines)
-    atomic_write(root / "report.md", lambda tmp: Path(tmp).write_text(text))
+    atomic_write(Path(folder) / "report.md", lambda tmp: Path(tmp).write_text(text))
     return text
 
-def sweeps(rs: list[dict], keep: Callable, axis: str):
-    """(data set, backbone) and its runs kept, where they vary along `axis` (a sweep to plot)."""
-    for key in sorted({(r["dataset"], r["arch"]) for r in rs if keep(r)}):
-        runs = [r for r in rs if keep(r) and (r["dataset"], r["arch"]) == key]
-        if len({r[axis] for r in runs}) > 1:
-            yield key, runs
+def trained(r: dict) -> bool:  # an adversarial training run of every parameter (not --eval-only, Sec. 4)
+    st = r["settings"]
+    return not st["eval_only"] and st["train_params"] == "all" and r["loss"] != "natural"
 
 def collapsed(r: dict) -> int | None:  # layers where one expert takes >= 95% of the clean test images
     return sum(max(u) >= 0.95 for u in r["routing"]["usage_clean"]) if r["routing"] else None
 
-def split_cells(r: dict) -> list:
-    rt = r["routing"]
-    return [rt["router_robustness"], rt["moe_robustness"], *rt["split_4way"].values(), rt.get("split_n")]
-
 # ==================================================================================================
-# 12. Bench: speed and cost, measured; and the wall time of a grid, estimated from it
+# 12. Bench: speed and cost, measured
 # ==================================================================================================
-def timed(fn: Callable, device) -> float:
-    """Seconds one call of fn takes (the GPU's queue drained before and after)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    fn()
-    sync()
-    return time.perf_counter() - t0
+def timed(fn: Callable, device, repeats: int = 1) -> float:
+    """The median seconds of `repeats` calls of fn (the GPU's queue drained before and after each)."""
+    sync, times = torch.cuda.synchronize if device.type == "cuda" else (lambda: None), []
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[repeats // 2]
 
 def bench(argv: list[str], log=print) -> dict:
-    """Per method, on random CIFAR-size inputs: the training step's time (the first step apart: with
-    --compile, the warm-up), one test-PGD step per image, inference images/s at a large batch and the latency
-    at batch 1 (Dense, S-Dense, MoE), GFLOPs per input as executed. The other flags are training flags."""
-    p = Parser(prog="advmoe.py bench", description=bench.__doc__)
-    p.add_argument("--out", default="", help="JSON file to write")
-    p.add_argument("--methods", default="dense,sdense,moe,advmoe", help="comma-separated methods")
-    p.add_argument("--infer-batch", type=int, default=0, help="inference batch (0: 1024 on a GPU, 64 on CPU)")
-    p.add_argument("--repeats", type=int, default=0, help="timed repeats, median kept (0: 20 GPU, 3 CPU)")
-    a, rest = p.parse_known_args(argv)
+    """Per method of Table 1 on random CIFAR-size inputs: the training step's median time (its first step
+    apart: with --compile, the compilation), inference images/s at a large batch, GFLOPs per input as
+    executed. Flags: --out FILE.json, and training flags (--arch, --width, --batch-size, --device, --compile)."""
+    parser = Parser(prog="advmoe.py bench", description=bench.__doc__)
+    parser.add_argument("--out", default="", help="JSON file to write")
+    a, rest = parser.parse_known_args(argv)
     base = parse_settings(["--dataset", "synthetic", *rest])
-    device = resolve_device(base.device)
-    gpu, rows, methods = device.type == "cuda", [], a.methods.split(",")
-    infer_batch, repeats = a.infer_batch or (1024 if gpu else 64), a.repeats or (20 if gpu else 3)
-    if min(a.infer_batch, a.repeats) < 0 or not set(methods) <= set(METHODS):
-        raise ConfigError(f"bench: --methods {a.methods} must name methods of {', '.join(METHODS)}, and "
-                          f"--repeats and --infer-batch must be 0 or more")
-
-    def median(fn) -> float:
-        return sorted(timed(fn, device) for _ in range(repeats))[repeats // 2]
-    for method in methods:
+    device, rows = resolve_device(base.device), []
+    gpu, b = device.type == "cuda", base.batch_size
+    repeats, infer_batch = (20, 1024) if gpu else (3, 64)
+    for method in ("dense", "sdense", "moe", "advmoe"):
         s = dataclasses.replace(base, method=method)
         torch.manual_seed(0)
         model = build_model(s, 10, 32).to(device)
-        opts, net, b = make_optimizers(model, s, device), compiled(model, s, device), s.batch_size
-        batches = [(torch.rand(b, 3, 32, 32, device=device), torch.randint(10, (b,), device=device))
-                   for _ in range(STEPS[method][1])]
+        opts, net, xb = make_optimizers(model, s, device), compiled(model, s, device), torch.rand(
+            infer_batch, 3, 32, 32, device=device)
+        batches = [(torch.rand(b, 3, 32, 32, device=device), torch.randint(10, (b,), device=device))]
+        amp = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16, enabled=gpu)
 
         def step():
-            net.train()
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=s.amp and gpu):
-                STEPS[method][0](net, opts, batches, s.objective)
-        x, y = batches[0]
-        attack = lambda: pgd(model, x, ce_objective(model, y), s.eps, s.test_step_size, 1)  # noqa: E731
+            with amp():
+                STEPS[method][0](net.train(), opts, batches * STEPS[method][1], s.objective)
         row = {"method": method, "warmup_s": round(timed(step, device), 2),
-               "train_step_ms": round(1000 * median(step), 2),
-               "pgd_step_ms_per_image": round(1000 * median(attack) / b, 4)}
-        row["epoch_s_cifar"] = round(50000 / b * row["train_step_ms"] / 1000, 1)
-        if method != "advmoe":  # (AdvMoE's model is the MoE's)
-            xb, x1 = (torch.rand(n, 3, 32, 32, device=device) for n in (infer_batch, 1))
-            with torch.no_grad(), evaluating(model), \
-                    torch.autocast("cuda", dtype=torch.bfloat16, enabled=s.amp and gpu):
-                model(xb)  # warm-up
-                row.update(infer_img_s=round(infer_batch / median(lambda: model(xb)), 1),
-                           latency_ms_b1=round(1000 * median(lambda: model(x1)), 3))
-            row["gflops"] = round(gflops_per_input(model, xb[:16]), 4)
-        rows.append(row)
-        log(json.dumps(row))
-    dense = next((r["infer_img_s"] for r in rows if r["method"] == "dense"), None)
-    for r in rows:
-        r["infer_vs_dense"] = round(r["infer_img_s"] / dense, 2) if dense and "infer_img_s" in r else None
-    result = {"device": device_name(device), "torch": torch.__version__, "commit": COMMIT,
-              "arch": base.arch, "width": base.width, "batch": base.batch_size, "infer_batch": infer_batch,
-              "bf16": base.amp and gpu,
-              "compile": base.compile, "repeats": repeats, "rows": rows}
+               "train_step_ms": round(1000 * timed(step, device, repeats), 2)}
+        with torch.no_grad(), evaluating(model), amp():
+            row["infer_img_s"] = round(infer_batch / timed(lambda: model(xb), device, repeats), 1)
+        rows.append({**row, "gflops": round(gflops_per_input(model, xb[:16]), 4)})
+        log(json.dumps(rows[-1]))
+    result = {"device": device_name(device), "torch": torch.__version__, "commit": COMMIT, "arch": base.arch,
+              "width": base.width, "batch": b, "infer_batch": infer_batch, "compile": base.compile, "rows": rows}
     if a.out:
-        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         write_json(Path(a.out), result)
     return result
-
-IMAGES = {"cifar10": (50000, 10000), "cifar100": (50000, 10000), "tinyimagenet": (100000, 10000),
-          "imagenet": (1281167, 50000), "synthetic": SYNTHETIC}  # training and test images of each data set
-
-def estimate(bench_file: str, commands: list[str], workers: int = 1) -> dict:
-    """The wall time of a grid (train_all.sh's commands) from a bench of ResNet-18 on this machine: each run's
-    training steps at its method's step time, and its PGD evaluation at the PGD step, scaled by the Dense
-    backbone's FLOPs at the run's image size and width over the bench's (a first-order guess; AutoAttack,
-    Square and re-evaluations left out), the runs spread over `workers` devices."""
-    b = json.loads(Path(bench_file).read_text())
-    rows, total, blocks = {r["method"]: r for r in b["rows"]}, 0.0, {}
-    for line in (c for c in commands if c.startswith("python advmoe.py")):
-        s = parse_settings([w for w in shlex.split(line)[2:] if w != "--resume"])
-        size = {"tinyimagenet": 64, "imagenet": 224}.get(s.dataset, 32)
-        if s.eval_only:  # a re-evaluation (AutoAttack, router utility): left out
-            continue
-        r = rows["sdense" if s.method == "sparse" else s.method]
-        epochs = s.epochs + (s.prune_epochs if s.method == "sparse" else 0)
-        train = epochs * (s.train_n or IMAGES[s.dataset][0]) / b["batch"] * r["train_step_ms"] / 1000
-        test = (s.eval_n or IMAGES[s.dataset][1]) * s.test_steps * r["pgd_step_ms_per_image"] / 1000
-        cost = dense_gflops(s.arch, size, s.width) / dense_gflops("resnet18", 32, b["width"])
-        seconds = (train + test) * cost
-        block = Path(s.out).parent.name or "runs"
-        total, blocks[block] = total + seconds, blocks.get(block, 0) + seconds
-    runs = sum(c.startswith("python advmoe.py") for c in commands)
-    return {"bench": bench_file, "device": b["device"], "workers": workers, "runs": runs,
-            "hours": round(total / 3600 / workers, 2), "hours_by_block": {k: round(v / 3600, 2)
-                                                                          for k, v in blocks.items()}}
-
-@functools.cache
-def dense_gflops(arch: str, size: int, width: float = 1.0) -> float:
-    """GFLOPs of one Dense forward at `size` px, counted on the meta device (shapes only, nothing runs)."""
-    from torch.utils.flop_counter import FlopCounterMode
-    with torch.device("meta"), FlopCounterMode(display=False) as counter:
-        MoECNN(arch, 10, size, width=width)(torch.empty(1, 3, size, size))
-    return counter.get_total_flops() / 1e9
 
 # ==================================================================================================
 # 13. Command line
 # ==================================================================================================
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    usage = "usage: python advmoe.py report DIR: every table of the paper from the result.json files below DIR"
     try:
-        if argv[:2] in (["report", "-h"], ["report", "--help"]):
-            print("usage: python advmoe.py report DIR: every table of the paper from the result.json files "
-                  "below DIR, printed and written to DIR/report.md")
+        if argv[:1] == ["report"] and argv[1:] in (["-h"], ["--help"]):
+            print(usage)
         elif argv[:1] == ["report"]:
             if len(argv) != 2:
-                raise ConfigError("usage: python advmoe.py report DIR (the folder holding the runs)")
+                raise ConfigError(usage)
             print(report(argv[1]), end="")
         elif argv[:1] == ["bench"]:
             bench(argv[1:])
-        elif argv[:1] == ["estimate"]:  # the commands on stdin: DRY_RUN=1 bash train_all.sh | ...
-            if len(argv) not in (2, 3) or not Path(argv[1]).is_file():
-                raise ConfigError("usage: ... | python advmoe.py estimate BENCH.json [DEVICES] (bench --out)")
-            found = estimate(argv[1], sys.stdin.read().splitlines(), int((argv[2:] or [1])[0]))
-            print(json.dumps(found, indent=1))
+        elif (s := parse_settings(argv)).eval_only:
+            eval_only(s, set(vars(settings_parser(defaults=False).parse_args(argv))))
         else:
-            s = parse_settings(argv)
-            given = set(vars(settings_parser(defaults=False).parse_args(argv)))
-            eval_only(s, given=given) if s.eval_only else train(s)
-    except ConfigError as e:
+            train(s)
+    except (ConfigError, FloatingPointError) as e:  # bad input: 2; a run that diverged: 1
         print(f"advmoe: error: {e}", file=sys.stderr)
-        return 2
-    except (FloatingPointError, RunFailed) as e:
-        print(f"advmoe: error: {e}", file=sys.stderr)
-        return 1
-    except Interrupted as e:
-        print(f"advmoe: {e}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:  # while loading, or in report or bench
-        print("advmoe: interrupted: nothing more was written", file=sys.stderr)
+        return 2 if isinstance(e, ConfigError) else 1
+    except KeyboardInterrupt:
+        print("advmoe: interrupted: the checkpoint of the last finished epoch is kept (--resume continues)",
+              file=sys.stderr)
         return 130
     finally:  # a gloo process group left to the interpreter's exit can abort the process (SIGABRT)
         if dist.is_initialized():
@@ -2169,5 +1908,4 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGTERM, signal.default_int_handler)  # SIGTERM ends the CLI as Ctrl-C does
     sys.exit(main())

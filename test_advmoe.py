@@ -133,12 +133,13 @@ def test_return_routing_lists_every_moe_layer():
 
 
 @pytest.mark.parametrize("arch", ["resnet18", "wrn28_10", "vgg16", "densenet"])
-@pytest.mark.parametrize("router,shared_bn", [("layer", False), ("global", False), ("layer", True)])
-def test_sparse_path_equals_masked_reference(arch, router, shared_bn):
+@pytest.mark.parametrize("router,shared_bn,layout", [("layer", False, "position"), ("global", False, "position"),
+                                                     ("layer", True, "position"), ("layer", False, "pathway")])
+def test_sparse_path_equals_masked_reference(arch, router, shared_bn, layout):
     """Outputs, gradients (routers included) and BatchNorm running statistics, float64, train and eval; with
-    a BatchNorm per expert and with one shared by the experts (--shared-bn)."""
+    a BatchNorm per expert and with one shared by the experts (--shared-bn); with both expert layouts."""
     torch.manual_seed(0)
-    sparse = moe(arch, router=router, width=0.25, shared_bn=shared_bn).double()
+    sparse = moe(arch, router=router, width=0.25, shared_bn=shared_bn, layout=layout).double()
     masked = copy.deepcopy(sparse)
     x = torch.rand(8, 3, 32, 32, dtype=torch.float64)
     for training in (True, False):
@@ -457,49 +458,9 @@ def test_pruning_learns_the_scores_only():
     assert {g: len(v) for g, v in keep.items()} == {g: round(0.5 * c) for g, c in A.channel_groups(dense).items()}
 
 
-def fake_sparse_checkpoint(model, path, keep_of):
-    """A checkpoint holding what --iou-with reads: each channel group's size and kept channels, keep_of(layer)."""
-    wiring, keep, sizes = A.channel_wiring(model), {}, {}
-    for m in model.modules():
-        if isinstance(m, A.MoEConv) and m.n > 1:
-            group = wiring[m][1]
-            sizes[group], keep[group] = m.n * m.cout, keep_of(group, m)
-    torch.save({"settings": {}, "identity": {}, "epoch": 1, "history": [], "train_seconds": 0.0, "model": {},
-                "opts": {}, "extra": {"keep": keep, "sizes": sizes}}, path)
-
-
-def test_router_utility_is_the_iou_with_the_sparse_mask_beside_random_pathways(tmp_path):
-    """Fig. 6 on a constructed mask: groups written by conv2 keep expert 0's channels (IoU 1 for expert 0, 0 for
-    expert 1), the middle groups half of each expert's (IoU 1/3 each)."""
-    model = moe("resnet18", width=0.25)
-
-    def keep_of(group, m):
-        c = m.cout
-        return list(range(c)) if "mid" not in group else list(range(c // 2)) + list(range(c, c + c - c // 2))
-
-    fake_sparse_checkpoint(model, tmp_path / "sparse.pt", keep_of)
-    utility = A.router_utility_tables(model, str(tmp_path / "sparse.pt"), samples=500)
-    assert len(utility.tables) == 16
-    for i, table in enumerate(utility.tables):  # conv1 (a "mid" group) first in each block, then conv2
-        c = model.backbone.blocks[i // 2].conv1.cout
-        inter = torch.tensor([c // 2, c - c // 2], dtype=torch.float) if i % 2 == 0 else torch.tensor([c, 0.0])
-        torch.testing.assert_close(table, inter / (2 * c - inter))
-    assert utility.chance.shape == (500,) and 0.2 < utility.chance.mean() < 0.5  # random c of 2c: about 1/3
-    gates = [A.Gate(torch.zeros(3, 2), torch.tensor([0, 1, 0]), torch.ones(3)) for _ in range(16)]
-    iou = A.pathway_iou(gates, utility.tables)
-    expected = torch.stack([t[torch.tensor([0, 1, 0])] for t in utility.tables]).mean(0)
-    torch.testing.assert_close(iou, expected)
-    assert iou[0] > iou[1]  # expert 0 is the one the mask kept
-    summary = A.iou_summary(iou)
-    assert sum(summary["histogram"]) == 3 and summary["mean"] == round(iou.mean().item(), 4)
-    # a model whose experts do not tile the Sparse run's channels (N*r != 1) is refused, naming the file
-    with pytest.raises(A.ConfigError, match="sparse.pt"):
-        A.router_utility_tables(moe("resnet18", ratio=0.25, width=0.25), str(tmp_path / "sparse.pt"))
-
-
 def test_the_paper_analyses_end_to_end(tmp_path, monkeypatch):
-    """AT(Dense) -> AT(Sparse) from it -> AT(MoE) with router utility (IoU with the Sparse mask) and AutoAttack
-    on --aa-n images; the Sec. 4 stages (standard, routers only, backbone only); then the report."""
+    """AT(Dense) -> AT(Sparse) from it -> AT(MoE) with AutoAttack on --aa-n images; the Sec. 4 stages (natural,
+    routers only, backbone only); then the report."""
     runs = tmp_path / "runs"
     calls = []
 
@@ -516,19 +477,16 @@ def test_the_paper_analyses_end_to_end(tmp_path, monkeypatch):
         return A.train(tiny(out=str(runs / name), **{**base, **kw}), log=lambda _: None)
 
     dense = run("dense", method="dense")
-    sparse = run("sparse", method="sparse", prune_epochs=1, init=str(runs / "dense" / "checkpoint.pt"))
+    sparse = run("sparse", method="sparse", init=str(runs / "dense" / "checkpoint.pt"))
     sdense = A.MoECNN("resnet18", 10, 32, 0.5, 1, width=0.25)
     assert sparse["gflops"] == round(A.gflops_per_input(sdense, torch.rand(2, 3, 32, 32)), 4) < dense["gflops"] / 2
     assert sparse["params"]["total"] == n_params(sdense) and sparse["params"]["routers"] == 0
     assert sparse["sparse"]["init"].endswith("checkpoint.pt") and len(sparse["sparse"]["prune_history"]) == 1
     assert sparse["sparse"]["kept"] == {g: round(0.5 * c) for g, c in A.channel_groups(
         A.MoECNN("resnet18", 10, 32, width=0.25)).items()}
-    moe_run = run("moe", method="moe", iou_with=str(runs / "sparse" / "checkpoint.pt"), eval_aa=True, aa_n=3)
+    moe_run = run("moe", method="moe", eval_attacks="pgd,autoattack", aa_n=3)
     assert calls == [3] and moe_run["attack_n"] == {"pgd1": 4, "autoattack": 3} and moe_run["ra_worst_n"] == 3
     assert moe_run["ra_aa"] is not None
-    utility = moe_run["router_utility"]
-    assert sum(utility["clean"]["histogram"]) == sum(utility["adv"]["histogram"]) == 4
-    assert 0 <= utility["clean"]["mean"] <= 1 and 0 < utility["random_pathway"]["mean"] < 1
     # Sec. 4 study: each stage changes only the parameters it trains.
     run("s1", method="moe", loss="natural")
     run("s2", method="moe", train_params="routers", init=str(runs / "s1" / "checkpoint.pt"))
@@ -541,13 +499,11 @@ def test_the_paper_analyses_end_to_end(tmp_path, monkeypatch):
         assert moved and moved <= trained
     text = A.report(str(runs))
     assert (runs / "report.md").read_text() == text
-    for heading in ("## Table 1: synthetic", "## Table 2: AutoAttack", "## Sec. 4 study", "## Fig. 6: router utility",
-                    "## Routing", "## Runs", "| AT(Sparse) |", "| AT(Dense) |", "| s1 | natural |",
-                    "| s2 | routers |", "| s3 | backbone |"):
+    for heading in ("## Table 1: synthetic, resnet18", "## Table 2: AutoAttack", "## Sec. 4 study", "## Routing",
+                    "## Every recipe over its seeds", "## Runs", "method sparse", "method dense",
+                    "| s1 | natural |", "| s2 | routers |", "| s3 | backbone |"):
         assert heading in text, heading
-    assert "## Recipes over seeds" not in text and "## Fig. 7" not in text  # one seed each, one N
-    command = next(line for line in text.splitlines() if "--method sparse" in line)  # commands are listed
-    assert f"--init {runs / 'dense' / 'checkpoint.pt'}" in command and "--prune-epochs 1" in command
+    assert "## Fig. 7" not in text and "## Fig. 8" not in text  # one N, one r
     # The sweeps' tables appear once runs at several N and r exist (copies of one run, relabelled).
     for n, r in ((2, 0.25), (4, 0.25)):
         res = {**moe_run, "method": "advmoe", "n_experts": n, "ratio": r,
@@ -563,14 +519,14 @@ def test_report_averages_the_seeds_of_a_recipe(good_checkpoint, tmp_path):
     assert A.main(B + ["--method", "sdense", "--out", str(tmp_path / "sdense")]) == 0
     copy_of(good_checkpoint.parent, tmp_path / "moe")
     text = A.report(str(tmp_path))
-    assert "## Recipes over seeds" not in text  # one seed each
+    assert "| method moe | 1 |" in text and "| method sdense | 1 |" in text  # a recipe a row, one seed each
     moe_run = json.loads((tmp_path / "moe" / "result.json").read_text())
     again = {**moe_run, "seed": 2, "sa": moe_run["sa"] + 10, "settings": {**moe_run["settings"], "seed": 2}}
     (tmp_path / "moe_seed2").mkdir()
     (tmp_path / "moe_seed2" / "result.json").write_text(json.dumps(again))
     text = A.report(str(tmp_path))
-    assert "## Recipes over seeds" in text
-    row = next(line for line in text.splitlines() if line.startswith("| AT(MoE) | layer | 1, 2 |"))
+    recipes = text.split("## Every recipe over its seeds")[1]
+    row = next(line for line in recipes.splitlines() if line.startswith("| method moe | 1, 2 |"))
     assert f"| {moe_run['sa'] + 5:.2f} ± 5.00 (2) |" in row  # the mean over both seeds, ± half the range
 
 
@@ -579,9 +535,9 @@ def test_train_all_dry_run_lists_the_whole_grid():
                           env={**os.environ, "DRY_RUN": "1", "GPUS": ""}, cwd=HERE)
     assert done.returncode == 0, done.stderr
     lines = done.stdout.splitlines()
-    assert lines[-1] == "# 125 runs"  # Table 1 80, Table 2 20, Sec. 4 study 3, router utility 2, Fig. 7 14, Fig. 8 6
-    for needle in ("--method sparse --init runs/table1/cifar10_resnet18_dense/checkpoint.pt", "--eval-aa",
-                   "--iou-with", "--train-params routers", "--n-experts 10 --ratio 0.8", "--dataset imagenet"):
+    assert lines[-1] == "# 123 runs"  # Table 1 80, Table 2 20, Sec. 4 study 3, Fig. 7 14, Fig. 8 6
+    for needle in ("--method sparse --init runs/table1/cifar10_resnet18_dense/checkpoint.pt", "autoattack",
+                   "--loss natural", "--train-params routers", "--n-experts 10 --ratio 0.8", "--dataset imagenet"):
         assert any(needle in line for line in lines), needle
     order = [line.split("--out ")[1].split()[0] for line in lines[:-1]]
     assert order.index("runs/table1/cifar10_wrn28_10_dense") < order.index("runs/table1/cifar10_wrn28_10_sparse")
@@ -609,7 +565,7 @@ def test_cli_trains_evaluates_reports(tmp_path, capsys):
                 "params", "routing", "train_seconds", "device", "torch"):
         assert key in result, key
     assert result["epochs"] == 2 and 0 <= result["ra"] <= 100 and result["gflops"] > 0
-    assert A.parse_settings(result["command"].split()[2:]) == A.Settings(**result["settings"])
+    assert A.Settings(**result["settings"]) == A.parse_settings(args)  # the settings reproduce the run
     assert not list(run.glob(".*"))  # no temporary files left behind
     evaluated = A.main(["--eval-only", str(run / "checkpoint.pt"), "--out", str(tmp_path / "runs" / "b"),
                         "--test-steps", "2", "--device", "cpu"])
@@ -619,7 +575,7 @@ def test_cli_trains_evaluates_reports(tmp_path, capsys):
     assert again["settings"]["eval_only"] == str(run / "checkpoint.pt") and again["epochs"] == 2
     capsys.readouterr()
     assert A.main(["report", str(tmp_path / "runs")]) == 0
-    assert "| AdvMoE |" in capsys.readouterr().out and (tmp_path / "runs" / "report.md").exists()
+    assert "| a | advmoe |" in capsys.readouterr().out and (tmp_path / "runs" / "report.md").exists()
 
 
 def one_line_error(err: str, *names: str) -> str:
@@ -641,7 +597,6 @@ def one_line_error(err: str, *names: str) -> str:
     (["--eps", "-0.5"], "--eps"),
     (["--eval-attacks", "pgd,magic"], "--eval-attacks"),
     (["--dataset", "cifar10", "--data-dir", "DATA"], "DATA"),  # offline: no network in the test
-    (["--dataset", "cifar10", "--data-dir", "DATA/sub"], "DATA/sub"),  # the missing parents are not left behind
     (["--dataset", "tinyimagenet", "--data-dir", "/nonexistent"], "/nonexistent"),
     (["--dataset", "synthetic", "--out", "/proc/advmoe_cannot_write"], "/proc/advmoe_cannot_write"),
     (["--eval-only", "/nonexistent/checkpoint.pt"], "/nonexistent/checkpoint.pt"),
@@ -650,8 +605,6 @@ def one_line_error(err: str, *names: str) -> str:
     (["--method", "moe", "--train-params", "routers"], "--train-params"),
     (["--method", "sdense", "--train-params", "routers", "--init", "x.pt"], "--train-params"),
     (["--train-params", "experts"], "--train-params"),
-    (["--dataset", "synthetic", "--method", "moe", "--iou-with", "/nonexistent/checkpoint.pt"],
-     "/nonexistent/checkpoint.pt"),
     (["--dataset", "synthetic", "--method", "moe", "--init", "/nonexistent/checkpoint.pt"],
      "/nonexistent/checkpoint.pt"),
 ])
@@ -666,8 +619,8 @@ def test_bad_input_gives_one_line_error(args, named, tmp_path, capsys, monkeypat
     args, named = [a.replace("DATA", str(tmp_path / "data")) for a in args], named.replace("DATA", str(tmp_path / "data"))
     assert A.main(["--device", "cpu", "--width", "0.25", "--train-n", "64", "--batch-size", "32"] + args) == 2
     one_line_error(capsys.readouterr().err, named)
-    # nothing written: no run folder (the default --out is runs/<name>), no data folder
-    assert not [p for p in work.rglob("*") if p.is_file() or p.parent != work] and not (tmp_path / "data").exists()
+    # nothing written: no run folder (the default --out is runs/<name>)
+    assert not [p for p in work.rglob("*") if p.is_file() or p.parent != work]
 
 
 def test_bad_input_exit_status_from_the_shell(tmp_path):
@@ -689,50 +642,16 @@ def test_report_of_missing_folder_fails_cleanly(tmp_path, capsys):
 # ------------------------------------------------------------------------------------- bench
 def test_bench_runs_and_is_sane(tmp_path):
     out = tmp_path / "bench.json"
-    result = A.bench(["--arch", "resnet18", "--device", "cpu", "--batch-size", "4", "--infer-batch", "4", "--repeats",
-                      "1", "--width", "0.25", "--out", str(out)], log=lambda _: None)
+    result = A.bench(["--arch", "resnet18", "--device", "cpu", "--batch-size", "4", "--width", "0.25", "--out",
+                      str(out)], log=lambda _: None)
     rows = {r["method"]: r for r in result["rows"]}
-    assert set(rows) == {"dense", "sdense", "moe", "advmoe"} and result["batch"] == 4 and result["repeats"] == 1
+    assert set(rows) == {"dense", "sdense", "moe", "advmoe"} and result["batch"] == 4
     for r in rows.values():
-        assert r["train_step_ms"] > 0 and r["warmup_s"] >= 0 and r["pgd_step_ms_per_image"] > 0
-        assert r["epoch_s_cifar"] == round(50000 / 4 * r["train_step_ms"] / 1000, 1)
-    assert all(rows[m]["infer_img_s"] > 0 and rows[m]["latency_ms_b1"] > 0 for m in ("dense", "sdense", "moe"))
-    assert "infer_img_s" not in rows["advmoe"] and rows["advmoe"]["infer_vs_dense"] is None  # AdvMoE's model is MoE's
-    assert rows["dense"]["infer_vs_dense"] == 1.0
-    assert rows["moe"]["infer_vs_dense"] == round(rows["moe"]["infer_img_s"] / rows["dense"]["infer_img_s"], 2)
+        assert r["train_step_ms"] > 0 and r["warmup_s"] >= 0 and r["infer_img_s"] > 0
     # GFLOPs as executed: the MoE pathway costs S-Dense's plus the routers, under half of Dense's
     assert rows["sdense"]["gflops"] <= rows["moe"]["gflops"] < 1.01 * rows["sdense"]["gflops"]  # (4 decimals)
-    assert rows["moe"]["gflops"] < 0.5 * rows["dense"]["gflops"]
+    assert rows["moe"]["gflops"] < 0.5 * rows["dense"]["gflops"] and rows["moe"]["gflops"] == rows["advmoe"]["gflops"]
     assert json.loads(out.read_text()) == result
-
-
-def test_estimate_scales_the_bench_to_a_grid(tmp_path):
-    bench = {"device": "test", "batch": 100, "width": 1.0, "rows": [
-        {"method": "moe", "train_step_ms": 200.0, "pgd_step_ms_per_image": 0.5},
-        {"method": "sdense", "train_step_ms": 100.0, "pgd_step_ms_per_image": 0.25},
-        {"method": "advmoe", "train_step_ms": 400.0, "pgd_step_ms_per_image": 0.5}]}
-    (tmp_path / "bench.json").write_text(json.dumps(bench))
-    lines = ["python advmoe.py --dataset cifar10 --method moe --epochs 3 --out runs/t1/a --resume",
-             "python advmoe.py --dataset cifar10 --method sparse --epochs 2 --prune-epochs 1 --train-n 1000 "
-             "--eval-n 100 --test-steps 10 --out runs/t2/b --resume",
-             "python advmoe.py --dataset cifar10 --arch vgg16 --width 0.5 --method advmoe --epochs 10 --train-n 10000 "
-             "--eval-n 1000 --out runs/t1/c --resume",
-             "python advmoe.py --eval-only runs/t1/a/checkpoint.pt --out runs/t3/e --resume",
-             "# 4 runs"]                                                     # as train_all.sh DRY_RUN=1 prints them
-    moe_s = 3 * 50000 / 100 * 0.2 + 10000 * 50 * 0.5 / 1000                # training steps + PGD-50 steps
-    sparse_s = (2 + 1) * 1000 / 100 * 0.1 + 100 * 10 * 0.25 / 1000         # S-Dense's step, pruning epochs too
-    # a backbone and width other than the bench's: scaled by the Dense network's FLOPs
-    vgg_s = (10 * 10000 / 100 * 0.4 + 1000 * 50 * 0.5 / 1000) * A.dense_gflops("vgg16", 32, 0.5) / A.dense_gflops(
-        "resnet18", 32)
-    assert 0.05 < A.dense_gflops("vgg16", 32, 0.5) / A.dense_gflops("vgg16", 32) < 0.5  # (width scales the cost)
-    one = A.estimate(str(tmp_path / "bench.json"), lines, 1)
-    assert one["hours"] == pytest.approx((moe_s + sparse_s + vgg_s) / 3600, abs=0.006)
-    assert one["hours_by_block"]["t1"] == pytest.approx((moe_s + vgg_s) / 3600, abs=0.006)
-    assert one["hours_by_block"]["t2"] == pytest.approx(sparse_s / 3600, abs=0.006)
-    assert "t3" not in one["hours_by_block"]  # a re-evaluation is left out
-    two = A.estimate(str(tmp_path / "bench.json"), lines, 2)
-    assert two["hours"] == pytest.approx(one["hours"] / 2, abs=0.006) and two["workers"] == 2
-    assert one["runs"] == 4  # the commands, not the comment line
 
 
 # ------------------------------------------------------------------- adaptive evaluation
@@ -749,9 +668,10 @@ def test_soft_surrogate_keeps_the_hard_forward_and_changes_the_gradient():
 
 
 @pytest.mark.parametrize("router", ["layer", "global"])
-def test_adaptive_attacks_and_ra_worst(router):
+def test_adaptive_attacks_and_ra_worst(router, monkeypatch):
+    monkeypatch.setattr(A, "EVAL_BATCH", 12)
     torch.manual_seed(0)
-    s = tiny(router=router, test_steps=3, eval_batch_size=12)
+    s = tiny(router=router, test_steps=3)
     data = A.load_data(s, torch.device("cpu"))
     model = calibrated(A.build_model(s, 10, 32))
     result = A.evaluate(model, data, s, limit=24, attacks=("pgd", "soft"))
@@ -771,7 +691,7 @@ def test_adaptive_attacks_and_ra_worst(router):
 def test_square_and_autoattack_need_torchattacks(monkeypatch):
     with monkeypatch.context() as m:
         m.setitem(sys.modules, "torchattacks", None)  # as if it were not installed: refused before any training
-        for attacks in (dict(eval_attacks="pgd,square"), dict(eval_aa=True)):
+        for attacks in (dict(eval_attacks="pgd,square"), dict(eval_attacks="autoattack")):
             with pytest.raises(A.ConfigError, match="torchattacks"):
                 tiny(**attacks)
     if importlib.util.find_spec("torchattacks") is not None:
@@ -783,7 +703,7 @@ def test_square_and_autoattack_need_torchattacks(monkeypatch):
 
 # ------------------------------------------------------------------------------- reliability
 def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_path):
-    s = tiny(method="sdense", epochs=3, lr=1e30, momentum=0.0, out=str(tmp_path))
+    s = tiny(method="sdense", epochs=3, lr=1e30, out=str(tmp_path))
     with pytest.raises(FloatingPointError):
         A.train(s, log=lambda _: None)
     assert not (tmp_path / "result.json").exists()
@@ -792,7 +712,7 @@ def test_non_finite_loss_stops_the_run_and_keeps_the_last_good_checkpoint(tmp_pa
         assert ckpt["epoch"] < 3 and all(math.isfinite(r["loss"]) for r in ckpt["history"])
 
 
-def test_sigterm_saves_a_resumable_run(tmp_path):
+def test_ctrl_c_keeps_the_last_finished_epoch_and_resume_continues(tmp_path):
     args = [sys.executable, str(HERE / "advmoe.py"), "--dataset", "synthetic", "--ratio", "0.25", "--epochs", "100",
             "--train-n", "32", "--eval-n", "8", "--batch-size", "16", "--quick-eval-n", "0", "--width", "0.25",
             "--device", "cpu", "--out", str(tmp_path)]
@@ -800,7 +720,7 @@ def test_sigterm_saves_a_resumable_run(tmp_path):
     deadline = time.time() + 120
     while not (tmp_path / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert err.startswith("advmoe:") and len(err.strip().splitlines()) == 1 and "--resume" in err, err
@@ -933,9 +853,10 @@ def test_evaluation_runs_in_float32_whatever_autocast_is_active():
     assert plain == under_bf16
 
 
-def test_each_attack_has_its_own_random_stream(tmp_path):
+def test_each_attack_has_its_own_random_stream(tmp_path, monkeypatch):
+    monkeypatch.setattr(A, "EVAL_BATCH", 8)
     torch.manual_seed(0)
-    s = tiny(test_steps=2, eval_batch_size=8)
+    s = tiny(test_steps=2)
     data = A.load_data(s, torch.device("cpu"))
     model = calibrated(A.build_model(s, 10, 32))
     alone = A.evaluate(model, data, s, limit=16, attacks=("pgd",))
@@ -960,7 +881,8 @@ def test_autoattack_and_pgd_are_reported_over_the_same_images(monkeypatch):
     monkeypatch.setattr(A, "import_torchattacks", lambda: None)
     monkeypatch.setattr(A, "autoattack", first_half_fooled)
     torch.manual_seed(0)
-    s = tiny(test_steps=2, aa_n=6, eval_batch_size=4)
+    monkeypatch.setattr(A, "EVAL_BATCH", 4)
+    s = tiny(test_steps=2, aa_n=6)
     data = A.load_data(s, torch.device("cpu"))
     model = calibrated(A.build_model(s, 10, 32))
     full = A.evaluate(model, data, s, limit=16, attacks=("pgd", "autoattack"))
@@ -1074,8 +996,8 @@ def test_each_expert_is_initialized_like_a_standalone_conv():
 def test_the_router_level_is_guarded_against_non_finite_losses(monkeypatch, tmp_path):
     level = A.level
 
-    def nan_router_level(model, opt, x, y, obj, regularize):
-        stats = level(model, opt, x, y, obj, regularize)
+    def nan_router_level(model, opt, x, y, obj, regularize, reduce=None):
+        stats = level(model, opt, x, y, obj, regularize, reduce)
         return {**stats, "loss": torch.tensor(float("nan"))} if regularize else stats
 
     monkeypatch.setattr(A, "level", nan_router_level)
@@ -1095,8 +1017,8 @@ def test_history_logs_the_learning_rate_of_each_level(two_epochs):
 # --------------------------------------------------------------- tests that must be able to fail
 def test_advmoe_levels_get_their_own_batches(monkeypatch):
     seen = []
-    monkeypatch.setattr(A, "level", lambda model, opt, x, y, obj, regularize: seen.append((opt, x, regularize)) or
-                        {"loss": torch.tensor(1.0)})
+    monkeypatch.setattr(A, "level", lambda model, opt, x, y, obj, regularize, reduce: seen.append(
+        (opt, x, regularize)) or {"loss": torch.tensor(1.0)})
     s, model, opts = model_and_optimizers()
     b_phi, b_psi = [(torch.rand(4, 3, 32, 32), torch.randint(10, (4,))) for _ in range(2)]
     A.advmoe_step(model, opts, [b_phi, b_psi], s.objective)
@@ -1105,10 +1027,10 @@ def test_advmoe_levels_get_their_own_batches(monkeypatch):
     assert [r for _, _, r in seen] == [True, False]  # the routing regularizers belong to the routers' level
     # and the epoch loop draws the two batches from different shuffles
     pairs = []
-    monkeypatch.setitem(A.STEPS, "advmoe", (lambda net, opts, batches, obj: pairs.append(batches) or
+    monkeypatch.setitem(A.STEPS, "advmoe", (lambda net, opts, batches, obj, reduce: pairs.append(batches) or
                                             {"loss": torch.tensor(1.0)}, 2))
     data = A.load_data(tiny(train_n=64), torch.device("cpu"))
-    A.train_epoch(model, opts, data, tiny(batch_size=16), 0, torch.device("cpu"), [], lambda _: None)
+    A.train_epoch(model, opts, data, tiny(batch_size=16), 0, torch.device("cpu"), lambda _: None)
     assert len(pairs) == 4 and all(len(b) == 2 for b in pairs)
     assert all(not torch.equal(a[0], b[0]) for a, b in pairs)
     # each stream is one pass over the training set
@@ -1190,7 +1112,6 @@ def test_the_training_step_is_the_authors_five_over_255_scaled_with_eps():
     assert tiny().train_step_size == pytest.approx(5 / 255)                      # eps 8/255, K = 2
     assert tiny(dataset="tinyimagenet").train_step_size == pytest.approx(1.25 / 255)  # eps 2/255
     assert tiny(train_steps=5).train_step_size == pytest.approx(1.25 * 8 / 255 / 5)
-    assert tiny(train_step_size=0.01).train_step_size == 0.01
     assert tiny().test_step_size == pytest.approx(2 / 255)                        # eps / 4
 
 
@@ -1211,12 +1132,8 @@ def test_a_finished_run_is_never_replaced_silently(finished_run, tmp_path, capsy
     assert A.main(B + ["--seed", "3", "--out", out]) == 2
     one_line_error(capsys.readouterr().err, out)
     assert (tmp_path / "r" / "result.json").read_text() == first
-    assert A.main(B + ["--seed", "3", "--out", out, "--overwrite"]) == 0
-    rows = (tmp_path / "r" / "log.jsonl").read_text().splitlines()
-    assert [json.loads(r)["epoch"] for r in rows] == [0, 1]  # the replaced run's rows are gone
-    assert json.loads((tmp_path / "r" / "result.json").read_text())["seed"] == 3
     # continuing a finished run keeps its result under its own name
-    assert A.main(B + ["--seed", "3", "--out", out, "--epochs", "2", "--resume"]) == 0
+    assert A.main(B + ["--out", out, "--epochs", "2", "--resume"]) == 0
     kept = list((tmp_path / "r").glob("result_epoch1_*.json"))
     assert len(kept) == 1 and json.loads(kept[0].read_text())["epochs"] == 1
     assert json.loads((tmp_path / "r" / "result.json").read_text())["epochs"] == 2
@@ -1234,14 +1151,16 @@ def test_resume_keeps_the_recipe(finished_run, tmp_path, capsys):
     assert json.loads((tmp_path / "new" / "result.json").read_text())["epochs"] == 1
 
 
-def test_eval_only_into_a_training_folder_keeps_its_result(finished_run, tmp_path, capsys):
+def test_eval_only_never_replaces_a_result(finished_run, tmp_path, capsys):
     out = copy_of(finished_run, tmp_path / "r")
     trained_result = (out / "result.json").read_text()
-    assert A.main(["--eval-only", str(out / "checkpoint.pt"), "--out", str(out), "--device", "cpu"]) == 0
-    assert (out / "result.json").read_text() == trained_result and (out / "eval" / "result.json").exists()
+    assert A.main(["--eval-only", str(out / "checkpoint.pt"), "--out", str(out), "--device", "cpu"]) == 2
+    one_line_error(capsys.readouterr().err, str(out))
+    assert (out / "result.json").read_text() == trained_result
+    assert A.main(["--eval-only", str(out / "checkpoint.pt"), "--device", "cpu"]) == 0  # default: <run>/eval
     evaluated = (out / "eval" / "result.json").read_text()
     capsys.readouterr()
-    assert A.main(["--eval-only", str(out / "checkpoint.pt"), "--out", str(out), "--device", "cpu"]) == 2  # again
+    assert A.main(["--eval-only", str(out / "checkpoint.pt"), "--device", "cpu"]) == 2  # again
     one_line_error(capsys.readouterr().err, str(out / "eval"))
     assert (out / "eval" / "result.json").read_text() == evaluated
 
@@ -1263,11 +1182,6 @@ def bad_checkpoint(kind: str, where: Path, good: Path) -> Path:
         ckpt = torch.load(good, weights_only=True)
         ckpt["model"]["backbone.extra.weight"] = torch.zeros(1)
         torch.save(ckpt, path)
-    elif kind == "other_arch_sparse":
-        ckpt = torch.load(good, weights_only=True)
-        ckpt["extra"] = {"keep": {"conv2": [0]}, "sizes": {"conv2": 2}}
-        ckpt["identity"]["arch"] = "vgg16"
-        torch.save(ckpt, path)
     return path
 
 
@@ -1275,7 +1189,7 @@ def bad_checkpoint(kind: str, where: Path, good: Path) -> Path:
 
 @pytest.mark.parametrize("flag,kind", [
     *[("--eval-only", kind) for kind in ("truncated", "garbage", "empty", "directory", "state_dict", "unknown_keys")],
-    *[(flag, kind) for flag in ("--resume", "--init", "--iou-with") for kind in ("garbage", "state_dict", "unknown_keys")]])
+    *[(flag, kind) for flag in ("--resume", "--init") for kind in ("garbage", "state_dict", "unknown_keys")]])
 def test_bad_checkpoints_give_one_line_errors(flag, kind, good_checkpoint, tmp_path, capsys):
     path = bad_checkpoint(kind, tmp_path / "bad", good_checkpoint)
     if flag == "--resume":
@@ -1288,13 +1202,6 @@ def test_bad_checkpoints_give_one_line_errors(flag, kind, good_checkpoint, tmp_p
     one_line_error(capsys.readouterr().err, str(path))
     assert not (tmp_path / "e").exists()  # nothing written, no empty folder
     assert {p.name for p in (tmp_path / "bad").iterdir()} == {"checkpoint.pt"}
-
-
-def test_iou_with_a_sparse_run_of_another_backbone(good_checkpoint, tmp_path, capsys):
-    path = bad_checkpoint("other_arch_sparse", tmp_path / "bad", good_checkpoint)
-    assert A.main(B + ["--method", "moe", "--ratio", "0.5", "--iou-with", str(path), "--out", str(tmp_path / "e")]) == 2
-    one_line_error(capsys.readouterr().err, str(path))
-    assert not (tmp_path / "e").exists()
 
 
 def npz_case(case: str, root: Path):
@@ -1328,10 +1235,8 @@ def npz_case(case: str, root: Path):
 
 
 @pytest.mark.parametrize("case,named", [
-    ("float_images", "cifar10_train.npz"), ("nchw", "cifar10_train.npz"), ("float_labels", "cifar10_train.npz"),
-    ("label_range", "cifar10_train.npz"), ("lengths", "cifar10_train.npz"), ("sizes", "cifar10_test.npz"),
-    ("empty", "cifar10_test.npz"), ("missing_array", "cifar10_train.npz"), ("missing_file", "cifar10_test.npz"),
-    ("not_a_zip", "cifar10_train.npz")])
+    ("float_images", "cifar10_train.npz"), ("nchw", "cifar10_train.npz"), ("lengths", "cifar10_train.npz"),
+    ("missing_array", "cifar10_train.npz"), ("missing_file", "cifar10_test.npz"), ("not_a_zip", "cifar10_train.npz")])
 def test_bad_npz_data_gives_one_line_errors(case, named, tmp_path, capsys):
     npz_case(case, tmp_path)
     assert A.main(B[2:] + ["--dataset", "cifar10", "--data-dir", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
@@ -1351,14 +1256,14 @@ def test_cifar_npz_is_read_as_nchw_uint8(tmp_path):
 
 
 @pytest.mark.parametrize("args,named", [
-    (["--lr", "-0.1"], "--lr"), (["--momentum", "-1"], "--momentum"), (["--weight-decay", "-1"], "--weight-decay"),
+    (["--lr", "-0.1"], "--lr"), (["--router-lr", "-1"], "--router-lr"), (["--balance", "inf"], "--balance"),
     (["--beta", "-6"], "--beta"), (["--eps", "nan"], "--eps"), (["--eps", "8"], "--eps"),
     (["--test-steps", "0"], "--test-steps"), (["--eval-n", "-1"], "--eval-n"), (["--quick-eval-n", "-5"], "--quick-eval-n"),
     (["--square-queries", "0"], "--square-queries"), (["--device", "foo"], "--device"), (["--device", "mps"], "--device"),
     (["--width", "0"], "--width"), (["--width", "65"], "--width"), (["--train-n", "100000"], "--train-n"),
     (["--val-n", "100000"], "--val-n"), (["--epochs", "abc"], "--epochs"), (["--no-such-flag", "1"], "--no-such-flag"),
     (["--method", "sdense", "--train-params", "backbone", "--init", "x.pt"], "--train-params"),
-    (["--resume", "--overwrite"], "--overwrite"), (["--router", "both"], "--router"), (["--loss", "ce"], "--loss"),
+    (["--router", "both"], "--router"), (["--loss", "ce"], "--loss"),
 ])
 def test_bad_flags_give_one_line_errors(args, named, tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # (nothing may be written; if it were, it would land here)
@@ -1369,8 +1274,7 @@ def test_bad_flags_give_one_line_errors(args, named, tmp_path, capsys, monkeypat
 
 
 @pytest.mark.parametrize("argv,named", [
-    (["bench", "--repeats", "-1", "--device", "cpu"], "--repeats"),
-    (["bench", "--methods", "dense,magic", "--device", "cpu"], "--methods"),
+    (["bench", "--width", "-1", "--device", "cpu"], "--width"),
     (["bench", "--arch", "resnet50", "--device", "cpu"], "--arch"),
 ])
 def test_bad_bench_flags_give_one_line_errors(argv, named, tmp_path, capsys, monkeypatch):
@@ -1390,11 +1294,11 @@ def test_report_skips_a_corrupt_result(finished_run, tmp_path, capsys):
     assert A.main(["report", str(tmp_path)]) == 0
     out, err = capsys.readouterr()
     warnings = err.strip().splitlines()
-    assert "| AdvMoE |" in out and len(warnings) == 2 and all(w.startswith("advmoe: warning:") for w in warnings)
+    assert "| good | advmoe |" in out and len(warnings) == 2 and all(w.startswith("advmoe: warning:") for w in warnings)
     assert "cut" in warnings[0] and "partial" in warnings[1]
 
 
-def test_out_of_disk_and_interrupted_evaluation(tmp_path, capsys, monkeypatch):
+def test_a_failed_checkpoint_write_keeps_the_previous_one_and_ctrl_c_keeps_the_run(tmp_path, capsys, monkeypatch):
     save, calls = torch.save, []
 
     def full_disk(obj, f):
@@ -1405,8 +1309,8 @@ def test_out_of_disk_and_interrupted_evaluation(tmp_path, capsys, monkeypatch):
         save(obj, f)
 
     monkeypatch.setattr(torch, "save", full_disk)
-    assert A.main(B + ["--epochs", "2", "--out", str(tmp_path / "r")]) == 1
-    one_line_error(capsys.readouterr().err, "checkpoint.pt")
+    with pytest.raises(OSError):
+        A.main(B + ["--epochs", "2", "--out", str(tmp_path / "r")])
     assert torch.load(tmp_path / "r" / "checkpoint.pt", weights_only=True)["epoch"] == 1  # the previous one, intact
     rows = (tmp_path / "r" / "log.jsonl").read_text().splitlines()
     assert [json.loads(r)["epoch"] for r in rows] == [0, 1]  # the log goes no further than the checkpoint
@@ -1432,7 +1336,7 @@ def test_atomic_write_leaves_the_previous_file_on_failure(tmp_path):
         Path(tmp).write_text('{"a": ')
         raise OSError(28, "No space left on device")
 
-    with pytest.raises(A.RunFailed, match="f.json"):
+    with pytest.raises(OSError):
         A.atomic_write(path, half_then_fail)
     assert json.loads(path.read_text()) == {"a": 1} and [p.name for p in tmp_path.iterdir()] == ["f.json"]
 
@@ -1448,10 +1352,12 @@ def test_help_comes_from_the_settings_comments(tmp_path, capsys):
     assert set(helps) >= {A.flag(f.name) for f in A.dataclasses.fields(A.Settings)}
     assert helps["--lr"].startswith("SGD learning rate") and "(default: 0.1)" in helps["--lr"]
     assert "experts per MoE layer" in helps["--n-experts"] and "(default: 2)" in helps["--n-experts"]
-    assert "1.25*eps/K" in helps["--train-step-size"] and "(default: None)" not in helps["--train-step-size"]
+    assert "8/255" in helps["--eps"] and "(default: None)" not in helps["--eps"]
     assert {g.title for g in parser._action_groups} >= {"what to train", "data", "evaluation", "the run"}
     # defaults=False: only the flags given
-    assert vars(A.settings_parser(False).parse_args(["--lr", "0.5", "--no-amp"])) == {"lr": 0.5, "amp": False}
+    assert vars(A.settings_parser(False).parse_args(["--lr", "0.5", "--no-router-standardize"])) == {
+        "lr": 0.5, "router_standardize": False}
+    assert len(A.dataclasses.fields(A.Settings)) <= 36
     assert A.parse_settings([]) == A.Settings()
 
 
@@ -1549,11 +1455,11 @@ def test_progress_lines_while_training(tmp_path, monkeypatch):
     progress = [line for line in lines if "images," in line and "img/s, ETA" in line]
     assert any(line.strip().startswith("epoch 1/1: 32/64 images") for line in progress), lines  # two streams of 32
     assert any(line.strip().startswith("epoch 1/1: 64/64 images") for line in progress), lines
-    assert any(line.strip().startswith("evaluating on test:") for line in progress), lines
+    assert any(line.strip().startswith("evaluated 16/16 images of test") for line in lines), lines
     quiet = []
     monkeypatch.setattr(A, "PROGRESS_SECONDS", 3600.0)  # the default 30 s: none in a short run
-    progress = A.Progress("epoch 1/1", 128, quiet.append)
-    progress(32), progress(128)
+    tick = A.ticker("epoch 1/1", 128, quiet.append)
+    tick(32), tick(128)
     assert not quiet
 
 
@@ -1603,20 +1509,10 @@ def test_frozen_batchnorm_stays_frozen_through_the_training_attack():
     assert all(torch.equal(b, buffers[n]) for n, b in model.named_buffers() if "router" not in n)  # statistics kept
 
 
-def test_the_recorded_command_reproduces_the_run():
-    for s in (A.Settings(dataset="synthetic", eps=0.02, train_steps=3, seed=5),
-              A.Settings(dataset="cifar10", train_step_size=0.01, amp=False),
-              A.Settings(dataset="synthetic", method="moe", train_n=100, val_n=10, width=0.5, eval_attacks="pgd,soft")):
-        command = A.command_line(s)
-        assert A.parse_settings(command.split()[2:]) == s, command
-    assert A.command_line(A.Settings(dataset="synthetic", eps=0.02)) == "python advmoe.py --dataset synthetic --eps 0.02"
-    assert "step-size" not in A.command_line(A.Settings(dataset="synthetic", eps=0.02, train_steps=3))
-
-
 def test_an_attack_named_twice_runs_once():
     assert tiny(eval_attacks="pgd,soft,soft").attacks == ("pgd", "soft")
     assert tiny(eval_attacks="soft").attacks == ("soft",)
-    assert tiny(eval_attacks="pgd,autoattack", eval_aa=True).attacks == ("pgd", "autoattack")
+    assert tiny(eval_attacks="pgd,autoattack,pgd").attacks == ("pgd", "autoattack")
 
 
 def test_the_routing_regularizer_is_logged_when_it_is_on(tmp_path):
@@ -1637,36 +1533,11 @@ def test_result_records_the_commit_of_the_code_that_ran(tmp_path, monkeypatch):
     assert result["commit"] == A.COMMIT != "moved on"
 
 
-def test_resume_cannot_shorten_a_run_nor_overwrite_it(two_epochs, tmp_path, capsys):
+def test_resume_cannot_shorten_a_run(two_epochs, tmp_path, capsys):
     out = str(copy_of(two_epochs[0], tmp_path / "r"))
     assert A.main(B + ["--router-lr", "0.5", "--epochs", "1", "--resume", "--out", out]) == 2
     one_line_error(capsys.readouterr().err, "--epochs")
-    assert A.main(B + ["--router-lr", "0.5", "--epochs", "3", "--resume", "--overwrite", "--out", out]) == 2
-    one_line_error(capsys.readouterr().err, "--resume", "--overwrite")
     assert json.loads((tmp_path / "r" / "result.json").read_text())["epochs"] == 2
-
-
-def test_a_checkpoint_that_cannot_be_written_is_a_one_line_error(tmp_path, capsys, monkeypatch):
-    def fails(obj, f):  # what torch.save raises when its zip writer hits a full disk
-        raise RuntimeError("[enforce fail at inline_container.cc:603] . unexpected pos 64 vs 0")
-    monkeypatch.setattr(torch, "save", fails)
-    assert A.main(B + ["--out", str(tmp_path / "r")]) == 1
-    one_line_error(capsys.readouterr().err, "checkpoint.pt")
-    assert not (tmp_path / "r").exists()  # nothing was kept, so no folder either
-
-
-import resource as _resource  # TEMPORARY-INSTRUMENTATION
-
-
-@pytest.fixture(autouse=True)
-def _cpu_time(request):  # TEMPORARY-INSTRUMENTATION
-    def now():
-        a, b = _resource.getrusage(_resource.RUSAGE_SELF), _resource.getrusage(_resource.RUSAGE_CHILDREN)
-        return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
-    t0, w0 = now(), time.perf_counter()
-    yield
-    with open("/tmp/cpu_times.txt", "a") as f:
-        f.write(f"{now() - t0:.2f} {time.perf_counter() - w0:.2f} {request.node.nodeid}\n")
 
 
 # ------------------------------------------------------------- the learnability switches (issue: MoE vs S-Dense)
@@ -1750,17 +1621,47 @@ def test_router_lr_zero_freezes_routing(method):
 
 
 def test_a_checkpoint_that_does_not_record_a_setting_loads_as_it_was_trained(good_checkpoint, tmp_path):
-    """Checkpoints written before --shared-bn, --router-standardize and --loss natural existed: per-expert
-    BatchNorms, standardized routers; "--method standard" was natural training of an MoE-CNN."""
+    """Checkpoints written before --shared-bn, --router-standardize and --layout existed: per-expert BatchNorms,
+    standardized routers, the position layout."""
     ckpt = torch.load(good_checkpoint, weights_only=True)
     for part in ("settings", "identity"):
-        for k in ("shared_bn", "router_standardize"):
+        for k in ("shared_bn", "router_standardize", "layout"):
             del ckpt[part][k]
-    ckpt["settings"]["method"] = ckpt["identity"]["method"] = "standard"
     torch.save(ckpt, tmp_path / "old.pt")
     read = A.read_checkpoint(tmp_path / "old.pt")
-    assert read["settings"]["shared_bn"] is False and read["settings"]["router_standardize"] is True
-    assert read["settings"]["method"] == "moe" and read["settings"]["loss"] == "natural"
+    assert (read["settings"]["shared_bn"], read["settings"]["router_standardize"], read["settings"]["layout"]) == (
+        False, True, "position")
     assert A.main(["--eval-only", str(tmp_path / "old.pt"), "--out", str(tmp_path / "e"), "--device", "cpu"]) == 0
     result = json.loads((tmp_path / "e" / "result.json").read_text())
-    assert result["method"] == "moe" and result["settings"]["shared_bn"] is False
+    assert result["settings"]["layout"] == "position" and result["settings"]["shared_bn"] is False
+
+
+@pytest.mark.parametrize("dispatch", ["sparse", "masked"])
+def test_the_pathway_layout_reads_with_the_columns_of_the_expert_that_wrote_the_input(dispatch):
+    """--layout pathway: expert e reads input written by upstream expert u with its weight block [e rows, u
+    columns]; --layout position: with its one block, whoever wrote the input."""
+    torch.manual_seed(0)
+    x = torch.rand(8, 6, 5, 5)
+    upstream = A.top1_gate(F.one_hot(torch.tensor([0, 1, 0, 1, 1, 0, 0, 1]), 2).float())
+    own = A.top1_gate(F.one_hot(torch.tensor([0, 0, 1, 1, 0, 1, 0, 1]), 2).float())
+    for fed, blocks in ((True, 2), (False, 1)):
+        layer = A.MoEConv(6, 4, 3, 1, 2, bn=False, router=True, fed=fed)
+        assert layer.weight.shape == (8, 6 * blocks, 3, 3)
+        y = layer(x, A.Routing(dispatch, gates=[upstream], shared=own))
+        for b in range(8):
+            e, u = int(own.choice[b]), int(upstream.choice[b]) if fed else 0
+            w = layer.weight[4 * e:4 * e + 4, 6 * u:6 * u + 6]
+            torch.testing.assert_close(y[b], F.conv2d(x[b:b + 1], w, padding=1)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "wrn28_10", "vgg16", "densenet"])
+def test_with_n_times_r_one_a_pathway_is_a_subnetwork_of_dense(arch):
+    """--layout pathway at N*r = 1: a routed conv that reads a routed conv has the Dense conv's weight shape
+    (its N x N blocks of r*C x r*C tile it); the other routed convs keep the position layout's shape."""
+    dense = A.MoECNN(arch, 10, 32, 1.0, 1, width=0.5)
+    paths, position = (A.MoECNN(arch, 10, 32, 0.5, 2, width=0.5, layout=k) for k in ("pathway", "position"))
+    fed = {n for n, m in paths.named_modules() if isinstance(m, A.MoEConv) and m.n_in > 1}
+    assert fed and all(paths.get_submodule(n).weight.shape == dense.get_submodule(n).weight.shape for n in fed)
+    assert all(m.weight.shape == paths.get_submodule(n).weight.shape for n, m in position.named_modules()
+               if isinstance(m, A.MoEConv) and n not in fed)
+    assert A.parse_settings(B + ["--layout", "pathway"]).layout == "pathway"

@@ -5,19 +5,18 @@
 #   bash train_all.sh                                              # everything, one job per visible GPU
 #   DRY_RUN=1 bash train_all.sh                                    # print the commands only
 #   EPOCHS=1 DATASETS=synthetic ARCHS=resnet18 bash train_all.sh   # a reduced grid (runs on a CPU)
-#   GRID=smoke bash train_all.sh                                   # check a machine first: bench, one short run per
-#                                                                  # method, report, the whole grid's time estimated
+#   GRID=smoke bash train_all.sh                                   # check a machine first: one short run per method,
+#                                                                  # an --eval-only, the report and the bench
 #   GRID=laptop bash train_all.sh                                  # the real-CIFAR-10 laptop study on a 2-core CPU
 #
 # Environment:
 #   EPOCHS (100)        training epochs of every run (AT(Sparse): fine-tuning epochs)
-#   PRUNE_EPOCHS (20)   AT(Sparse): score-learning epochs before fine-tuning
 #   DATASETS, ARCHS     the Table 1 grid (default: all four of each)
 #   NS ("2 4 6 8 10"), RATIOS ("0.2 0.5 0.8")   the sweeps (Fig. 7: N x r for AdvMoE; Fig. 8: r for each method)
 #   AA_N (1000)         test images for AutoAttack (Table 2)
 #   GPUS                GPU indices, one job per GPU (default: every GPU nvidia-smi lists; none: the CPU)
 #   OUT (runs), DATA_DIR (data), EXTRA (more flags for every run), DRY_RUN (0)
-#   GRID (paper | smoke | laptop), CPU_JOBS (1; laptop, smoke: 2): runs at a time without GPUs, each on
+#   GRID (paper | smoke | laptop | learnability), CPU_JOBS (1; else 2): runs at a time without GPUs, each on
 #   $(nproc)/CPU_JOBS threads
 # A run whose OUT/<name>/result.json exists is skipped, so the script can be re-run after an interruption
 # (each training run also resumes from its own checkpoint: --resume). A job waits for the runs it starts
@@ -29,7 +28,12 @@ GRID=${GRID:-paper}
 [[ $GRID == paper || $GRID == smoke || $GRID == laptop || $GRID == learnability ]] || { echo "train_all.sh: GRID=$GRID: choose paper, smoke, laptop or learnability" >&2; exit 2; }
 if [[ $GRID == smoke ]]; then  # the machine's name: cpu, or the GPU's last word (h100, h200, a100, ...)
   DEVICE_NAME=$(python -c "import torch; print(torch.cuda.get_device_name(0).split()[-1].lower() if torch.cuda.is_available() else 'cpu')")
-  EPOCHS=${EPOCHS:-1}; OUT=${OUT:-results/smoke_$DEVICE_NAME}; CPU_JOBS=${CPU_JOBS:-2}
+  # a fresh folder every time (the default's old runs are removed; a given OUT must not exist yet)
+  if [[ ${DRY_RUN:-0} != 1 ]]; then
+    [[ -z ${OUT:-} ]] && rm -rf "runs/smoke_$DEVICE_NAME"
+    [[ -e ${OUT:-runs/smoke_$DEVICE_NAME} ]] && { echo "train_all.sh: GRID=smoke: OUT=$OUT exists: give a new folder" >&2; exit 2; }
+  fi
+  EPOCHS=${EPOCHS:-1}; OUT=${OUT:-runs/smoke_$DEVICE_NAME}; CPU_JOBS=${CPU_JOBS:-2}
 fi
 if [[ $GRID == laptop ]]; then
   EPOCHS=${EPOCHS:-12}; OUT=${OUT:-results/cifar10_laptop}; CPU_JOBS=${CPU_JOBS:-2}; GPUS=${GPUS-}
@@ -39,7 +43,6 @@ if [[ $GRID == learnability ]]; then
 fi
 EPOCHS=${EPOCHS:-100}
 CPU_JOBS=${CPU_JOBS:-1}
-PRUNE_EPOCHS=${PRUNE_EPOCHS:-20}
 DATASETS=${DATASETS:-"cifar10 cifar100 tinyimagenet imagenet"}
 ARCHS=${ARCHS:-"resnet18 wrn28_10 vgg16 densenet"}
 NS=${NS:-"2 4 6 8 10"}
@@ -69,7 +72,7 @@ if [[ $GRID == laptop ]]; then
        --eval-n 2000 --eval-attacks pgd,soft,square --square-queries 1000 --quick-eval-n 500)
   authors=(--router global --router-supervision 6)
   for seed in 1 2; do
-    aa=(); [[ $seed == 1 ]] && aa=(--eval-aa --aa-n 500)
+    aa=(); [[ $seed == 1 ]] && aa=(--eval-attacks pgd,soft,square,autoattack --aa-n 500)
     for method in sdense moe advmoe; do
       job "${method}_s$seed" "" "${lap[@]}" --method $method --seed $seed "${aa[@]}"
     done
@@ -82,26 +85,29 @@ fi
 
 # ---- GRID=learnability: why the MoE-CNN learns worse than S-Dense (results/moe_learnability/README.md) ----
 # Natural training (--loss natural: cross-entropy, no attack) at the laptop recipe: S-Dense, today's MoE-CNN,
-# and one MoE-CNN per hypothesis: a shared BatchNorm (1), one expert index everywhere (2: the global router
-# without supervision), routers at a tenth of the learning rate (3) or frozen at init, raw router input (4);
-# and the global router frozen at init: fixed input-dependent routing with one index everywhere (2 against 3).
+# and one MoE-CNN per hypothesis: a shared BatchNorm (1); the expert layout (2): one expert index everywhere
+# (the global router without supervision, and the same frozen at init) and the pathway layout; routers at a
+# tenth of the learning rate, or frozen at init (3); raw router input (4). Seed 2 of the informative ones.
 if [[ $GRID == learnability ]]; then
   nat=(--dataset cifar10 --arch resnet18 --width 0.25 --n-experts 2 --ratio 0.5 --train-n 20000 --val-n 500
        --loss natural --eval-n 2000 --test-steps 10 --quick-eval-n 0)
   declare -A VARIANT=([moe]="" [moe_sharedbn]="--shared-bn" [moe_global]="--router global"
                       [moe_routerlr0.1]="--router-lr 0.1" [moe_frozen]="--router-lr 0"
-                      [moe_rawrouter]="--no-router-standardize" [moe_globalfrozen]="--router global --router-lr 0")
-  for seed in 1 2; do
-    job "sdense_s$seed" "" "${nat[@]}" --method sdense --seed $seed
-    for v in moe moe_sharedbn moe_global moe_routerlr0.1 moe_frozen moe_rawrouter moe_globalfrozen; do
-      job "${v}_s$seed" "" "${nat[@]}" --method moe ${VARIANT[$v]} --seed $seed
-    done
+                      [moe_rawrouter]="--no-router-standardize" [moe_globalfrozen]="--router global --router-lr 0"
+                      [moe_pathway]="--layout pathway")
+  job sdense_s1 "" "${nat[@]}" --method sdense --seed 1
+  for v in moe moe_sharedbn moe_global moe_routerlr0.1 moe_pathway moe_globalfrozen moe_frozen moe_rawrouter; do
+    job "${v}_s1" "" "${nat[@]}" --method moe ${VARIANT[$v]} --seed 1
+  done
+  job sdense_s2 "" "${nat[@]}" --method sdense --seed 2
+  for v in moe moe_pathway moe_globalfrozen moe_frozen moe_sharedbn; do
+    job "${v}_s2" "" "${nat[@]}" --method moe ${VARIANT[$v]} --seed 2
   done
 fi
 
 # ---- GRID=smoke: check a machine in minutes before the full grid (README, "Check a machine first") --------
 # One short run of each Table 1 method on real CIFAR-10 when DATA_DIR has it (the synthetic set otherwise), an
-# --eval-only of the AdvMoE run, then (after the runner) the bench of ResNet-18, the report and the estimate.
+# --eval-only of the AdvMoE run, then (after the runner) the report and the bench of ResNet-18.
 if [[ $GRID == smoke ]]; then
   SMOKE_DATA=synthetic
   [[ -f $DATA_DIR/cifar10_train.npz || -d $DATA_DIR/cifar-10-batches-py ]] && SMOKE_DATA=cifar10
@@ -113,7 +119,7 @@ if [[ $GRID == smoke ]]; then
   for method in dense sdense moe advmoe; do
     job "$method" "" --dataset $SMOKE_DATA --method $method "${small[@]}"
   done
-  job sparse dense --dataset $SMOKE_DATA --method sparse --init "$(ckpt dense)" --prune-epochs 1 "${small[@]}"
+  job sparse dense --dataset $SMOKE_DATA --method sparse --init "$(ckpt dense)" "${small[@]}"
   job advmoe_eval advmoe --eval-only "$(ckpt advmoe)"
 fi
 
@@ -129,7 +135,7 @@ for dataset in $DATASETS; do
       job "${t}_${method}" "" --dataset "$dataset" --arch "$arch" --method "$method"
     done
     job "${t}_sparse" "${t}_dense" --dataset "$dataset" --arch "$arch" --method sparse \
-      --init "$(ckpt "${t}_dense")" --prune-epochs "$PRUNE_EPOCHS"
+      --init "$(ckpt "${t}_dense")"
   done
 done
 
@@ -141,7 +147,7 @@ for dataset in $DATASETS; do
     has "resnet18 wrn28_10" "$arch" || continue
     for method in sdense sparse moe advmoe dense; do
       t=${dataset}_${arch}_${method}
-      job "table2/$t" "table1/$t" --eval-only "$(ckpt "table1/$t")" --eval-aa --aa-n "$AA_N"
+      job "table2/$t" "table1/$t" --eval-only "$(ckpt "table1/$t")" --eval-attacks pgd,autoattack --aa-n "$AA_N"
     done
   done
 done
@@ -158,13 +164,6 @@ s=study/${D}_${A}
 job "${s}_1_standard" "" "${base[@]}" --method moe --loss natural
 job "${s}_2_routers" "${s}_1_standard" "${base[@]}" --method moe --train-params routers --init "$(ckpt "${s}_1_standard")"
 job "${s}_3_backbone" "${s}_2_routers" "${base[@]}" --method moe --train-params backbone --init "$(ckpt "${s}_2_routers")"
-
-# Fig. 6, router utility: IoU of each input's MoE pathway with the AT(Sparse) mask, clean and under PGD.
-t=table1/${D}_${A}
-for method in moe advmoe; do
-  job "utility/${D}_${A}_${method}" "${t}_${method} ${t}_sparse" --eval-only "$(ckpt "${t}_${method}")" \
-    --iou-with "$(ckpt "${t}_sparse")"
-done
 
 # Fig. 7: AdvMoE's RA over r for N in NS. Where N*r > 1 the experts overlap in nothing: each owns its own
 # r*C filters (N*r*C filters per layer, more than Dense's C), as in the authors' code. (N=2, r=0.5 is Table 1's.)
@@ -183,7 +182,7 @@ for r in $RATIOS; do
   done
   has "$NS" 2 || job "fig8/${D}_${A}_advmoe_r${r}" "" "${base[@]}" --method advmoe --ratio "$r"
   job "fig8/${D}_${A}_sparse_r${r}" "${t}_dense" "${base[@]}" --method sparse --ratio "$r" \
-    --init "$(ckpt "${t}_dense")" --prune-epochs "$PRUNE_EPOCHS"
+    --init "$(ckpt "${t}_dense")"
 done
 
 fi  # GRID=paper
@@ -268,19 +267,16 @@ failed=0
 for name in "${NAMES[@]}"; do [[ ${STATE[$name]} == done ]] || failed=1; done
 python advmoe.py report "$OUT" > /dev/null && echo "report: $OUT/report.md"
 
-if [[ $GRID == smoke ]]; then  # the bench, the machine, and the paper grid's wall time estimated from the bench
+if [[ $GRID == smoke ]]; then  # the machine and the bench (training step, images/s, GFLOPs per method)
   {
     echo "machine: $(uname -m), $(nproc) cores; device: $DEVICE_NAME; $(python -c 'import torch; print("torch", torch.__version__)')"
     echo "commit: $(git rev-parse HEAD 2>/dev/null || echo unknown); date: $(date -u +%Y-%m-%dT%H:%MZ)"
   } > "$OUT/machine.txt"
-  if [[ $DEVICE_NAME == cpu ]]; then bench=(--width 0.25 --repeats 3); else bench=(--repeats 20); fi
+  bench=(); [[ $DEVICE_NAME == cpu ]] && bench=(--width 0.25)
   python advmoe.py bench --out "$OUT/bench.json" "${bench[@]}" > "$OUT/bench.log" 2>&1 || failed=1
   if [[ $DEVICE_NAME != cpu ]]; then  # and the same with --compile: the warm-up is its first step
     python advmoe.py bench --out "$OUT/bench_compile.json" --compile "${bench[@]}" > "$OUT/bench_compile.log" 2>&1 || failed=1
   fi
-  read -r -a gpus <<< "${GPUS:-}"; workers=${#gpus[@]}; ((workers)) || workers=1
-  GRID=paper DRY_RUN=1 EPOCHS=100 OUT=runs bash "$0" | python advmoe.py estimate "$OUT/bench.json" $workers \
-    > "$OUT/estimate.json" || failed=1
-  cat "$OUT/machine.txt" "$OUT/bench.log" "$OUT/estimate.json"
+  cat "$OUT/machine.txt" "$OUT/bench.log"
 fi
 exit $failed
