@@ -26,10 +26,10 @@ Notation (paper -> code)
 
 Map: sections 1-5 are the method, 6-13 the operations that run it.
     1. Fig. 1a / A1, MoE layer       MoEConv: router, top-1 straight-through gate, one expert's conv + BN
-    2. Backbones                     ResNet18, WideResNet, VGG16, DenseNet; Spec makes Dense/S-Dense/MoE
-    3. Eq. (AT), TRADES              pgd, training_attack, trades_loss, robust_loss
-    4. Eq. (1), Algorithm 1          advmoe_step (lines 3-5), level, batch_streams, make_optimizers;
+    2. Eq. (AT), TRADES              pgd, training_attack, trades_loss, robust_loss
+    3. Eq. (1), Algorithm 1          advmoe_step (lines 3-5), level, batch_streams, make_optimizers;
        AT(Dense / S-Dense / MoE)     joint_step
+    4. Backbones                     ResNet18, WideResNet, VGG16, DenseNet; Spec makes Dense/S-Dense/MoE
     5. SA, RA (PGD-50), RA-AA        evaluate, adversaries, autoattack; Insight 2 (4-way split):
        GFLOPs, routing               routing_summary; gflops_per_input; routing_snapshot (every epoch)
     6-8. settings, data, training loop (train);  9. AT(Sparse): channel_wiring, ChannelScores, prune
@@ -294,8 +294,214 @@ class GlobalRouter(nn.Module):
         return self.head(standardize(z) if self.standardized else z)           # (B, N)
 
 # ==================================================================================================
-# 2. Backbones, each written once; `Spec` makes the same class Dense, S-Dense or MoE-CNN
+# 2. Attacks and losses: one l_inf PGD that maximizes any loss; TRADES; the routing regularizer
 # ==================================================================================================
+# Robustness is accuracy under the worst perturbation delta with |delta|_inf <= eps. Every attack here is one
+# projected sign-gradient ascent (pgd) on some loss of the perturbed input: cross-entropy for the test RA,
+# TRADES' KL to the clean output for the training attack, and the same cross-entropy through a surrogate
+# routing gradient for the "soft" attack. An MoE-CNN offers an attack two ways in (Sec. 4): move the routers'
+# choices (another pathway) or fool the pathway chosen, and a gradient through the straight-through gate
+# carries both. Training (TRADES, the paper's default) trades clean accuracy for the flatness of the output
+# around each input with the weight beta = 1/lambda.
+@contextlib.contextmanager
+def evaluating(model: nn.Module):
+    """Eval mode for the duration (BatchNorm running statistics), then every module's own mode back (a part
+    frozen in eval mode by --train-params stays frozen)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.train(False)
+    try:
+        yield
+    finally:
+        for m, mode in modes:
+            m.training = mode
+
+def pgd(model: nn.Module, x: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor], eps: float,
+        step_size: float, steps: int, start: str = "uniform", generator: torch.Generator | None = None):
+    """max_{|delta|_inf <= eps, x+delta in [0,1]} loss_fn(x + delta) by projected sign-gradient ascent
+    (Madry et al. 2018), in eval mode, gradients w.r.t. the input only. start: "uniform" in the eps-ball
+    (test PGD) or "normal", x + 0.001 N(0, I) (TRADES), drawn from `generator` (None: the global stream)."""
+
+    draw = torch.rand if start == "uniform" else torch.randn
+    r = draw(x.shape, generator=generator, device=x.device, dtype=x.dtype)       # (B, 3, H, W)
+    # x'_0 = x + U(-eps, eps)^d or x + 0.001 N(0, I), projected like every step
+    x_adv = x + ((2 * r - 1) * eps if start == "uniform" else 0.001 * r)
+    x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+    with evaluating(model):
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            grad, = torch.autograd.grad(loss_fn(x_adv), x_adv)
+            # x' <- Proj_{B_eps(x) ∩ [0,1]^d}( x' + alpha * sign(grad_x' loss) )
+            x_adv = x_adv.detach() + step_size * grad.sign()
+            x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
+    return x_adv.detach()
+
+def kl_from_logits(p_logits: torch.Tensor, q_logits: torch.Tensor, reduction: str = "batchmean"):
+    """KL(p || q) from logits through log_softmax: finite where a softmax underflows (the official code's
+    router KL went NaN there)."""
+    # KL(p || q) = sum_c p_c (log p_c - log q_c)
+    return F.kl_div(q_logits.float().log_softmax(-1), p_logits.float().log_softmax(-1), reduction=reduction,
+                    log_target=True)
+
+def ce_objective(model: nn.Module, y: torch.Tensor, dispatch: str = "auto") -> Callable:
+    """The test attack's objective sum_b CE(f(x'_b), y_b): a sum, so each input's gradient is its own."""
+    return lambda x_adv: F.cross_entropy(model(x_adv, dispatch=dispatch).float(), y, reduction="sum")
+
+def trades_loss(logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
+    # (AT) CE(f(x), y) + beta * KL(f(x) || f(x + delta))
+    # NOTE(paper): as in TRADES' reference code, both sides of the KL carry gradient; only attack targets are
+    # detached.
+    return F.cross_entropy(logits.float(), y) + beta * kl_from_logits(logits, logits_adv)
+
+def routing_regularizer(gates: list[Gate], y: torch.Tensor, balance: float, supervision: float):
+    """NOTE(ours), deviation 7: terms the paper does not have, averaged over the gates given (every MoE layer
+    of the clean and of the adversarial forward); both weights are 0 by default."""
+    total = torch.zeros((), device=y.device)
+    for g in gates:
+        probs, n = g.logits.float().softmax(-1), g.logits.shape[1]                # (B, N)
+        if balance:
+            # Switch Transformer: lambda * N * sum_k f_k P_k, f_k the share routed to k, P_k the mean p_k
+            total = total + balance * n * (F.one_hot(g.choice, n).float().mean(0) * probs.mean(0)).sum()
+        if supervision:
+            # NOTE(official code): lambda * CE(router logits, y mod N), a fixed class-to-expert target
+            total = total + supervision * F.cross_entropy(g.logits.float(), y % n)
+    return total / max(len(gates), 1)
+
+def expert_usage(gates: list[Gate]) -> torch.Tensor:
+    """(L, N): f_{l,k} = (1/B) sum_b [e_l(x_b) = k], the share of the batch each layer routes to expert k."""
+    return torch.stack([F.one_hot(g.choice, g.logits.shape[1]).float().mean(0) for g in gates])
+
+# ==================================================================================================
+# 3. Algorithm 1 (AdvMoE) and the baselines: each method is a step function
+# ==================================================================================================
+# Sec. 4 of the paper: training routers phi and experts psi jointly against one attack (AT(MoE)) leaves them
+# unadapted to each other. Adversarially training the routers alone makes routing robust but the prediction
+# fragile (Insights 1, 2); training the experts on top then lowers the routers' robustness (Insight 3).
+# AdvMoE therefore alternates: the routers are fitted to the current experts (lower level), the experts to the
+# routers so fitted (upper level), each against an attack regenerated for the model as it then is. Every
+# method below is a step function over a list of batches; the training loop (section 8) only calls it.
+class Objective(NamedTuple):
+    """All that the training objective and its inner attack read (Settings.objective builds it)."""
+    loss: str           # "trades": CE + beta * KL | "pgdat": CE at PGD examples | "natural": CE, no attack
+    beta: float         # TRADES weight 1/lambda
+    eps: float          # l_inf radius of the training attack, pixel units
+    step_size: float    # its step alpha (1.25 eps / K: the authors' 5/255 at eps 8/255, K = 2)
+    steps: int          # K
+    balance: float      # routing regularizer weights (deviation 7; 0 in the paper)
+    supervision: float
+
+def training_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objective) -> torch.Tensor:
+    """The inner maximization of the training loss, K steps."""
+    if obj.loss == "pgdat":  # Madry: max CE
+        return pgd(model, x, ce_objective(model, y), obj.eps, obj.step_size, obj.steps)
+    with torch.no_grad(), evaluating(model):
+        # P = f(x) in eval mode, computed once and fixed (a copy: CUDA graphs reuse their outputs)
+        target = model(x).clone()
+    # TRADES: max_delta KL(f(x) || f(x + delta)), started at x + 0.001 N(0, I)
+    return pgd(model, x, lambda xa: kl_from_logits(target, model(xa), "sum"), obj.eps, obj.step_size,
+               obj.steps, "normal")
+
+def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objective):
+    """A fresh training attack against the model as it is now, then the training loss at (x, x_adv) and the
+    routing regularizer of both forwards. Loss "natural" (Sec. 4's first stage, and natural training of any
+    method): CE(f(x), y), no attack."""
+    if obj.loss == "natural":
+        logits, gates = model(x, return_routing=True)
+        objective, logits_adv, gates_adv = F.cross_entropy(logits.float(), y), logits, []
+    else:
+        logits_adv, gates_adv = model(training_attack(model, x, y, obj), return_routing=True)
+        if obj.loss == "trades":
+            logits, gates = model(x, return_routing=True)
+            objective = trades_loss(logits, logits_adv, y, obj.beta)
+        else:  # pgdat: min CE(f(x_adv), y), no clean forward ("acc" is then the adversarial accuracy)
+            logits, gates, objective = logits_adv, [], F.cross_entropy(logits_adv.float(), y)
+    reg = routing_regularizer(gates + gates_adv, y, obj.balance, obj.supervision)
+    stats = {"loss": objective.detach(), "acc": (logits.argmax(1) == y).float().mean(),
+             "acc_adv": (logits_adv.argmax(1) == y).float().mean()}
+    if obj.balance or obj.supervision:  # logged: e.g. whether the routers learn the class-mod-N targets
+        stats["router_reg"] = reg.detach()
+    return objective, reg, stats
+
+def level(model: nn.Module, opt: torch.optim.Optimizer, x, y, obj: Objective, regularize: bool,
+          reduce: Callable | None = None) -> dict:
+    """One adversarial-training update of the parameters `opt` holds; the others stay fixed. `reduce`, if
+    given, acts on those parameters' gradients before the step (torchrun averages them over processes)."""
+    objective, reg, stats = robust_loss(model, x, y, obj)
+    # L = L_TRADES(psi, phi; B), + R(phi) where the routers are the ones trained (regularize)
+    loss = objective + reg if regularize else objective
+    params = [p for g in opt.param_groups for p in g["params"]]
+    opt.zero_grad(set_to_none=True)
+    loss.backward(inputs=params)  # gradients for this level's parameters only
+    if reduce:
+        reduce(params)
+    opt.step()
+    return stats
+
+# Eq. (1), the bi-level problem AdvMoE solves (psi: backbone and experts; phi: routers; D: the training set):
+#     min_psi L_TRADES(psi, phi*(psi); D)   s.t.   phi*(psi) = argmin_phi L_TRADES(psi, phi; D)
+# Algorithm 1 solves it by alternating optimization: one SGD step of each level per iteration, each against an
+# attack regenerated for the model as it is then. Routers and experts share the learning rate and schedule.
+def advmoe_step(model: nn.Module, opts: dict, batches: list, obj: Objective, reduce=None) -> dict:
+    """One iteration of Algorithm 1, lines 3-5."""
+    # 3: draw two different random batches B_phi and B_psi (two independent shuffles: batch_streams)
+    (x_phi, y_phi), (x_psi, y_psi) = batches
+    # 4: lower level: with psi fixed, update phi by minimizing L_TRADES with a K-step PGD attack, SGD on B_phi
+    router_stats = level(model, opts["phi"], x_phi, y_phi, obj, regularize=True, reduce=reduce)
+    # 5: upper level: with phi fixed (= phi*, one SGD step here, not the argmin), update psi by minimizing
+    #    L_TRADES with a K-step PGD attack regenerated against (psi, phi*), SGD on B_psi
+    stats = level(model, opts["psi"], x_psi, y_psi, obj, regularize=False, reduce=reduce)
+    return {**stats, "router_loss": router_stats["loss"]}
+
+def joint_step(model: nn.Module, opts: dict, batches: list, obj: Objective, reduce=None) -> dict:
+    """AT(Dense), AT(S-Dense), AT(MoE) (and AT(Sparse)'s score learning, natural training): min over every
+    trained parameter of L_TRADES at once, one batch, one attack: the routers and the experts adapt to each
+    other only through the shared gradient step, which Insight 3 finds is not enough."""
+    routers = any(g["name"] == "routers" for g in opts["all"].param_groups)
+    return level(model, opts["all"], *batches[0], obj, regularize=routers, reduce=reduce)
+
+# Every method: its step function and the number of batch streams it draws per iteration (AdvMoE reads two
+# batches per iteration: twice the images and backward passes of a joint method per epoch).
+STEPS = {"advmoe": (advmoe_step, 2), "moe": (joint_step, 1), "sdense": (joint_step, 1),
+         "dense": (joint_step, 1), "sparse": (joint_step, 1)}
+# NOTE(official code): SGD with momentum 0.9 and weight decay 5e-4 on every parameter, routers included.
+MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
+# NOTE(paper): TRADES' weight 1/lambda = beta = 6 for every method (the TRADES default).
+BETA = 6.0
+
+def make_optimizers(model: nn.Module, s, device) -> dict[str, torch.optim.Optimizer]:
+    """AdvMoE: one SGD for the routers phi and one for the backbone psi, same settings, one schedule (the
+    paper: no new hyper-parameters; --router-lr scales phi's rate, deviation 7). Joint methods: one SGD over
+    everything, or over phi or psi alone (--train-params, the Sec. 4 study)."""
+    kw = dict(lr=s.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=device.type == "cuda" or None)
+    phi = {"params": router_params(model), "base_lr": s.lr * s.router_lr, "name": "routers"}
+    psi = {"params": backbone_params(model), "base_lr": s.lr, "name": "backbone"}
+    if s.method == "advmoe":
+        return {"phi": torch.optim.SGD([phi], **kw), "psi": torch.optim.SGD([psi], **kw)}
+    groups = {"all": [psi] + ([phi] if phi["params"] else []), "routers": [phi], "backbone": [psi]}
+    return {"all": torch.optim.SGD(groups[s.train_params], **kw)}
+
+def set_lr(opts: dict, progress: float):
+    """The one schedule of every level: lr_t = lr_0 (1 + cos(pi t / T)) / 2, per iteration."""
+    for opt in opts.values():
+        for group in opt.param_groups:
+            group["lr"] = group["base_lr"] * 0.5 * (1 + math.cos(math.pi * progress))
+
+def batch_streams(data, s, epoch: int):
+    """Alg. 1 line 3: each iteration's batches, one per stream of the method. AdvMoE's B_phi and B_psi come
+    from two independent shuffles of the training set (deviation 6), each a function of the seed and epoch."""
+    streams = range(STEPS[s.method][1])
+    gens = [torch.Generator().manual_seed(s.seed * 1_000_003 + epoch * 7 + k) for k in streams]
+    return zip(*(data.train_batches(s.batch_size, g) for g in gens))
+
+# ==================================================================================================
+# 4. Backbones, each written once; `Spec` makes the same class Dense, S-Dense or MoE-CNN
+# ==================================================================================================
+# Each backbone builds its convolutions through a Spec, so one class is Dense (r = 1, N = 1), S-Dense (every
+# channel count times r) or an MoE-CNN (N experts of r*C channels per routed conv). What is routed: every 3x3
+# and 1x1 conv of the blocks. What the experts share: the stem, projection shortcuts, pre-activation
+# BatchNorms and the classifier (deviations 4, 5). A pathway (one expert per routed conv) therefore has exactly
+# S-Dense's shapes and cost. The residual stream of a ResNet is a shared space: every expert of a block's last
+# conv writes into the same r*C channels; a conv fed directly by a routed conv (fed=True) can instead read with
+# the weights of the expert that wrote its input (the pathway layout, deviation 3).
 @dataclass(frozen=True)
 class Spec:
     """What tells Dense (r = 1, N = 1), S-Dense (r < 1, N = 1) and MoE-CNN (N >= 2) apart, for any backbone.
@@ -499,194 +705,14 @@ def backbone_params(model: nn.Module) -> list[nn.Parameter]:
     return [p for n, p in model.named_parameters() if "router" not in n]
 
 # ==================================================================================================
-# 3. Attacks and losses: one l_inf PGD that maximizes any loss; TRADES; the routing regularizer
-# ==================================================================================================
-@contextlib.contextmanager
-def evaluating(model: nn.Module):
-    """Eval mode for the duration (BatchNorm running statistics), then every module's own mode back (a part
-    frozen in eval mode by --train-params stays frozen)."""
-    modes = [(m, m.training) for m in model.modules()]
-    model.train(False)
-    try:
-        yield
-    finally:
-        for m, mode in modes:
-            m.training = mode
-
-def pgd(model: nn.Module, x: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor], eps: float,
-        step_size: float, steps: int, start: str = "uniform", generator: torch.Generator | None = None):
-    """max_{|delta|_inf <= eps, x+delta in [0,1]} loss_fn(x + delta) by projected sign-gradient ascent
-    (Madry et al. 2018), in eval mode, gradients w.r.t. the input only. start: "uniform" in the eps-ball
-    (test PGD) or "normal", x + 0.001 N(0, I) (TRADES), drawn from `generator` (None: the global stream)."""
-
-    draw = torch.rand if start == "uniform" else torch.randn
-    r = draw(x.shape, generator=generator, device=x.device, dtype=x.dtype)       # (B, 3, H, W)
-    # x'_0 = x + U(-eps, eps)^d or x + 0.001 N(0, I), projected like every step
-    x_adv = x + ((2 * r - 1) * eps if start == "uniform" else 0.001 * r)
-    x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
-    with evaluating(model):
-        for _ in range(steps):
-            x_adv.requires_grad_(True)
-            grad, = torch.autograd.grad(loss_fn(x_adv), x_adv)
-            # x' <- Proj_{B_eps(x) ∩ [0,1]^d}( x' + alpha * sign(grad_x' loss) )
-            x_adv = x_adv.detach() + step_size * grad.sign()
-            x_adv = torch.min(torch.max(x_adv, x - eps), x + eps).clamp(0, 1)
-    return x_adv.detach()
-
-def kl_from_logits(p_logits: torch.Tensor, q_logits: torch.Tensor, reduction: str = "batchmean"):
-    """KL(p || q) from logits through log_softmax: finite where a softmax underflows (the official code's
-    router KL went NaN there)."""
-    # KL(p || q) = sum_c p_c (log p_c - log q_c)
-    return F.kl_div(q_logits.float().log_softmax(-1), p_logits.float().log_softmax(-1), reduction=reduction,
-                    log_target=True)
-
-def ce_objective(model: nn.Module, y: torch.Tensor, dispatch: str = "auto") -> Callable:
-    """The test attack's objective sum_b CE(f(x'_b), y_b): a sum, so each input's gradient is its own."""
-    return lambda x_adv: F.cross_entropy(model(x_adv, dispatch=dispatch).float(), y, reduction="sum")
-
-def trades_loss(logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
-    # (AT) CE(f(x), y) + beta * KL(f(x) || f(x + delta))
-    # NOTE(paper): as in TRADES' reference code, both sides of the KL carry gradient; only attack targets are
-    # detached.
-    return F.cross_entropy(logits.float(), y) + beta * kl_from_logits(logits, logits_adv)
-
-def routing_regularizer(gates: list[Gate], y: torch.Tensor, balance: float, supervision: float):
-    """NOTE(ours), deviation 7: terms the paper does not have, averaged over the gates given (every MoE layer
-    of the clean and of the adversarial forward); both weights are 0 by default."""
-    total = torch.zeros((), device=y.device)
-    for g in gates:
-        probs, n = g.logits.float().softmax(-1), g.logits.shape[1]                # (B, N)
-        if balance:
-            # Switch Transformer: lambda * N * sum_k f_k P_k, f_k the share routed to k, P_k the mean p_k
-            total = total + balance * n * (F.one_hot(g.choice, n).float().mean(0) * probs.mean(0)).sum()
-        if supervision:
-            # NOTE(official code): lambda * CE(router logits, y mod N), a fixed class-to-expert target
-            total = total + supervision * F.cross_entropy(g.logits.float(), y % n)
-    return total / max(len(gates), 1)
-
-def expert_usage(gates: list[Gate]) -> torch.Tensor:
-    """(L, N): f_{l,k} = (1/B) sum_b [e_l(x_b) = k], the share of the batch each layer routes to expert k."""
-    return torch.stack([F.one_hot(g.choice, g.logits.shape[1]).float().mean(0) for g in gates])
-
-# ==================================================================================================
-# 4. Algorithm 1 (AdvMoE) and the baselines: each method is a step function
-# ==================================================================================================
-class Objective(NamedTuple):
-    """All that the training objective and its inner attack read (Settings.objective builds it)."""
-    loss: str           # "trades": CE + beta * KL | "pgdat": CE at PGD examples | "natural": CE, no attack
-    beta: float         # TRADES weight 1/lambda
-    eps: float          # l_inf radius of the training attack, pixel units
-    step_size: float    # its step alpha (1.25 eps / K: the authors' 5/255 at eps 8/255, K = 2)
-    steps: int          # K
-    balance: float      # routing regularizer weights (deviation 7; 0 in the paper)
-    supervision: float
-
-def training_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objective) -> torch.Tensor:
-    """The inner maximization of the training loss, K steps."""
-    if obj.loss == "pgdat":  # Madry: max CE
-        return pgd(model, x, ce_objective(model, y), obj.eps, obj.step_size, obj.steps)
-    with torch.no_grad(), evaluating(model):
-        # P = f(x) in eval mode, computed once and fixed (a copy: CUDA graphs reuse their outputs)
-        target = model(x).clone()
-    # TRADES: max_delta KL(f(x) || f(x + delta)), started at x + 0.001 N(0, I)
-    return pgd(model, x, lambda xa: kl_from_logits(target, model(xa), "sum"), obj.eps, obj.step_size,
-               obj.steps, "normal")
-
-def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objective):
-    """A fresh training attack against the model as it is now, then the training loss at (x, x_adv) and the
-    routing regularizer of both forwards. Loss "natural" (Sec. 4's first stage, and natural training of any
-    method): CE(f(x), y), no attack."""
-    if obj.loss == "natural":
-        logits, gates = model(x, return_routing=True)
-        objective, logits_adv, gates_adv = F.cross_entropy(logits.float(), y), logits, []
-    else:
-        logits_adv, gates_adv = model(training_attack(model, x, y, obj), return_routing=True)
-        if obj.loss == "trades":
-            logits, gates = model(x, return_routing=True)
-            objective = trades_loss(logits, logits_adv, y, obj.beta)
-        else:  # pgdat: min CE(f(x_adv), y), no clean forward ("acc" is then the adversarial accuracy)
-            logits, gates, objective = logits_adv, [], F.cross_entropy(logits_adv.float(), y)
-    reg = routing_regularizer(gates + gates_adv, y, obj.balance, obj.supervision)
-    stats = {"loss": objective.detach(), "acc": (logits.argmax(1) == y).float().mean(),
-             "acc_adv": (logits_adv.argmax(1) == y).float().mean()}
-    if obj.balance or obj.supervision:  # logged: e.g. whether the routers learn the class-mod-N targets
-        stats["router_reg"] = reg.detach()
-    return objective, reg, stats
-
-def level(model: nn.Module, opt: torch.optim.Optimizer, x, y, obj: Objective, regularize: bool,
-          reduce: Callable | None = None) -> dict:
-    """One adversarial-training update of the parameters `opt` holds; the others stay fixed. `reduce`, if
-    given, acts on those parameters' gradients before the step (torchrun averages them over processes)."""
-    objective, reg, stats = robust_loss(model, x, y, obj)
-    # L = L_TRADES(psi, phi; B), + R(phi) where the routers are the ones trained (regularize)
-    loss = objective + reg if regularize else objective
-    params = [p for g in opt.param_groups for p in g["params"]]
-    opt.zero_grad(set_to_none=True)
-    loss.backward(inputs=params)  # gradients for this level's parameters only
-    if reduce:
-        reduce(params)
-    opt.step()
-    return stats
-
-# Eq. (1), the bi-level problem AdvMoE solves (psi: backbone and experts; phi: routers; D: the training set):
-#     min_psi L_TRADES(psi, phi*(psi); D)   s.t.   phi*(psi) = argmin_phi L_TRADES(psi, phi; D)
-# Algorithm 1 solves it by alternating optimization: one SGD step of each level per iteration, each against an
-# attack regenerated for the model as it is then. Routers and experts share the learning rate and schedule.
-def advmoe_step(model: nn.Module, opts: dict, batches: list, obj: Objective, reduce=None) -> dict:
-    """One iteration of Algorithm 1, lines 3-5."""
-    # 3: draw two different random batches B_phi and B_psi (two independent shuffles: batch_streams)
-    (x_phi, y_phi), (x_psi, y_psi) = batches
-    # 4: lower level: with psi fixed, update phi by minimizing L_TRADES with a K-step PGD attack, SGD on B_phi
-    router_stats = level(model, opts["phi"], x_phi, y_phi, obj, regularize=True, reduce=reduce)
-    # 5: upper level: with phi fixed (= phi*, one SGD step here, not the argmin), update psi by minimizing
-    #    L_TRADES with a K-step PGD attack regenerated against (psi, phi*), SGD on B_psi
-    stats = level(model, opts["psi"], x_psi, y_psi, obj, regularize=False, reduce=reduce)
-    return {**stats, "router_loss": router_stats["loss"]}
-
-def joint_step(model: nn.Module, opts: dict, batches: list, obj: Objective, reduce=None) -> dict:
-    """AT(Dense), AT(S-Dense), AT(MoE) (and AT(Sparse)'s score learning, natural training): min over every
-    trained parameter of L_TRADES at once, one batch, one attack: the routers and the experts adapt to each
-    other only through the shared gradient step, which Insight 3 finds is not enough."""
-    routers = any(g["name"] == "routers" for g in opts["all"].param_groups)
-    return level(model, opts["all"], *batches[0], obj, regularize=routers, reduce=reduce)
-
-# Every method: its step function and the number of batch streams it draws per iteration (AdvMoE reads two
-# batches per iteration: twice the images and backward passes of a joint method per epoch).
-STEPS = {"advmoe": (advmoe_step, 2), "moe": (joint_step, 1), "sdense": (joint_step, 1),
-         "dense": (joint_step, 1), "sparse": (joint_step, 1)}
-# NOTE(official code): SGD with momentum 0.9 and weight decay 5e-4 on every parameter, routers included.
-MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
-# NOTE(paper): TRADES' weight 1/lambda = beta = 6 for every method (the TRADES default).
-BETA = 6.0
-
-def make_optimizers(model: nn.Module, s, device) -> dict[str, torch.optim.Optimizer]:
-    """AdvMoE: one SGD for the routers phi and one for the backbone psi, same settings, one schedule (the
-    paper: no new hyper-parameters; --router-lr scales phi's rate, deviation 7). Joint methods: one SGD over
-    everything, or over phi or psi alone (--train-params, the Sec. 4 study)."""
-    kw = dict(lr=s.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=device.type == "cuda" or None)
-    phi = {"params": router_params(model), "base_lr": s.lr * s.router_lr, "name": "routers"}
-    psi = {"params": backbone_params(model), "base_lr": s.lr, "name": "backbone"}
-    if s.method == "advmoe":
-        return {"phi": torch.optim.SGD([phi], **kw), "psi": torch.optim.SGD([psi], **kw)}
-    groups = {"all": [psi] + ([phi] if phi["params"] else []), "routers": [phi], "backbone": [psi]}
-    return {"all": torch.optim.SGD(groups[s.train_params], **kw)}
-
-def set_lr(opts: dict, progress: float):
-    """The one schedule of every level: lr_t = lr_0 (1 + cos(pi t / T)) / 2, per iteration."""
-    for opt in opts.values():
-        for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * 0.5 * (1 + math.cos(math.pi * progress))
-
-def batch_streams(data, s, epoch: int):
-    """Alg. 1 line 3: each iteration's batches, one per stream of the method. AdvMoE's B_phi and B_psi come
-    from two independent shuffles of the training set (deviation 6), each a function of the seed and epoch."""
-    streams = range(STEPS[s.method][1])
-    gens = [torch.Generator().manual_seed(s.seed * 1_000_003 + epoch * 7 + k) for k in streams]
-    return zip(*(data.train_batches(s.batch_size, g) for g in gens))
-
-# ==================================================================================================
 # 5. Evaluation: SA, RA (PGD-50), stronger attacks, AutoAttack, routing statistics, GFLOPs
 # ==================================================================================================
+# The paper reports SA (clean accuracy), RA under PGD-50 at the training eps, RA under AutoAttack (Table 2)
+# and GFLOPs. Hard top-1 routing is an argmax, so a gradient attack through it can understate what an
+# attacker achieves (gradient masking): the soft attack differentiates through the experts mixed by the
+# routers' probabilities, and Square needs no gradient at all. RA-worst counts an image robust only if it
+# survives every attack run. The routing under attack (Insight 2) splits the PGD examples of the images
+# classified correctly when clean by whether the routers' choices moved and whether the prediction did.
 EVAL_BATCH = 256  # images per batch of evaluation and attacks
 
 def adversaries(name: str, model: nn.Module, x, y, s, steps: int, gen: torch.Generator | None = None,
@@ -1028,7 +1054,7 @@ class Settings:
 
     @property
     def objective(self) -> Objective:
-        """What the method's functions read of these settings (section 4)."""
+        """What the method's functions read of these settings (section 3)."""
         return Objective(self.loss, BETA, self.eps, self.train_step_size, self.train_steps, self.balance,
                          self.router_supervision)
 
