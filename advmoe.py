@@ -1874,44 +1874,33 @@ def collapsed(r: dict) -> int | None:  # layers where one expert takes >= 95% of
 # ==================================================================================================
 # 12. Bench: speed and cost, measured
 # ==================================================================================================
-def timed(fn: Callable, device, repeats: int = 1) -> float:
-    """The median seconds of `repeats` calls of fn (the GPU's queue drained before and after each)."""
-    sync, times = torch.cuda.synchronize if device.type == "cuda" else (lambda: None), []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[repeats // 2]
-
 def bench(argv: list[str], log=print) -> dict:
-    """Per method of Table 1 on random CIFAR-size inputs: the training step's median time (its first step
-    apart: with --compile, the compilation), inference images/s at a large batch, GFLOPs per input as
-    executed. Flags: --out FILE.json, and training flags (--arch, --width, --batch-size, --device, ...)."""
+    """Per method of Table 1 on random CIFAR-size inputs: the training step's mean time over repeats (its
+    first step apart: with --compile, the compilation), inference images/s at a large batch, GFLOPs per input
+    as executed. Flags: --out FILE.json, and training flags (--arch, --width, --batch-size, --device, ...)."""
+    from torch.utils.benchmark import Timer  # (it synchronizes CUDA around what it times)
     parser = Parser(prog="advmoe.py bench", description=bench.__doc__)
     parser.add_argument("--out", default="", help="JSON file to write")
     a, rest = parser.parse_known_args(argv)
     base = parse_settings(["--dataset", "synthetic", *rest])
-    device, rows = resolve_device(base.device), []
-    gpu, b = device.type == "cuda", base.batch_size
-    repeats, infer_batch = (20, 1024) if gpu else (3, 64)
+    device, rows, b = resolve_device(base.device), [], base.batch_size
+    repeats, infer_batch, gpu = (20, 1024, True) if device.type == "cuda" else (3, 64, False)
+    amp = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16, enabled=gpu)
+    seconds = lambda fn, n=1: Timer("fn()", globals={"fn": fn}).timeit(n).mean  # noqa: E731
     for method in ("dense", "sdense", "moe", "advmoe"):
         s = dataclasses.replace(base, method=method)
-        torch.manual_seed(0)
         model = build_model(s, 10, 32).to(device)
         opts, net, xb = make_optimizers(model, s, device), compiled(model, s, device), torch.rand(
             infer_batch, 3, 32, 32, device=device)
-        batches = [(torch.rand(b, 3, 32, 32, device=device), torch.randint(10, (b,), device=device))]
-        amp = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16, enabled=gpu)
+        batches = [(torch.rand(b, 3, 32, 32, device=device), torch.randint(10, (b,), device=device))] * 2
 
         def step():
             with amp():
-                STEPS[method][0](net.train(), opts, batches * STEPS[method][1], s.objective)
-        row = {"method": method, "warmup_s": round(timed(step, device), 2),
-               "train_step_ms": round(1000 * timed(step, device, repeats), 2)}
+                STEPS[method][0](net.train(), opts, batches[:STEPS[method][1]], s.objective)
+        row = {"method": method, "warmup_s": round(seconds(step), 2),
+               "train_step_ms": round(1000 * seconds(step, repeats), 2)}
         with torch.no_grad(), evaluating(model), amp():
-            row["infer_img_s"] = round(infer_batch / timed(lambda: model(xb), device, repeats), 1)
+            row["infer_img_s"] = round(infer_batch / seconds(lambda: model(xb), repeats), 1)
         rows.append({**row, "gflops": round(gflops_per_input(model, xb[:16]), 4)})
         log(json.dumps(rows[-1]))
     result = {"device": device_name(device), "torch": torch.__version__, "commit": COMMIT, "arch": base.arch,
