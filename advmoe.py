@@ -44,8 +44,9 @@ Deviations (each marked NOTE(ours) where it is made)
        (--no-router-standardize reads them raw, with the same head).
     3. Expert layout: expert e of a layer owns filters [e*rC, (e+1)*rC) of one N*rC-filter weight and reads
        the pathway's r*C channels by position, whichever expert wrote them (the authors' code does the same).
-       The paper's text describes experts as sub-networks of one backbone, so with r = 1 an expert would be
-       the whole backbone whatever N; here N experts of r = 1 are N full-width filter banks.
+       The paper's text describes experts as sub-networks of one backbone; --layout pathway comes closest:
+       a conv fed by a routed conv reads with the weight block of the expert that wrote its input, so a
+       channel keeps its meaning along a pathway, and at N*r = 1 those blocks tile the Dense conv.
     4. The stem is r*64 wide (ResNet; r*16 WRN, r*24 DenseNet) and shared by the experts, so a pathway is
        exactly S-Dense; the authors' stem is 64 wide whatever r.
     5. Pre-activation BatchNorms (WRN, DenseNet) act on the pathway's r*C channels, shared by all experts,
