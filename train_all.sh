@@ -97,11 +97,12 @@ if [[ $GRID == learnability ]]; then
                       [moe_rawrouter]="--no-router-standardize" [moe_globalfrozen]="--router global --router-lr 0"
                       [moe_pathway]="--layout pathway" [moe_lr0.2]="--lr 0.2")
   job sdense_s1 "" "${nat[@]}" --method sdense --seed 1
-  for v in moe moe_sharedbn moe_global moe_routerlr0.1 moe_pathway moe_globalfrozen moe_lr0.2 moe_frozen; do
+  for v in moe moe_sharedbn moe_global moe_routerlr0.1 moe_pathway moe_globalfrozen moe_lr0.2; do
     job "${v}_s1" "" "${nat[@]}" --method moe ${VARIANT[$v]} --seed 1
   done
   job sdense_s2 "" "${nat[@]}" --method sdense --seed 2
-  for v in moe moe_globalfrozen moe_pathway moe_frozen; do
+  job moe_frozen_s1 "" "${nat[@]}" --method moe ${VARIANT[moe_frozen]} --seed 1
+  for v in moe moe_globalfrozen moe_lr0.2 moe_frozen moe_pathway; do
     job "${v}_s2" "" "${nat[@]}" --method moe ${VARIANT[$v]} --seed 2
   done
   job moe_rawrouter_s1 "" "${nat[@]}" --method moe ${VARIANT[moe_rawrouter]} --seed 1
