@@ -44,8 +44,9 @@ Deviations (each marked NOTE(ours) where it is made)
        (--no-router-standardize reads them raw, with the same head).
     3. Expert layout: expert e of a layer owns filters [e*rC, (e+1)*rC) of one N*rC-filter weight and reads
        the pathway's r*C channels by position, whichever expert wrote them (the authors' code does the same).
-       The paper's text describes experts as sub-networks of one backbone, so with r = 1 an expert would be
-       the whole backbone whatever N; here N experts of r = 1 are N full-width filter banks.
+       The paper's text describes experts as sub-networks of one backbone; --layout pathway comes closest:
+       a conv fed by a routed conv reads with the weight block of the expert that wrote its input, so a
+       channel keeps its meaning along a pathway, and at N*r = 1 those blocks tile the Dense conv.
     4. The stem is r*64 wide (ResNet; r*16 WRN, r*24 DenseNet) and shared by the experts, so a pathway is
        exactly S-Dense; the authors' stem is 64 wide whatever r.
     5. Pre-activation BatchNorms (WRN, DenseNet) act on the pathway's r*C channels, shared by all experts,
@@ -224,7 +225,7 @@ class MoEConv(nn.Module):
         return y if bn is None else F.batch_norm(y, bn.running_mean[s], bn.running_var[s], bn.weight[s],
                                                   bn.bias[s], self.training, bn.momentum, bn.eps)
 
-    def masked_forward(self, x: torch.Tensor, gate: Gate, up: torch.Tensor, soft: bool = False) -> torch.Tensor:
+    def masked_forward(self, x: torch.Tensor, gate: Gate, up: torch.Tensor, soft: bool = False):
         """Speed path and test reference: skip on a first read. The sparse path above reads the group sizes
         on the host, which stalls a GPU once per layer; on CUDA ("auto") every expert runs on every input
         instead (static shapes, no host read, one graph for torch.compile) at N times the experts' FLOPs.
@@ -496,12 +497,12 @@ def batch_streams(data, s, epoch: int):
 # 4. Backbones, each written once; `Spec` makes the same class Dense, S-Dense or MoE-CNN
 # ==================================================================================================
 # Each backbone builds its convolutions through a Spec, so one class is Dense (r = 1, N = 1), S-Dense (every
-# channel count times r) or an MoE-CNN (N experts of r*C channels per routed conv). What is routed: every 3x3
-# and 1x1 conv of the blocks. What the experts share: the stem, projection shortcuts, pre-activation
-# BatchNorms and the classifier (deviations 4, 5). A pathway (one expert per routed conv) therefore has exactly
-# S-Dense's shapes and cost. The residual stream of a ResNet is a shared space: every expert of a block's last
-# conv writes into the same r*C channels; a conv fed directly by a routed conv (fed=True) can instead read with
-# the weights of the expert that wrote its input (the pathway layout, deviation 3).
+# channel count times r) or an MoE-CNN (N experts of r*C channels per routed conv). What is routed: every
+# 3x3 and 1x1 conv of the blocks. What the experts share: the stem, projection shortcuts, pre-activation
+# BatchNorms and the classifier (deviations 4, 5). A pathway (one expert per routed conv) therefore has
+# exactly S-Dense's shapes and cost. The residual stream of a ResNet is a shared space: every expert of a
+# block's last conv writes into the same r*C channels; a conv fed directly by a routed conv (fed=True) can
+# instead read with the weights of the expert that wrote its input (the pathway layout, deviation 3).
 @dataclass(frozen=True)
 class Spec:
     """What tells Dense (r = 1, N = 1), S-Dense (r < 1, N = 1) and MoE-CNN (N >= 2) apart, for any backbone.
@@ -1013,7 +1014,8 @@ class Settings:
                    "train_params": ("all", "routers", "backbone")}
         for name, allowed in choices.items():  # (--eval-attacks: a comma-separated list of them)
             if not set(getattr(self, name).split(",")) <= set(allowed):
-                raise ConfigError(f"unknown {flag(name)} {getattr(self, name)!r}: choose from {', '.join(allowed)}")
+                raise ConfigError(f"unknown {flag(name)} {getattr(self, name)!r}: choose from "
+                                  f"{', '.join(allowed)}")
         if self.eps is None:
             self.eps = 2 / 255 if self.dataset in ("tinyimagenet", "imagenet") else 8 / 255
         rules = ((lambda v: v >= 1, "n_experts train_steps test_steps square_queries epochs batch_size",
@@ -1107,7 +1109,8 @@ class TensorData:
     def __init__(self, train: tuple, test: tuple, val: tuple, num_classes: int, device, shard=(0, 1)):
         splits = zip(("train", "test", "val"), (train, test, val))
         self.splits = {k: tuple(t.to(device) for t in v) for k, v in splits}
-        self.num_classes, self.image_size, self.device, self.shard = num_classes, train[0].shape[-1], device, shard
+        self.num_classes, self.image_size, self.device = num_classes, train[0].shape[-1], device
+        self.shard = shard
         self.sizes = {k: len(v[1]) for k, v in self.splits.items()}
 
     def train_batches(self, batch_size: int, gen: torch.Generator):
@@ -1169,7 +1172,8 @@ class FolderData(TensorData):
         held_out.transform = test_tf
         self.splits = {"train": Subset(train, keep.tolist()), "val": Subset(held_out, held.tolist()),
                        "test": ImageFolder(str(root / "val"), test_tf)}
-        self.num_classes, self.image_size, self.device, self.shard = len(train.classes), image_size, device, shard
+        self.num_classes, self.image_size, self.device = len(train.classes), image_size, device
+        self.shard = shard
         self.sizes = {k: len(v) for k, v in self.splits.items()}
 
     def loader(self, dataset, batch_size: int, order=None):
@@ -1226,8 +1230,8 @@ def read_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
             x, y = torch.from_numpy(z["x"]).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(z["y"]).long()
         assert x.dtype == torch.uint8 and x.shape[1] == 3 and y.shape == x.shape[:1]
     except Exception as e:  # missing, not a zip, truncated, no x or y, wrong shapes
-        raise ConfigError(f"{path} cannot be read ({type(e).__name__}): it must be an .npz of x (uint8 images "
-                          f"N, H, W, 3) and y (N integer labels)") from None
+        raise ConfigError(f"{path} cannot be read ({type(e).__name__}): it must be an .npz of x (uint8 "
+                          f"images N, H, W, 3) and y (N integer labels)") from None
     return x, y
 
 SPLIT_SEED = 0  # the --train-n subset and the --val-n split: the same images for every run and seed
@@ -1305,8 +1309,9 @@ def train(s: Settings, log: Callable[[str], None] = print) -> dict | None:
         if rank == 0:
             history.append(epoch_row(row, model, opts, data, s, history, extra, t0, log))
             save_checkpoint(out / "checkpoint.pt", model, opts, s, epoch + 1, history, seconds, extra)
-            first = epoch == 0 and "routing_epoch0" in extra  # epoch 0's routing goes with epoch 1's row
-            append_jsonl(out / "log.jsonl", [{"epoch": 0, "routing": extra.get("routing_epoch0")}] * first + [row])
+            # epoch 0's row (the routing before training) goes with the first epoch's
+            first = [{"epoch": 0, "routing": extra["routing_epoch0"]}] if "routing_epoch0" in extra else []
+            append_jsonl(out / "log.jsonl", (first if epoch == 0 else []) + [row])
     if rank == 0:
         return finish(model, data, s, out, history, seconds, device, log, {"world_size": world, **extra})
 
@@ -1527,9 +1532,9 @@ def extract_sparse(dense: MoECNN, keep: dict[str, torch.Tensor]) -> dict[str, to
 
 def prune(s: Settings, data, device, log) -> tuple[dict, dict]:
     """AT(Sparse), phase 1: learn channel scores of the (--init) Dense network with the training loss for
-    epochs/5 epochs, its weights frozen; keep every group's top r*C channels. Returns the pruned S-Dense-shaped
-    state dict and the mask (kept channels, group sizes, this phase's log). Phase 2, fine-tuning with the mask
-    fixed, is the ordinary training loop."""
+    epochs/5 epochs, its weights frozen; keep every group's top r*C channels. Returns the pruned network as
+    an S-Dense-shaped state dict, and what result.json records of this phase. Phase 2, fine-tuning with the
+    mask fixed, is the ordinary training loop."""
     dense = MoECNN(s.arch, data.num_classes, data.image_size, mean_std=MEAN_STD[s.dataset], width=s.width)
     dense = dense.to(device)
     if s.init:
@@ -1549,7 +1554,7 @@ def prune(s: Settings, data, device, log) -> tuple[dict, dict]:
         t0 = time.perf_counter()
         stats = train_epoch(pruner, {"all": opt}, data, phase, epoch, device, log)
         history.append({"epoch": epoch + 1, **stats, "seconds": round(time.perf_counter() - t0, 2)})
-        log(f"pruning epoch {epoch + 1}/{s.prune_epochs} loss {stats['loss']:.4f} acc {100 * stats['acc']:.1f}")
+        log(f"pruning epoch {epoch + 1}/{s.prune_epochs}: loss {stats['loss']:.4f}")
     keep = pruner.keep()
     log(f"pruned to {sum(map(len, keep.values()))} of {sum(channel_groups(dense).values())} channels")
     return extract_sparse(dense, keep), {"sparse": {"init": s.init or None, "kept": {g: len(v) for g, v in
@@ -1627,7 +1632,8 @@ def check_out(out: Path, s: Settings, rank: int = 0):
     try:  # a probe: the folder is made again with the run's first file
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"cannot write to output folder {out} ({e.strerror}): choose another --out") from None
+        raise ConfigError(f"cannot write to output folder {out} ({e.strerror}): choose another --out") \
+            from None
     for p in created:
         p.rmdir()
 
@@ -1657,9 +1663,9 @@ def read_checkpoint(path: Path) -> dict:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         assert all(k in ckpt for k in ("settings", "identity", "epoch", "history", "train_seconds", "model"))
-    except Exception as e:  # missing, a folder, truncated, garbage, a pickle that needs code, a bare state_dict
-        raise ConfigError(f"checkpoint {path} cannot be read as one of advmoe.py ({type(e).__name__}): give the "
-                          f"checkpoint.pt of a run of advmoe.py") from None
+    except Exception as e:  # missing, a folder, truncated, garbage, a pickle needing code, a bare state_dict
+        raise ConfigError(f"checkpoint {path} cannot be read as one of advmoe.py ({type(e).__name__}): give "
+                          f"the checkpoint.pt of a run of advmoe.py") from None
     known = Settings.__dataclass_fields__
     return {**ckpt, "settings": {**LEGACY, **{k: v for k, v in ckpt["settings"].items() if k in known}},
             "identity": {**LEGACY, **ckpt["identity"]}}
@@ -1690,8 +1696,9 @@ def starting_point(out: Path, model, opts: dict, s: Settings, data, rank: int, l
                          ckpt["identity"])
         if rank == 0 and (routing := routing_snapshot(model, data, fresh=True)):
             extra["routing_epoch0"] = routing
-            log(f"epoch 0 (before training): routing collapsed in {routing['collapsed']} of "
-                f"{len(routing['top_share'])} MoE layers, top-expert share max {max(routing['top_share']):.2f}")
+            shares = routing["top_share"]
+            log(f"epoch 0 (before training): routing collapsed in {routing['collapsed']} of {len(shares)} "
+                f"MoE layers, top-expert share max {max(shares):.2f}")
         if dist.is_initialized():
             torch.manual_seed(s.seed + rank)  # attack starts differ between processes
         return 0, [], time.perf_counter() - t0 if s.method == "sparse" else 0.0, extra
@@ -1740,14 +1747,16 @@ TABLE1 = ("sdense", "sparse", "moe", "advmoe", "dense")  # Table 1's rows; AT(De
 SPLIT = {"router robustness": "routing.router_robustness", "(uncollapsed layers)":
          "routing.router_robustness_uncollapsed", "MoE robustness": "routing.moe_robustness",
          "(1)": "routing.split_4way.neither", "(2)": "routing.split_4way.router_only",
-         "(3)": "routing.split_4way.prediction_only", "(4)": "routing.split_4way.both", "split n": "routing.split_n"}
+         "(3)": "routing.split_4way.prediction_only", "(4)": "routing.split_4way.both",
+         "split n": "routing.split_n"}
 
 def key(path: str) -> Callable[[dict], object]:
-    """A getter of a result.json entry: key("routing.split_n")(r) = r["routing"]["split_n"] (None if absent)."""
-    return lambda r: functools.reduce(lambda d, k: d.get(k) if isinstance(d, dict) else None, path.split("."), r)
+    """A getter of a result.json entry: key("routing.split_n")(r) = r["routing"]["split_n"], or None."""
+    return lambda r: functools.reduce(lambda d, k: d.get(k) if isinstance(d, dict) else None, path.split("."),
+                                      r)
 
 def read_results(root: Path) -> list[dict]:
-    """Every result.json below root, with its folder as "path"; an unreadable one is skipped with a warning."""
+    """Every result.json below root, with its folder as "path"; one unreadable is skipped with a warning."""
     results = []
     for p in sorted(root.rglob("result.json")):
         try:
@@ -1755,11 +1764,13 @@ def read_results(root: Path) -> list[dict]:
             assert all(k in r for k in ("dataset", "arch", "method", "sa", "ra", "settings", "routing"))
             results.append({**r, "path": str(p.parent.relative_to(root))})
         except (OSError, ValueError, AssertionError, TypeError) as e:
-            print(f"advmoe: warning: skipping {p} ({type(e).__name__}): not a complete result.json", file=sys.stderr)
+            print(f"advmoe: warning: skipping {p} ({type(e).__name__}): not a complete result.json",
+                  file=sys.stderr)
     return results
 
 def recipe(r: dict, drop: tuple = ()) -> tuple:
-    """What a run trained and how it was measured (the settings this file knows) but its seed, run flags, `drop`."""
+    """What a run trained and how it was measured (the settings this file knows): all but its seed, its run
+    flags and `drop`."""
     skip = set(RUN_FIELDS) | {"seed", "quick_eval_n", *drop}
     return tuple(sorted((k, str(v)) for k, v in r["settings"].items() if k in Settings.__dataclass_fields__
                         and k not in skip))
@@ -1787,34 +1798,49 @@ def by_recipe(title: str, runs: list[dict], columns: dict, note: str = "") -> li
     groups, getters = {}, [key(c) if isinstance(c, str) else c for c in columns.values()]
     for r in runs:
         groups.setdefault(recipe(r), []).append(r)
-    varying = sorted({k for g in groups for k, _ in g if len({dict(h).get(k) for h in groups}) > 1} - {"init"})
+    varying = sorted({k for g in groups for k, _ in g if len({dict(h).get(k) for h in groups}) > 1})
+    varying = [k for k in varying if k != "init"]  # (AT(Sparse)'s --init: its checkpoint's path)
     return md_table(title, ["recipe", "seeds", *columns], [
         [", ".join(f"{k} {dict(g).get(k)}" for k in varying) or "-", ", ".join(str(r["seed"]) for r in rs),
          *(cell(rs, get, 4 if name == "GFLOPs" else 2) for name, get in zip(columns, getters))]
         for g, rs in groups.items()], note)
+
+# the columns of the per-run and per-recipe tables: a result.json key path, or a getter
+ROUTING = {"method": "method", "SA": "sa", "RA": "ra", "collapsed at epoch 0": "routing_epoch0.collapsed",
+           "collapsed": lambda r: collapsed(r), "pathway entropy (bits)":
+           "routing.pathways.clean.entropy_bits", "flip rate": "routing.flip_rate_any_layer", **SPLIT}
+RECIPES = {"train acc": lambda r: 100 * r["history"][-1]["acc"], "val SA": "val.sa", "SA": "sa",
+           "RA (PGD)": "ra", "soft": "attacks.soft", "Square": "attacks.square",
+           "RA-worst": "ra_worst_without_aa", "RA-AA": "ra_aa", "collapsed": lambda r: collapsed(r),
+           "majority changes": lambda r: sum(
+               key("routing.majority_changed")(h) or 0 for h in r["history"]) if r["routing"] else None,
+           "GFLOPs": "gflops"}
+RUNS = {**{c: c for c in ("method", "ratio", "n_experts", "router", "loss", "epochs", "sa", "ra", "ra_worst",
+                          "gflops", "eval_n", "device", "torch")},
+        "RA per attack": lambda r: ", ".join(f"{k} {v:.2f}" for k, v in r["attacks"].items()),
+        "commit": lambda r: (r["commit"] or "?")[:10]}
 
 def report(folder: str) -> str:
     """Markdown from every result.json below `folder`, also written to folder/report.md: Table 1 per data set
     and backbone, Table 2 (AutoAttack), the sweeps of Figs. 7 and 8, the Sec. 4 study, routing under attack,
     every recipe over its seeds, and every run. A cell averages the seeds of one recipe."""
     if not Path(folder).is_dir() or not (rs := read_results(Path(folder))):
-        raise ConfigError(f"no result.json below {folder}: give the folder of the runs (train with --out in it)")
+        raise ConfigError(f"no result.json below {folder}: give the folder of the runs (--out inside it)")
     lines, moes = [f"# Results in {folder}", ""], [r for r in rs if r["routing"]]
-    adversarial = [r for r in rs if trained(r)]
-    for dataset, arch in sorted({(r["dataset"], r["arch"]) for r in adversarial}):
+    for dataset, arch in sorted({(r["dataset"], r["arch"]) for r in rs if trained(r)}):
+        runs = [r for r in rs if trained(r) and (r["dataset"], r["arch"]) == (dataset, arch)]
         # Table 1: the paper's protocol (N = 2, r = 0.5, per-layer routers, no regularizer), a row per method
-        paper = sorted((r for r in adversarial if (r["dataset"], r["arch"]) == (dataset, arch) and r["method"] in
-                        TABLE1 and r["n_experts"] in (1, 2) and r["router"] != "global" and r["ratio"] == (
-                            1.0 if r["method"] == "dense" else 0.5) and not r["settings"]["balance"]),
-                       key=lambda r: TABLE1.index(r["method"]))
+        paper = [r for r in runs if r["method"] in TABLE1 and r["n_experts"] <= 2 and r["router"] != "global"
+                 and r["ratio"] == (1.0 if r["method"] == "dense" else 0.5) and not r["settings"]["balance"]]
+        paper.sort(key=lambda r: TABLE1.index(r["method"]))
         lines += by_recipe(f"Table 1: {dataset}, {arch}", paper, {"SA": "sa", "RA": "ra", "GFLOPs": "gflops"})
-        sweep = [r for r in adversarial if (r["dataset"], r["arch"]) == (dataset, arch)]
-        lines += by_recipe(f"Fig. 7: AdvMoE's RA over N and r, {dataset}, {arch}", [
-            r for r in sweep if r["method"] == "advmoe"], {"SA": "sa", "RA": "ra"}) if len(
-            {(r["n_experts"], r["ratio"]) for r in sweep if r["method"] == "advmoe"}) > 1 else []
-        fig8 = sorted((r for r in sweep if r["n_experts"] in (1, 2)), key=lambda r: (r["ratio"], r["method"]))
-        lines += by_recipe(f"Fig. 8: SA / RA over r (N = 2), {dataset}, {arch}", fig8, {"SA": "sa", "RA": "ra"}) \
-            if len({r["ratio"] for r in fig8 if r["method"] != "dense"}) > 1 else []
+        fig7 = [r for r in runs if r["method"] == "advmoe"]
+        if len({(r["n_experts"], r["ratio"]) for r in fig7}) > 1:
+            lines += by_recipe(f"Fig. 7: AdvMoE's RA over N and r, {dataset}, {arch}", fig7, {"RA": "ra"})
+        fig8 = sorted((r for r in runs if r["n_experts"] in (1, 2)), key=lambda r: (r["ratio"], r["method"]))
+        if len({r["ratio"] for r in fig8 if r["method"] != "dense"}) > 1:
+            lines += by_recipe(f"Fig. 8: SA / RA over r (N = 2), {dataset}, {arch}", fig8,
+                               {"SA": "sa", "RA": "ra"})
     if aa := [r for r in rs if r.get("autoattack")]:
         parts = {c["name"]: f"attacks.autoattack/{c['name']}" for c in aa[0]["autoattack"]["components"]}
         lines += per_run("Table 2: AutoAttack (standard)", aa, {
@@ -1822,29 +1848,22 @@ def report(folder: str) -> str:
             "RA-AA": "ra_aa", "images": "autoattack.images", **parts}, "RA after each component.")
     if study := [r for r in moes if r["loss"] == "natural" or r["settings"]["train_params"] != "all"]:
         stage = lambda r: "natural" if r["loss"] == "natural" else r["settings"]["train_params"]  # noqa: E731
-        lines += per_run("Sec. 4 study (Insights 1-3)", study, {"stage": stage, "SA": "sa", "RA": "ra", **SPLIT})
-    lines += per_run("Routing: before training, and under attack (every MoE run)", moes, {
-        "method": "method", "SA": "sa", "RA": "ra", "collapsed at epoch 0": "routing_epoch0.collapsed",
-        "collapsed": collapsed, "pathway entropy (bits)": "routing.pathways.clean.entropy_bits",
-        "flip rate": "routing.flip_rate_any_layer", **SPLIT}, "Collapsed: MoE layers that send 95% or more of "
-        "the inputs to one expert (epoch 0: 256 validation images, batch statistics; final: the clean test "
-        "images). Insight 2's split of PGD examples, in % of the split n images correct when clean: (1) neither "
-        "routers nor prediction fooled, (2) routers only, (3) prediction only, (4) both; router robustness "
-        "(1)+(3), also counting only the layers that are not collapsed; MoE robustness (1)+(2).") if moes else []
-    lines += by_recipe("Every recipe over its seeds", [r for r in rs if not r["settings"]["eval_only"]], {
-        "train acc": lambda r: 100 * r["history"][-1]["acc"], "val SA": "val.sa", "SA": "sa", "RA (PGD)": "ra",
-        "soft": "attacks.soft", "Square": "attacks.square", "RA-worst": "ra_worst_without_aa", "RA-AA": "ra_aa",
-        "collapsed": collapsed, "majority changes": lambda r: sum(key("routing.majority_changed")(h) or 0
-                                                                  for h in r["history"]) if r["routing"] else None,
-        "GFLOPs": "gflops"}, "train acc: the last epoch's; RA-worst: correct under every attack but AutoAttack; "
-        "majority changes: MoE layers whose majority expert changed, summed over the epochs.")
-    lines += per_run("Runs", rs, {c: c for c in ("method", "ratio", "n_experts", "router", "loss", "epochs", "sa",
-                                                 "ra", "ra_worst", "gflops", "eval_n", "device", "torch")} | {
-        "RA per attack": lambda r: ", ".join(f"{k} {v:.2f}" for k, v in r["attacks"].items()),
-        "commit": lambda r: (r["commit"] or "?")[:10]})
-    text = "\n".join(lines)
+        lines += per_run("Sec. 4 study (Insights 1-3)", study,
+                         {"stage": stage, "SA": "sa", "RA": "ra", **SPLIT})
+    if moes:
+        lines += per_run("Routing before training and under attack", moes, ROUTING, ROUTING_NOTE)
+    lines += by_recipe("Every recipe over its seeds", [r for r in rs if not r["settings"]["eval_only"]],
+                       RECIPES, "train acc: the last epoch's; RA-worst: correct under every attack but "
+                       "AutoAttack; majority changes: layers whose majority expert moved, over all epochs.")
+    text = "\n".join(lines + per_run("Runs", rs, RUNS))
     atomic_write(Path(folder) / "report.md", lambda tmp: Path(tmp).write_text(text))
     return text
+
+ROUTING_NOTE = ("Collapsed: MoE layers that send 95% or more of the inputs to one expert (epoch 0: 256 "
+                "validation images, batch statistics; final: the clean test images). Insight 2's split of "
+                "PGD examples, in % of the split n images correct when clean: (1) neither routers nor "
+                "prediction fooled, (2) routers only, (3) prediction only, (4) both; router robustness "
+                "(1)+(3), also counting only the layers that are not collapsed; MoE robustness (1)+(2).")
 
 def trained(r: dict) -> bool:  # an adversarial training run of every parameter (not --eval-only, Sec. 4)
     st = r["settings"]
@@ -1856,48 +1875,38 @@ def collapsed(r: dict) -> int | None:  # layers where one expert takes >= 95% of
 # ==================================================================================================
 # 12. Bench: speed and cost, measured
 # ==================================================================================================
-def timed(fn: Callable, device, repeats: int = 1) -> float:
-    """The median seconds of `repeats` calls of fn (the GPU's queue drained before and after each)."""
-    sync, times = torch.cuda.synchronize if device.type == "cuda" else (lambda: None), []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[repeats // 2]
-
 def bench(argv: list[str], log=print) -> dict:
-    """Per method of Table 1 on random CIFAR-size inputs: the training step's median time (its first step
-    apart: with --compile, the compilation), inference images/s at a large batch, GFLOPs per input as
-    executed. Flags: --out FILE.json, and training flags (--arch, --width, --batch-size, --device, --compile)."""
+    """Per method of Table 1 on random CIFAR-size inputs: the training step's mean time over repeats (its
+    first step apart: with --compile, the compilation), inference images/s at a large batch, GFLOPs per input
+    as executed. Flags: --out FILE.json, and training flags (--arch, --width, --batch-size, --device, ...)."""
+    from torch.utils.benchmark import Timer  # (it synchronizes CUDA around what it times)
     parser = Parser(prog="advmoe.py bench", description=bench.__doc__)
     parser.add_argument("--out", default="", help="JSON file to write")
     a, rest = parser.parse_known_args(argv)
     base = parse_settings(["--dataset", "synthetic", *rest])
-    device, rows = resolve_device(base.device), []
-    gpu, b = device.type == "cuda", base.batch_size
-    repeats, infer_batch = (20, 1024) if gpu else (3, 64)
+    device, rows, b = resolve_device(base.device), [], base.batch_size
+    repeats, infer_batch, gpu = (20, 1024, True) if device.type == "cuda" else (3, 64, False)
+    amp = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16, enabled=gpu)
+    seconds = lambda fn, n=1: Timer("fn()", globals={"fn": fn}).timeit(n).mean  # noqa: E731
     for method in ("dense", "sdense", "moe", "advmoe"):
         s = dataclasses.replace(base, method=method)
-        torch.manual_seed(0)
         model = build_model(s, 10, 32).to(device)
         opts, net, xb = make_optimizers(model, s, device), compiled(model, s, device), torch.rand(
             infer_batch, 3, 32, 32, device=device)
-        batches = [(torch.rand(b, 3, 32, 32, device=device), torch.randint(10, (b,), device=device))]
-        amp = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16, enabled=gpu)
+        batches = [(torch.rand(b, 3, 32, 32, device=device), torch.randint(10, (b,), device=device))] * 2
 
         def step():
             with amp():
-                STEPS[method][0](net.train(), opts, batches * STEPS[method][1], s.objective)
-        row = {"method": method, "warmup_s": round(timed(step, device), 2),
-               "train_step_ms": round(1000 * timed(step, device, repeats), 2)}
+                STEPS[method][0](net.train(), opts, batches[:STEPS[method][1]], s.objective)
+        row = {"method": method, "warmup_s": round(seconds(step), 2),
+               "train_step_ms": round(1000 * seconds(step, repeats), 2)}
         with torch.no_grad(), evaluating(model), amp():
-            row["infer_img_s"] = round(infer_batch / timed(lambda: model(xb), device, repeats), 1)
+            row["infer_img_s"] = round(infer_batch / seconds(lambda: model(xb), repeats), 1)
         rows.append({**row, "gflops": round(gflops_per_input(model, xb[:16]), 4)})
         log(json.dumps(rows[-1]))
     result = {"device": device_name(device), "torch": torch.__version__, "commit": COMMIT, "arch": base.arch,
-              "width": base.width, "batch": b, "infer_batch": infer_batch, "compile": base.compile, "rows": rows}
+              "width": base.width, "batch": b, "infer_batch": infer_batch, "compile": base.compile,
+              "rows": rows}
     if a.out:
         write_json(Path(a.out), result)
     return result
@@ -1907,7 +1916,7 @@ def bench(argv: list[str], log=print) -> dict:
 # ==================================================================================================
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    usage = "usage: python advmoe.py report DIR: every table of the paper from the result.json files below DIR"
+    usage = "usage: python advmoe.py report DIR: the paper's tables from the result.json files below DIR"
     try:
         if argv[:1] == ["report"] and argv[1:] in (["-h"], ["--help"]):
             print(usage)

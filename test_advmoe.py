@@ -132,9 +132,11 @@ def test_return_routing_lists_every_moe_layer():
     assert n_params(shared, routers_only=True) == n_params(shared.global_router)
 
 
-@pytest.mark.parametrize("arch", ["resnet18", "wrn28_10", "vgg16", "densenet"])
-@pytest.mark.parametrize("router,shared_bn,layout", [("layer", False, "position"), ("global", False, "position"),
-                                                     ("layer", True, "position"), ("layer", False, "pathway")])
+@pytest.mark.parametrize("arch,router,shared_bn,layout", [
+    *[(arch, router, False, "position") for arch in ("resnet18", "wrn28_10", "vgg16", "densenet")
+      for router in ("layer", "global")],
+    *[(arch, "layer", True, "position") for arch in ("resnet18", "densenet")],
+    *[(arch, "layer", False, "pathway") for arch in ("resnet18", "vgg16", "densenet")]])
 def test_sparse_path_equals_masked_reference(arch, router, shared_bn, layout):
     """Outputs, gradients (routers included) and BatchNorm running statistics, float64, train and eval; with
     a BatchNorm per expert and with one shared by the experts (--shared-bn); with both expert layouts."""

@@ -88,20 +88,24 @@ fi
 # and one MoE-CNN per hypothesis: a shared BatchNorm (1); the expert layout (2): one expert index everywhere
 # (the global router without supervision, and the same frozen at init) and the pathway layout; routers at a
 # tenth of the learning rate, or frozen at init (3); raw router input (4); and twice the learning rate (an
-# expert gets the gradient of the inputs routed to it only, about 1/N of a batch's). Seed 2 of the informative.
+# expert gets the gradient of the inputs routed to it only, about 1/N of a batch's), also with the global
+# router frozen. Seed 2 of the informative ones.
 if [[ $GRID == learnability ]]; then
   nat=(--dataset cifar10 --arch resnet18 --width 0.25 --n-experts 2 --ratio 0.5 --train-n 20000 --val-n 500
        --loss natural --eval-n 2000 --test-steps 10 --quick-eval-n 0)
   declare -A VARIANT=([moe]="" [moe_sharedbn]="--shared-bn" [moe_global]="--router global"
                       [moe_routerlr0.1]="--router-lr 0.1" [moe_frozen]="--router-lr 0"
                       [moe_rawrouter]="--no-router-standardize" [moe_globalfrozen]="--router global --router-lr 0"
-                      [moe_pathway]="--layout pathway" [moe_lr0.2]="--lr 0.2")
+                      [moe_pathway]="--layout pathway" [moe_lr0.2]="--lr 0.2"
+                      [moe_globalfrozen_lr0.2]="--router global --router-lr 0 --lr 0.2")
   job sdense_s1 "" "${nat[@]}" --method sdense --seed 1
-  for v in moe moe_sharedbn moe_global moe_routerlr0.1 moe_pathway moe_globalfrozen moe_lr0.2 moe_frozen; do
+  for v in moe moe_sharedbn moe_global moe_routerlr0.1 moe_pathway moe_globalfrozen moe_lr0.2 \
+           moe_globalfrozen_lr0.2; do
     job "${v}_s1" "" "${nat[@]}" --method moe ${VARIANT[$v]} --seed 1
   done
   job sdense_s2 "" "${nat[@]}" --method sdense --seed 2
-  for v in moe moe_globalfrozen moe_pathway moe_frozen; do
+  job moe_frozen_s1 "" "${nat[@]}" --method moe ${VARIANT[moe_frozen]} --seed 1
+  for v in moe moe_globalfrozen moe_lr0.2 moe_frozen moe_pathway; do
     job "${v}_s2" "" "${nat[@]}" --method moe ${VARIANT[$v]} --seed 2
   done
   job moe_rawrouter_s1 "" "${nat[@]}" --method moe ${VARIANT[moe_rawrouter]} --seed 1
