@@ -225,7 +225,7 @@ class MoEConv(nn.Module):
         return y if bn is None else F.batch_norm(y, bn.running_mean[s], bn.running_var[s], bn.weight[s],
                                                   bn.bias[s], self.training, bn.momentum, bn.eps)
 
-    def masked_forward(self, x: torch.Tensor, gate: Gate, up: torch.Tensor, soft: bool = False):
+    def masked_forward(self, x: torch.Tensor, gate: Gate, up: torch.Tensor | None = None, soft: bool = False):
         """Speed path and test reference: skip on a first read. The sparse path above reads the group sizes
         on the host, which stalls a GPU once per layer; on CUDA ("auto") every expert runs on every input
         instead (static shapes, no host read, one graph for torch.compile) at N times the experts' FLOPs.

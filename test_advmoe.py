@@ -1476,7 +1476,7 @@ def test_training_forward_and_trades_loss_compile_without_graph_break():
     x, x_adv, y = torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32), torch.randint(10, (4,))
 
     def loss_of(logits, logits_adv, gates, y):
-        return A.trades_loss(logits, logits_adv, y, s.beta) + A.routing_regularizer(gates, y, s.balance,
+        return A.trades_loss(logits, logits_adv, y, A.BETA) + A.routing_regularizer(gates, y, s.balance,
                                                                                     s.router_supervision)
 
     torch._dynamo.reset()
