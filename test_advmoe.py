@@ -543,6 +543,10 @@ def test_train_all_dry_run_lists_the_whole_grid():
         assert any(needle in line for line in lines), needle
     order = [line.split("--out ")[1].split()[0] for line in lines[:-1]]
     assert order.index("runs/table1/cifar10_wrn28_10_dense") < order.index("runs/table1/cifar10_wrn28_10_sparse")
+    for i, line in enumerate(lines[:-1]):  # a checkpoint a run starts from is written by an earlier run
+        for flag in ("--init", "--eval-only"):
+            if flag in line:
+                assert line.split(flag + " ")[1].split()[0].removesuffix("/checkpoint.pt") in order[:i], line
     # every command is one advmoe.py accepts
     parser = A.settings_parser()
     for line in lines[:-1]:

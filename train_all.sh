@@ -171,6 +171,7 @@ job "${s}_1_standard" "" "${base[@]}" --method moe --loss natural
 job "${s}_2_routers" "${s}_1_standard" "${base[@]}" --method moe --train-params routers --init "$(ckpt "${s}_1_standard")"
 job "${s}_3_backbone" "${s}_2_routers" "${base[@]}" --method moe --train-params backbone --init "$(ckpt "${s}_2_routers")"
 
+t=table1/${D}_${A}  # the Table 1 cell whose AT(Dense) run AT(Sparse) prunes in Fig. 8
 # Fig. 7: AdvMoE's RA over r for N in NS. Where N*r > 1 the experts overlap in nothing: each owns its own
 # r*C filters (N*r*C filters per layer, more than Dense's C), as in the authors' code. (N=2, r=0.5 is Table 1's.)
 for n in $NS; do
