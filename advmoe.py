@@ -1624,8 +1624,11 @@ def append_jsonl(path: Path, rows: list[dict]):
 RUN_FILES = ("result.json", "checkpoint.pt", "log.jsonl")
 
 def check_out(out: Path, s: Settings, rank: int = 0):
-    """The run's folder (created with its first file): one that holds a run is never replaced silently."""
-    found = [f for f in RUN_FILES if rank == 0 and (out / f).exists()]
+    """The run's folder (created with its first file): one that holds a run is never replaced silently. Only
+    rank 0 writes, so only it checks."""
+    if rank:
+        return
+    found = [f for f in RUN_FILES if (out / f).exists()]
     if found and (s.eval_only or not s.resume):
         raise ConfigError(f"--out {out} already holds {'an evaluation' if s.eval_only else 'a run'} "
                           f"({', '.join(found)}): remove that folder or choose another --out"
