@@ -232,7 +232,7 @@ class MoEConv(nn.Module):
         on the host, which stalls a GPU once per layer; on CUDA ("auto") every expert runs on every input
         instead (static shapes, no host read, one graph for torch.compile) at N times the experts' FLOPs.
         It is also the reference the sparse path is tested against, and, with soft=True, the forward of the
-        surrogate-gradient attack. up (B,): each input's upstream expert, read under the pathway layout only."""
+        surrogate-gradient attack. up (B,): each input's upstream expert (read by the pathway layout only)."""
         if self.n_in > 1:  # x_b in the column block of its upstream expert u(b), zeros elsewhere
             x = rearrange(F.one_hot(up, self.n_in).to(x.dtype)[:, :, None, None, None] * x[:, None],
                           "b u c h w -> b (u c) h w")                             # (B, N*cin, H, W)
