@@ -79,16 +79,7 @@ Evidence here: results/cifar10_laptop/ (real CIFAR-10, ResNet-18 at width 1/4, 2
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import copy
-import dataclasses
-import functools
-import inspect
-import json
-import math
-import os
-import sys
+import argparse, contextlib, copy, dataclasses, datetime, functools, inspect, json, math, os, subprocess, sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -128,7 +119,8 @@ class Gate(NamedTuple):
     scale: torch.Tensor   # (B,) exactly 1.0 in value; carries the router's gradient (straight-through)
 
 def top1_gate(logits: torch.Tensor) -> Gate:
-    """Hard top-1 routing: each input goes to its highest-scoring expert."""
+    """Hard top-1 routing: each input goes to its highest-scoring expert. The probabilities are computed in
+    float32 (under bf16 autocast too), so ties and the argmax do not depend on the precision."""
     probs = logits.float().softmax(-1)                                        # (B, N)
     choice = probs.argmax(-1)                                                 # (B,)
     p = probs.gather(1, choice[:, None]).squeeze(1)                           # (B,) p_{e(b)}
@@ -152,7 +144,8 @@ def standardize(z: torch.Tensor) -> torch.Tensor:
 
 def router_head(cin: int, n_experts: int) -> nn.Linear:
     """A router's linear map to N logits: no bias (a shared offset is what standardize removes) and a small
-    init, so the first choices are the input's own and the probabilities start near 1/N."""
+    init, so the first choices are the input's own and the probabilities start near 1/N. NOTE(paper): Fig. A1
+    draws a router as pooling, a linear map and softmax; its exact form is not given."""
     head = nn.Linear(cin, n_experts, bias=False)
     nn.init.normal_(head.weight, 0.0, 0.01)
     return head
@@ -160,7 +153,8 @@ def router_head(cin: int, n_experts: int) -> nn.Linear:
 @dataclass
 class Routing:
     """The routing of one forward pass: created by the model's forward and passed down; each MoE layer
-    appends its Gate, so the caller gets every decision back."""
+    appends its Gate, so the caller gets every decision back. Nothing is stored on a module, so two forwards
+    (the clean and the adversarial one of TRADES) never mix their routings."""
     dispatch: str                           # "sparse" | "masked" | "soft" (see MoEConv)
     gates: list = field(default_factory=list)
     shared: Gate | None = None              # the global router's gate, used by every layer
@@ -179,6 +173,7 @@ class MoEConv(nn.Module):
         super().__init__()
         self.cin, self.cout, self.stride, self.padding, self.n = cin, cout, stride, kernel // 2, n_experts
         self.shared_bn, self.standardized = shared_bn and n_experts > 1, standardized
+        # n_in: the column blocks of the weight, one per upstream expert under the pathway layout
         self.n_in = n_experts if fed and n_experts > 1 else 1
         self.weight = nn.Parameter(torch.empty(n_experts * cout, self.n_in * cin, kernel, kernel))
         # Kaiming (fan_out) of one expert as a standalone conv: std = sqrt(2 / (cout * k * k))
@@ -190,6 +185,7 @@ class MoEConv(nn.Module):
         self.router = router_head(cin, n_experts) if (router and n_experts > 1) else None
 
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        # N = 1 (Dense, S-Dense, a shared conv): the conv and its BatchNorm, nothing routed
         if self.n == 1:
             return self.normalize(self.conv(x, 0, 0), slice(None))
         # u(b): the expert of the routed conv that wrote x_b (the last gate), under the pathway layout
@@ -198,8 +194,11 @@ class MoEConv(nn.Module):
         pooled = x.mean((2, 3))                                                   # (B, cin)
         gate = routing.shared or top1_gate(self.router(standardize(pooled) if self.standardized else pooled))
         routing.gates.append(gate)
+        # "masked" and "soft" run every expert on every input (the GPU path, and the soft attack's forward)
         if routing.dispatch != "sparse":
             return self.masked_forward(x, gate, up, soft=routing.dispatch == "soft")
+        # the sparse path: sort the batch by its group, run each group's expert on its slice, undo the sort.
+        # Only r*C filters of the N*r*C run per input, so the cost is S-Dense's whatever N.
         # y_b = E_{e(b)}(x_b): the batch grouped by expert (and by u), one conv of r*C filters per group
         group = gate.choice * self.n_in + up                                      # (B,) group (e, u)
         order, sizes = group.argsort(), group.bincount(minlength=self.n * self.n_in).tolist()  # one host read
@@ -209,6 +208,7 @@ class MoEConv(nn.Module):
         per_expert = [sum(sizes[e * self.n_in:(e + 1) * self.n_in]) for e in range(self.n)]
         y = self.normalize(y, slice(None)) if self.shared_bn else torch.cat([
             self.normalize(ye, self.rows(e)) for e, ye in enumerate(y.split(per_expert)) if len(ye)])
+        # back in the batch's order; s_b multiplies in the router's gradient
         return straight_through(y[order.argsort()], gate)
 
     def rows(self, e: int) -> slice:
@@ -279,6 +279,9 @@ class MoEConv(nn.Module):
         scale = bn.weight.view(n, -1) / torch.sqrt(var + bn.eps)
         return scale, bn.bias.view(n, -1) - mean * scale
 
+# The global router (the authors' code, --router global): one decision per image, from the image itself, shared
+# by every MoE layer, so an input runs one of N fixed pathways. The paper's Fig. A1 instead has a router per
+# layer, reading that layer's input; the learnability study compares both.
 class GlobalRouter(nn.Module):
     """The authors' image-level router: one decision shared by every layer (a small CNN, 16/32/64 channels,
     as their ResNet-20-like one), on the same standardized pooled features as the per-layer routers."""
@@ -383,13 +386,17 @@ def expert_usage(gates: list[Gate]) -> torch.Tensor:
 # routers so fitted (upper level), each against an attack regenerated for the model as it then is. Every
 # method below is a step function over a list of batches; the training loop (section 8) only calls it.
 class Objective(NamedTuple):
-    """All that the training objective and its inner attack read (Settings.objective builds it)."""
-    loss: str           # "trades": CE + beta * KL | "pgdat": CE at PGD examples | "natural": CE, no attack
-    beta: float         # TRADES weight 1/lambda
-    eps: float          # l_inf radius of the training attack, pixel units
-    step_size: float    # its step alpha (1.25 eps / K: the authors' 5/255 at eps 8/255, K = 2)
-    steps: int          # K
-    balance: float      # routing regularizer weights (deviation 7; 0 in the paper)
+    """All that the training objective and its inner attack read (Settings.objective builds it).
+    loss: "trades" (CE + beta * KL, the paper's) | "pgdat" (Madry: CE at PGD examples) | "natural" (CE, no
+    attack); beta: TRADES' weight 1/lambda; eps: the training attack's l_inf radius in pixel units; step_size:
+    its step alpha (1.25 eps / K: the authors' 5/255 at eps 8/255, K = 2); steps: K; balance, supervision: the
+    routing regularizer's weights (deviation 7; 0 in the paper)."""
+    loss: str
+    beta: float
+    eps: float
+    step_size: float
+    steps: int
+    balance: float
     supervision: float
 
 def training_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objective) -> torch.Tensor:
@@ -407,6 +414,7 @@ def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objecti
     """A fresh training attack against the model as it is now, then the training loss at (x, x_adv) and the
     routing regularizer of both forwards. Loss "natural" (Sec. 4's first stage, and natural training of any
     method): CE(f(x), y), no attack."""
+    # every forward returns its Gates: the routing regularizer reads those of the clean and adversarial ones
     if obj.loss == "natural":
         logits, gates = model(x, return_routing=True)
         objective, logits_adv, gates_adv = F.cross_entropy(logits.float(), y), logits, []
@@ -431,6 +439,8 @@ def level(model: nn.Module, opt: torch.optim.Optimizer, x, y, obj: Objective, re
     objective, reg, stats = robust_loss(model, x, y, obj)
     # L = L_TRADES(psi, phi; B), + R(phi) where the routers are the ones trained (regularize)
     loss = objective + reg if regularize else objective
+    # backward(inputs=...) leaves the other level's .grad untouched: its parameters are "fixed" in the
+    # sense of Algorithm 1 (they still shape this level's gradient through the forward)
     params = [p for g in opt.param_groups for p in g["params"]]
     opt.zero_grad(set_to_none=True)
     loss.backward(inputs=params)  # gradients for this level's parameters only
@@ -474,6 +484,7 @@ def make_optimizers(model: nn.Module, s, device) -> dict[str, torch.optim.Optimi
     """AdvMoE: one SGD for the routers phi and one for the backbone psi, same settings, one schedule (the
     paper: no new hyper-parameters; --router-lr scales phi's rate, deviation 7). Joint methods: one SGD over
     everything, or over phi or psi alone (--train-params, the Sec. 4 study)."""
+    # each group keeps its base_lr, which set_lr scales every iteration
     kw = dict(lr=s.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=device.type == "cuda" or None)
     phi = {"params": router_params(model), "base_lr": s.lr * s.router_lr, "name": "routers"}
     psi = {"params": backbone_params(model), "base_lr": s.lr, "name": "backbone"}
@@ -505,31 +516,38 @@ def batch_streams(data, s, epoch: int):
 # exactly S-Dense's shapes and cost. The residual stream of a ResNet is a shared space: every expert of a
 # block's last conv writes into the same r*C channels; a conv fed directly by a routed conv (fed=True) can
 # instead read with the weights of the expert that wrote its input (the pathway layout, deviation 3).
+# Reading order: Spec, one backbone (ResNet-18, the paper's main one), then MoECNN, which wraps them all.
 @dataclass(frozen=True)
 class Spec:
     """What tells Dense (r = 1, N = 1), S-Dense (r < 1, N = 1) and MoE-CNN (N >= 2) apart, for any backbone.
-    Channel counts passed in are the paper's C; a tuple of counts is a concatenation of groups (DenseNet)."""
+    Channel counts passed in are the paper's C; a tuple of counts is a concatenation of groups (DenseNet).
+    ratio r and n_experts N as in the paper; layer_router: a gate per MoE layer (False: the global router
+    decides); base: --width W, Dense has round(W * C) channels where the paper's has C; shared_bn: one
+    BatchNorm for every expert of a layer (--shared-bn); standardized: the routers read standardized pooled
+    features (deviation 2); layout: how an expert reads a routed conv's output (--layout, deviation 3)."""
     ratio: float = 1.0
     n_experts: int = 1
     layer_router: bool = True
-    base: float = 1.0  # --width W: Dense has round(W * C) channels where the paper's has C
-    shared_bn: bool = False     # --shared-bn: one BatchNorm for every expert of a layer
-    standardized: bool = True   # --router-standardize: the routers read standardized pooled features
-    layout: str = "position"    # --layout: how an expert reads a routed conv's output (deviation 3)
+    base: float = 1.0
+    shared_bn: bool = False
+    standardized: bool = True
+    layout: str = "position"
 
     def width(self, channels: int | tuple) -> int:
         """Channels of a tensor in the pathway (= S-Dense): r * round(W * C), at least 1; of a concatenation,
         the sum of its groups' widths (so a pruned Dense network and S-Dense have the same shapes)."""
         if isinstance(channels, tuple):
             return sum(self.width(c) for c in channels)
+        # e.g. ResNet-18's 64 at W = 0.25: 16 Dense channels, 8 in a pathway at r = 0.5
         return max(1, round(self.ratio * max(1, round(self.base * channels))))
 
+    # Every conv of every backbone is made here: which of them is routed is decided in one place.
     def conv(self, cin, cout, kernel: int = 3, stride: int = 1, bn: bool = True, shared: bool = False,
              fed: bool = False):
         """A routed conv: N experts of r*cout filters, each reading the pathway's r*cin channels; shared=True:
         one conv for all experts (stem, projection shortcut); fed=True: its input is a routed conv's output,
         which the pathway layout reads with the columns of the expert that wrote it."""
-        n = 1 if shared else self.n_experts
+        n = 1 if shared else self.n_experts  # a shared conv: N = 1, so no router either
         return MoEConv(self.width(cin), self.width(cout), kernel, stride, n, bn, self.layer_router,
                        self.shared_bn, self.standardized, fed and self.layout == "pathway")
 
@@ -538,8 +556,11 @@ class Spec:
         return nn.BatchNorm2d(self.width(channels))
 
     def fc(self, channels, num_classes: int) -> nn.Linear:
+        """The classifier on the pathway's pooled features, shared by all experts (deviation 5)."""
         return nn.Linear(self.width(channels), num_classes)
 
+# The stem, the first conv on the RGB image, is shared by the experts and r*C wide (deviation 4): a pathway is
+# then exactly S-Dense, and the first routers pool the stem's r*C features rather than 3 colour channels.
 class Stem(nn.Module):
     """The shared stem on the RGB image (deviations 4, 5): 3x3/1 for 32-64 px; 7x7/2 + 3x3/2 max-pool for
     ImageNet-size inputs (conv-BN-ReLU-pool, or conv-pool where the blocks start with a BatchNorm)."""
@@ -550,27 +571,37 @@ class Stem(nn.Module):
         self.conv = MoEConv(3, spec.width(cout), 7 if self.pool else 3, 2 if self.pool else 1, 1, bn, False)
 
     def forward(self, x, routing):
-        x = self.conv(x, routing)
+        x = self.conv(x, routing)  # (B, r*C, H, W), or (B, r*C, H/4, W/4) with the ImageNet stem's pool
         return F.max_pool2d(F.relu(x) if self.conv.bn else x, 3, 2, 1) if self.pool else x
 
+# ResNet-18 (He et al. 2016), CIFAR variant: a 3x3 stem, then 4 stages of 2 BasicBlocks with 64, 128, 256 and
+# 512 channels (times r in a pathway); the first block of stages 2-4 halves the resolution, and its 1x1
+# projection shortcut is shared by the experts. Routed: both 3x3 convs of every block, 16 MoE layers. At
+# CIFAR-10 Dense has 11.17 M parameters and 1.11 GFLOPs per image; S-Dense (r = 0.5) 2.80 M and 0.28; the
+# MoE-CNN (N = 2) 5.55 M, of which one pathway, 0.28 GFLOPs, runs per image: S-Dense's cost, twice its weights.
 class BasicBlock(nn.Module):
     """ResNet block: relu(BN(conv2(relu(BN(conv1 x)))) + shortcut(x)); both 3x3 convs routed."""
 
     def __init__(self, spec: Spec, cin: int, cout: int, stride: int):
         super().__init__()
         self.conv1, self.conv2 = spec.conv(cin, cout, 3, stride), spec.conv(cout, cout, fed=True)
+        # a 1x1 projection (shared) where the shape changes: the first block of stages 2-4
         self.shortcut = spec.conv(cin, cout, 1, stride, shared=True) if (stride, cin) != (1, cout) else None
 
     def forward(self, x, routing):
         # (B, r*cin, H, W) -> (B, r*cout, H/stride, W/stride); each routed conv picks its expert per input
         out = self.conv2(F.relu(self.conv1(x, routing)), routing)
+        # the sum is the residual stream: every expert of conv2 writes into the same r*cout channels
         return F.relu(out + (x if self.shortcut is None else self.shortcut(x, routing)))
 
 class ResNet18(nn.Module):
+    """ResNet-18 for 32-64 px inputs (the 7x7 ImageNet stem for larger ones), as described above."""
+
     def __init__(self, spec: Spec, num_classes: int, image_size: int):
         super().__init__()
         self.stem, blocks, cin = Stem(spec, 64, image_size), [], 64
-        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):  # 4 stages of 2 blocks
+        # 4 stages of 2 blocks; a stage's first block changes the width (and in stages 2-4 the resolution)
+        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
             blocks += [BasicBlock(spec, cin, cout, stride), BasicBlock(spec, cout, cout, 1)]
             cin = cout
         self.blocks, self.fc = nn.ModuleList(blocks), spec.fc(512, num_classes)
@@ -581,26 +612,35 @@ class ResNet18(nn.Module):
             x = block(x, routing)
         return self.fc(x.mean((2, 3)))              # pool (B, r*512) -> (B, classes)
 
+# WRN-28-10 (Zagoruyko & Komodakis 2016): pre-activation blocks, BN-ReLU-conv twice, in 3 groups of 4 with
+# 160, 320 and 640 channels. Routed: both 3x3 convs of every block, 24 MoE layers. The first BatchNorm of a
+# block acts on the residual stream, which every expert writes into, so it is shared (deviation 5); the middle
+# one follows conv1 and is per expert. Dense: 36.5 M parameters, 10.5 GFLOPs; S-Dense and a pathway 2.6.
 class WideBlock(nn.Module):
     """Pre-activation wide block: conv2(relu(BN(conv1(relu(BN x))))) + shortcut. conv1 carries the middle
-    BatchNorm (per expert); the first acts on the pathway, shared (deviation 5)."""
+    BatchNorm (per expert); the first acts on the pathway, shared (deviation 5). No dropout (the paper names
+    none)."""
 
     def __init__(self, spec: Spec, cin: int, cout: int, stride: int):
         super().__init__()
         self.bn1, self.conv1 = spec.bn(cin), spec.conv(cin, cout, 3, stride)
+        # conv2 has no BatchNorm: the next block's pre-activation BatchNorm (or the final one) follows the sum
         self.conv2 = spec.conv(cout, cout, bn=False, fed=True)
         self.shortcut = spec.conv(cin, cout, 1, stride, False, True) if (stride, cin) != (1, cout) else None
 
     def forward(self, x, routing):
         o = F.relu(self.bn1(x))                                      # pre-activation, (B, r*cin, H, W)
         out = self.conv2(F.relu(self.conv1(o, routing)), routing)    # (B, r*cout, H/stride, W/stride)
+        # a projection reads the pre-activated input, as in the reference WRN; an identity, the stream itself
         return out + (x if self.shortcut is None else self.shortcut(o, routing))
 
 class WideResNet(nn.Module):
-    """WRN-28-10 (Zagoruyko & Komodakis): 3 groups of (28-4)/6 = 4 blocks, widths 160, 320, 640."""
+    """WRN-28-10 (Zagoruyko & Komodakis): 3 groups of (28-4)/6 = 4 blocks, widths 160, 320, 640; it ends with
+    BN-ReLU (pre-activation), then the pooled features' classifier."""
 
     def __init__(self, spec: Spec, num_classes: int, image_size: int, depth: int = 28, widen: int = 10):
         super().__init__()
+        # the stem has no BatchNorm: the first block's own first BatchNorm normalizes what it writes
         self.stem, blocks, cin = Stem(spec, 16, image_size, bn=False), [], 16
         for cout, stride in ((16 * widen, 1), (32 * widen, 2), (64 * widen, 2)):
             for i in range((depth - 4) // 6):
@@ -614,6 +654,10 @@ class WideResNet(nn.Module):
             x = block(x, routing)
         return self.fc(F.relu(self.bn(x)).mean((2, 3)))  # pool (B, r*640) -> (B, classes)
 
+# VGG-16 with BatchNorm: 13 3x3 conv-BN-ReLU layers in 5 groups (64, 128, 256, 512, 512 channels), a 2x2
+# max-pool after each group, one linear classifier on the pooled 512 features (the CIFAR variant). The first
+# conv is the shared stem; the other 12 are MoE layers, each fed by the routed conv before it. Dense: 14.7 M
+# parameters, 0.63 GFLOPs; S-Dense and a pathway 0.16.
 class VGG16(nn.Module):
     """VGG-16 with BatchNorm, CIFAR style (one linear classifier); the first conv is the shared stem."""
     CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
@@ -621,6 +665,7 @@ class VGG16(nn.Module):
     def __init__(self, spec: Spec, num_classes: int, image_size: int):
         super().__init__()
         self.stem, layers, cin = Stem(spec, 64, image_size), [], 64
+        # CFG[0] is the stem; "M": a 2x2 max-pool, which has no parameters and keeps the channels
         for v in self.CFG[1:]:  # every conv but the first reads the routed conv before it
             layers.append(nn.MaxPool2d(2) if v == "M" else spec.conv(cin, v, fed=bool(layers)))
             cin = cin if v == "M" else v
@@ -628,10 +673,16 @@ class VGG16(nn.Module):
 
     def forward(self, x, routing):
         x = F.relu(self.stem(x, routing))            # (B, r*64, 32, 32) on CIFAR
+        # each conv is conv-BN (the BatchNorm inside the MoEConv, per expert), then the ReLU here
         for layer in self.layers:                   # five max-pools: 32 -> 1 px, up to r*512 channels
             x = layer(x) if isinstance(layer, nn.MaxPool2d) else F.relu(layer(x, routing))
         return self.fc(x.mean((2, 3)))              # (B, classes)
 
+# DenseNet-BC-40 (Huang et al. 2017), k = 12: every bottleneck layer reads the concatenation of all earlier
+# outputs of its block and appends k new channels. Its input is thus a concatenation of groups written by
+# different layers (a tuple of channel counts: Spec.width scales each group, so a pathway stays S-Dense).
+# Routed: the 1x1 and 3x3 convs of 18 layers and the 2 transitions' 1x1 convs, 38 MoE layers. Dense:
+# 0.18 M parameters, 0.145 GFLOPs; S-Dense and a pathway 0.037.
 class DenseLayer(nn.Module):
     """DenseNet-BC bottleneck: BN-ReLU-conv1x1(4k)-BN-ReLU-conv3x3(k), output appended to the input. The 1x1
     conv carries the middle BatchNorm (per expert); the first acts on the shared pathway. `chans`: the Dense
@@ -640,6 +691,7 @@ class DenseLayer(nn.Module):
     def __init__(self, spec: Spec, chans: tuple, growth: int):
         super().__init__()
         self.bn = spec.bn(chans)
+        # the 1x1 conv reads every group so far: its router pools the whole concatenation
         self.conv1 = spec.conv(chans, 4 * growth, 1)
         self.conv2 = spec.conv(4 * growth, growth, bn=False, fed=True)
 
@@ -657,35 +709,47 @@ class DenseNet(nn.Module):
         for block in range(3):
             for _ in range((depth - 4) // 6):
                 layers.append(DenseLayer(spec, chans, growth))
+                # the layer appends one group of k channels
                 chans += (growth,)
-            if block < 2:  # transition to half the channels
+            if block < 2:
+                # transition: BN-ReLU-conv1x1 to half the channels (compression 0.5), then a 2x2 avg-pool;
+                # it reads the block's whole concatenation and starts the next block with one group
                 cout = sum(chans) // 2
-                layers.append(nn.ModuleDict({"bn": spec.bn(chans),
-                                             "conv": spec.conv(chans, cout, 1, bn=False)}))
+                layers.append(nn.ModuleDict({"bn": spec.bn(chans), "conv": spec.conv(chans, cout, 1, bn=False)}))
                 chans = (cout,)
         self.layers, self.bn, self.fc = nn.ModuleList(layers), spec.bn(chans), spec.fc(chans, num_classes)
 
     def forward(self, x, routing):
         x = self.stem(x, routing)
+        # a transition is a ModuleDict of its BatchNorm and conv (so their parameters are named "bn", "conv")
         for layer in self.layers:  # a transition: (B, C, H, W) -> (B, C/2, H/2, W/2)
             x = layer(x, routing) if isinstance(layer, DenseLayer) else \
                 F.avg_pool2d(layer["conv"](F.relu(layer["bn"](x)), routing), 2)
         return self.fc(F.relu(self.bn(x)).mean((2, 3)))
 
+# The model a method trains: the inputs in [0,1] are normalized by the model itself (so an attack's eps-ball
+# lives in pixel units), then the backbone, which creates no state: the forward creates one Routing, every MoE
+# layer appends its Gate to it, and the caller gets them back (return_routing=True) for the routing
+# regularizer, the 4-way split and the routing statistics. With the global router its one Gate is decided
+# before the backbone runs and every MoE layer uses it.
 BACKBONES = {"resnet18": ResNet18, "wrn28_10": WideResNet, "vgg16": VGG16, "densenet": DenseNet}
 
 class MoECNN(nn.Module):
     """Normalization + backbone (+ the global router). model(x) returns logits, so any attack library can use
-    it; model(x, return_routing=True) also returns the Gates, one per MoE layer, in forward order."""
+    it; model(x, return_routing=True) also returns the Gates, one per MoE layer, in forward order. Dense,
+    S-Dense and the MoE-CNN are this class with other (ratio, n_experts); AT(Sparse)'s pruned network loads
+    into S-Dense's. dispatch: "sparse" | "masked" | "soft" | "auto" (see MoEConv)."""
 
     def __init__(self, arch: str, num_classes: int = 10, image_size: int = 32, ratio: float = 1.0,
                  n_experts: int = 1, router: str = "layer", mean_std=MEAN_STD["cifar10"], width: float = 1.0,
                  shared_bn: bool = False, router_standardize: bool = True, layout: str = "position"):
         super().__init__()
+        # the flags that shape the network, handed to every layer the backbone builds
         spec = Spec(ratio, n_experts, router == "layer", width, shared_bn, router_standardize, layout)
         self.backbone = BACKBONES[arch](spec, num_classes, image_size)
         self.global_router = GlobalRouter(n_experts, router_standardize) \
             if (router == "global" and n_experts > 1) else None
+        # buffers: saved with the weights and moved with .to(device), never trained
         self.register_buffer("mean", torch.tensor(mean_std[0]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(mean_std[1]).view(1, 3, 1, 1))
 
@@ -694,11 +758,15 @@ class MoECNN(nn.Module):
         dispatch = ("masked" if x.is_cuda else "sparse") if dispatch == "auto" else dispatch
         x = (x - self.mean) / self.std               # (B, 3, H, W), inputs in [0,1] normalized here
         routing = Routing(dispatch)
+        # the global router decides once, on the normalized image, for every MoE layer
         if self.global_router is not None:
             routing.shared = top1_gate(self.global_router(x))
+        # every MoE layer of the backbone appends its Gate to routing.gates, in forward order
         logits = self.backbone(x, routing)
         return (logits, routing.gates) if return_routing else logits
 
+# Algorithm 1's two levels split the parameters by name: phi is every router (a gate per MoE layer, or the global
+# router), psi everything else, the experts' filters and BatchNorms included.
 def router_params(model: nn.Module) -> list[nn.Parameter]:
     """phi: the routers' parameters."""
     return [p for n, p in model.named_parameters() if "router" in n]
@@ -716,23 +784,33 @@ def backbone_params(model: nn.Module) -> list[nn.Parameter]:
 # routers' probabilities, and Square needs no gradient at all. RA-worst counts an image robust only if it
 # survives every attack run. The routing under attack (Insight 2) splits the PGD examples of the images
 # classified correctly when clean by whether the routers' choices moved and whether the prediction did.
-EVAL_BATCH = 256  # images per batch of evaluation and attacks
+# The protocol of every number here: PGD-50 with step eps/4 from a uniform start in the eps-ball (the test RA of
+# the paper's Table 1), AutoAttack at its reference settings (Table 2), all at the training eps; the model in
+# eval mode (BatchNorm running statistics) and in float32; each attack with its own random stream.
+# Images per batch of evaluation and attacks: a batch's numbers do not depend on the batch size (eval mode), so
+# this only trades memory for speed.
+EVAL_BATCH = 256
 
 def adversaries(name: str, model: nn.Module, x, y, s, steps: int, gen: torch.Generator | None = None,
                 log=None) -> list[tuple[str, torch.Tensor]]:
     """The attacks of --eval-attacks, as (label, x_adv) pairs. Hard top-1 routing can hide gradients, so PGD
     through the straight-through routers may overstate robustness: "soft" is the same PGD with a surrogate
-    gradient through routing, and Square is gradient-free (gradient masking cannot fool it)."""
+    gradient through routing, and Square is gradient-free (gradient masking cannot fool it). Labels: "pgd<K>",
+    "soft", "square", and AutoAttack's "autoattack/<component>" after each component, then "autoattack".
+    A model without routers has no soft attack (it would be PGD again)."""
     if name == "pgd":  # the paper's RA: CE through the straight-through routers
         return [(f"pgd{steps}", pgd(model, x, ce_objective(model, y), s.eps, s.test_step_size, steps,
                                     generator=gen))]
     if name == "soft":  # the hard forward; the backward through experts mixed by the router's probabilities
         return [("soft", pgd(model, x, ce_objective(model, y, "soft"), s.eps, s.test_step_size, steps,
                              generator=gen))] if router_params(model) else []
+    # Square (Andriushchenko et al. 2020): random search over the eps-ball's faces that only reads the
+    # model's outputs, so a hidden gradient cannot mislead it
     if name == "square":
         attack = import_torchattacks().Square(model, norm="Linf", eps=s.eps, n_queries=s.square_queries,
                                               n_restarts=1, seed=s.seed)
         return [("square", attack(x, y).detach())]
+    # AutoAttack: its four components in turn, each on what the earlier ones left robust (autoattack below)
     return autoattack(model, x, y, s.eps, s.seed, log)
 
 def autoattack_settings(eps: float, n_classes: int) -> dict[str, tuple[str, dict]]:
@@ -749,10 +827,12 @@ def autoattack_settings(eps: float, n_classes: int) -> dict[str, tuple[str, dict
 def autoattack(model: nn.Module, x, y, eps: float, seed: int, log=None) -> list[tuple[str, torch.Tensor]]:
     """The components in order, as AutoAttack runs them: each attacks the inputs still classified correctly,
     and an input fooled once stays fooled. Returns the batch after each component and the final one."""
+    # x_adv: the clean batch, each input replaced by the first example that fooled it; robust: not fooled yet
     ta, x_adv, found = import_torchattacks(), x.clone(), []
     with torch.no_grad():
         robust = model(x).argmax(1) == y                                         # (B,)
-    for name, (cls, kw) in autoattack_settings(eps, n_classes(model)).items():
+    for name, (cls, kw) in autoattack_settings(eps, model.backbone.fc.out_features).items():
+        # RA-AA = 100 * #{b : no component fooled b} / n; a component sees only what the earlier ones left
         idx = robust.nonzero().squeeze(1)
         if len(idx):
             adv = getattr(ta, cls)(model, seed=seed, **kw)(x[idx], y[idx]).detach()
@@ -764,17 +844,6 @@ def autoattack(model: nn.Module, x, y, eps: float, seed: int, log=None) -> list[
         found.append((f"autoattack/{name}", x_adv.clone()))
     return found + [("autoattack", x_adv)]
 
-def n_classes(model: nn.Module) -> int:
-    return model.backbone.fc.out_features
-
-def import_torchattacks():
-    try:
-        import torchattacks
-    except ImportError:
-        raise ConfigError("--eval-attacks square and autoattack need the optional package torchattacks: "
-                          "pip install --no-deps torchattacks scipy") from None
-    return torchattacks
-
 def evaluate(model: nn.Module, data, s, steps: int | None = None, limit: int = 0, attacks=("pgd",),
              split: str = "test", log=None) -> dict:
     """In %, on the first `limit` images (n) of `split`, each attack at the training eps:
@@ -785,9 +854,10 @@ def evaluate(model: nn.Module, data, s, steps: int | None = None, limit: int = 0
         4-way split of Insight 2 under PGD, over the split_n images correct when clean: routing_summary.
     Everything runs in float32: FAB and Square stop just past the decision boundary, and routing is an argmax,
     so a bf16 re-classification could flip them back."""
-    steps, device = steps or s.test_steps, next(model.parameters()).device
+    steps, device, n_classes = steps or s.test_steps, next(model.parameters()).device, model.backbone.fc.out_features
     attacks = ("pgd",) + tuple(a for a in attacks if a != "pgd")
-    # each attack draws its random starts from its own stream: adding one changes no other attack's RA
+    # each attack draws its random starts from its own stream, seeded by the run's seed and the attack's name:
+    # adding an attack changes no other attack's RA, and an --eval-only gives a run's numbers again
     gens = {a: torch.Generator(device).manual_seed(1000 * s.seed + 2 * EVAL_ATTACKS.index(a))
             for a in attacks}
     correct: dict[str, list] = {"clean": []}     # label -> per batch, (b,) correct under it ("clean": none)
@@ -796,10 +866,13 @@ def evaluate(model: nn.Module, data, s, steps: int | None = None, limit: int = 0
         for x, y in data.test_batches(EVAL_BATCH, limit, split):
             done = sum(map(len, correct["clean"]))                               # images before this batch
             found = [("clean", x)]
-            for name in attacks:  # AutoAttack on the first --aa-n images only
+            # every attack on the whole batch, but AutoAttack (minutes per batch) on the first --aa-n images only
+            for name in attacks:
                 take = len(y) if name != "autoattack" or not s.aa_n else max(0, min(len(y), s.aa_n - done))
                 if take:
                     found += adversaries(name, model, x[:take], y[:take], s, steps, gens[name], log)
+            # classify each attack's examples (and the clean batch) once more, recording every pathway: the
+            # routing under attack is compared with the clean routing input by input
             for label, x_adv in found:
                 with torch.no_grad():
                     logits, gates = model(x_adv, return_routing=True)
@@ -808,6 +881,8 @@ def evaluate(model: nn.Module, data, s, steps: int | None = None, limit: int = 0
                     paths[label].append(torch.stack([g.choice for g in gates], 1))
             if log:
                 log(f"  evaluated {done + len(y)}/{data.eval_len(limit, split)} images of {split}")
+    # the numbers of the docstring; the AutoAttack components' labels ("autoattack/<name>") are reported, not
+    # counted in RA-worst, which runs over the images every final attack saw
     ok = {k: torch.cat(v) for k, v in correct.items()}                           # label -> (n_a,)
     pgd_ok, final = ok[f"pgd{steps}"], ["clean"] + [k for k in ok if k != "clean" and "/" not in k]
     seen_all = min(len(ok[k]) for k in final)                                    # AutoAttack's parts apart
@@ -815,8 +890,7 @@ def evaluate(model: nn.Module, data, s, steps: int | None = None, limit: int = 0
     result = {"sa": percent(ok["clean"]), "ra": percent(pgd_ok), "n": len(ok["clean"]), "attacks": ras,
               "attack": f"PGD-{steps} (CE, eps {s.eps:.5f}, step {s.test_step_size:.5f}, uniform start)",
               "attack_n": {k: len(v) for k, v in ok.items() if k != "clean"},
-              "ra_worst": percent(torch.stack([ok[k][:seen_all] for k in final]).all(0)),
-              "ra_worst_n": seen_all,
+              "ra_worst": percent(torch.stack([ok[k][:seen_all] for k in final]).all(0)), "ra_worst_n": seen_all,
               "ra_worst_without_aa": percent(torch.stack([ok[k] for k in final if k != "autoattack"]).all(0)),
               "routing": {}}
     if "autoattack" in ok:
@@ -824,22 +898,28 @@ def evaluate(model: nn.Module, data, s, steps: int | None = None, limit: int = 0
             "label": "AutoAttack (standard)", "images": len(ok["autoattack"]),
             "ra_pgd_same_images": percent(pgd_ok[:len(ok["autoattack"])]),
             "components": [{"name": k, "attack": cls, "settings": kw, "ra_after": ras.get(f"autoattack/{k}")}
-                           for k, (cls, kw) in autoattack_settings(s.eps, n_classes(model)).items()]}
+                           for k, (cls, kw) in autoattack_settings(s.eps, n_classes).items()]}
     if paths["clean"]:
         n_experts = max(m.n for m in model.modules() if isinstance(m, MoEConv))
         result["routing"] = routing_summary(*(torch.cat(p) for p in paths.values()), pgd_ok, ok["clean"],
                                             n_experts)
     return result
 
+# The routing statistics, from each input's pathway (its expert at every MoE layer, (B, L)) clean and under PGD,
+# and whether it is classified correctly. Insight 2 asks which of the two ways in an attack took: it moved the
+# routers' choices (another pathway), or fooled the pathway chosen, or both; one that does neither failed.
 def percent(correct: torch.Tensor) -> float:
     """100 * (the share of True in `correct`), 2 decimals: SA, RA_a, RA-worst."""
     return round(100 * correct.float().mean().item(), 2)
 
+# Counts first (routing_counts), shares after (routing_summary): the split over uncollapsed layers is the same
+# count with fewer layers allowed to flip.
 def routing_counts(choice, choice_adv, ok_adv, ok_clean, n_experts: int, layers=slice(None)):
     """From each input's pathway (B, L), clean and under attack, and whether it is classified correctly under
     attack and clean (B,): inputs per expert per layer (L, N), clean and under attack; flips per layer (L,);
     the 4-way split's counts (4,) over the inputs correct when clean (one already wrong was not fooled), with
     the router counted as fooled when the choice of one of `layers` moved."""
+    # a layer "flips" an input when the attack moved its choice of expert there
     flipped = choice != choice_adv                                             # (B, L)
     fooled = flipped[:, layers].any(1)                                         # (B,) a layer's choice moved
     # Insight 2: (1) neither router nor prediction fooled, (2) router only, (3) prediction only, (4) both
@@ -857,11 +937,15 @@ def routing_summary(choice, choice_adv, ok_adv, ok_clean, n_experts: int) -> dic
     robustness = (1) + (2); pathway diversity, clean and under PGD. A collapsed layer (one expert takes 95% or
     more of the clean inputs) can hardly flip, so router robustness is also given over the other layers, with
     their mean flip rate."""
+    # n inputs in all; m of them correct when clean, the split's denominator (deviation 10)
     n, m = len(choice), max(int(ok_clean.sum()), 1)
     usage, usage_adv, flips, split = routing_counts(choice, choice_adv, ok_adv, ok_clean, n_experts)
+    # the same split, counting a router fooled only where a layer that routes (not collapsed) moved
     live = usage.max(1).values < 0.95 * n                                      # (L,) layers not collapsed
     split_live = routing_counts(choice, choice_adv, ok_adv, ok_clean, n_experts, live)[3]
     split, split_live = ([100 * v / m for v in t.tolist()] for t in (split, split_live))  # % of clean-correct
+    # usage_*: (L, N) shares; flip rates: per layer, and of inputs whose pathway moved anywhere; the split and
+    # the two robustness shares in %; pathways: how many distinct pathways the inputs take, and their entropy
     return {"usage_clean": rounded(usage, n), "usage_adv": rounded(usage_adv, n),
             "flip_rate_per_layer": rounded(flips, n),
             "flip_rate_any_layer": round((choice != choice_adv).any(1).float().mean().item(), 4),
@@ -873,6 +957,8 @@ def routing_summary(choice, choice_adv, ok_adv, ok_clean, n_experts: int) -> dic
             "flip_rate_uncollapsed": round(flips[live].double().mean().item() / n, 4) if live.any() else None,
             "pathways": {"clean": pathway_diversity(choice), "adv": pathway_diversity(choice_adv)}}
 
+# A pathway is the tuple of experts an input runs, one per MoE layer: N^L are possible. How many the inputs use,
+# and how evenly, tells routing that routes (many, high entropy) from routing that collapsed (one, 0 bits).
 def pathway_diversity(choices: torch.Tensor) -> dict:
     """choices (n, L), each input's pathway: the number of distinct pathways and the entropy of their
     distribution in bits, H = sum_p q_p log2(1 / q_p) (0: one pathway for every input)."""
@@ -881,33 +967,13 @@ def pathway_diversity(choices: torch.Tensor) -> dict:
     return {"distinct": len(counts), "entropy_bits": round((q * (1 / q).log2()).sum().item(), 3),
             "inputs": len(choices)}
 
-def routing_snapshot(model: nn.Module, data, previous: dict | None = None, fresh: bool = False):
-    """The routing of the model now, on the first 256 clean images of the validation split (of the test set
-    without one): per MoE layer the top expert's share and the majority expert, the collapsed layers (one
-    expert takes >= 95%), pathway diversity, and the layers whose majority changed since `previous`. None
-    without routers. fresh (epoch 0): BatchNorm running statistics are not estimated yet, so a copy of the
-    model normalizes with batch statistics, as the first training step will; later, eval mode."""
-    split = "val" if data.eval_len(split="val") else "test"
-    net, choices = copy.deepcopy(model).train() if fresh else model, []
-    with (contextlib.nullcontext() if fresh else evaluating(net)), torch.no_grad():
-        for x, _ in data.test_batches(EVAL_BATCH, 256, split):
-            choices.append([g.choice for g in net(x, return_routing=True)[1]])
-    if not choices[0]:
-        return None
-    choice = torch.cat([torch.stack(c, 1) for c in choices])                    # (n, L)
-    # f_{l,k}: the share of the inputs layer l routes to expert k, (L, N)
-    top, majority = F.one_hot(choice, int(choice.max()) + 1).float().mean(0).max(1)
-    snap = {"split": split, "images": len(choice), "top_share": rounded(top),
-            "majority": majority.tolist(), "collapsed": int((top >= 0.95).sum()),
-            "pathways": pathway_diversity(choice)}
-    if previous:
-        snap["majority_changed"] = sum(a != b for a, b in zip(snap["majority"], previous["majority"]))
-    return snap
-
 def gflops_per_input(model: nn.Module, x: torch.Tensor) -> float:
     """FLOPs of one eval forward on the sparse path, counted by torch's FlopCounterMode on the ops that run
-    (a multiply-add counts 2), per input: for an MoE-CNN the chosen pathway and the routers, nothing else."""
+    (a multiply-add counts 2), per input: for an MoE-CNN the chosen pathway and the routers, nothing else.
+    The paper's GFLOPs compare Dense, S-Dense and the MoE-CNN at inference: an MoE-CNN's should be S-Dense's
+    plus its routers' (a pooled linear map per layer), whatever N. Dense ResNet-18 at 32 px: 1.11 GFLOPs."""
     from torch.utils.flop_counter import FlopCounterMode
+    # on the sparse path an MoE-CNN's count is what one input runs, not N experts' worth (the masked path's)
     with evaluating(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x, dispatch="sparse")
     return counter.get_total_flops() / len(x) / 1e9
@@ -1010,28 +1076,23 @@ class Settings:
 
     def __post_init__(self):
         """A bad value is a one-line ConfigError naming the flag and the fix; eps left out is derived here."""
-        choices = {"dataset": DATASETS, "arch": ARCHS, "method": METHODS, "eval_attacks": EVAL_ATTACKS,
-                   "loss": ("trades", "pgdat", "natural"), "router": ("layer", "global"),
-                   "layout": ("position", "pathway"),
-                   "train_params": ("all", "routers", "backbone")}
-        for name, allowed in choices.items():  # (--eval-attacks: a comma-separated list of them)
-            if not set(getattr(self, name).split(",")) <= set(allowed):
-                raise ConfigError(f"unknown {flag(name)} {getattr(self, name)!r}: choose from "
-                                  f"{', '.join(allowed)}")
         if self.eps is None:
             self.eps = 2 / 255 if self.dataset in ("tinyimagenet", "imagenet") else 8 / 255
-        rules = ((lambda v: v >= 1, "n_experts train_steps test_steps square_queries epochs batch_size",
-                  "must be at least 1"),
-                 (lambda v: v >= 0, "eval_n quick_eval_n aa_n train_n val_n", "must be >= 0"),
-                 (lambda v: math.isfinite(v) and v >= 0, "lr balance router_lr router_supervision",
-                  "must be a finite number >= 0"),
-                 (lambda v: math.isfinite(v) and 0 <= v <= 1, "eps",
-                  "is not a radius in pixel units of [0,1] images: e.g. 0.0314"),
-                 (lambda v: 0 < v <= 1, "ratio", "is outside (0, 1]: an expert keeps r of the channels"),
-                 (lambda v: 0 < v <= 64, "width", "must be in (0, 64]: the backbone's channel multiplier"))
+        choices = {"dataset": DATASETS, "arch": ARCHS, "method": METHODS, "eval_attacks": EVAL_ATTACKS,
+                   "loss": ("trades", "pgdat", "natural"), "router": ("layer", "global"),
+                   "layout": ("position", "pathway"), "train_params": ("all", "routers", "backbone")}
+        # (flags, the test a value passes, what it must be); --eval-attacks: a comma-separated list
+        rules = [(lambda v: v >= 1, "n_experts train_steps test_steps square_queries epochs batch_size", ">= 1"),
+                 (lambda v: v >= 0, "eval_n quick_eval_n aa_n train_n val_n", ">= 0"),
+                 (lambda v: math.isfinite(v) and v >= 0, "lr balance router_lr router_supervision", "finite, >= 0"),
+                 (lambda v: math.isfinite(v) and 0 <= v <= 1, "eps", "a radius in pixels of [0,1] images: 0.0314"),
+                 (lambda v: 0 < v <= 1, "ratio", "in (0, 1]: an expert keeps r of the channels"),
+                 (lambda v: 0 < v <= 64, "width", "in (0, 64]: the backbone's channel multiplier"),
+                 *[(lambda v, a=a: set(v.split(",")) <= set(a), k, f"one of {', '.join(a)}")
+                   for k, a in choices.items()]]
         for ok, names, must in rules:
             if bad := [name for name in names.split() if not ok(getattr(self, name))]:
-                raise ConfigError(f"{flag(bad[0])} {getattr(self, bad[0])} {must}")
+                raise ConfigError(f"{flag(bad[0])} {getattr(self, bad[0])!r} must be {must}")
         if self.method in MOE_METHODS and self.n_experts < 2:
             raise ConfigError(f"--method {self.method} needs --n-experts 2 or more (one: --method sdense)")
         if self.method == "sparse" and self.ratio == 1:
@@ -1042,9 +1103,8 @@ class Settings:
         if {"square", "autoattack"} & set(self.attacks):
             import_torchattacks()  # fail now, not after training
 
-    @property
-    def attacks(self) -> tuple[str, ...]:  # the attacks of the final evaluation, each once
-        return tuple(dict.fromkeys(self.eval_attacks.split(",")))
+    # the attacks of the final evaluation, each once
+    attacks = property(lambda self: tuple(dict.fromkeys(self.eval_attacks.split(","))))
 
     # NOTE(official code): the training step, 5/255 at eps 8/255 and K = 2 (the paper gives none), scaled with
     # eps and K; 2.5 eps / K would throw TRADES' start to a corner of the box in one step. Test PGD: eps/4.
@@ -1056,11 +1116,9 @@ class Settings:
     model_ratio = property(lambda self: 1.0 if self.method == "dense" else self.ratio)
     model_experts = property(lambda self: self.n_experts if self.method in MOE_METHODS else 1)
 
-    @property
-    def objective(self) -> Objective:
-        """What the method's functions read of these settings (section 3)."""
-        return Objective(self.loss, BETA, self.eps, self.train_step_size, self.train_steps, self.balance,
-                         self.router_supervision)
+    # what the method's functions read of these settings (section 3)
+    objective = property(lambda self: Objective(self.loss, BETA, self.eps, self.train_step_size, self.train_steps,
+                                                self.balance, self.router_supervision))
 
     @property
     def name(self) -> str:
@@ -1070,6 +1128,14 @@ class Settings:
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
+def import_torchattacks():
+    try:
+        import torchattacks
+    except ImportError:
+        raise ConfigError("--eval-attacks square and autoattack need the optional package torchattacks: "
+                          "pip install --no-deps torchattacks scipy") from None
+    return torchattacks
+
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # a bad type or an unknown flag: one line, like every other error
         raise ConfigError(f"{message} (python advmoe.py --help lists the flags)")
@@ -1078,11 +1144,9 @@ class Parser(argparse.ArgumentParser):
 def settings_parser(defaults: bool = True) -> argparse.ArgumentParser:
     """The flags of Settings, grouped, with each field's comment as its help; defaults=False leaves out of
     the parsed namespace what was not given."""
-    parser = Parser(usage="python advmoe.py [flags] | report DIR | bench [flags]",
-                    description="AdvMoE: robust training of MoE-CNNs (ICCV 2023). Train and evaluate one "
-                                "model (the flags below), or: 'report DIR' (every table from the result.json "
-                                "files below DIR), 'bench' (step time, images/s, GFLOPs per method).",
-                    argument_default=None if defaults else argparse.SUPPRESS)
+    parser = Parser(usage="python advmoe.py [flags] | report DIR | bench [flags]", description="AdvMoE (ICCV "
+                    "2023): train and evaluate one model (the flags below), or: 'report DIR' (every table from the "
+                    "result.json files below DIR), 'bench' (step time, images/s, GFLOPs per method).")
     types, group, text = {"str": str, "int": int, "float": float}, parser, []
     for line in (line.strip() for line in inspect.getsource(Settings).splitlines()):
         if line.startswith("# ---"):
@@ -1109,10 +1173,8 @@ class TensorData:
     copies), augmented a whole batch at a time. shard = (rank, world size) under torchrun."""
 
     def __init__(self, train: tuple, test: tuple, val: tuple, num_classes: int, device, shard=(0, 1)):
-        splits = zip(("train", "test", "val"), (train, test, val))
-        self.splits = {k: tuple(t.to(device) for t in v) for k, v in splits}
-        self.num_classes, self.image_size, self.device = num_classes, train[0].shape[-1], device
-        self.shard = shard
+        self.splits = {k: tuple(t.to(device) for t in v) for k, v in zip(("train", "test", "val"), (train, test, val))}
+        self.num_classes, self.image_size, self.device, self.shard = num_classes, train[0].shape[-1], device, shard
         self.sizes = {k: len(v[1]) for k, v in self.splits.items()}
 
     def train_batches(self, batch_size: int, gen: torch.Generator):
@@ -1174,8 +1236,7 @@ class FolderData(TensorData):
         held_out.transform = test_tf
         self.splits = {"train": Subset(train, keep.tolist()), "val": Subset(held_out, held.tolist()),
                        "test": ImageFolder(str(root / "val"), test_tf)}
-        self.num_classes, self.image_size, self.device = len(train.classes), image_size, device
-        self.shard = shard
+        self.num_classes, self.image_size, self.device, self.shard = len(train.classes), image_size, device, shard
         self.sizes = {k: len(v) for k, v in self.splits.items()}
 
     def loader(self, dataset, batch_size: int, order=None):
@@ -1314,8 +1375,15 @@ def train(s: Settings, log: Callable[[str], None] = print) -> dict | None:
             # epoch 0's row (the routing before training) goes with the first epoch's
             first = [{"epoch": 0, "routing": extra["routing_epoch0"]}] if "routing_epoch0" in extra else []
             append_jsonl(out / "log.jsonl", (first if epoch == 0 else []) + [row])
-    if rank == 0:
-        return finish(model, data, s, out, history, seconds, device, log, {"world_size": world, **extra})
+    # the processes leave together: one that tore its process group down while rank 0 still evaluated could
+    # abort (gloo), so the others wait on a side group whose timeout outlasts any evaluation
+    done = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7)) if world > 1 else None
+    try:
+        return finish(model, data, s, out, history, seconds, device, log, {"world_size": world, **extra}) \
+            if rank == 0 else None
+    finally:
+        if done:
+            dist.barrier(group=done)
 
 def train_epoch(net: nn.Module, opts: dict, data, s: Settings, epoch: int, device, log) -> dict:
     """One epoch of the method's step; returns the epoch's mean statistics (one host sync, at the end)."""
@@ -1350,16 +1418,36 @@ def epoch_row(row: dict, model, opts: dict, data, s: Settings, history: list, ex
     if routing := routing_snapshot(model, data, previous):
         row["routing"] = routing
     row["seconds"] = round(time.perf_counter() - t0, 2)
-    text = f"epoch {row['epoch']}/{s.epochs} loss {row['loss']:.4f} acc {100 * row['acc']:.1f}"
-    text += f" acc_adv {100 * row['acc_adv']:.1f}"
-    text += "".join(f" {k} {row[k]:.4f}" for k in ("router_loss", "router_reg") if k in row)
-    if "sa" in row:
-        text += f" | SA {row['sa']:.2f} RA(PGD-10) {row['ra_pgd10']:.2f}"
+    shown = ("loss", "acc", "acc_adv", "router_loss", "router_reg", "sa", "ra_pgd10", "seconds")
+    text = " ".join(f"{k} {row[k]:.4g}" for k in shown if k in row)
     if r := row.get("routing"):
         text += f" | routing: collapsed {r['collapsed']}/{len(r['top_share'])}, majority changed in " \
                 f"{r.get('majority_changed')}, top-expert share max {max(r['top_share']):.2f}"
-    log(text + f" | {row['seconds']:.1f}s")
+    log(f"epoch {row['epoch']}/{s.epochs} {text}")
     return row
+
+def routing_snapshot(model: nn.Module, data, previous: dict | None = None, fresh: bool = False):
+    """The routing of the model now, on the first 256 clean images of the validation split (of the test set
+    without one): per MoE layer the top expert's share and the majority expert, the collapsed layers (one
+    expert takes >= 95%), pathway diversity, and the layers whose majority changed since `previous`. None
+    without routers. fresh (epoch 0): BatchNorm running statistics are not estimated yet, so a copy of the
+    model normalizes with batch statistics, as the first training step will; later, eval mode."""
+    split = "val" if data.eval_len(split="val") else "test"
+    net, choices = copy.deepcopy(model).train() if fresh else model, []
+    with (contextlib.nullcontext() if fresh else evaluating(net)), torch.no_grad():
+        for x, _ in data.test_batches(EVAL_BATCH, 256, split):
+            choices.append([g.choice for g in net(x, return_routing=True)[1]])
+    if not choices[0]:
+        return None
+    choice = torch.cat([torch.stack(c, 1) for c in choices])                    # (n, L)
+    # f_{l,k}: the share of the inputs layer l routes to expert k, (L, N)
+    top, majority = F.one_hot(choice, int(choice.max()) + 1).float().mean(0).max(1)
+    snap = {"split": split, "images": len(choice), "top_share": rounded(top),
+            "majority": majority.tolist(), "collapsed": int((top >= 0.95).sum()),
+            "pathways": pathway_diversity(choice)}
+    if previous:
+        snap["majority_changed"] = sum(a != b for a, b in zip(snap["majority"], previous["majority"]))
+    return snap
 
 PROGRESS_SECONDS = 30.0  # at least this long between two progress lines of training
 
@@ -1368,7 +1456,7 @@ def ticker(what: str, total: int, log) -> Callable:
     t0, last = time.perf_counter(), [time.perf_counter()]
 
     def tick(done: int, details: Callable[[], str] = str):
-        if log and (now := time.perf_counter()) - last[0] >= PROGRESS_SECONDS:
+        if (now := time.perf_counter()) - last[0] >= PROGRESS_SECONDS:
             last[0], rate = now, done / max(now - t0, 1e-9)
             log(f"  {what}: {done}/{total} images, {rate:.1f} img/s, ETA {(total - done) / rate:.0f} s "
                 f"{details()}")
@@ -1420,21 +1508,17 @@ def channel_wiring(model: MoECNN) -> dict[nn.Module, tuple[tuple, str]]:
     so they keep the same channels (deviation 8); a DenseNet layer reads every group before it."""
     net, wire = model.backbone, {}
     if isinstance(net, (ResNet18, WideResNet)):
-        # the current residual stream: ResNet's stem feeds identity blocks (it writes "stage1" with them);
-        # WRN's first block projects (its stem writes "stem" alone). A projection starts the next stream.
+        # residual stream k ("stage{k}"): the stem, and every block's conv2 and projection until the next
+        # projection starts stream k + 1. ResNet's stem feeds identity blocks (it writes stream 1 with them);
+        # WRN's first block projects (its stem writes stream 0 alone).
         stage = int(net.blocks[0].shortcut is None)
-        stream = "stage1" if stage else "stem"
-        wire[net.stem.conv] = ((), stream)
+        wire[net.stem.conv] = ((), f"stage{stage}")
         for i, block in enumerate(net.blocks, 1):
-            stage += block.shortcut is not None
-            mid, out = f"block{i}_mid", f"stage{stage}"
-            if isinstance(block, WideBlock):
-                wire[block.bn1] = ((stream,), "")
-            wire[block.conv1], wire[block.conv2] = ((stream,), mid), ((mid,), out)
-            if block.shortcut is not None:
-                wire[block.shortcut] = ((stream,), out)
-            stream = out
-        groups = (stream,)
+            stream, stage = f"stage{stage}", stage + (block.shortcut is not None)
+            wire[block.conv1], wire[block.conv2] = ((stream,), f"block{i}_mid"), ((f"block{i}_mid",), f"stage{stage}")
+            wire.update({block.shortcut: ((stream,), f"stage{stage}")} if block.shortcut else {})
+            wire.update({block.bn1: ((stream,), "")} if isinstance(block, WideBlock) else {})
+        groups = (f"stage{stage}",)
     elif isinstance(net, VGG16):
         convs = [net.stem.conv] + [m for m in net.layers if isinstance(m, MoEConv)]
         for k, conv in enumerate(convs, 1):
@@ -1474,9 +1558,8 @@ class ChannelScores(nn.Module):
         self.dense, self.spec, self.wiring = dense, Spec(ratio), channel_wiring(dense)
         # HYDRA starts from the weights: s_g[c] = sum over the convs writing group g of ||W[c]||_2, / its max
         norms: dict[str, torch.Tensor] = {}
-        for m in dense.modules():
+        for m, (_, group) in self.wiring.items():
             if isinstance(m, MoEConv):
-                group = self.wiring[m][1]
                 norms[group] = norms.get(group, 0) + m.weight.detach().flatten(1).norm(dim=1)
         self.scores = nn.ParameterDict({g: nn.Parameter(v / v.max()) for g, v in norms.items()})
 
@@ -1512,24 +1595,18 @@ def extract_sparse(dense: MoECNN, keep: dict[str, torch.Tensor]) -> dict[str, to
         offsets = [0] + torch.tensor([sizes[g] for g in groups]).cumsum(0).tolist()
         return torch.cat([keep[g].to(dense.mean.device) + o for g, o in zip(groups, offsets)])
 
-    def bn_rows(bn: nn.BatchNorm2d, rows: torch.Tensor, prefix: str) -> dict:  # a BatchNorm's kept channels
-        return {prefix + k: (v[rows] if v.dim() else v) for k, v in bn.state_dict().items()}
-
     state = {"mean": dense.mean, "std": dense.std}
     for name, m in dense.named_modules():
-        if m not in wiring:
-            continue
-        (reads, writes), prefix = wiring[m], name + "."
-        if isinstance(m, MoEConv):
-            rows = kept((writes,))
-            cols = kept(reads) if reads else torch.arange(3, device=rows.device)  # the stem reads RGB
-            # W_sparse = W[kept rows][:, kept columns], (r*C_out, r*C_in, k, k)
-            state[prefix + "weight"] = m.weight[rows][:, cols]
-            state.update(bn_rows(m.bn, rows, prefix + "bn.") if m.bn is not None else {})
-        elif isinstance(m, nn.BatchNorm2d):  # a pre-activation BatchNorm on the pathway
-            state.update(bn_rows(m, kept(reads), prefix))
-        else:  # the classifier
-            state.update({prefix + "weight": m.weight[:, kept(reads)], prefix + "bias": m.bias})
+        if m in wiring:
+            reads, writes = wiring[m]
+            # the rows (output channels) it keeps: those of the group it writes, for a pre-activation BatchNorm
+            # those it reads; the columns (input channels): those it reads (all 3 of the stem's RGB input)
+            rows = kept((writes,)) if writes else kept(reads) if isinstance(m, nn.BatchNorm2d) else None
+            cols = kept(reads) if reads else None
+            for k, v in m.state_dict().items():  # weights, BatchNorm affine and statistics, biases
+                v = v[rows] if rows is not None and v.dim() else v
+                # W_sparse = W[kept rows][:, kept columns], (r*C_out, r*C_in, k, k)
+                state[f"{name}.{k}"] = v[:, cols] if cols is not None and v.dim() > 1 else v
     return {k: v.detach().clone() for k, v in state.items()}
 
 def prune(s: Settings, data, device, log) -> tuple[dict, dict]:
@@ -1538,29 +1615,26 @@ def prune(s: Settings, data, device, log) -> tuple[dict, dict]:
     an S-Dense-shaped state dict, and what result.json records of this phase. Phase 2, fine-tuning with the
     mask fixed, is the ordinary training loop."""
     dense = MoECNN(s.arch, data.num_classes, data.image_size, mean_std=MEAN_STD[s.dataset], width=s.width)
-    dense = dense.to(device)
     if s.init:
-        ckpt = read_checkpoint(Path(s.init))
-        load_weights(dense, ckpt["model"], s.init, {"dataset": s.dataset, "arch": s.arch, "method": "dense",
-                     "width": s.width}, {**ckpt["identity"], "method": ckpt["settings"]["method"]})
+        want = {"dataset": s.dataset, "arch": s.arch, "method": "dense", "width": s.width}
+        load_weights(dense.to(device), read_checkpoint(Path(s.init)), s.init, want)
     else:
         log("warning: --method sparse without --init prunes random weights (HYDRA prunes a trained model: "
             "give --init <AT(Dense) run>/checkpoint.pt)")
-    dense.requires_grad_(False)
-    # the scores alone are trained, on the cosine schedule of the pruning epochs
-    pruner, history = ChannelScores(dense, s.ratio), []
-    phase = dataclasses.replace(s, epochs=s.prune_epochs)
-    scores = {"params": list(pruner.scores.values()), "base_lr": s.lr, "name": "scores"}
-    opt = torch.optim.SGD([scores], lr=s.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
+    # the scores alone are trained (the Dense weights frozen), on the cosine schedule of the pruning epochs
+    pruner, history = ChannelScores(dense.to(device).requires_grad_(False), s.ratio), []
+    phase, scores = dataclasses.replace(s, epochs=s.prune_epochs), list(pruner.scores.values())
+    opt = torch.optim.SGD([{"params": scores, "base_lr": s.lr, "name": "scores"}], lr=s.lr, momentum=MOMENTUM,
+                          weight_decay=WEIGHT_DECAY)
     for epoch in range(s.prune_epochs):
         t0 = time.perf_counter()
         stats = train_epoch(pruner, {"all": opt}, data, phase, epoch, device, log)
         history.append({"epoch": epoch + 1, **stats, "seconds": round(time.perf_counter() - t0, 2)})
         log(f"pruning epoch {epoch + 1}/{s.prune_epochs}: loss {stats['loss']:.4f}")
-    keep = pruner.keep()
-    log(f"pruned to {sum(map(len, keep.values()))} of {sum(channel_groups(dense).values())} channels")
-    return extract_sparse(dense, keep), {"sparse": {"init": s.init or None, "kept": {g: len(v) for g, v in
-                                                    keep.items()}, "prune_history": history}}
+    keep, sizes = pruner.keep(), channel_groups(dense)
+    log(f"pruned to {sum(map(len, keep.values()))} of {sum(sizes.values())} channels")
+    kept = {g: len(v) for g, v in keep.items()}
+    return extract_sparse(dense, keep), {"sparse": {"init": s.init or None, "kept": kept, "prune_history": history}}
 
 # ==================================================================================================
 # 10. Files: result.json, checkpoints (data, not code), --resume and --eval-only
@@ -1596,10 +1670,9 @@ def device_name(device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
 
 def git_commit() -> str | None:
-    head = Path(__file__).resolve().parent / ".git" / "HEAD"
-    with contextlib.suppress(OSError):
-        ref = head.read_text().strip()
-        return (head.parent / ref[5:]).read_text().strip() if ref.startswith("ref: ") else ref
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
+                              capture_output=True, check=True).stdout.strip()
     return None
 
 COMMIT = git_commit()  # read at import: the code that runs, even if the checkout moves on during a long run
@@ -1643,10 +1716,8 @@ def check_out(out: Path, s: Settings, rank: int = 0):
         p.rmdir()
 
 # what a checkpoint's weights fit, and the flags that build its model
-IDENTITY = ("dataset", "arch", "method", "model_ratio", "model_experts", "router", "width", "shared_bn",
-            "router_standardize", "layout")
-MODEL_FIELDS = ("arch", "method", "ratio", "n_experts", "router", "width", "shared_bn", "router_standardize",
-                "layout")
+MODEL_FIELDS = ("arch", "method", "ratio", "n_experts", "router", "width", "shared_bn", "router_standardize", "layout")
+IDENTITY = ("method", "dataset", "arch", "model_ratio", "model_experts") + MODEL_FIELDS[4:]
 # what a checkpoint that does not record a setting was trained with
 LEGACY = {"shared_bn": False, "router_standardize": True, "layout": "position"}
 # flags of the run and of its evaluation: --resume and --eval-only may change them, not the recipe
@@ -1675,12 +1746,14 @@ def read_checkpoint(path: Path) -> dict:
     return {**ckpt, "settings": {**LEGACY, **{k: v for k, v in ckpt["settings"].items() if k in known}},
             "identity": {**LEGACY, **ckpt["identity"]}}
 
-def load_weights(model: nn.Module, state: dict, path, want: dict | None = None, theirs: dict | None = None):
-    """model.load_state_dict, refusing (one line, naming every difference) a checkpoint of another model."""
-    diff = [f"{k} {theirs.get(k)!r} != {v!r}" for k, v in (want or {}).items() if theirs.get(k) != v]
+def load_weights(model: nn.Module, ckpt: dict, path, want: dict | None = None):
+    """model.load_state_dict of a read checkpoint, refusing (one line, naming every difference) one of another
+    model, or one whose identity differs from `want`."""
+    diff = [f"{k} {ckpt['identity'].get(k)!r} != {v!r}" for k, v in (want or {}).items()
+            if ckpt["identity"].get(k) != v]
     try:
         assert not diff
-        model.load_state_dict(state)
+        model.load_state_dict(ckpt["model"])
     except (AssertionError, RuntimeError) as e:
         first = "; ".join(diff) or (str(e).strip().splitlines()[1:] or [str(e)])[0].strip()[:160]
         raise ConfigError(f"checkpoint {path} is from another model ({first}): give one of this model, or "
@@ -1696,14 +1769,12 @@ def starting_point(out: Path, model, opts: dict, s: Settings, data, rank: int, l
             state, extra = prune(s, data, next(model.parameters()).device, log)
             model.load_state_dict(state)
         elif s.init:  # --init: start from another run's weights
-            ckpt = read_checkpoint(Path(s.init))
-            load_weights(model, ckpt["model"], s.init, {k: getattr(s, k) for k in IDENTITY if k != "method"},
-                         ckpt["identity"])
+            # any method's weights (IDENTITY[0] is the method) of the same model
+            load_weights(model, read_checkpoint(Path(s.init)), s.init, {k: getattr(s, k) for k in IDENTITY[1:]})
         if rank == 0 and (routing := routing_snapshot(model, data, fresh=True)):
             extra["routing_epoch0"] = routing
-            shares = routing["top_share"]
-            log(f"epoch 0 (before training): routing collapsed in {routing['collapsed']} of {len(shares)} "
-                f"MoE layers, top-expert share max {max(shares):.2f}")
+            log(f"epoch 0 (before training): routing collapsed in {routing['collapsed']} of "
+                f"{len(routing['top_share'])} MoE layers, top-expert share max {max(routing['top_share']):.2f}")
         if dist.is_initialized():
             torch.manual_seed(s.seed + rank)  # attack starts differ between processes
         return 0, [], time.perf_counter() - t0 if s.method == "sparse" else 0.0, extra
@@ -1715,7 +1786,7 @@ def starting_point(out: Path, model, opts: dict, s: Settings, data, rank: int, l
         raise ConfigError(f"--resume continues the run in {path} ({ckpt['epoch']} epochs): only --epochs "
                           f"(not fewer) and evaluation or run flags may change ({what}): give its values, or "
                           f"start a new --out")
-    load_weights(model, ckpt["model"], path)
+    load_weights(model, ckpt, path)
     for k, o in opts.items():
         o.load_state_dict(ckpt["opts"][k])
     torch.set_rng_state(ckpt["rng"])
@@ -1739,14 +1810,12 @@ def eval_only(s: Settings, given: set[str] = frozenset(), log=print) -> dict:
     check_out(out, s)
     data = load_data(s, device)
     model = build_model(s, data.num_classes, data.image_size).to(device)
-    load_weights(model, ckpt["model"], s.eval_only)
+    load_weights(model, ckpt, s.eval_only)
     return finish(model, data, s, out, ckpt["history"], ckpt["train_seconds"], device, log)
 
 # ==================================================================================================
 # 11. Report: every table of the paper from result.json files
 # ==================================================================================================
-LABELS = {"sdense": "AT(S-Dense)", "sparse": "AT(Sparse)", "moe": "AT(MoE)", "advmoe": "AdvMoE",
-          "dense": "AT(Dense)"}
 TABLE1 = ("sdense", "sparse", "moe", "advmoe", "dense")  # Table 1's rows; AT(Dense) is the reference
 # Insight 2's split of PGD examples, in % of the split n test images classified correctly when clean
 SPLIT = {"router robustness": "routing.router_robustness", "(uncollapsed layers)":
@@ -1757,8 +1826,7 @@ SPLIT = {"router robustness": "routing.router_robustness", "(uncollapsed layers)
 
 def key(path: str) -> Callable[[dict], object]:
     """A getter of a result.json entry: key("routing.split_n")(r) = r["routing"]["split_n"], or None."""
-    return lambda r: functools.reduce(lambda d, k: d.get(k) if isinstance(d, dict) else None, path.split("."),
-                                      r)
+    return lambda r: functools.reduce(lambda d, k: (d or {}).get(k), path.split("."), r)
 
 def read_results(root: Path) -> list[dict]:
     """Every result.json below root, with its folder as "path"; one unreadable is skipped with a warning."""
@@ -1773,42 +1841,37 @@ def read_results(root: Path) -> list[dict]:
                   file=sys.stderr)
     return results
 
-def recipe(r: dict, drop: tuple = ()) -> tuple:
-    """What a run trained and how it was measured (the settings this file knows): all but its seed, its run
-    flags and `drop`."""
-    skip = set(RUN_FIELDS) | {"seed", "quick_eval_n", *drop}
+def recipe(r: dict) -> tuple:
+    """What a run trained and how it was measured: the settings this file knows but its seed and run flags."""
+    skip = set(RUN_FIELDS) | {"seed", "quick_eval_n"}
     return tuple(sorted((k, str(v)) for k, v in r["settings"].items() if k in Settings.__dataclass_fields__
                         and k not in skip))
 
-def cell(runs: list[dict], get: Callable = key("ra"), digits: int = 2) -> str | None:
+def cell(runs: list[dict], get: Callable, digits: int = 2) -> str | None:
     """The mean over runs (the seeds of one recipe) of get(run), ± half the range (the number of runs)."""
     v = [x for x in map(get, runs) if x is not None]
     spread = f" ± {(max(v) - min(v)) / 2:.{digits}f} ({len(v)})" if len(v) > 1 else ""
     return f"{sum(v) / len(v):.{digits}f}{spread}" if v else None
 
-def md_table(title: str, head: list[str], rows: list[list], note: str = "") -> list[str]:
-    """A markdown table under its title; a blank cell was not run."""
-    return [f"## {title}", "", *([note, ""] if note else []), "| " + " | ".join(head) + " |",
-            "|---|" + "---:|" * (len(head) - 1), *("| " + " | ".join("" if c is None else str(c) for c in row)
-                                                 + " |" for row in rows), ""]
-
-def per_run(title: str, runs: list[dict], columns: dict, note: str = "") -> list[str]:
-    """A row per run: its folder, then a cell per column (a result.json key path, or a getter)."""
-    getters = [key(c) if isinstance(c, str) else c for c in columns.values()]
-    return md_table(title, ["run", *columns], [[r["path"], *(get(r) for get in getters)] for r in runs], note)
-
-def by_recipe(title: str, runs: list[dict], columns: dict, note: str = "") -> list[str]:
-    """A row per recipe, in the order of `runs`: the settings that tell its rows apart, its seeds, then a cell
-    per column, the mean over its seeds ± half their range."""
-    groups, getters = {}, [key(c) if isinstance(c, str) else c for c in columns.values()]
-    for r in runs:
-        groups.setdefault(recipe(r), []).append(r)
-    varying = sorted({k for g in groups for k, _ in g if len({dict(h).get(k) for h in groups}) > 1})
-    varying = [k for k in varying if k != "init"]  # (AT(Sparse)'s --init: its checkpoint's path)
-    return md_table(title, ["recipe", "seeds", *columns], [
-        [", ".join(f"{k} {dict(g).get(k)}" for k in varying) or "-", ", ".join(str(r["seed"]) for r in rs),
-         *(cell(rs, get, 4 if name == "GFLOPs" else 2) for name, get in zip(columns, getters))]
-        for g, rs in groups.items()], note)
+def table(title: str, runs: list[dict], columns: dict, note: str = "", per_run: bool = False) -> list[str]:
+    """A markdown table: a row per run (its folder, then a cell per column, a result.json key path or a
+    getter), or per recipe (the settings that tell its rows apart, its seeds, then per column the mean over
+    its seeds ± half their range). A blank cell was not run."""
+    getters, groups = [key(c) if isinstance(c, str) else c for c in columns.values()], {}
+    if per_run:
+        rows = [[r["path"], *(get(r) for get in getters)] for r in runs]
+    else:
+        for r in runs:
+            groups.setdefault(recipe(r), []).append(r)
+        varying = [k for k in sorted({k for g in groups for k, _ in g}) if k != "init" and
+                   len({dict(g).get(k) for g in groups}) > 1]
+        rows = [[", ".join(f"{k} {dict(g).get(k)}" for k in varying) or "-", ", ".join(str(r["seed"]) for r in rs),
+                 *(cell(rs, get, 4 if name == "GFLOPs" else 2) for name, get in zip(columns, getters))]
+                for g, rs in groups.items()]
+    head = ["run"] if per_run else ["recipe", "seeds"]
+    return [f"## {title}", "", *([note, ""] if note else []), "| " + " | ".join(head + [*columns]) + " |",
+            "|---|" + "---:|" * (len(head) + len(columns) - 1),
+            *("| " + " | ".join("" if c is None else str(c) for c in row) + " |" for row in rows), ""]
 
 # the columns of the per-run and per-recipe tables: a result.json key path, or a getter
 ROUTING = {"method": "method", "SA": "sa", "RA": "ra", "collapsed at epoch 0": "routing_epoch0.collapsed",
@@ -1821,9 +1884,12 @@ RECIPES = {"train acc": lambda r: 100 * r["history"][-1]["acc"], "val SA": "val.
                key("routing.majority_changed")(h) or 0 for h in r["history"]) if r["routing"] else None,
            "GFLOPs": "gflops"}
 RUNS = {**{c: c for c in ("method", "ratio", "n_experts", "router", "loss", "epochs", "sa", "ra", "ra_worst",
-                          "gflops", "eval_n", "device", "torch")},
-        "RA per attack": lambda r: ", ".join(f"{k} {v:.2f}" for k, v in r["attacks"].items()),
-        "commit": lambda r: (r["commit"] or "?")[:10]}
+                          "gflops", "eval_n", "device", "torch")}, "commit": lambda r: (r["commit"] or "?")[:10]}
+ROUTING_NOTE = ("Collapsed: layers that send >= 95% of the inputs to one expert (epoch 0: 256 validation images, "
+                "batch statistics; final: the clean test images). Insight 2's split of PGD examples, in % of "
+                "the split n images correct when clean: (1) neither routers nor prediction fooled, (2) routers "
+                "only, (3) prediction only, (4) both; router robustness (1)+(3) (also over the layers not "
+                "collapsed), MoE robustness (1)+(2).")
 
 def report(folder: str) -> str:
     """Markdown from every result.json below `folder`, also written to folder/report.md: Table 1 per data set
@@ -1837,38 +1903,31 @@ def report(folder: str) -> str:
         # Table 1: the paper's protocol (N = 2, r = 0.5, per-layer routers, no regularizer), a row per method
         paper = [r for r in runs if r["method"] in TABLE1 and r["n_experts"] <= 2 and r["router"] != "global"
                  and r["ratio"] == (1.0 if r["method"] == "dense" else 0.5) and not r["settings"]["balance"]]
-        paper.sort(key=lambda r: TABLE1.index(r["method"]))
-        lines += by_recipe(f"Table 1: {dataset}, {arch}", paper, {"SA": "sa", "RA": "ra", "GFLOPs": "gflops"})
-        fig7 = [r for r in runs if r["method"] == "advmoe"]
-        if len({(r["n_experts"], r["ratio"]) for r in fig7}) > 1:
-            lines += by_recipe(f"Fig. 7: AdvMoE's RA over N and r, {dataset}, {arch}", fig7, {"RA": "ra"})
+        lines += table(f"Table 1: {dataset}, {arch}", sorted(paper, key=lambda r: TABLE1.index(r["method"])),
+                       {"SA": "sa", "RA": "ra", "GFLOPs": "gflops"})
+        if len({(r["n_experts"], r["ratio"]) for r in runs if r["method"] == "advmoe"}) > 1:
+            lines += table(f"Fig. 7: AdvMoE's RA over N and r, {dataset}, {arch}",
+                           [r for r in runs if r["method"] == "advmoe"], {"RA": "ra"})
         fig8 = sorted((r for r in runs if r["n_experts"] in (1, 2)), key=lambda r: (r["ratio"], r["method"]))
         if len({r["ratio"] for r in fig8 if r["method"] != "dense"}) > 1:
-            lines += by_recipe(f"Fig. 8: SA / RA over r (N = 2), {dataset}, {arch}", fig8,
-                               {"SA": "sa", "RA": "ra"})
+            lines += table(f"Fig. 8: SA / RA over r (N = 2), {dataset}, {arch}", fig8, {"SA": "sa", "RA": "ra"})
     if aa := [r for r in rs if r.get("autoattack")]:
         parts = {c["name"]: f"attacks.autoattack/{c['name']}" for c in aa[0]["autoattack"]["components"]}
-        lines += per_run("Table 2: AutoAttack (standard)", aa, {
+        lines += table("Table 2: AutoAttack (standard)", aa, {
             "method": "method", "SA": "sa", "RA (PGD, same images)": "autoattack.ra_pgd_same_images",
-            "RA-AA": "ra_aa", "images": "autoattack.images", **parts}, "RA after each component.")
+            "RA-AA": "ra_aa", "images": "autoattack.images", **parts}, "RA after each component.", True)
     if study := [r for r in moes if r["loss"] == "natural" or r["settings"]["train_params"] != "all"]:
         stage = lambda r: "natural" if r["loss"] == "natural" else r["settings"]["train_params"]  # noqa: E731
-        lines += per_run("Sec. 4 study (Insights 1-3)", study,
-                         {"stage": stage, "SA": "sa", "RA": "ra", **SPLIT})
+        lines += table("Sec. 4 study (Insights 1-3)", study, {"stage": stage, "SA": "sa", "RA": "ra", **SPLIT},
+                       per_run=True)
     if moes:
-        lines += per_run("Routing before training and under attack", moes, ROUTING, ROUTING_NOTE)
-    lines += by_recipe("Every recipe over its seeds", [r for r in rs if not r["settings"]["eval_only"]],
-                       RECIPES, "train acc: the last epoch's; RA-worst: correct under every attack but "
-                       "AutoAttack; majority changes: layers whose majority expert moved, over all epochs.")
-    text = "\n".join(lines + per_run("Runs", rs, RUNS))
+        lines += table("Routing before training and under attack", moes, ROUTING, ROUTING_NOTE, True)
+    lines += table("Every recipe over its seeds", [r for r in rs if not r["settings"]["eval_only"]], RECIPES,
+                   "train acc: the last epoch's; RA-worst: correct under every attack but AutoAttack; majority "
+                   "changes: layers whose majority expert moved, over all epochs.")
+    text = "\n".join(lines + table("Runs", rs, RUNS, per_run=True))
     atomic_write(Path(folder) / "report.md", lambda tmp: Path(tmp).write_text(text))
     return text
-
-ROUTING_NOTE = ("Collapsed: MoE layers that send 95% or more of the inputs to one expert (epoch 0: 256 "
-                "validation images, batch statistics; final: the clean test images). Insight 2's split of "
-                "PGD examples, in % of the split n images correct when clean: (1) neither routers nor "
-                "prediction fooled, (2) routers only, (3) prediction only, (4) both; router robustness "
-                "(1)+(3), also counting only the layers that are not collapsed; MoE robustness (1)+(2).")
 
 def trained(r: dict) -> bool:  # an adversarial training run of every parameter (not --eval-only, Sec. 4)
     st = r["settings"]
@@ -1876,19 +1935,15 @@ def trained(r: dict) -> bool:  # an adversarial training run of every parameter 
 
 def collapsed(r: dict) -> int | None:  # layers where one expert takes >= 95% of the clean test images
     return sum(max(u) >= 0.95 for u in r["routing"]["usage_clean"]) if r["routing"] else None
-
 # ==================================================================================================
 # 12. Bench: speed and cost, measured
 # ==================================================================================================
 def bench(argv: list[str], log=print) -> dict:
     """Per method of Table 1 on random CIFAR-size inputs: the training step's mean time over repeats (its
     first step apart: with --compile, the compilation), inference images/s at a large batch, GFLOPs per input
-    as executed. Flags: --out FILE.json, and training flags (--arch, --width, --batch-size, --device, ...)."""
+    as executed. Flags: training flags (--arch, --width, --batch-size, --device, ...); --out FILE.json."""
+    base = parse_settings(["--dataset", "synthetic", *argv])
     from torch.utils.benchmark import Timer  # (it synchronizes CUDA around what it times)
-    parser = Parser(prog="advmoe.py bench", description=bench.__doc__)
-    parser.add_argument("--out", default="", help="JSON file to write")
-    a, rest = parser.parse_known_args(argv)
-    base = parse_settings(["--dataset", "synthetic", *rest])
     device, rows, b = resolve_device(base.device), [], base.batch_size
     repeats, infer_batch, gpu = (20, 1024, True) if device.type == "cuda" else (3, 64, False)
     amp = functools.partial(torch.autocast, "cuda", dtype=torch.bfloat16, enabled=gpu)
@@ -1910,10 +1965,9 @@ def bench(argv: list[str], log=print) -> dict:
         rows.append({**row, "gflops": round(gflops_per_input(model, xb[:16]), 4)})
         log(json.dumps(rows[-1]))
     result = {"device": device_name(device), "torch": torch.__version__, "commit": COMMIT, "arch": base.arch,
-              "width": base.width, "batch": b, "infer_batch": infer_batch, "compile": base.compile,
-              "rows": rows}
-    if a.out:
-        write_json(Path(a.out), result)
+              "width": base.width, "batch": b, "infer_batch": infer_batch, "compile": base.compile, "rows": rows}
+    if base.out:
+        write_json(Path(base.out), result)
     return result
 
 # ==================================================================================================
