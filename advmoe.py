@@ -279,9 +279,9 @@ class MoEConv(nn.Module):
         scale = bn.weight.view(n, -1) / torch.sqrt(var + bn.eps)
         return scale, bn.bias.view(n, -1) - mean * scale
 
-# The global router (the authors' code, --router global): one decision per image, from the image itself, shared
-# by every MoE layer, so an input runs one of N fixed pathways. The paper's Fig. A1 instead has a router per
-# layer, reading that layer's input; the learnability study compares both.
+# The global router (the authors' code, --router global): one decision per image, from the image itself,
+# shared by every MoE layer, so an input runs one of N fixed pathways. The paper's Fig. A1 instead has a
+# router per layer, reading that layer's input; the learnability study compares both.
 class GlobalRouter(nn.Module):
     """The authors' image-level router: one decision shared by every layer (a small CNN, 16/32/64 channels,
     as their ResNet-20-like one), on the same standardized pooled features as the per-layer routers."""
@@ -578,7 +578,8 @@ class Stem(nn.Module):
 # 512 channels (times r in a pathway); the first block of stages 2-4 halves the resolution, and its 1x1
 # projection shortcut is shared by the experts. Routed: both 3x3 convs of every block, 16 MoE layers. At
 # CIFAR-10 Dense has 11.17 M parameters and 1.11 GFLOPs per image; S-Dense (r = 0.5) 2.80 M and 0.28; the
-# MoE-CNN (N = 2) 5.55 M, of which one pathway, 0.28 GFLOPs, runs per image: S-Dense's cost, twice its weights.
+# MoE-CNN (N = 2) 5.55 M, of which one pathway, 0.28 GFLOPs, runs per image: S-Dense's cost, twice its
+# weights.
 class BasicBlock(nn.Module):
     """ResNet block: relu(BN(conv2(relu(BN(conv1 x)))) + shortcut(x)); both 3x3 convs routed."""
 
@@ -715,7 +716,7 @@ class DenseNet(nn.Module):
                 # transition: BN-ReLU-conv1x1 to half the channels (compression 0.5), then a 2x2 avg-pool;
                 # it reads the block's whole concatenation and starts the next block with one group
                 cout = sum(chans) // 2
-                layers.append(nn.ModuleDict({"bn": spec.bn(chans), "conv": spec.conv(chans, cout, 1, bn=False)}))
+                layers.append(nn.ModuleDict({"bn": spec.bn(chans), "conv": spec.conv(chans, cout, 1, bn=0)}))
                 chans = (cout,)
         self.layers, self.bn, self.fc = nn.ModuleList(layers), spec.bn(chans), spec.fc(chans, num_classes)
 
@@ -765,8 +766,8 @@ class MoECNN(nn.Module):
         logits = self.backbone(x, routing)
         return (logits, routing.gates) if return_routing else logits
 
-# Algorithm 1's two levels split the parameters by name: phi is every router (a gate per MoE layer, or the global
-# router), psi everything else, the experts' filters and BatchNorms included.
+# Algorithm 1's two levels split the parameters by name: phi is every router (a gate per MoE layer, or the
+# global router), psi everything else, the experts' filters and BatchNorms included.
 def router_params(model: nn.Module) -> list[nn.Parameter]:
     """phi: the routers' parameters."""
     return [p for n, p in model.named_parameters() if "router" in n]
@@ -779,16 +780,16 @@ def backbone_params(model: nn.Module) -> list[nn.Parameter]:
 # 5. Evaluation: SA, RA (PGD-50), stronger attacks, AutoAttack, routing statistics, GFLOPs
 # ==================================================================================================
 # The paper reports SA (clean accuracy), RA under PGD-50 at the training eps, RA under AutoAttack (Table 2)
-# and GFLOPs. Hard top-1 routing is an argmax, so a gradient attack through it can understate what an
-# attacker achieves (gradient masking): the soft attack differentiates through the experts mixed by the
-# routers' probabilities, and Square needs no gradient at all. RA-worst counts an image robust only if it
-# survives every attack run. The routing under attack (Insight 2) splits the PGD examples of the images
-# classified correctly when clean by whether the routers' choices moved and whether the prediction did.
-# The protocol of every number here: PGD-50 with step eps/4 from a uniform start in the eps-ball (the test RA of
-# the paper's Table 1), AutoAttack at its reference settings (Table 2), all at the training eps; the model in
-# eval mode (BatchNorm running statistics) and in float32; each attack with its own random stream.
-# Images per batch of evaluation and attacks: a batch's numbers do not depend on the batch size (eval mode), so
-# this only trades memory for speed.
+# and GFLOPs. Hard top-1 routing is an argmax, so a gradient attack through it can understate what an attacker
+# achieves (gradient masking): the soft attack differentiates through the experts mixed by the routers'
+# probabilities, and Square needs no gradient at all. RA-worst counts an image robust only if it survives
+# every attack run. The routing under attack (Insight 2) splits the PGD examples of the images classified
+# correctly when clean by whether the routers' choices moved and whether the prediction did. The protocol of
+# every number here: PGD-50 with step eps/4 from a uniform start in the eps-ball (the test RA of the paper's
+# Table 1), AutoAttack at its reference settings (Table 2), all at the training eps; the model in eval mode
+# (BatchNorm running statistics) and in float32; each attack with its own random stream. Images per batch of
+# evaluation and attacks: a batch's numbers do not depend on the batch size (eval mode), so this only trades
+# memory for speed.
 EVAL_BATCH = 256
 
 def adversaries(name: str, model: nn.Module, x, y, s, steps: int, gen: torch.Generator | None = None,
@@ -854,7 +855,7 @@ def evaluate(model: nn.Module, data, s, steps: int | None = None, limit: int = 0
         4-way split of Insight 2 under PGD, over the split_n images correct when clean: routing_summary.
     Everything runs in float32: FAB and Square stop just past the decision boundary, and routing is an argmax,
     so a bf16 re-classification could flip them back."""
-    steps, device, n_classes = steps or s.test_steps, next(model.parameters()).device, model.backbone.fc.out_features
+    steps, device, classes = steps or s.test_steps, next(model.parameters()).device, model.backbone.fc
     attacks = ("pgd",) + tuple(a for a in attacks if a != "pgd")
     # each attack draws its random starts from its own stream, seeded by the run's seed and the attack's name:
     # adding an attack changes no other attack's RA, and an --eval-only gives a run's numbers again
@@ -866,7 +867,8 @@ def evaluate(model: nn.Module, data, s, steps: int | None = None, limit: int = 0
         for x, y in data.test_batches(EVAL_BATCH, limit, split):
             done = sum(map(len, correct["clean"]))                               # images before this batch
             found = [("clean", x)]
-            # every attack on the whole batch, but AutoAttack (minutes per batch) on the first --aa-n images only
+            # every attack on the whole batch, but AutoAttack (minutes per batch) on the first --aa-n images
+            # only
             for name in attacks:
                 take = len(y) if name != "autoattack" or not s.aa_n else max(0, min(len(y), s.aa_n - done))
                 if take:
@@ -890,7 +892,8 @@ def evaluate(model: nn.Module, data, s, steps: int | None = None, limit: int = 0
     result = {"sa": percent(ok["clean"]), "ra": percent(pgd_ok), "n": len(ok["clean"]), "attacks": ras,
               "attack": f"PGD-{steps} (CE, eps {s.eps:.5f}, step {s.test_step_size:.5f}, uniform start)",
               "attack_n": {k: len(v) for k, v in ok.items() if k != "clean"},
-              "ra_worst": percent(torch.stack([ok[k][:seen_all] for k in final]).all(0)), "ra_worst_n": seen_all,
+              "ra_worst": percent(torch.stack([ok[k][:seen_all] for k in final]).all(0)),
+              "ra_worst_n": seen_all,
               "ra_worst_without_aa": percent(torch.stack([ok[k] for k in final if k != "autoattack"]).all(0)),
               "routing": {}}
     if "autoattack" in ok:
@@ -898,16 +901,17 @@ def evaluate(model: nn.Module, data, s, steps: int | None = None, limit: int = 0
             "label": "AutoAttack (standard)", "images": len(ok["autoattack"]),
             "ra_pgd_same_images": percent(pgd_ok[:len(ok["autoattack"])]),
             "components": [{"name": k, "attack": cls, "settings": kw, "ra_after": ras.get(f"autoattack/{k}")}
-                           for k, (cls, kw) in autoattack_settings(s.eps, n_classes).items()]}
+                           for k, (cls, kw) in autoattack_settings(s.eps, classes.out_features).items()]}
     if paths["clean"]:
         n_experts = max(m.n for m in model.modules() if isinstance(m, MoEConv))
         result["routing"] = routing_summary(*(torch.cat(p) for p in paths.values()), pgd_ok, ok["clean"],
                                             n_experts)
     return result
 
-# The routing statistics, from each input's pathway (its expert at every MoE layer, (B, L)) clean and under PGD,
-# and whether it is classified correctly. Insight 2 asks which of the two ways in an attack took: it moved the
-# routers' choices (another pathway), or fooled the pathway chosen, or both; one that does neither failed.
+# The routing statistics, from each input's pathway (its expert at every MoE layer, (B, L)) clean and under
+# PGD, and whether it is classified correctly. Insight 2 asks which of the two ways in an attack took: it
+# moved the routers' choices (another pathway), or fooled the pathway chosen, or both; one that does neither
+# failed.
 def percent(correct: torch.Tensor) -> float:
     """100 * (the share of True in `correct`), 2 decimals: SA, RA_a, RA-worst."""
     return round(100 * correct.float().mean().item(), 2)
@@ -957,8 +961,9 @@ def routing_summary(choice, choice_adv, ok_adv, ok_clean, n_experts: int) -> dic
             "flip_rate_uncollapsed": round(flips[live].double().mean().item() / n, 4) if live.any() else None,
             "pathways": {"clean": pathway_diversity(choice), "adv": pathway_diversity(choice_adv)}}
 
-# A pathway is the tuple of experts an input runs, one per MoE layer: N^L are possible. How many the inputs use,
-# and how evenly, tells routing that routes (many, high entropy) from routing that collapsed (one, 0 bits).
+# A pathway is the tuple of experts an input runs, one per MoE layer: N^L are possible. How many the inputs
+# use, and how evenly, tells routing that routes (many, high entropy) from routing that collapsed (one, 0
+# bits).
 def pathway_diversity(choices: torch.Tensor) -> dict:
     """choices (n, L), each input's pathway: the number of distinct pathways and the entropy of their
     distribution in bits, H = sum_p q_p log2(1 / q_p) (0: one pathway for every input)."""
@@ -1082,14 +1087,16 @@ class Settings:
                    "loss": ("trades", "pgdat", "natural"), "router": ("layer", "global"),
                    "layout": ("position", "pathway"), "train_params": ("all", "routers", "backbone")}
         # (flags, the test a value passes, what it must be); --eval-attacks: a comma-separated list
-        rules = [(lambda v: v >= 1, "n_experts train_steps test_steps square_queries epochs batch_size", ">= 1"),
-                 (lambda v: v >= 0, "eval_n quick_eval_n aa_n train_n val_n", ">= 0"),
-                 (lambda v: math.isfinite(v) and v >= 0, "lr balance router_lr router_supervision", "finite, >= 0"),
-                 (lambda v: math.isfinite(v) and 0 <= v <= 1, "eps", "a radius in pixels of [0,1] images: 0.0314"),
-                 (lambda v: 0 < v <= 1, "ratio", "in (0, 1]: an expert keeps r of the channels"),
-                 (lambda v: 0 < v <= 64, "width", "in (0, 64]: the backbone's channel multiplier"),
-                 *[(lambda v, a=a: set(v.split(",")) <= set(a), k, f"one of {', '.join(a)}")
-                   for k, a in choices.items()]]
+        finite = lambda v: math.isfinite(v) and v >= 0  # noqa: E731
+        rules = [
+            (lambda v: v > 0, "n_experts train_steps test_steps square_queries epochs batch_size", "> 0"),
+            (lambda v: v >= 0, "eval_n quick_eval_n aa_n train_n val_n", ">= 0"),
+            (finite, "lr balance router_lr router_supervision", "finite, >= 0"),
+            (lambda v: finite(v) and v <= 1, "eps", "a radius in pixels of [0,1] images: 0.0314"),
+            (lambda v: 0 < v <= 1, "ratio", "in (0, 1]: an expert keeps r of the channels"),
+            (lambda v: 0 < v <= 64, "width", "in (0, 64]: the backbone's channel multiplier"),
+            *[(lambda v, a=a: set(v.split(",")) <= set(a), k, f"one of {', '.join(a)}")
+              for k, a in choices.items()]]
         for ok, names, must in rules:
             if bad := [name for name in names.split() if not ok(getattr(self, name))]:
                 raise ConfigError(f"{flag(bad[0])} {getattr(self, bad[0])!r} must be {must}")
@@ -1117,8 +1124,8 @@ class Settings:
     model_experts = property(lambda self: self.n_experts if self.method in MOE_METHODS else 1)
 
     # what the method's functions read of these settings (section 3)
-    objective = property(lambda self: Objective(self.loss, BETA, self.eps, self.train_step_size, self.train_steps,
-                                                self.balance, self.router_supervision))
+    objective = property(lambda self: Objective(self.loss, BETA, self.eps, self.train_step_size,
+                                                self.train_steps, self.balance, self.router_supervision))
 
     @property
     def name(self) -> str:
@@ -1144,8 +1151,8 @@ class Parser(argparse.ArgumentParser):
 def settings_parser(defaults: bool = True) -> argparse.ArgumentParser:
     """The flags of Settings, grouped, with each field's comment as its help; defaults=False leaves out of
     the parsed namespace what was not given."""
-    parser = Parser(usage="python advmoe.py [flags] | report DIR | bench [flags]", description="AdvMoE (ICCV "
-                    "2023): train and evaluate one model (the flags below), or: 'report DIR' (every table from the "
+    parser = Parser(usage="python advmoe.py [flags] | report DIR | bench [flags]", description="AdvMoE: "
+                    "train and evaluate one model (the flags below), or: 'report DIR' (every table from the "
                     "result.json files below DIR), 'bench' (step time, images/s, GFLOPs per method).")
     types, group, text = {"str": str, "int": int, "float": float}, parser, []
     for line in (line.strip() for line in inspect.getsource(Settings).splitlines()):
@@ -1173,9 +1180,10 @@ class TensorData:
     copies), augmented a whole batch at a time. shard = (rank, world size) under torchrun."""
 
     def __init__(self, train: tuple, test: tuple, val: tuple, num_classes: int, device, shard=(0, 1)):
-        self.splits = {k: tuple(t.to(device) for t in v) for k, v in zip(("train", "test", "val"), (train, test, val))}
-        self.num_classes, self.image_size, self.device, self.shard = num_classes, train[0].shape[-1], device, shard
-        self.sizes = {k: len(v[1]) for k, v in self.splits.items()}
+        splits = zip(("train", "test", "val"), (train, test, val))
+        self.splits = {k: tuple(t.to(device) for t in v) for k, v in splits}
+        self.num_classes, self.image_size, self.device = num_classes, train[0].shape[-1], device
+        self.shard, self.sizes = shard, {k: len(v[1]) for k, v in self.splits.items()}
 
     def train_batches(self, batch_size: int, gen: torch.Generator):
         """One shuffled epoch, its randomness (order, crop offsets, flips) drawn at once from `gen`. Every
@@ -1236,8 +1244,8 @@ class FolderData(TensorData):
         held_out.transform = test_tf
         self.splits = {"train": Subset(train, keep.tolist()), "val": Subset(held_out, held.tolist()),
                        "test": ImageFolder(str(root / "val"), test_tf)}
-        self.num_classes, self.image_size, self.device, self.shard = len(train.classes), image_size, device, shard
-        self.sizes = {k: len(v) for k, v in self.splits.items()}
+        self.num_classes, self.image_size, self.device = len(train.classes), image_size, device
+        self.shard, self.sizes = shard, {k: len(v) for k, v in self.splits.items()}
 
     def loader(self, dataset, batch_size: int, order=None):
         return DataLoader(dataset, batch_size, sampler=order, drop_last=order is not None, num_workers=8,
@@ -1515,7 +1523,8 @@ def channel_wiring(model: MoECNN) -> dict[nn.Module, tuple[tuple, str]]:
         wire[net.stem.conv] = ((), f"stage{stage}")
         for i, block in enumerate(net.blocks, 1):
             stream, stage = f"stage{stage}", stage + (block.shortcut is not None)
-            wire[block.conv1], wire[block.conv2] = ((stream,), f"block{i}_mid"), ((f"block{i}_mid",), f"stage{stage}")
+            mid = f"block{i}_mid"
+            wire[block.conv1], wire[block.conv2] = ((stream,), mid), ((mid,), f"stage{stage}")
             wire.update({block.shortcut: ((stream,), f"stage{stage}")} if block.shortcut else {})
             wire.update({block.bn1: ((stream,), "")} if isinstance(block, WideBlock) else {})
         groups = (f"stage{stage}",)
@@ -1599,8 +1608,9 @@ def extract_sparse(dense: MoECNN, keep: dict[str, torch.Tensor]) -> dict[str, to
     for name, m in dense.named_modules():
         if m in wiring:
             reads, writes = wiring[m]
-            # the rows (output channels) it keeps: those of the group it writes, for a pre-activation BatchNorm
-            # those it reads; the columns (input channels): those it reads (all 3 of the stem's RGB input)
+            # the rows (output channels) it keeps: those of the group it writes, for a pre-activation
+            # BatchNorm those it reads; the columns (input channels): those it reads (all 3 of the stem's RGB
+            # input)
             rows = kept((writes,)) if writes else kept(reads) if isinstance(m, nn.BatchNorm2d) else None
             cols = kept(reads) if reads else None
             for k, v in m.state_dict().items():  # weights, BatchNorm affine and statistics, biases
@@ -1634,7 +1644,8 @@ def prune(s: Settings, data, device, log) -> tuple[dict, dict]:
     keep, sizes = pruner.keep(), channel_groups(dense)
     log(f"pruned to {sum(map(len, keep.values()))} of {sum(sizes.values())} channels")
     kept = {g: len(v) for g, v in keep.items()}
-    return extract_sparse(dense, keep), {"sparse": {"init": s.init or None, "kept": kept, "prune_history": history}}
+    return extract_sparse(dense, keep), {"sparse": {"init": s.init or None, "kept": kept,
+                                                    "prune_history": history}}
 
 # ==================================================================================================
 # 10. Files: result.json, checkpoints (data, not code), --resume and --eval-only
@@ -1716,7 +1727,8 @@ def check_out(out: Path, s: Settings, rank: int = 0):
         p.rmdir()
 
 # what a checkpoint's weights fit, and the flags that build its model
-MODEL_FIELDS = ("arch", "method", "ratio", "n_experts", "router", "width", "shared_bn", "router_standardize", "layout")
+MODEL_FIELDS = ("arch", "method", "ratio", "n_experts", "router", "width", "shared_bn", "router_standardize",
+                "layout")
 IDENTITY = ("method", "dataset", "arch", "model_ratio", "model_experts") + MODEL_FIELDS[4:]
 # what a checkpoint that does not record a setting was trained with
 LEGACY = {"shared_bn": False, "router_standardize": True, "layout": "position"}
@@ -1770,11 +1782,12 @@ def starting_point(out: Path, model, opts: dict, s: Settings, data, rank: int, l
             model.load_state_dict(state)
         elif s.init:  # --init: start from another run's weights
             # any method's weights (IDENTITY[0] is the method) of the same model
-            load_weights(model, read_checkpoint(Path(s.init)), s.init, {k: getattr(s, k) for k in IDENTITY[1:]})
+            same = {k: getattr(s, k) for k in IDENTITY[1:]}
+            load_weights(model, read_checkpoint(Path(s.init)), s.init, same)
         if rank == 0 and (routing := routing_snapshot(model, data, fresh=True)):
             extra["routing_epoch0"] = routing
             log(f"epoch 0 (before training): routing collapsed in {routing['collapsed']} of "
-                f"{len(routing['top_share'])} MoE layers, top-expert share max {max(routing['top_share']):.2f}")
+                f"{len(routing['top_share'])} MoE layers")
         if dist.is_initialized():
             torch.manual_seed(s.seed + rank)  # attack starts differ between processes
         return 0, [], time.perf_counter() - t0 if s.method == "sparse" else 0.0, extra
@@ -1843,9 +1856,8 @@ def read_results(root: Path) -> list[dict]:
 
 def recipe(r: dict) -> tuple:
     """What a run trained and how it was measured: the settings this file knows but its seed and run flags."""
-    skip = set(RUN_FIELDS) | {"seed", "quick_eval_n"}
     return tuple(sorted((k, str(v)) for k, v in r["settings"].items() if k in Settings.__dataclass_fields__
-                        and k not in skip))
+                        and k not in RUN_FIELDS + ("seed", "quick_eval_n")))
 
 def cell(runs: list[dict], get: Callable, digits: int = 2) -> str | None:
     """The mean over runs (the seeds of one recipe) of get(run), ± half the range (the number of runs)."""
@@ -1858,14 +1870,15 @@ def table(title: str, runs: list[dict], columns: dict, note: str = "", per_run: 
     getter), or per recipe (the settings that tell its rows apart, its seeds, then per column the mean over
     its seeds ± half their range). A blank cell was not run."""
     getters, groups = [key(c) if isinstance(c, str) else c for c in columns.values()], {}
+    for r in runs:
+        groups.setdefault(recipe(r), []).append(r)
     if per_run:
         rows = [[r["path"], *(get(r) for get in getters)] for r in runs]
     else:
-        for r in runs:
-            groups.setdefault(recipe(r), []).append(r)
         varying = [k for k in sorted({k for g in groups for k, _ in g}) if k != "init" and
                    len({dict(g).get(k) for g in groups}) > 1]
-        rows = [[", ".join(f"{k} {dict(g).get(k)}" for k in varying) or "-", ", ".join(str(r["seed"]) for r in rs),
+        rows = [[", ".join(f"{k} {dict(g).get(k)}" for k in varying) or "-",
+                 ", ".join(str(r["seed"]) for r in rs),
                  *(cell(rs, get, 4 if name == "GFLOPs" else 2) for name, get in zip(columns, getters))]
                 for g, rs in groups.items()]
     head = ["run"] if per_run else ["recipe", "seeds"]
@@ -1879,17 +1892,17 @@ ROUTING = {"method": "method", "SA": "sa", "RA": "ra", "collapsed at epoch 0": "
            "routing.pathways.clean.entropy_bits", "flip rate": "routing.flip_rate_any_layer", **SPLIT}
 RECIPES = {"train acc": lambda r: 100 * r["history"][-1]["acc"], "val SA": "val.sa", "SA": "sa",
            "RA (PGD)": "ra", "soft": "attacks.soft", "Square": "attacks.square",
-           "RA-worst": "ra_worst_without_aa", "RA-AA": "ra_aa", "collapsed": lambda r: collapsed(r),
-           "majority changes": lambda r: sum(
+           "RA-worst": "ra_worst_without_aa", "RA-AA": "ra_aa",
+           "collapsed": lambda r: collapsed(r), "majority changes": lambda r: sum(
                key("routing.majority_changed")(h) or 0 for h in r["history"]) if r["routing"] else None,
            "GFLOPs": "gflops"}
 RUNS = {**{c: c for c in ("method", "ratio", "n_experts", "router", "loss", "epochs", "sa", "ra", "ra_worst",
-                          "gflops", "eval_n", "device", "torch")}, "commit": lambda r: (r["commit"] or "?")[:10]}
-ROUTING_NOTE = ("Collapsed: layers that send >= 95% of the inputs to one expert (epoch 0: 256 validation images, "
-                "batch statistics; final: the clean test images). Insight 2's split of PGD examples, in % of "
-                "the split n images correct when clean: (1) neither routers nor prediction fooled, (2) routers "
-                "only, (3) prediction only, (4) both; router robustness (1)+(3) (also over the layers not "
-                "collapsed), MoE robustness (1)+(2).")
+                          "gflops", "eval_n", "device", "torch")},
+        "commit": lambda r: (r["commit"] or "?")[:10]}
+ROUTING_NOTE = ("Collapsed: layers sending >= 95% of the inputs to one expert. Split of PGD examples (% of "
+                "the split n images correct clean): (1) neither routers nor prediction fooled, (2) routers "
+                "only, (3) prediction only, (4) both; router robustness (1)+(3) (also over uncollapsed "
+                "layers), MoE robustness (1)+(2).")
 
 def report(folder: str) -> str:
     """Markdown from every result.json below `folder`, also written to folder/report.md: Table 1 per data set
@@ -1910,20 +1923,21 @@ def report(folder: str) -> str:
                            [r for r in runs if r["method"] == "advmoe"], {"RA": "ra"})
         fig8 = sorted((r for r in runs if r["n_experts"] in (1, 2)), key=lambda r: (r["ratio"], r["method"]))
         if len({r["ratio"] for r in fig8 if r["method"] != "dense"}) > 1:
-            lines += table(f"Fig. 8: SA / RA over r (N = 2), {dataset}, {arch}", fig8, {"SA": "sa", "RA": "ra"})
+            lines += table(f"Fig. 8: SA / RA over r (N = 2), {dataset}, {arch}", fig8,
+                           {"SA": "sa", "RA": "ra"})
     if aa := [r for r in rs if r.get("autoattack")]:
         parts = {c["name"]: f"attacks.autoattack/{c['name']}" for c in aa[0]["autoattack"]["components"]}
         lines += table("Table 2: AutoAttack (standard)", aa, {
             "method": "method", "SA": "sa", "RA (PGD, same images)": "autoattack.ra_pgd_same_images",
             "RA-AA": "ra_aa", "images": "autoattack.images", **parts}, "RA after each component.", True)
     if study := [r for r in moes if r["loss"] == "natural" or r["settings"]["train_params"] != "all"]:
-        stage = lambda r: "natural" if r["loss"] == "natural" else r["settings"]["train_params"]  # noqa: E731
-        lines += table("Sec. 4 study (Insights 1-3)", study, {"stage": stage, "SA": "sa", "RA": "ra", **SPLIT},
+        stage = {"stage": lambda r: "natural" if r["loss"] == "natural" else r["settings"]["train_params"]}
+        lines += table("Sec. 4 study (Insights 1-3)", study, {**stage, "SA": "sa", "RA": "ra", **SPLIT},
                        per_run=True)
     if moes:
         lines += table("Routing before training and under attack", moes, ROUTING, ROUTING_NOTE, True)
     lines += table("Every recipe over its seeds", [r for r in rs if not r["settings"]["eval_only"]], RECIPES,
-                   "train acc: the last epoch's; RA-worst: correct under every attack but AutoAttack; majority "
+                   "train acc: the last epoch's; RA-worst: under every attack but AutoAttack; majority "
                    "changes: layers whose majority expert moved, over all epochs.")
     text = "\n".join(lines + table("Runs", rs, RUNS, per_run=True))
     atomic_write(Path(folder) / "report.md", lambda tmp: Path(tmp).write_text(text))
@@ -1965,7 +1979,8 @@ def bench(argv: list[str], log=print) -> dict:
         rows.append({**row, "gflops": round(gflops_per_input(model, xb[:16]), 4)})
         log(json.dumps(rows[-1]))
     result = {"device": device_name(device), "torch": torch.__version__, "commit": COMMIT, "arch": base.arch,
-              "width": base.width, "batch": b, "infer_batch": infer_batch, "compile": base.compile, "rows": rows}
+              "width": base.width, "batch": b, "infer_batch": infer_batch, "compile": base.compile,
+              "rows": rows}
     if base.out:
         write_json(Path(base.out), result)
     return result
@@ -1974,15 +1989,16 @@ def bench(argv: list[str], log=print) -> dict:
 # 13. Command line
 # ==================================================================================================
 def main(argv: list[str] | None = None) -> int:
+    """Flags train and evaluate one model (or --eval-only a checkpoint); `report DIR` prints the tables;
+    `bench` measures. Exit status 0; 2 on bad input (one line on stderr, nothing written); 1 when a run
+    diverged (the last finished epoch's checkpoint is kept); 130 on Ctrl-C (the same)."""
     argv = sys.argv[1:] if argv is None else argv
     usage = "usage: python advmoe.py report DIR: the paper's tables from the result.json files below DIR"
     try:
-        if argv[:1] == ["report"] and argv[1:] in (["-h"], ["--help"]):
-            print(usage)
-        elif argv[:1] == ["report"]:
+        if argv[:1] == ["report"]:
             if len(argv) != 2:
                 raise ConfigError(usage)
-            print(report(argv[1]), end="")
+            print(usage if argv[1] in ("-h", "--help") else report(argv[1]).rstrip("\n"))
         elif argv[:1] == ["bench"]:
             bench(argv[1:])
         elif (s := parse_settings(argv)).eval_only:
