@@ -31,7 +31,7 @@ Map: sections 1-5 are the method, 6-13 the operations that run it.
        AT(Dense / S-Dense / MoE)     joint_step
     4. Backbones                     ResNet18, WideResNet, VGG16, DenseNet; Spec makes Dense/S-Dense/MoE
     5. SA, RA (PGD-50), RA-AA        evaluate, adversaries, autoattack; Insight 2 (4-way split):
-       GFLOPs, routing               routing_summary; gflops_per_input; routing_snapshot (every epoch)
+       GFLOPs, routing               routing_summary; gflops_per_input (routing_snapshot, every epoch: 8)
     6-8. settings, data, training loop (train);  9. AT(Sparse): channel_wiring, ChannelScores, prune
     10-13. files (checkpoints, --eval-only), report (Tables 1-2, Figs. 7-8, Sec. 4), bench, command line
 
@@ -48,10 +48,10 @@ Deviations (each marked NOTE(ours) where it is made)
        a conv fed by a routed conv reads with the weight block of the expert that wrote its input, so a
        channel keeps its meaning along a pathway, and at N*r = 1 those blocks tile the Dense conv.
     4. The stem is r*64 wide (ResNet; r*16 WRN, r*24 DenseNet) and shared by the experts, so a pathway is
-       exactly S-Dense; the authors' stem is 64 wide whatever r.
-    5. Pre-activation BatchNorms (WRN, DenseNet) act on the pathway's r*C channels, shared by all experts,
-       like the stem, projection shortcuts and classifier. ImageNet-size inputs get a 7x7/2 stem and a
+       exactly S-Dense; the authors' stem is 64 wide whatever r. ImageNet-size inputs get a 7x7/2 stem and a
        max-pool.
+    5. Pre-activation BatchNorms (WRN, DenseNet) act on the pathway's r*C channels, shared by all experts,
+       like the stem, projection shortcuts and classifier.
     6. Two independent shuffles feed B_phi and B_psi; an epoch is one pass of B_psi. In the lower level the
        BatchNorm running statistics (buffers of psi) keep updating on B_phi.
     7. Routing regularizers the paper does not have, off by default: a Switch-Transformer balance term
@@ -64,7 +64,8 @@ Deviations (each marked NOTE(ours) where it is made)
        "standard" version runs 10 iterations). The soft attack and Square are added to PGD (RA-worst).
    10. The 4-way split of Insight 2 counts only the test images classified correctly when clean (an image
        already wrong cannot be fooled); its percentages are of those images (split_n).
-   11. GFLOPs count what runs on the sparse path (the chosen pathway and the routers), a multiply-add as 2.
+   11. GFLOPs count what runs on the sparse path (the chosen pathway and the routers), a multiply-add as 2;
+       the masked path, CUDA's default, runs every expert (N times the experts' FLOPs, as the authors' code).
    12. torchrun averages each level's gradients with one all-reduce (DDP's reducer cannot follow a level's
        partial backward). On CUDA training runs under bf16 autocast. --width, --train-n and --val-n scale a
        run down for a laptop.
@@ -75,7 +76,8 @@ Evidence here: results/cifar10_laptop/ (real CIFAR-10, ResNet-18 at width 1/4, 2
     AT(MoE) 24.50 (25.70) / 19.8 (21.0), AdvMoE 23.90 (25.45) / 19.0 (20.4). At that scale AdvMoE's gain is
     not reproduced and AT(MoE) < AT(S-Dense) is, on an MoE-CNN that underfits its own pathway: trained
     naturally it reaches 57.2% training accuracy against S-Dense's 73.5% (2 seeds); no switch of deviations
-    1-3 or of the routers' rate closes that, fixed global routing (two pathways) halves it (66.4%).
+    1-3 or of the routers' rate closes that with routing that routes (raw router features reach 67.3% by
+    collapsing 10-14 of 16 layers), fixed global routing (two pathways) halves it (66.4%).
 """
 from __future__ import annotations
 
@@ -108,8 +110,8 @@ MEAN_STD = {  # per-channel mean and std; the model normalizes as its first laye
 # ==================================================================================================
 # 1. The MoE layer: router, top-1 gate with a straight-through estimator, channel-expert convolution
 # ==================================================================================================
-# An MoE layer (Fig. 1a) replaces one convolution of the backbone. Its C output channels are split into N
-# experts of r*C channels each; a small router looks at the layer's input and picks one expert per input
+# An MoE layer (Fig. 1a) replaces one convolution of the backbone with N experts of r*C filters each (one
+# weight of N*r*C filters); a small router looks at the layer's input and picks one expert per input
 # (top-1, hard). Every input thus runs a pathway of r*C channels per layer, S-Dense's width, whatever N.
 # The choice is an argmax, so it has no gradient: the straight-through estimator below gives the router one.
 class Gate(NamedTuple):
@@ -119,14 +121,14 @@ class Gate(NamedTuple):
     scale: torch.Tensor   # (B,) exactly 1.0 in value; carries the router's gradient (straight-through)
 
 def top1_gate(logits: torch.Tensor) -> Gate:
-    """Hard top-1 routing: each input goes to its highest-scoring expert. The probabilities are computed in
-    float32 (under bf16 autocast too), so ties and the argmax do not depend on the precision."""
+    """Hard top-1 routing: each input goes to its highest-scoring expert. The softmax runs in float32 (also
+    under bf16 autocast), so it adds no rounding of its own to the logits' order."""
     probs = logits.float().softmax(-1)                                        # (B, N)
     choice = probs.argmax(-1)                                                 # (B,)
     p = probs.gather(1, choice[:, None]).squeeze(1)                           # (B,) p_{e(b)}
     # s_b = 1 + p_{e(b)} - sg(p_{e(b)}): value 1 (the hard one-hot), gradient that of p_{e(b)}
-    # NOTE(official code): theirs passes the gradient to the chosen raw logit; here it flows through the
-    # softmax, so every logit of the router gets one (both are "straight-through").
+    # NOTE(official code): theirs copies the hard one-hot's gradient to the N raw scores (no softmax); here it
+    # flows through the softmax into every logit (both are "straight-through").
     return Gate(logits, choice, 1.0 + (p - p.detach()))
 
 def straight_through(y: torch.Tensor, gate: Gate) -> torch.Tensor:
@@ -144,8 +146,8 @@ def standardize(z: torch.Tensor) -> torch.Tensor:
 
 def router_head(cin: int, n_experts: int) -> nn.Linear:
     """A router's linear map to N logits: no bias (a shared offset is what standardize removes) and a small
-    init, so the first choices are the input's own and the probabilities start near 1/N. NOTE(paper): Fig. A1
-    draws a router as pooling, a linear map and softmax; its exact form is not given."""
+    init, so the probabilities start near 1/N and the first choices follow the input's features, not a
+    per-expert offset."""
     head = nn.Linear(cin, n_experts, bias=False)
     nn.init.normal_(head.weight, 0.0, 0.01)
     return head
@@ -162,11 +164,11 @@ class Routing:
 class MoEConv(nn.Module):
     """A conv (optionally with its BatchNorm) whose output channels are split into N experts of `cout`
     channels; a router picks one expert per input (Fig. 1a). With N = 1 it is a plain conv, the Dense /
-    S-Dense layer, so every backbone is written once. Expert e owns filters [e*cout, (e+1)*cout) of one
-    (N*cout, n_in*cin, k, k) weight (deviation 3). It reads the pathway's cin channels with columns
-    [u*cin, (u+1)*cin), where u is the expert of the routed conv that wrote its input when the layout keeps
-    channels apart by the expert that wrote them ("pathway": n_in = N), and 0 otherwise ("position": n_in = 1,
-    or an input that experts share, such as a residual stream)."""
+    S-Dense layer, so every backbone is written once. NOTE(ours), deviation 3: expert e owns filters
+    [e*cout, (e+1)*cout) of one (N*cout, n_in*cin, k, k) weight. It reads the pathway's cin channels with
+    columns [u*cin, (u+1)*cin), where u is the expert of the routed conv that wrote its input when the layout
+    keeps channels apart by the expert that wrote them ("pathway": n_in = N), and 0 otherwise ("position":
+    n_in = 1, or an input that experts share, such as a residual stream)."""
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int, n_experts: int, bn: bool, router: bool,
                  shared_bn: bool = False, standardized: bool = True, fed: bool = False):
@@ -230,7 +232,8 @@ class MoEConv(nn.Module):
     def masked_forward(self, x: torch.Tensor, gate: Gate, up: torch.Tensor | None = None, soft: bool = False):
         """Speed path and test reference: skip on a first read. The sparse path above reads the group sizes
         on the host, which stalls a GPU once per layer; on CUDA ("auto") every expert runs on every input
-        instead (static shapes, no host read, one graph for torch.compile) at N times the experts' FLOPs.
+        instead (static shapes, no host read, one graph for torch.compile) at N times the experts' FLOPs (N^2
+        for a fed conv under the pathway layout).
         It is also the reference the sparse path is tested against, and, with soft=True, the forward of the
         surrogate-gradient attack. up (B,): each input's upstream expert (read by the pathway layout only)."""
         if self.n_in > 1:  # x_b in the column block of its upstream expert u(b), zeros elsewhere
@@ -281,10 +284,10 @@ class MoEConv(nn.Module):
 
 # The global router (the authors' code, --router global): one decision per image, from the image itself,
 # shared by every MoE layer, so an input runs one of N fixed pathways. The paper's Fig. A1 instead has a
-# router per layer, reading that layer's input; the learnability study compares both.
+# router per layer, reading that layer's input; results/moe_learnability/ compares both.
 class GlobalRouter(nn.Module):
-    """The authors' image-level router: one decision shared by every layer (a small CNN, 16/32/64 channels,
-    as their ResNet-20-like one), on the same standardized pooled features as the per-layer routers."""
+    """NOTE(ours), deviation 7: an image-level router as the authors' (theirs a ResNet-20-like CNN, this three
+    conv-BN-ReLU layers of 16/32/64 channels), its pooled features standardized like a per-layer router's."""
 
     def __init__(self, n_experts: int, standardized: bool = True):
         super().__init__()
@@ -349,12 +352,13 @@ def kl_from_logits(p_logits: torch.Tensor, q_logits: torch.Tensor, reduction: st
                     log_target=True)
 
 def ce_objective(model: nn.Module, y: torch.Tensor, dispatch: str = "auto") -> Callable:
-    """The test attack's objective sum_b CE(f(x'_b), y_b): a sum, so each input's gradient is its own."""
+    """The test attack's objective sum_b CE(f(x'_b), y_b): a sum, so an input's gradient does not shrink with
+    the batch size (PGD reads only its sign, but a small gradient could underflow)."""
     return lambda x_adv: F.cross_entropy(model(x_adv, dispatch=dispatch).float(), y, reduction="sum")
 
 def trades_loss(logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
     # (AT) CE(f(x), y) + beta * KL(f(x) || f(x + delta))
-    # NOTE(paper): as in TRADES' reference code, both sides of the KL carry gradient; only attack targets are
+    # As in TRADES' reference code, both sides of the KL carry gradient; only attack targets are
     # detached.
     return F.cross_entropy(logits.float(), y) + beta * kl_from_logits(logits, logits_adv)
 
@@ -443,7 +447,7 @@ def level(model: nn.Module, opt: torch.optim.Optimizer, x, y, obj: Objective, re
     # sense of Algorithm 1 (they still shape this level's gradient through the forward)
     params = [p for g in opt.param_groups for p in g["params"]]
     opt.zero_grad(set_to_none=True)
-    loss.backward(inputs=params)  # gradients for this level's parameters only
+    loss.backward(inputs=params)
     if reduce:
         reduce(params)
     opt.step()
@@ -451,8 +455,8 @@ def level(model: nn.Module, opt: torch.optim.Optimizer, x, y, obj: Objective, re
 
 # Eq. (1), the bi-level problem AdvMoE solves (psi: backbone and experts; phi: routers; D: the training set):
 #     min_psi L_TRADES(psi, phi*(psi); D)   s.t.   phi*(psi) = argmin_phi L_TRADES(psi, phi; D)
-# Algorithm 1 solves it by alternating optimization: one SGD step of each level per iteration, each against an
-# attack regenerated for the model as it is then. Routers and experts share the learning rate and schedule.
+# Algorithm 1 solves it by alternating optimization: one SGD step of each level per iteration, the lower
+# level's step standing in for the argmin. Routers and experts share the learning rate and schedule.
 def advmoe_step(model: nn.Module, opts: dict, batches: list, obj: Objective, reduce=None) -> dict:
     """One iteration of Algorithm 1, lines 3-5."""
     # 3: draw two different random batches B_phi and B_psi (two independent shuffles: batch_streams)
@@ -460,7 +464,7 @@ def advmoe_step(model: nn.Module, opts: dict, batches: list, obj: Objective, red
     # 4: lower level: with psi fixed, update phi by minimizing L_TRADES with a K-step PGD attack, SGD on B_phi
     router_stats = level(model, opts["phi"], x_phi, y_phi, obj, regularize=True, reduce=reduce)
     # 5: upper level: with phi fixed (= phi*, one SGD step here, not the argmin), update psi by minimizing
-    #    L_TRADES with a K-step PGD attack regenerated against (psi, phi*), SGD on B_psi
+    #    L_TRADES with a K-step PGD attack made anew against (psi, phi*), SGD on B_psi
     stats = level(model, opts["psi"], x_psi, y_psi, obj, regularize=False, reduce=reduce)
     return {**stats, "router_loss": router_stats["loss"]}
 
@@ -494,14 +498,16 @@ def make_optimizers(model: nn.Module, s, device) -> dict[str, torch.optim.Optimi
     return {"all": torch.optim.SGD(groups[s.train_params], **kw)}
 
 def set_lr(opts: dict, progress: float):
-    """The one schedule of every level: lr_t = lr_0 (1 + cos(pi t / T)) / 2, per iteration."""
+    """The one schedule of every level: lr_t = lr_0 (1 + cos(pi t / T)) / 2, per iteration. NOTE(official
+    code): theirs steps it per epoch."""
     for opt in opts.values():
         for group in opt.param_groups:
             group["lr"] = group["base_lr"] * 0.5 * (1 + math.cos(math.pi * progress))
 
 def batch_streams(data, s, epoch: int):
-    """Alg. 1 line 3: each iteration's batches, one per stream of the method. AdvMoE's B_phi and B_psi come
-    from two independent shuffles of the training set (deviation 6), each a function of the seed and epoch."""
+    """Alg. 1 line 3: each iteration's batches, one per stream of the method. NOTE(ours), deviation 6:
+    AdvMoE's B_phi and B_psi come from two independent shuffles of the training set, each a function of seed
+    and epoch."""
     streams = range(STEPS[s.method][1])
     gens = [torch.Generator().manual_seed(s.seed * 1_000_003 + epoch * 7 + k) for k in streams]
     return zip(*(data.train_batches(s.batch_size, g) for g in gens))
@@ -510,13 +516,14 @@ def batch_streams(data, s, epoch: int):
 # 4. Backbones, each written once; `Spec` makes the same class Dense, S-Dense or MoE-CNN
 # ==================================================================================================
 # Each backbone builds its convolutions through a Spec, so one class is Dense (r = 1, N = 1), S-Dense (every
-# channel count times r) or an MoE-CNN (N experts of r*C channels per routed conv). What is routed: every
-# 3x3 and 1x1 conv of the blocks. What the experts share: the stem, projection shortcuts, pre-activation
-# BatchNorms and the classifier (deviations 4, 5). A pathway (one expert per routed conv) therefore has
-# exactly S-Dense's shapes and cost. The residual stream of a ResNet is a shared space: every expert of a
-# block's last conv writes into the same r*C channels; a conv fed directly by a routed conv (fed=True) can
-# instead read with the weights of the expert that wrote its input (the pathway layout, deviation 3).
-# Reading order: Spec, one backbone (ResNet-18, the paper's main one), then MoECNN, which wraps them all.
+# channel count times r) or an MoE-CNN (N experts of r*C channels per routed conv). What is routed: every conv
+# of the blocks but the projection shortcuts. What the experts share: the stem, projection shortcuts,
+# pre-activation BatchNorms and the classifier (deviations 4, 5). A pathway (one expert per routed conv)
+# therefore has exactly S-Dense's shapes and cost. The residual stream of a ResNet is a shared space: every
+# expert of a block's last conv writes into the same r*C channels; a conv fed directly by a routed conv
+# (fed=True) can instead read with the weights of the expert that wrote its input (the pathway layout,
+# deviation 3). Reading order: Spec, one backbone (ResNet-18, the paper's main one), then MoECNN, which wraps
+# them all.
 @dataclass(frozen=True)
 class Spec:
     """What tells Dense (r = 1, N = 1), S-Dense (r < 1, N = 1) and MoE-CNN (N >= 2) apart, for any backbone.
@@ -541,7 +548,7 @@ class Spec:
         # e.g. ResNet-18's 64 at W = 0.25: 16 Dense channels, 8 in a pathway at r = 0.5
         return max(1, round(self.ratio * max(1, round(self.base * channels))))
 
-    # Every conv of every backbone is made here: which of them is routed is decided in one place.
+    # Every conv of the blocks is made here: which of them is routed is decided in one place.
     def conv(self, cin, cout, kernel: int = 3, stride: int = 1, bn: bool = True, shared: bool = False,
              fed: bool = False):
         """A routed conv: N experts of r*cout filters, each reading the pathway's r*cin channels; shared=True:
@@ -552,7 +559,7 @@ class Spec:
                        self.shared_bn, self.standardized, fed and self.layout == "pathway")
 
     def bn(self, channels) -> nn.BatchNorm2d:
-        """A pre-activation BatchNorm on the pathway, shared by all experts (deviation 5)."""
+        """NOTE(ours), deviation 5: a pre-activation BatchNorm on the pathway, shared by all experts."""
         return nn.BatchNorm2d(self.width(channels))
 
     def fc(self, channels, num_classes: int) -> nn.Linear:
@@ -562,8 +569,8 @@ class Spec:
 # The stem, the first conv on the RGB image, is shared by the experts and r*C wide (deviation 4): a pathway is
 # then exactly S-Dense, and the first routers pool the stem's r*C features rather than 3 colour channels.
 class Stem(nn.Module):
-    """The shared stem on the RGB image (deviations 4, 5): 3x3/1 for 32-64 px; 7x7/2 + 3x3/2 max-pool for
-    ImageNet-size inputs (conv-BN-ReLU-pool, or conv-pool where the blocks start with a BatchNorm)."""
+    """NOTE(ours), deviation 4: the shared stem on the RGB image: 3x3/1 for 32-64 px; 7x7/2 + 3x3/2 max-pool
+    for ImageNet-size inputs (conv-BN-ReLU-pool, or conv-pool where the blocks start with a BatchNorm)."""
 
     def __init__(self, spec: Spec, cout: int, image_size: int, bn: bool = True):
         super().__init__()
@@ -571,7 +578,8 @@ class Stem(nn.Module):
         self.conv = MoEConv(3, spec.width(cout), 7 if self.pool else 3, 2 if self.pool else 1, 1, bn, False)
 
     def forward(self, x, routing):
-        x = self.conv(x, routing)  # (B, r*C, H, W), or (B, r*C, H/4, W/4) with the ImageNet stem's pool
+        x = self.conv(x, routing)  # (B, r*C, H, W), or (B, r*C, H/2, W/2) with the ImageNet stem
+        # ImageNet stem: its max-pool halves again, (B, r*C, H/4, W/4)
         return F.max_pool2d(F.relu(x) if self.conv.bn else x, 3, 2, 1) if self.pool else x
 
 # ResNet-18 (He et al. 2016), CIFAR variant: a 3x3 stem, then 4 stages of 2 BasicBlocks with 64, 128, 256 and
@@ -601,7 +609,7 @@ class ResNet18(nn.Module):
     def __init__(self, spec: Spec, num_classes: int, image_size: int):
         super().__init__()
         self.stem, blocks, cin = Stem(spec, 64, image_size), [], 64
-        # 4 stages of 2 blocks; a stage's first block changes the width (and in stages 2-4 the resolution)
+        # 4 stages of 2 blocks; the first block of stages 2-4 doubles the width and halves the resolution
         for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
             blocks += [BasicBlock(spec, cin, cout, stride), BasicBlock(spec, cout, cout, 1)]
             cin = cout
@@ -657,8 +665,8 @@ class WideResNet(nn.Module):
 
 # VGG-16 with BatchNorm: 13 3x3 conv-BN-ReLU layers in 5 groups (64, 128, 256, 512, 512 channels), a 2x2
 # max-pool after each group, one linear classifier on the pooled 512 features (the CIFAR variant). The first
-# conv is the shared stem; the other 12 are MoE layers, each fed by the routed conv before it. Dense: 14.7 M
-# parameters, 0.63 GFLOPs; S-Dense and a pathway 0.16.
+# conv is the shared stem; the other 12 are MoE layers, each but the first fed by the routed conv before it.
+# Dense: 14.7 M parameters, 0.63 GFLOPs; S-Dense and a pathway 0.16.
 class VGG16(nn.Module):
     """VGG-16 with BatchNorm, CIFAR style (one linear classifier); the first conv is the shared stem."""
     CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
@@ -701,7 +709,7 @@ class DenseLayer(nn.Module):
         return torch.cat([x, self.conv2(F.relu(self.conv1(F.relu(self.bn(x)), routing)), routing)], 1)
 
 class DenseNet(nn.Module):
-    """The CIFAR DenseNet-BC the authors use: depth 40, growth k = 12, compression 0.5: 3 dense blocks of
+    """The CIFAR DenseNet-BC: depth 40, growth k = 12, compression 0.5: 3 dense blocks of
     (40-4)/6 = 6 bottleneck layers; transitions BN-ReLU-conv1x1-avgpool, routed like every conv."""
 
     def __init__(self, spec: Spec, num_classes: int, image_size: int, depth: int = 40, growth: int = 12):
@@ -745,12 +753,10 @@ class MoECNN(nn.Module):
                  n_experts: int = 1, router: str = "layer", mean_std=MEAN_STD["cifar10"], width: float = 1.0,
                  shared_bn: bool = False, router_standardize: bool = True, layout: str = "position"):
         super().__init__()
-        # the flags that shape the network, handed to every layer the backbone builds
         spec = Spec(ratio, n_experts, router == "layer", width, shared_bn, router_standardize, layout)
         self.backbone = BACKBONES[arch](spec, num_classes, image_size)
         self.global_router = GlobalRouter(n_experts, router_standardize) \
             if (router == "global" and n_experts > 1) else None
-        # buffers: saved with the weights and moved with .to(device), never trained
         self.register_buffer("mean", torch.tensor(mean_std[0]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(mean_std[1]).view(1, 3, 1, 1))
 
@@ -759,7 +765,6 @@ class MoECNN(nn.Module):
         dispatch = ("masked" if x.is_cuda else "sparse") if dispatch == "auto" else dispatch
         x = (x - self.mean) / self.std               # (B, 3, H, W), inputs in [0,1] normalized here
         routing = Routing(dispatch)
-        # the global router decides once, on the normalized image, for every MoE layer
         if self.global_router is not None:
             routing.shared = top1_gate(self.global_router(x))
         # every MoE layer of the backbone appends its Gate to routing.gates, in forward order
@@ -787,10 +792,8 @@ def backbone_params(model: nn.Module) -> list[nn.Parameter]:
 # correctly when clean by whether the routers' choices moved and whether the prediction did. The protocol of
 # every number here: PGD-50 with step eps/4 from a uniform start in the eps-ball (the test RA of the paper's
 # Table 1), AutoAttack at its reference settings (Table 2), all at the training eps; the model in eval mode
-# (BatchNorm running statistics) and in float32; each attack with its own random stream. Images per batch of
-# evaluation and attacks: a batch's numbers do not depend on the batch size (eval mode), so this only trades
-# memory for speed.
-EVAL_BATCH = 256
+# (BatchNorm running statistics) and in float32; each attack with its own random stream.
+EVAL_BATCH = 256  # images per batch of evaluation (the attacks' random starts are drawn per batch)
 
 def adversaries(name: str, model: nn.Module, x, y, s, steps: int, gen: torch.Generator | None = None,
                 log=None) -> list[tuple[str, torch.Tensor]]:
@@ -887,7 +890,7 @@ def evaluate(model: nn.Module, data, s, steps: int | None = None, limit: int = 0
     # counted in RA-worst, which runs over the images every final attack saw
     ok = {k: torch.cat(v) for k, v in correct.items()}                           # label -> (n_a,)
     pgd_ok, final = ok[f"pgd{steps}"], ["clean"] + [k for k in ok if k != "clean" and "/" not in k]
-    seen_all = min(len(ok[k]) for k in final)                                    # AutoAttack's parts apart
+    seen_all = min(len(ok[k]) for k in final)                             # images every final attack saw
     ras = {k: percent(v) for k, v in ok.items() if k != "clean"}
     result = {"sa": percent(ok["clean"]), "ra": percent(pgd_ok), "n": len(ok["clean"]), "attacks": ras,
               "attack": f"PGD-{steps} (CE, eps {s.eps:.5f}, step {s.test_step_size:.5f}, uniform start)",
@@ -908,16 +911,15 @@ def evaluate(model: nn.Module, data, s, steps: int | None = None, limit: int = 0
                                             n_experts)
     return result
 
-# The routing statistics, from each input's pathway (its expert at every MoE layer, (B, L)) clean and under
-# PGD, and whether it is classified correctly. Insight 2 asks which of the two ways in an attack took: it
-# moved the routers' choices (another pathway), or fooled the pathway chosen, or both; one that does neither
-# failed.
 def percent(correct: torch.Tensor) -> float:
     """100 * (the share of True in `correct`), 2 decimals: SA, RA_a, RA-worst."""
     return round(100 * correct.float().mean().item(), 2)
 
-# Counts first (routing_counts), shares after (routing_summary): the split over uncollapsed layers is the same
-# count with fewer layers allowed to flip.
+# The routing statistics, from each input's pathway (its expert at every MoE layer, (B, L)) clean and under
+# PGD, and whether it is classified correctly. Insight 2 asks which of the two ways in an attack took: it
+# moved the routers' choices (another pathway), or fooled the pathway chosen, or both; one that does neither
+# failed. Counts first (routing_counts), shares after (routing_summary): the split over uncollapsed layers is
+# the same count with fewer layers allowed to flip.
 def routing_counts(choice, choice_adv, ok_adv, ok_clean, n_experts: int, layers=slice(None)):
     """From each input's pathway (B, L), clean and under attack, and whether it is classified correctly under
     attack and clean (B,): inputs per expert per layer (L, N), clean and under attack; flips per layer (L,);
@@ -941,7 +943,7 @@ def routing_summary(choice, choice_adv, ok_adv, ok_clean, n_experts: int) -> dic
     robustness = (1) + (2); pathway diversity, clean and under PGD. A collapsed layer (one expert takes 95% or
     more of the clean inputs) can hardly flip, so router robustness is also given over the other layers, with
     their mean flip rate."""
-    # n inputs in all; m of them correct when clean, the split's denominator (deviation 10)
+    # n inputs in all; m of them correct when clean, the split's denominator (NOTE(ours), deviation 10)
     n, m = len(choice), max(int(ok_clean.sum()), 1)
     usage, usage_adv, flips, split = routing_counts(choice, choice_adv, ok_adv, ok_clean, n_experts)
     # the same split, counting a router fooled only where a layer that routes (not collapsed) moved
@@ -973,10 +975,11 @@ def pathway_diversity(choices: torch.Tensor) -> dict:
             "inputs": len(choices)}
 
 def gflops_per_input(model: nn.Module, x: torch.Tensor) -> float:
-    """FLOPs of one eval forward on the sparse path, counted by torch's FlopCounterMode on the ops that run
-    (a multiply-add counts 2), per input: for an MoE-CNN the chosen pathway and the routers, nothing else.
-    The paper's GFLOPs compare Dense, S-Dense and the MoE-CNN at inference: an MoE-CNN's should be S-Dense's
-    plus its routers' (a pooled linear map per layer), whatever N. Dense ResNet-18 at 32 px: 1.11 GFLOPs."""
+    """NOTE(ours), deviation 11: FLOPs of one eval forward on the sparse path, counted by torch's
+    FlopCounterMode on the ops that run (a multiply-add counts 2), per input: for an MoE-CNN the chosen
+    pathway and the routers, nothing else. The paper's GFLOPs compare Dense, S-Dense and the MoE-CNN at
+    inference: an MoE-CNN's is S-Dense's plus its routers' (a pooled linear map per layer), whatever N.
+    Dense ResNet-18 at 32 px: 1.11 GFLOPs."""
     from torch.utils.flop_counter import FlopCounterMode
     # on the sparse path an MoE-CNN's count is what one input runs, not N experts' worth (the masked path's)
     with evaluating(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -1479,7 +1482,7 @@ def freeze_batchnorm(model: nn.Module, train_params: str):
             m.eval()
 
 # Data parallelism (torchrun): every process draws the same shuffles and trains on its own part (own_part);
-# each level's gradients are averaged with one all-reduce (deviation 12).
+# each level's gradients are averaged with one all-reduce (NOTE(ours), deviation 12).
 def distributed(s: Settings) -> tuple[int, int, torch.device]:
     """(rank, world size, device): joins the process group when started by torchrun (NCCL on CUDA with one
     GPU per process, gloo on the CPU)."""
@@ -1513,7 +1516,7 @@ def sync_model(model: nn.Module):
 def channel_wiring(model: MoECNN) -> dict[nn.Module, tuple[tuple, str]]:
     """For every layer that reads or writes the pathway's channels: (the channel groups its input
     concatenates, the group it writes). Layers whose outputs are summed (a residual stream) write one group,
-    so they keep the same channels (deviation 8); a DenseNet layer reads every group before it."""
+    so they keep the same channels (NOTE(ours), deviation 8); a DenseNet layer reads every group before it."""
     net, wire = model.backbone, {}
     if isinstance(net, (ResNet18, WideResNet)):
         # residual stream k ("stage{k}"): the stem, and every block's conv2 and projection until the next
