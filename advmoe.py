@@ -1708,14 +1708,12 @@ def append_jsonl(path: Path, rows: list[dict]):
     with open(path, "a") as f:
         f.writelines(json.dumps(row) + "\n" for row in rows)
 
-RUN_FILES = ("result.json", "checkpoint.pt", "log.jsonl")
-
 def check_out(out: Path, s: Settings, rank: int = 0):
     """The run's folder (created with its first file): one that holds a run is never replaced silently. Only
     rank 0 writes, so only it checks."""
     if rank:
         return
-    found = [f for f in RUN_FILES if (out / f).exists()]
+    found = [f for f in ("result.json", "checkpoint.pt", "log.jsonl") if (out / f).exists()]
     if found and (s.eval_only or not s.resume):
         raise ConfigError(f"--out {out} already holds {'an evaluation' if s.eval_only else 'a run'} "
                           f"({', '.join(found)}): remove that folder or choose another --out"
