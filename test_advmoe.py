@@ -871,9 +871,9 @@ def test_each_attack_has_its_own_random_stream(tmp_path, monkeypatch):
     assert alone["attacks"]["pgd2"] == more["attacks"]["pgd2"] and alone["routing"] == more["routing"]
     # a training run does not change with the per-epoch check
     weights = []
-    for quick in (0, 16):
-        A.train(tiny(epochs=2, train_n=32, test_steps=1, quick_eval_n=quick, out=str(tmp_path / str(quick))),
-                log=lambda _: None)
+    for quick in (0, 8):
+        A.train(tiny(epochs=2, train_n=16, batch_size=16, eval_n=4, test_steps=1, quick_eval_n=quick,
+                     out=str(tmp_path / str(quick))), log=lambda _: None)
         weights.append(torch.load(tmp_path / str(quick) / "checkpoint.pt", weights_only=True)["model"])
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
 
