@@ -937,6 +937,8 @@ def rounded(t: torch.Tensor, n: int = 1) -> list:
     """t / n as nested lists of numbers with 4 decimals (for JSON)."""
     return (t.double() / n).round(decimals=4).tolist()
 
+SPLIT_4WAY = ("neither", "router_only", "prediction_only", "both")  # Insight 2's groups (1)-(4)
+
 def routing_summary(choice, choice_adv, ok_adv, ok_clean, n_experts: int) -> dict:
     """result["routing"]: expert usage per layer, clean and under PGD; how often PGD flips each layer's
     choice; the 4-way split in % of the split_n clean-correct inputs, router robustness = (1) + (3) and MoE
@@ -955,8 +957,7 @@ def routing_summary(choice, choice_adv, ok_adv, ok_clean, n_experts: int) -> dic
     return {"usage_clean": rounded(usage, n), "usage_adv": rounded(usage_adv, n),
             "flip_rate_per_layer": rounded(flips, n),
             "flip_rate_any_layer": round((choice != choice_adv).any(1).float().mean().item(), 4),
-            "split_4way": dict(zip(("neither", "router_only", "prediction_only", "both"),
-                                   [round(v, 2) for v in split])),
+            "split_4way": dict(zip(SPLIT_4WAY, [round(v, 2) for v in split])),
             "split_n": int(ok_clean.sum()), "router_robustness": round(split[0] + split[2], 2),
             "moe_robustness": round(split[0] + split[1], 2), "uncollapsed_layers": int(live.sum()),
             "router_robustness_uncollapsed": round(split_live[0] + split_live[2], 2),
@@ -1833,10 +1834,8 @@ def eval_only(s: Settings, given: set[str] = frozenset(), log=print) -> dict:
 TABLE1 = ("sdense", "sparse", "moe", "advmoe", "dense")  # Table 1's rows; AT(Dense) is the reference
 # Insight 2's split of PGD examples, in % of the split n test images classified correctly when clean
 SPLIT = {"router robustness": "routing.router_robustness", "(uncollapsed layers)":
-         "routing.router_robustness_uncollapsed", "MoE robustness": "routing.moe_robustness",
-         "(1)": "routing.split_4way.neither", "(2)": "routing.split_4way.router_only",
-         "(3)": "routing.split_4way.prediction_only", "(4)": "routing.split_4way.both",
-         "split n": "routing.split_n"}
+         "routing.router_robustness_uncollapsed", "MoE robustness": "routing.moe_robustness", "split n":
+         "routing.split_n", **{f"({i})": f"routing.split_4way.{k}" for i, k in enumerate(SPLIT_4WAY, 1)}}
 
 def key(path: str) -> Callable[[dict], object]:
     """A getter of a result.json entry: key("routing.split_n")(r) = r["routing"]["split_n"], or None."""
@@ -1851,8 +1850,7 @@ def read_results(root: Path) -> list[dict]:
             assert all(k in r for k in ("dataset", "arch", "method", "sa", "ra", "settings", "routing"))
             results.append({**r, "path": str(p.parent.relative_to(root))})
         except (OSError, ValueError, AssertionError, TypeError) as e:
-            print(f"advmoe: warning: skipping {p} ({type(e).__name__}): not a complete result.json",
-                  file=sys.stderr)
+            print(f"advmoe: warning: skipping {p}, not a complete result.json ({e!r:.60})", file=sys.stderr)
     return results
 
 def recipe(r: dict) -> tuple:
@@ -1887,23 +1885,27 @@ def table(title: str, runs: list[dict], columns: dict, note: str = "", per_run: 
             "|---|" + "---:|" * (len(head) + len(columns) - 1),
             *("| " + " | ".join("" if c is None else str(c) for c in row) + " |" for row in rows), ""]
 
+def trained(r: dict) -> bool:  # an adversarial training run of every parameter (not --eval-only, Sec. 4)
+    st = r["settings"]
+    return not st["eval_only"] and st["train_params"] == "all" and r["loss"] != "natural"
+
+def collapsed(r: dict) -> int | None:  # layers where one expert takes >= 95% of the clean test images
+    return sum(max(u) >= 0.95 for u in r["routing"]["usage_clean"]) if r["routing"] else None
+
 # the columns of the per-run and per-recipe tables: a result.json key path, or a getter
 ROUTING = {"method": "method", "SA": "sa", "RA": "ra", "collapsed at epoch 0": "routing_epoch0.collapsed",
-           "collapsed": lambda r: collapsed(r), "pathway entropy (bits)":
+           "collapsed": collapsed, "pathway entropy (bits)":
            "routing.pathways.clean.entropy_bits", "flip rate": "routing.flip_rate_any_layer", **SPLIT}
 RECIPES = {"train acc": lambda r: 100 * r["history"][-1]["acc"], "val SA": "val.sa", "SA": "sa",
-           "RA (PGD)": "ra", "soft": "attacks.soft", "Square": "attacks.square",
-           "RA-worst": "ra_worst_without_aa", "RA-AA": "ra_aa",
-           "collapsed": lambda r: collapsed(r), "majority changes": lambda r: sum(
+           "RA (PGD)": "ra", "soft": "attacks.soft", "Square": "attacks.square", "RA-worst":
+           "ra_worst_without_aa", "RA-AA": "ra_aa", "collapsed": collapsed, "majority changes": lambda r: sum(
                key("routing.majority_changed")(h) or 0 for h in r["history"]) if r["routing"] else None,
            "GFLOPs": "gflops"}
-RUNS = {**{c: c for c in ("method", "ratio", "n_experts", "router", "loss", "epochs", "sa", "ra", "ra_worst",
-                          "gflops", "eval_n", "device", "torch")},
+RUNS = {**{c: c for c in ("method", "loss", "epochs", "sa", "ra", "ra_worst", "gflops", "eval_n", "device")},
         "commit": lambda r: (r["commit"] or "?")[:10]}
 ROUTING_NOTE = ("Collapsed: layers sending >= 95% of the inputs to one expert. Split of PGD examples (% of "
                 "the split n images correct clean): (1) neither routers nor prediction fooled, (2) routers "
-                "only, (3) prediction only, (4) both; router robustness (1)+(3) (also over uncollapsed "
-                "layers), MoE robustness (1)+(2).")
+                "only, (3) prediction only, (4) both; router robustness (1)+(3), MoE robustness (1)+(2).")
 
 def report(folder: str) -> str:
     """Markdown from every result.json below `folder`, also written to folder/report.md: Table 1 per data set
@@ -1926,17 +1928,15 @@ def report(folder: str) -> str:
         if len({r["ratio"] for r in fig8 if r["method"] != "dense"}) > 1:
             lines += table(f"Fig. 8: SA / RA over r (N = 2), {dataset}, {arch}", fig8,
                            {"SA": "sa", "RA": "ra"})
-    if aa := [r for r in rs if r.get("autoattack")]:
-        parts = {c["name"]: f"attacks.autoattack/{c['name']}" for c in aa[0]["autoattack"]["components"]}
+    if aa := [r for r in rs if r.get("autoattack")]:  # (result.json has the RA after each component)
         lines += table("Table 2: AutoAttack (standard)", aa, {
             "method": "method", "SA": "sa", "RA (PGD, same images)": "autoattack.ra_pgd_same_images",
-            "RA-AA": "ra_aa", "images": "autoattack.images", **parts}, "RA after each component.", True)
+            "RA-AA": "ra_aa", "images": "autoattack.images"}, per_run=True)
     if study := [r for r in moes if r["loss"] == "natural" or r["settings"]["train_params"] != "all"]:
         stage = {"stage": lambda r: "natural" if r["loss"] == "natural" else r["settings"]["train_params"]}
         lines += table("Sec. 4 study (Insights 1-3)", study, {**stage, "SA": "sa", "RA": "ra", **SPLIT},
                        per_run=True)
-    if moes:
-        lines += table("Routing before training and under attack", moes, ROUTING, ROUTING_NOTE, True)
+    lines += moes and table("Routing before training and under attack", moes, ROUTING, ROUTING_NOTE, True)
     lines += table("Every recipe over its seeds", [r for r in rs if not r["settings"]["eval_only"]], RECIPES,
                    "train acc: the last epoch's; RA-worst: under every attack but AutoAttack; majority "
                    "changes: layers whose majority expert moved, over all epochs.")
@@ -1944,12 +1944,6 @@ def report(folder: str) -> str:
     atomic_write(Path(folder) / "report.md", lambda tmp: Path(tmp).write_text(text))
     return text
 
-def trained(r: dict) -> bool:  # an adversarial training run of every parameter (not --eval-only, Sec. 4)
-    st = r["settings"]
-    return not st["eval_only"] and st["train_params"] == "all" and r["loss"] != "natural"
-
-def collapsed(r: dict) -> int | None:  # layers where one expert takes >= 95% of the clean test images
-    return sum(max(u) >= 0.95 for u in r["routing"]["usage_clean"]) if r["routing"] else None
 # ==================================================================================================
 # 12. Bench: speed and cost, measured
 # ==================================================================================================
