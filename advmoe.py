@@ -1294,15 +1294,18 @@ def load_cifar(name: str, root: Path) -> list[tuple[torch.Tensor, torch.Tensor]]
     except Exception as e:
         raise ConfigError(f"{name} is not in {root} and could not be downloaded ({type(e).__name__}): run "
                           f"once online, or put {name}_train.npz and {name}_test.npz in --data-dir") from None
-    return [(torch.from_numpy(d.data).permute(0, 3, 1, 2).contiguous(),  # (n, H, W, 3) -> (n, 3, H, W) uint8
-             torch.tensor(d.targets)) for d in sets]
+    return [as_nchw(d.data, d.targets) for d in sets]
+
+def as_nchw(x, y) -> tuple[torch.Tensor, torch.Tensor]:
+    """Images as stored (N, H, W, 3) and labels (N,) -> (N, 3, H, W) in their dtype, and int64 labels."""
+    return rearrange(torch.as_tensor(x), "n h w c -> n c h w").contiguous(), torch.as_tensor(y).long()
 
 def read_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """DATA_DIR/<name>_<split>.npz: x uint8 (N, H, W, 3) -> (N, 3, H, W), y (N,) integer labels."""
     import numpy as np
     try:
         with np.load(path) as z:
-            x, y = torch.from_numpy(z["x"]).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(z["y"]).long()
+            x, y = as_nchw(z["x"], z["y"])
         assert x.dtype == torch.uint8 and x.shape[1] == 3 and y.shape == x.shape[:1]
     except Exception as e:  # missing, not a zip, truncated, no x or y, wrong shapes
         raise ConfigError(f"{path} cannot be read ({type(e).__name__}): it must be an .npz of x (uint8 "
