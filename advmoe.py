@@ -120,16 +120,19 @@ class Gate(NamedTuple):
     choice: torch.Tensor  # (B,) chosen expert e(b), int64
     scale: torch.Tensor   # (B,) exactly 1.0 in value; carries the router's gradient (straight-through)
 
-def top1_gate(logits: torch.Tensor) -> Gate:
+def top1_gate(logits: torch.Tensor, random: torch.Generator | None = None, straight: bool = True) -> Gate:
     """Hard top-1 routing: each input goes to its highest-scoring expert. The softmax runs in float32 (also
-    under bf16 autocast), so it adds no rounding of its own to the logits' order."""
+    under bf16 autocast), so it adds no rounding of its own to the logits' order. random: a uniformly random
+    expert instead (evaluation's "does routing matter" check); straight=False: no task gradient reaches the
+    router (--router authors)."""
     probs = logits.float().softmax(-1)                                        # (B, N)
-    choice = probs.argmax(-1)                                                 # (B,)
+    choice = probs.argmax(-1) if random is None else torch.randint(
+        probs.shape[1], probs.shape[:1], generator=random, device=probs.device)  # (B,)
     p = probs.gather(1, choice[:, None]).squeeze(1)                           # (B,) p_{e(b)}
     # s_b = 1 + p_{e(b)} - sg(p_{e(b)}): value 1 (the hard one-hot), gradient that of p_{e(b)}
     # NOTE(official code): theirs copies the hard one-hot's gradient to the N raw scores (no softmax); here it
     # flows through the softmax into every logit (both are "straight-through").
-    return Gate(logits, choice, 1.0 + (p - p.detach()))
+    return Gate(logits, choice, 1.0 + (p - p.detach()) if straight else torch.ones_like(p))
 
 def straight_through(y: torch.Tensor, gate: Gate) -> torch.Tensor:
     """y_b * s_b: the chosen expert's output in value, the router's gradient in the backward pass."""
@@ -160,6 +163,7 @@ class Routing:
     dispatch: str                           # "sparse" | "masked" | "soft" (see MoEConv)
     gates: list = field(default_factory=list)
     shared: Gate | None = None              # the global router's gate, used by every layer
+    random: torch.Generator | None = None   # route to uniformly random experts (evaluation only)
 
 class MoEConv(nn.Module):
     """A conv (optionally with its BatchNorm) whose output channels are split into N experts of `cout`
@@ -171,7 +175,7 @@ class MoEConv(nn.Module):
     n_in = 1, or an input that experts share, such as a residual stream)."""
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int, n_experts: int, bn: bool, router: bool,
-                 shared_bn: bool = False, standardized: bool = True, fed: bool = False):
+                 shared_bn: bool = False, standardized: bool = True, fed: bool = False, core: bool = False):
         super().__init__()
         self.cin, self.cout, self.stride, self.padding, self.n = cin, cout, stride, kernel // 2, n_experts
         self.shared_bn, self.standardized = shared_bn and n_experts > 1, standardized
@@ -180,6 +184,12 @@ class MoEConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(n_experts * cout, self.n_in * cin, kernel, kernel))
         # Kaiming (fan_out) of one expert as a standalone conv: std = sqrt(2 / (cout * k * k))
         nn.init.normal_(self.weight, 0.0, math.sqrt(2.0 / (cout * kernel * kernel)))
+        # NOTE(ours), --shared-core: W_e = W_shared + D_e, `weight` holding the offsets D_e (0 at init), so
+        # every routed input trains W_shared as S-Dense's conv; the same function class and cost (W_e is formed)
+        self.core = None
+        if core and n_experts > 1:
+            self.core = nn.Parameter(self.weight.detach()[:cout].clone())
+            nn.init.zeros_(self.weight)
         # NOTE(ours), deviation 1: a BatchNorm per expert, stored as one BatchNorm over N*cout channels;
         # --shared-bn: one BatchNorm over the pathway's cout channels for every expert (the authors' code).
         self.bn = nn.BatchNorm2d(cout if shared_bn else n_experts * cout) if bn else None
@@ -194,7 +204,8 @@ class MoEConv(nn.Module):
         up = routing.gates[-1].choice if self.n_in > 1 else x.new_zeros(len(x), dtype=torch.long)   # (B,)
         # g_l(x) = top1(softmax(W_l std(GAP(x)))); the global router decided once for every layer
         pooled = x.mean((2, 3))                                                   # (B, cin)
-        gate = routing.shared or top1_gate(self.router(standardize(pooled) if self.standardized else pooled))
+        gate = routing.shared or top1_gate(self.router(standardize(pooled) if self.standardized else pooled),
+                                           routing.random)
         routing.gates.append(gate)
         # "masked" and "soft" run every expert on every input (the GPU path, and the soft attack's forward)
         if routing.dispatch != "sparse":
@@ -217,9 +228,14 @@ class MoEConv(nn.Module):
         """Expert e's filters (and BatchNorm channels)."""
         return slice(e * self.cout, (e + 1) * self.cout)
 
+    def filters(self, rows: slice = slice(None)) -> torch.Tensor:
+        """The filters of `rows` (whole experts): W_e, or W_shared + D_e under --shared-core."""
+        w = self.weight[rows]                                                     # (e*cout, n_in*cin, k, k)
+        return w if self.core is None else w + self.core.repeat(len(w) // self.cout, 1, 1, 1)
+
     def conv(self, x: torch.Tensor, e: int, u: int) -> torch.Tensor:
         """Expert e's filters on inputs written by upstream expert u: (b, cin, H, W) -> (b, cout, H', W')."""
-        w = self.weight[self.rows(e), u * self.cin:(u + 1) * self.cin]            # (cout, cin, k, k)
+        w = self.filters(self.rows(e))[:, u * self.cin:(u + 1) * self.cin]        # (cout, cin, k, k)
         return F.conv2d(x, w, None, self.stride, self.padding)
 
     def normalize(self, y: torch.Tensor, s: slice) -> torch.Tensor:
@@ -239,7 +255,7 @@ class MoEConv(nn.Module):
         if self.n_in > 1:  # x_b in the column block of its upstream expert u(b), zeros elsewhere
             x = rearrange(F.one_hot(up, self.n_in).to(x.dtype)[:, :, None, None, None] * x[:, None],
                           "b u c h w -> b (u c) h w")                             # (B, N*cin, H, W)
-        y = F.conv2d(x, self.weight, None, self.stride, self.padding)           # (B, N*cout, H', W')
+        y = F.conv2d(x, self.filters(), None, self.stride, self.padding)        # (B, N*cout, H', W')
         y = rearrange(y, "b (n c) h w -> b n c h w", n=self.n)              # (B, N, cout, H', W')
         # E_{e(b)}(x_b): each input's rows of its chosen expert (a gather)
         hard = y[torch.arange(len(y), device=y.device), gate.choice]         # (B, cout, H', W')
@@ -362,11 +378,17 @@ def trades_loss(logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor,
     # detached.
     return F.cross_entropy(logits.float(), y) + beta * kl_from_logits(logits, logits_adv)
 
-def routing_regularizer(gates: list[Gate], y: torch.Tensor, balance: float, supervision: float):
+def routing_regularizer(gates: list[Gate], gates_adv: list[Gate], y: torch.Tensor, obj) -> torch.Tensor:
     """NOTE(ours), deviation 7: terms the paper does not have, averaged over the gates given (every MoE layer
-    of the clean and of the adversarial forward); both weights are 0 by default."""
-    total = torch.zeros((), device=y.device)
-    for g in gates:
+    of the clean and of the adversarial forward); both weights are 0 by default. --router authors: the
+    authors' router loss instead, the only one their router learns from."""
+    total, balance, supervision = torch.zeros((), device=y.device), obj.balance, obj.supervision
+    if obj.authors:
+        # NOTE(official code): alpha * CE(g(x), y mod N) + beta * KL(g(x) || g(x_adv)) on the global gate
+        g = (gates or gates_adv)[0]
+        kl = obj.beta * kl_from_logits(g.logits, gates_adv[0].logits) if gates and gates_adv else 0.0
+        return supervision * F.cross_entropy(g.logits.float(), y % g.logits.shape[1]) + kl
+    for g in gates + gates_adv:
         probs, n = g.logits.float().softmax(-1), g.logits.shape[1]                # (B, N)
         if balance:
             # Switch Transformer: lambda * N * sum_k f_k P_k, f_k the share routed to k, P_k the mean p_k
@@ -374,7 +396,7 @@ def routing_regularizer(gates: list[Gate], y: torch.Tensor, balance: float, supe
         if supervision:
             # NOTE(official code): lambda * CE(router logits, y mod N), a fixed class-to-expert target
             total = total + supervision * F.cross_entropy(g.logits.float(), y % n)
-    return total / max(len(gates), 1)
+    return total / max(len(gates + gates_adv), 1)
 
 def expert_usage(gates: list[Gate]) -> torch.Tensor:
     """(L, N): f_{l,k} = (1/B) sum_b [e_l(x_b) = k], the share of the batch each layer routes to expert k."""
@@ -394,7 +416,8 @@ class Objective(NamedTuple):
     loss: "trades" (CE + beta * KL, the paper's) | "pgdat" (Madry: CE at PGD examples) | "natural" (CE, no
     attack); beta: TRADES' weight 1/lambda; eps: the training attack's l_inf radius in pixel units; step_size:
     its step alpha (1.25 eps / K: the authors' 5/255 at eps 8/255, K = 2); steps: K; balance, supervision: the
-    routing regularizer's weights (deviation 7; 0 in the paper)."""
+    routing regularizer's weights (deviation 7; 0 in the paper); authors: the router learns from the authors'
+    router loss only (--router authors); dispatch: of the training forwards ("soft": --soft-epochs)."""
     loss: str
     beta: float
     eps: float
@@ -402,6 +425,8 @@ class Objective(NamedTuple):
     steps: int
     balance: float
     supervision: float
+    authors: bool = False
+    dispatch: str = "auto"
 
 def training_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objective) -> torch.Tensor:
     """The inner maximization of the training loss, K steps."""
@@ -420,16 +445,16 @@ def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objecti
     method): CE(f(x), y), no attack."""
     # every forward returns its Gates: the routing regularizer reads those of the clean and adversarial ones
     if obj.loss == "natural":
-        logits, gates = model(x, return_routing=True)
+        logits, gates = model(x, return_routing=True, dispatch=obj.dispatch)
         objective, logits_adv, gates_adv = F.cross_entropy(logits.float(), y), logits, []
     else:
-        logits_adv, gates_adv = model(training_attack(model, x, y, obj), return_routing=True)
+        logits_adv, gates_adv = model(training_attack(model, x, y, obj), True, obj.dispatch)
         if obj.loss == "trades":
-            logits, gates = model(x, return_routing=True)
+            logits, gates = model(x, return_routing=True, dispatch=obj.dispatch)
             objective = trades_loss(logits, logits_adv, y, obj.beta)
         else:  # pgdat: min CE(f(x_adv), y), no clean forward ("acc" is then the adversarial accuracy)
             logits, gates, objective = logits_adv, [], F.cross_entropy(logits_adv.float(), y)
-    reg = routing_regularizer(gates + gates_adv, y, obj.balance, obj.supervision)
+    reg = routing_regularizer(gates, gates_adv, y, obj)
     stats = {"loss": objective.detach(), "acc": (logits.argmax(1) == y).float().mean(),
              "acc_adv": (logits_adv.argmax(1) == y).float().mean()}
     if obj.balance or obj.supervision:  # logged: e.g. whether the routers learn the class-mod-N targets
@@ -483,6 +508,8 @@ STEPS = {"advmoe": (advmoe_step, 2), "moe": (joint_step, 1), "sdense": (joint_st
 MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
 # NOTE(paper): TRADES' weight 1/lambda = beta = 6 for every method (the TRADES default).
 BETA = 6.0
+# NOTE(official code): the weight alpha of their router's class-mod-N loss (--router authors)
+AUTHORS_ALPHA = 6.0
 
 def make_optimizers(model: nn.Module, s, device) -> dict[str, torch.optim.Optimizer]:
     """AdvMoE: one SGD for the routers phi and one for the backbone psi, same settings, one schedule (the
@@ -491,18 +518,25 @@ def make_optimizers(model: nn.Module, s, device) -> dict[str, torch.optim.Optimi
     # each group keeps its base_lr, which set_lr scales every iteration
     kw = dict(lr=s.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=device.type == "cuda" or None)
     phi = {"params": router_params(model), "base_lr": s.lr * s.router_lr, "name": "routers"}
-    psi = {"params": backbone_params(model), "base_lr": s.lr, "name": "backbone"}
+    # --shared-core: the experts' offsets D_e, held at 0 for the first --tie-epochs (upcycling), then trained
+    offsets = {m.weight for m in model.modules() if isinstance(m, MoEConv) and m.core is not None}
+    psi = [{"params": [p for p in backbone_params(model) if p not in offsets], "base_lr": s.lr,
+            "name": "backbone"}]
+    if offsets:
+        psi.append({"params": [p for p in backbone_params(model) if p in offsets], "base_lr": s.lr,
+                    "name": "offsets", "start": s.tie_epochs / s.epochs})
     if s.method == "advmoe":
-        return {"phi": torch.optim.SGD([phi], **kw), "psi": torch.optim.SGD([psi], **kw)}
-    groups = {"all": [psi] + ([phi] if phi["params"] else []), "routers": [phi], "backbone": [psi]}
+        return {"phi": torch.optim.SGD([phi], **kw), "psi": torch.optim.SGD(psi, **kw)}
+    groups = {"all": psi + ([phi] if phi["params"] else []), "routers": [phi], "backbone": psi}
     return {"all": torch.optim.SGD(groups[s.train_params], **kw)}
 
 def set_lr(opts: dict, progress: float):
-    """The one schedule of every level: lr_t = lr_0 (1 + cos(pi t / T)) / 2, per iteration. NOTE(official
-    code): theirs steps it per epoch."""
+    """The one schedule of every level: lr_t = lr_0 (1 + cos(pi t / T)) / 2, per iteration, 0 before a
+    group's start (the tied offsets of --tie-epochs). NOTE(official code): theirs steps it per epoch."""
     for opt in opts.values():
         for group in opt.param_groups:
-            group["lr"] = group["base_lr"] * 0.5 * (1 + math.cos(math.pi * progress))
+            on = progress >= group.get("start", 0.0)
+            group["lr"] = group["base_lr"] * 0.5 * (1 + math.cos(math.pi * progress)) * on
 
 def batch_streams(data, s, epoch: int):
     """Alg. 1 line 3: each iteration's batches, one per stream of the method. NOTE(ours), deviation 6:
@@ -531,7 +565,8 @@ class Spec:
     ratio r and n_experts N as in the paper; layer_router: a gate per MoE layer (False: the global router
     decides); base: --width W, Dense has round(W * C) channels where the paper's has C; shared_bn: one
     BatchNorm for every expert of a layer (--shared-bn); standardized: the routers read standardized pooled
-    features (deviation 2); layout: how an expert reads a routed conv's output (--layout, deviation 3)."""
+    features (deviation 2); layout: how an expert reads a routed conv's output (--layout, deviation 3);
+    shared_core: W_e = W_shared + D_e (--shared-core)."""
     ratio: float = 1.0
     n_experts: int = 1
     layer_router: bool = True
@@ -539,6 +574,7 @@ class Spec:
     shared_bn: bool = False
     standardized: bool = True
     layout: str = "position"
+    shared_core: bool = False
 
     def width(self, channels: int | tuple) -> int:
         """Channels of a tensor in the pathway (= S-Dense): r * round(W * C), at least 1; of a concatenation,
@@ -556,7 +592,7 @@ class Spec:
         which the pathway layout reads with the columns of the expert that wrote it."""
         n = 1 if shared else self.n_experts  # a shared conv: N = 1, so no router either
         return MoEConv(self.width(cin), self.width(cout), kernel, stride, n, bn, self.layer_router,
-                       self.shared_bn, self.standardized, fed and self.layout == "pathway")
+                       self.shared_bn, self.standardized, fed and self.layout == "pathway", self.shared_core)
 
     def bn(self, channels) -> nn.BatchNorm2d:
         """NOTE(ours), deviation 5: a pre-activation BatchNorm on the pathway, shared by all experts."""
@@ -751,22 +787,28 @@ class MoECNN(nn.Module):
 
     def __init__(self, arch: str, num_classes: int = 10, image_size: int = 32, ratio: float = 1.0,
                  n_experts: int = 1, router: str = "layer", mean_std=MEAN_STD["cifar10"], width: float = 1.0,
-                 shared_bn: bool = False, router_standardize: bool = True, layout: str = "position"):
+                 shared_bn: bool = False, router_standardize: bool = True, layout: str = "position",
+                 shared_core: bool = False):
         super().__init__()
-        spec = Spec(ratio, n_experts, router == "layer", width, shared_bn, router_standardize, layout)
+        # NOTE(official code), --router authors: their routing has one BatchNorm shared by a layer's experts
+        # and a router that reads its features raw and gets no task gradient (straight)
+        authors, self.straight = router == "authors", router != "authors"
+        spec = Spec(ratio, n_experts, router == "layer", width, shared_bn or authors,
+                    router_standardize and not authors, layout, shared_core)
         self.backbone = BACKBONES[arch](spec, num_classes, image_size)
-        self.global_router = GlobalRouter(n_experts, router_standardize) \
-            if (router == "global" and n_experts > 1) else None
+        self.global_router = GlobalRouter(n_experts, spec.standardized) \
+            if (router != "layer" and n_experts > 1) else None
         self.register_buffer("mean", torch.tensor(mean_std[0]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(mean_std[1]).view(1, 3, 1, 1))
 
-    def forward(self, x, return_routing: bool = False, dispatch: str = "auto"):
+    def forward(self, x, return_routing: bool = False, dispatch: str = "auto",
+                random_routing: torch.Generator | None = None):
         # "auto": the sparse path on the CPU (only the chosen experts), the masked one on CUDA (no host sync)
         dispatch = ("masked" if x.is_cuda else "sparse") if dispatch == "auto" else dispatch
         x = (x - self.mean) / self.std               # (B, 3, H, W), inputs in [0,1] normalized here
-        routing = Routing(dispatch)
+        routing = Routing(dispatch, random=random_routing)
         if self.global_router is not None:
-            routing.shared = top1_gate(self.global_router(x))
+            routing.shared = top1_gate(self.global_router(x), random_routing, self.straight)
         # every MoE layer of the backbone appends its Gate to routing.gates, in forward order
         logits = self.backbone(x, routing)
         return (logits, routing.gates) if return_routing else logits
@@ -856,6 +898,8 @@ def evaluate(model: nn.Module, data, s, steps: int | None = None, limit: int = 0
                     AutoAttack the first --aa-n, with PGD's RA on the same images beside it); RA = RA_PGD
         RA-worst  = 100 * #{b : correct clean and under every attack} / #{b : every attack saw b}
         4-way split of Insight 2 under PGD, over the split_n images correct when clean: routing_summary.
+        SA with random routing: SA with every routing decision replaced by a uniformly random expert (does
+                    the routing matter? If not, the experts are interchangeable: S-Dense with copies).
     Everything runs in float32: FAB and Square stop just past the decision boundary, and routing is an argmax,
     so a bf16 re-classification could flip them back."""
     steps, device, classes = steps or s.test_steps, next(model.parameters()).device, model.backbone.fc
@@ -865,11 +909,16 @@ def evaluate(model: nn.Module, data, s, steps: int | None = None, limit: int = 0
     gens = {a: torch.Generator(device).manual_seed(1000 * s.seed + 2 * EVAL_ATTACKS.index(a))
             for a in attacks}
     correct: dict[str, list] = {"clean": []}     # label -> per batch, (b,) correct under it ("clean": none)
+    # random routing, from its own stream; only a model with routers has it
+    rand_gen, rand_ok = torch.Generator(device).manual_seed(1000 * s.seed + 2 * len(EVAL_ATTACKS)), []
     paths: dict[str, list] = {"clean": [], f"pgd{steps}": []}   # per batch, (B, L) each input's pathway
     with evaluating(model), torch.autocast(device.type, enabled=False):
         for x, y in data.test_batches(EVAL_BATCH, limit, split):
             done = sum(map(len, correct["clean"]))                               # images before this batch
             found = [("clean", x)]
+            if router_params(model):
+                with torch.no_grad():
+                    rand_ok.append(model(x, random_routing=rand_gen).argmax(1) == y)
             # every attack on the whole batch, but AutoAttack (minutes per batch) on the first --aa-n images
             # only
             for name in attacks:
@@ -892,7 +941,8 @@ def evaluate(model: nn.Module, data, s, steps: int | None = None, limit: int = 0
     pgd_ok, final = ok[f"pgd{steps}"], ["clean"] + [k for k in ok if k != "clean" and "/" not in k]
     seen_all = min(len(ok[k]) for k in final)                             # images every final attack saw
     ras = {k: percent(v) for k, v in ok.items() if k != "clean"}
-    result = {"sa": percent(ok["clean"]), "ra": percent(pgd_ok), "n": len(ok["clean"]), "attacks": ras,
+    result = {"sa": percent(ok["clean"]), "ra": percent(pgd_ok),
+              "sa_random_routing": percent(torch.cat(rand_ok)) if rand_ok else None, "n": len(ok["clean"]), "attacks": ras,
               "attack": f"PGD-{steps} (CE, eps {s.eps:.5f}, step {s.test_step_size:.5f}, uniform start)",
               "attack_n": {k: len(v) for k, v in ok.items() if k != "clean"},
               "ra_worst": percent(torch.stack([ok[k][:seen_all] for k in final]).all(0)),
@@ -1013,7 +1063,9 @@ class Settings:
     n_experts: int = 2
     # W: base channel multiplier of every backbone (1: the paper's networks)
     width: float = 1.0
-    # layer: a gate per MoE layer (the paper) | global: one image-level router (the authors' code)
+    # layer: a gate per MoE layer (the paper) | global: one image-level router, trained by the task loss |
+    # authors: the authors' code: a global router trained only by 6 CE(y mod N) (+ 6 KL(clean || adversarial)
+    # of its outputs under an attack), no task gradient, one BatchNorm shared by the experts, raw input
     router: str = "layer"
     # one BatchNorm shared by a layer's experts (the authors' code) instead of one per expert (deviation 1)
     shared_bn: bool = False
@@ -1022,6 +1074,14 @@ class Settings:
     # position: an expert reads a routed conv's output by channel position, whichever expert wrote it |
     # pathway: with weights of the expert that wrote it, so a channel keeps its meaning along a pathway
     layout: str = "position"
+    # experts share a core: W_e = W_shared + D_e, D_e = 0 at init (same model and cost)
+    shared_core: bool = False
+    # upcycling: the offsets D_e stay 0 for the first K epochs (the experts' filters tied), then train
+    # (with --shared-core)
+    tie_epochs: int = 0
+    # dense-to-sparse warm-up: for the first K epochs every expert gets the gradient of the router's mixture
+    # sum_e p_e E_e(x) (the forward stays hard top-1: the "soft" dispatch)
+    soft_epochs: int = 0
     # checkpoint.pt whose weights start the run (sparse: the AT(Dense) run to prune)
     init: str = ""
     # all | routers | backbone: what a joint method trains (the Sec. 4 study, with --init)
@@ -1040,8 +1100,8 @@ class Settings:
     balance: float = 0.0
     # the routers' learning rate: lr * router_lr (0 freezes routing at its initialization)
     router_lr: float = 1.0
-    # weight of CE(router logits, y mod N), the authors' router target (theirs: 6)
-    router_supervision: float = 0.0
+    # weight of CE(router logits, y mod N), the authors' router target (default 6 with --router authors, else 0)
+    router_supervision: float = None
     # --- optimization (the authors' settings; SGD momentum 0.9, weight decay 5e-4)
     # training epochs (an epoch is one pass of B_psi over the training set; sparse: after epochs/5 of pruning)
     epochs: int = 100
@@ -1087,14 +1147,16 @@ class Settings:
         """A bad value is a one-line ConfigError naming the flag and the fix; eps left out is derived here."""
         if self.eps is None:
             self.eps = 2 / 255 if self.dataset in ("tinyimagenet", "imagenet") else 8 / 255
+        if self.router_supervision is None:
+            self.router_supervision = AUTHORS_ALPHA if self.router == "authors" else 0.0
         choices = {"dataset": DATASETS, "arch": ARCHS, "method": METHODS, "eval_attacks": EVAL_ATTACKS,
-                   "loss": ("trades", "pgdat", "natural"), "router": ("layer", "global"),
+                   "loss": ("trades", "pgdat", "natural"), "router": ("layer", "global", "authors"),
                    "layout": ("position", "pathway"), "train_params": ("all", "routers", "backbone")}
         # (flags, the test a value passes, what it must be); --eval-attacks: a comma-separated list
         finite = lambda v: math.isfinite(v) and v >= 0  # noqa: E731
         rules = [
             (lambda v: v > 0, "n_experts train_steps test_steps square_queries epochs batch_size", "> 0"),
-            (lambda v: v >= 0, "eval_n quick_eval_n aa_n train_n val_n", ">= 0"),
+            (lambda v: v >= 0, "eval_n quick_eval_n aa_n train_n val_n tie_epochs soft_epochs", ">= 0"),
             (finite, "lr balance router_lr router_supervision", "finite, >= 0"),
             (lambda v: finite(v) and v <= 1, "eps", "a radius in pixels of [0,1] images: 0.0314"),
             (lambda v: 0 < v <= 1, "ratio", "in (0, 1]: an expert keeps r of the channels"),
@@ -1106,6 +1168,8 @@ class Settings:
                 raise ConfigError(f"{flag(bad[0])} {getattr(self, bad[0])!r} must be {must}")
         if self.method in MOE_METHODS and self.n_experts < 2:
             raise ConfigError(f"--method {self.method} needs --n-experts 2 or more (one: --method sdense)")
+        if self.tie_epochs and not self.shared_core:
+            raise ConfigError("--tie-epochs ties the offsets of shared-core experts: add --shared-core")
         if self.method == "sparse" and self.ratio == 1:
             raise ConfigError("--method sparse keeps a fraction --ratio of the channels: give one below 1")
         if self.train_params != "all" and (self.method != "moe" or not self.init):
@@ -1129,7 +1193,8 @@ class Settings:
 
     # what the method's functions read of these settings (section 3)
     objective = property(lambda self: Objective(self.loss, BETA, self.eps, self.train_step_size,
-                                                self.train_steps, self.balance, self.router_supervision))
+                                                self.train_steps, self.balance, self.router_supervision,
+                                                self.router == "authors"))
 
     @property
     def name(self) -> str:
@@ -1343,7 +1408,7 @@ def load_data(s: Settings, device, shard: tuple = (0, 1)):
 # ==================================================================================================
 def build_model(s: Settings, num_classes: int, image_size: int) -> MoECNN:
     return MoECNN(s.arch, num_classes, image_size, s.model_ratio, s.model_experts, s.router,
-                  MEAN_STD[s.dataset], s.width, s.shared_bn, s.router_standardize, s.layout)
+                  MEAN_STD[s.dataset], s.width, s.shared_bn, s.router_standardize, s.layout, s.shared_core)
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -1406,11 +1471,13 @@ def train_epoch(net: nn.Module, opts: dict, data, s: Settings, epoch: int, devic
     net.train()
     freeze_batchnorm(net, s.train_params)
     sums, bad_step = {}, torch.full((), -1, device=device)
+    # --soft-epochs: the first epochs' training forwards give every expert the mixture's gradient
+    obj = s.objective._replace(dispatch="soft" if epoch < s.soft_epochs else "auto")
     tick = ticker(f"epoch {epoch + 1}/{s.epochs}", iters * s.batch_size * streams, log)
     for it, batches in enumerate(batch_streams(data, s, epoch)):
         set_lr(opts, (epoch * iters + it) / (s.epochs * iters))
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            stats = step(net, opts, batches, s.objective, average_gradients)
+            stats = step(net, opts, batches, obj, average_gradients)
         sums = {k: sums.get(k, 0.0) + v for k, v in stats.items()}
         # the first non-finite step of either level, remembered without a host sync
         finite = torch.isfinite(stats["loss"]) & torch.isfinite(stats.get("router_loss", stats["loss"]))
@@ -1432,12 +1499,14 @@ def epoch_row(row: dict, model, opts: dict, data, s: Settings, history: list, ex
     previous = history[-1].get("routing") if history else extra.get("routing_epoch0")
     if routing := routing_snapshot(model, data, previous):
         row["routing"] = routing
+        row["expert_spread"] = expert_spread(model)
     row["seconds"] = round(time.perf_counter() - t0, 2)
     shown = ("loss", "acc", "acc_adv", "router_loss", "router_reg", "sa", "ra_pgd10", "seconds")
     text = " ".join(f"{k} {row[k]:.4g}" for k in shown if k in row)
     if r := row.get("routing"):
         text += f" | routing: collapsed {r['collapsed']}/{len(r['top_share'])}, majority changed in " \
-                f"{r.get('majority_changed')}, top-expert share max {max(r['top_share']):.2f}"
+                f"{r.get('majority_changed')}, top-expert share max {max(r['top_share']):.2f}, expert " \
+                f"spread {sum(row['expert_spread']) / len(row['expert_spread']):.3f}"
     log(f"epoch {row['epoch']}/{s.epochs} {text}")
     return row
 
@@ -1463,6 +1532,16 @@ def routing_snapshot(model: nn.Module, data, previous: dict | None = None, fresh
     if previous:
         snap["majority_changed"] = sum(a != b for a, b in zip(snap["majority"], previous["majority"]))
     return snap
+
+def expert_spread(model: nn.Module) -> list[float]:
+    """Per MoE layer, how far its experts have moved apart: mean_e ||W_e - W_ref|| / ||W_ref||, with W_ref
+    the shared core (--shared-core: ||D_e|| / ||W_shared||) or else the experts' mean filters."""
+    spread = []
+    for m in (m for m in model.modules() if isinstance(m, MoEConv) and m.n > 1):
+        w = m.filters().detach().view(m.n, m.cout, -1)                         # (N, cout, n_in*cin*k*k)
+        ref = w.mean(0) if m.core is None else m.core.detach().view(m.cout, -1)
+        spread.append(round(((w - ref).flatten(1).norm(dim=1) / ref.norm()).mean().item(), 4))
+    return spread
 
 PROGRESS_SECONDS = 30.0  # at least this long between two progress lines of training
 
@@ -1733,10 +1812,11 @@ def check_out(out: Path, s: Settings, rank: int = 0):
 
 # what a checkpoint's weights fit, and the flags that build its model
 MODEL_FIELDS = ("arch", "method", "ratio", "n_experts", "router", "width", "shared_bn", "router_standardize",
-                "layout")
+                "layout", "shared_core")
 IDENTITY = ("method", "dataset", "arch", "model_ratio", "model_experts") + MODEL_FIELDS[4:]
 # what a checkpoint that does not record a setting was trained with
-LEGACY = {"shared_bn": False, "router_standardize": True, "layout": "position"}
+LEGACY = {"shared_bn": False, "router_standardize": True, "layout": "position", "shared_core": False,
+          "tie_epochs": 0, "soft_epochs": 0}
 # flags of the run and of its evaluation: --resume and --eval-only may change them, not the recipe
 RUN_FIELDS = ("out", "resume", "eval_only", "device", "data_dir", "compile", "aa_n")
 EVAL_FIELDS = ("eval_n", "eval_attacks", "quick_eval_n", "square_queries", "test_steps")

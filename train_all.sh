@@ -88,19 +88,17 @@ fi
 # and one MoE-CNN per hypothesis: a shared BatchNorm (1); the expert layout (2): one expert index everywhere
 # (the global router without supervision, and the same frozen at init) and the pathway layout; routers at a
 # tenth of the learning rate, or frozen at init (3); raw router input (4); and twice the learning rate (an
-# expert gets the gradient of the inputs routed to it only, about 1/N of a batch's), also with the global
-# router frozen. Seed 2 of the informative ones.
+# expert gets the gradient of the inputs routed to it only, about 1/N of a batch's). Seed 2 of the informative
+# ones.
 if [[ $GRID == learnability ]]; then
   nat=(--dataset cifar10 --arch resnet18 --width 0.25 --n-experts 2 --ratio 0.5 --train-n 20000 --val-n 500
        --loss natural --eval-n 2000 --test-steps 10 --quick-eval-n 0)
   declare -A VARIANT=([moe]="" [moe_sharedbn]="--shared-bn" [moe_global]="--router global"
                       [moe_routerlr0.1]="--router-lr 0.1" [moe_frozen]="--router-lr 0"
                       [moe_rawrouter]="--no-router-standardize" [moe_globalfrozen]="--router global --router-lr 0"
-                      [moe_pathway]="--layout pathway" [moe_lr0.2]="--lr 0.2"
-                      [moe_globalfrozen_lr0.2]="--router global --router-lr 0 --lr 0.2")
+                      [moe_pathway]="--layout pathway" [moe_lr0.2]="--lr 0.2")
   job sdense_s1 "" "${nat[@]}" --method sdense --seed 1
-  for v in moe moe_sharedbn moe_global moe_routerlr0.1 moe_pathway moe_globalfrozen moe_lr0.2 \
-           moe_globalfrozen_lr0.2; do
+  for v in moe moe_sharedbn moe_global moe_routerlr0.1 moe_pathway moe_globalfrozen moe_lr0.2; do
     job "${v}_s1" "" "${nat[@]}" --method moe ${VARIANT[$v]} --seed 1
   done
   job sdense_s2 "" "${nat[@]}" --method sdense --seed 2
@@ -109,6 +107,21 @@ if [[ $GRID == learnability ]]; then
     job "${v}_s2" "" "${nat[@]}" --method moe ${VARIANT[$v]} --seed 2
   done
   job moe_rawrouter_s1 "" "${nat[@]}" --method moe ${VARIANT[moe_rawrouter]} --seed 1
+  # Round 2 (the known remedies for gated CNNs, and the authors' exact routing), 2 seeds each: experts that
+  # share a core; upcycling (that core alone, the experts' filters tied, for the first quarter of the
+  # epochs); a dense-to-sparse warm-up (every expert gets the routing mixture's gradient for 3 epochs); the
+  # authors' routing. Then the budget curve: S-Dense and today's MoE at 24 and 48 epochs.
+  VARIANT+=([moe_sharedcore]="--shared-core" [moe_upcycle]="--shared-core --tie-epochs 3"
+            [moe_soft]="--soft-epochs 3" [moe_authors]="--router authors")
+  for seed in 1 2; do
+    for v in moe_sharedcore moe_upcycle moe_soft moe_authors; do
+      job "${v}_s$seed" "" "${nat[@]}" --method moe ${VARIANT[$v]} --seed $seed
+    done
+  done
+  for e in 24 48; do
+    job "sdense_e${e}_s1" "" "${nat[@]}" --method sdense --seed 1 --epochs $e
+    job "moe_e${e}_s1" "" "${nat[@]}" --method moe --seed 1 --epochs $e
+  done
 fi
 
 # ---- GRID=smoke: check a machine in minutes before the full grid (README, "Check a machine first") --------
@@ -197,7 +210,7 @@ fi  # GRID=paper
 # ---- Runner: a job starts once its dependencies have finished and a GPU (or, without GPUs, the CPU) is free
 command_of() {
   local name=$1
-  echo "python advmoe.py ${ARGS[$name]} --epochs $EPOCHS --data-dir $DATA_DIR --out $OUT/$name --resume $EXTRA"
+  echo "python advmoe.py --epochs $EPOCHS ${ARGS[$name]} --data-dir $DATA_DIR --out $OUT/$name --resume $EXTRA"
 }
 if [[ $DRY_RUN == 1 ]]; then
   for name in "${NAMES[@]}"; do command_of "$name"; done
