@@ -103,7 +103,7 @@ if [[ $GRID == learnability ]]; then
   done
   job sdense_s2 "" "${nat[@]}" --method sdense --seed 2
   job moe_frozen_s1 "" "${nat[@]}" --method moe ${VARIANT[moe_frozen]} --seed 1
-  for v in moe moe_globalfrozen moe_lr0.2 moe_frozen moe_pathway; do
+  for v in moe moe_globalfrozen moe_frozen moe_pathway; do
     job "${v}_s2" "" "${nat[@]}" --method moe ${VARIANT[$v]} --seed 2
   done
   job moe_rawrouter_s1 "" "${nat[@]}" --method moe ${VARIANT[moe_rawrouter]} --seed 1
