@@ -169,19 +169,15 @@ class MoEConv(nn.Module):
     """A conv (optionally with its BatchNorm) whose output channels are split into N experts of `cout`
     channels; a router picks one expert per input (Fig. 1a). With N = 1 it is a plain conv, the Dense /
     S-Dense layer, so every backbone is written once. NOTE(ours), deviation 3: expert e owns filters
-    [e*cout, (e+1)*cout) of one (N*cout, n_in*cin, k, k) weight. It reads the pathway's cin channels with
-    columns [u*cin, (u+1)*cin), where u is the expert of the routed conv that wrote its input when the layout
-    keeps channels apart by the expert that wrote them ("pathway": n_in = N), and 0 otherwise ("position":
-    n_in = 1, or an input that experts share, such as a residual stream)."""
+    [e*cout, (e+1)*cout) of one (N*cout, cin, k, k) weight and reads the pathway's cin channels by position,
+    whichever expert wrote them."""
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int, n_experts: int, bn: bool, router: bool,
-                 shared_bn: bool = False, standardized: bool = True, fed: bool = False, core: bool = False):
+                 shared_bn: bool = False, standardized: bool = True, core: bool = False):
         super().__init__()
         self.cin, self.cout, self.stride, self.padding, self.n = cin, cout, stride, kernel // 2, n_experts
         self.shared_bn, self.standardized = shared_bn and n_experts > 1, standardized
-        # n_in: the column blocks of the weight, one per upstream expert under the pathway layout
-        self.n_in = n_experts if fed and n_experts > 1 else 1
-        self.weight = nn.Parameter(torch.empty(n_experts * cout, self.n_in * cin, kernel, kernel))
+        self.weight = nn.Parameter(torch.empty(n_experts * cout, cin, kernel, kernel))
         # Kaiming (fan_out) of one expert as a standalone conv: std = sqrt(2 / (cout * k * k))
         nn.init.normal_(self.weight, 0.0, math.sqrt(2.0 / (cout * kernel * kernel)))
         # NOTE(ours), --shared-core: W_e = W_shared + D_e, `weight` holding the offsets D_e (0 at init), so
@@ -199,28 +195,26 @@ class MoEConv(nn.Module):
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         # N = 1 (Dense, S-Dense, a shared conv): the conv and its BatchNorm, nothing routed
         if self.n == 1:
-            return self.normalize(self.conv(x, 0, 0), slice(None))
-        # u(b): the expert of the routed conv that wrote x_b (the last gate), under the pathway layout
-        up = routing.gates[-1].choice if self.n_in > 1 else x.new_zeros(len(x), dtype=torch.long)   # (B,)
-        # g_l(x) = top1(softmax(W_l std(GAP(x)))); the global router decided once for every layer
-        pooled = x.mean((2, 3))                                                   # (B, cin)
-        gate = routing.shared or top1_gate(self.router(standardize(pooled) if self.standardized else pooled),
-                                           routing.random)
+            return self.normalize(self.conv(x, 0), slice(None))
+        # g_l(x) = top1(softmax(W_l std(GAP(x)))), unless the global router decided once for every layer
+        if routing.shared is None:
+            pooled = x.mean((2, 3))                                               # (B, cin)
+            gate = top1_gate(self.router(standardize(pooled) if self.standardized else pooled), routing.random)
+        else:
+            gate = routing.shared
         routing.gates.append(gate)
         # "masked" and "soft" run every expert on every input (the GPU path, and the soft attack's forward)
         if routing.dispatch != "sparse":
-            return self.masked_forward(x, gate, up, soft=routing.dispatch == "soft")
-        # the sparse path: sort the batch by its group, run each group's expert on its slice, undo the sort.
-        # Only r*C filters of the N*r*C run per input, so the cost is S-Dense's whatever N.
-        # y_b = E_{e(b)}(x_b): the batch grouped by expert (and by u), one conv of r*C filters per group
-        group = gate.choice * self.n_in + up                                      # (B,) group (e, u)
-        order, sizes = group.argsort(), group.bincount(minlength=self.n * self.n_in).tolist()  # one host read
-        y = torch.cat([self.conv(xg, g // self.n_in, g % self.n_in)
-                       for g, xg in enumerate(x[order].split(sizes)) if len(xg)])  # (B, cout, H', W'), by e
+            return self.masked_forward(x, gate, soft=routing.dispatch == "soft")
+        # the sparse path: sort the batch by expert, run each expert on its slice, undo the sort. Only r*C
+        # filters of the N*r*C run per input, so the cost is S-Dense's whatever N.
+        # y_b = E_{e(b)}(x_b): one conv of r*C filters per expert, on the inputs routed to it
+        order, sizes = gate.choice.argsort(), gate.choice.bincount(minlength=self.n).tolist()  # one host read
+        xs = x[order].split(sizes)                                                # N x (b_e, cin, H, W)
+        y = torch.cat([self.conv(xe, e) for e, xe in enumerate(xs) if len(xe)])  # (B, cout, H', W'), by e
         # each expert's BatchNorm on the inputs routed to it (adjacent in this order), or one for them all
-        per_expert = [sum(sizes[e * self.n_in:(e + 1) * self.n_in]) for e in range(self.n)]
         y = self.normalize(y, slice(None)) if self.shared_bn else torch.cat([
-            self.normalize(ye, self.rows(e)) for e, ye in enumerate(y.split(per_expert)) if len(ye)])
+            self.normalize(ye, self.rows(e)) for e, ye in enumerate(y.split(sizes)) if len(ye)])
         # back in the batch's order; s_b multiplies in the router's gradient
         return straight_through(y[order.argsort()], gate)
 
@@ -230,13 +224,12 @@ class MoEConv(nn.Module):
 
     def filters(self, rows: slice = slice(None)) -> torch.Tensor:
         """The filters of `rows` (whole experts): W_e, or W_shared + D_e under --shared-core."""
-        w = self.weight[rows]                                                     # (e*cout, n_in*cin, k, k)
+        w = self.weight[rows]                                                     # (e*cout, cin, k, k)
         return w if self.core is None else w + self.core.repeat(len(w) // self.cout, 1, 1, 1)
 
-    def conv(self, x: torch.Tensor, e: int, u: int) -> torch.Tensor:
-        """Expert e's filters on inputs written by upstream expert u: (b, cin, H, W) -> (b, cout, H', W')."""
-        w = self.filters(self.rows(e))[:, u * self.cin:(u + 1) * self.cin]        # (cout, cin, k, k)
-        return F.conv2d(x, w, None, self.stride, self.padding)
+    def conv(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert e's filters: (b, cin, H, W) -> (b, cout, H', W')."""
+        return F.conv2d(x, self.filters(self.rows(e)), None, self.stride, self.padding)
 
     def normalize(self, y: torch.Tensor, s: slice) -> torch.Tensor:
         """The BatchNorm's channels s on y (batch statistics in training, running ones in eval). Its running
@@ -245,16 +238,12 @@ class MoEConv(nn.Module):
         return y if bn is None else F.batch_norm(y, bn.running_mean[s], bn.running_var[s], bn.weight[s],
                                                   bn.bias[s], self.training, bn.momentum, bn.eps)
 
-    def masked_forward(self, x: torch.Tensor, gate: Gate, up: torch.Tensor | None = None, soft: bool = False):
+    def masked_forward(self, x: torch.Tensor, gate: Gate, soft: bool = False):
         """Speed path and test reference: skip on a first read. The sparse path above reads the group sizes
         on the host, which stalls a GPU once per layer; on CUDA ("auto") every expert runs on every input
-        instead (static shapes, no host read, one graph for torch.compile) at N times the experts' FLOPs (N^2
-        for a fed conv under the pathway layout).
+        instead (static shapes, no host read, one graph for torch.compile) at N times the experts' FLOPs.
         It is also the reference the sparse path is tested against, and, with soft=True, the forward of the
-        surrogate-gradient attack. up (B,): each input's upstream expert (read by the pathway layout only)."""
-        if self.n_in > 1:  # x_b in the column block of its upstream expert u(b), zeros elsewhere
-            x = rearrange(F.one_hot(up, self.n_in).to(x.dtype)[:, :, None, None, None] * x[:, None],
-                          "b u c h w -> b (u c) h w")                             # (B, N*cin, H, W)
+        surrogate-gradient attack and of the --soft-epochs warm-up."""
         y = F.conv2d(x, self.filters(), None, self.stride, self.padding)        # (B, N*cout, H', W')
         y = rearrange(y, "b (n c) h w -> b n c h w", n=self.n)              # (B, N, cout, H', W')
         # E_{e(b)}(x_b): each input's rows of its chosen expert (a gather)
@@ -554,9 +543,8 @@ def batch_streams(data, s, epoch: int):
 # of the blocks but the projection shortcuts. What the experts share: the stem, projection shortcuts,
 # pre-activation BatchNorms and the classifier (deviations 4, 5). A pathway (one expert per routed conv)
 # therefore has exactly S-Dense's shapes and cost. The residual stream of a ResNet is a shared space: every
-# expert of a block's last conv writes into the same r*C channels; a conv fed directly by a routed conv
-# (fed=True) can instead read with the weights of the expert that wrote its input (the pathway layout,
-# deviation 3). Reading order: Spec, one backbone (ResNet-18, the paper's main one), then MoECNN, which wraps
+# expert of a block's last conv writes into the same r*C channels, and every expert reads them by position
+# (deviation 3). Reading order: Spec, one backbone (ResNet-18, the paper's main one), then MoECNN, which wraps
 # them all.
 @dataclass(frozen=True)
 class Spec:
@@ -565,15 +553,13 @@ class Spec:
     ratio r and n_experts N as in the paper; layer_router: a gate per MoE layer (False: the global router
     decides); base: --width W, Dense has round(W * C) channels where the paper's has C; shared_bn: one
     BatchNorm for every expert of a layer (--shared-bn); standardized: the routers read standardized pooled
-    features (deviation 2); layout: how an expert reads a routed conv's output (--layout, deviation 3);
-    shared_core: W_e = W_shared + D_e (--shared-core)."""
+    features (deviation 2); shared_core: W_e = W_shared + D_e (--shared-core)."""
     ratio: float = 1.0
     n_experts: int = 1
     layer_router: bool = True
     base: float = 1.0
     shared_bn: bool = False
     standardized: bool = True
-    layout: str = "position"
     shared_core: bool = False
 
     def width(self, channels: int | tuple) -> int:
@@ -585,14 +571,12 @@ class Spec:
         return max(1, round(self.ratio * max(1, round(self.base * channels))))
 
     # Every conv of the blocks is made here: which of them is routed is decided in one place.
-    def conv(self, cin, cout, kernel: int = 3, stride: int = 1, bn: bool = True, shared: bool = False,
-             fed: bool = False):
+    def conv(self, cin, cout, kernel: int = 3, stride: int = 1, bn: bool = True, shared: bool = False):
         """A routed conv: N experts of r*cout filters, each reading the pathway's r*cin channels; shared=True:
-        one conv for all experts (stem, projection shortcut); fed=True: its input is a routed conv's output,
-        which the pathway layout reads with the columns of the expert that wrote it."""
+        one conv for all experts (stem, projection shortcut)."""
         n = 1 if shared else self.n_experts  # a shared conv: N = 1, so no router either
         return MoEConv(self.width(cin), self.width(cout), kernel, stride, n, bn, self.layer_router,
-                       self.shared_bn, self.standardized, fed and self.layout == "pathway", self.shared_core)
+                       self.shared_bn, self.standardized, self.shared_core)
 
     def bn(self, channels) -> nn.BatchNorm2d:
         """NOTE(ours), deviation 5: a pre-activation BatchNorm on the pathway, shared by all experts."""
@@ -629,7 +613,7 @@ class BasicBlock(nn.Module):
 
     def __init__(self, spec: Spec, cin: int, cout: int, stride: int):
         super().__init__()
-        self.conv1, self.conv2 = spec.conv(cin, cout, 3, stride), spec.conv(cout, cout, fed=True)
+        self.conv1, self.conv2 = spec.conv(cin, cout, 3, stride), spec.conv(cout, cout)
         # a 1x1 projection (shared) where the shape changes: the first block of stages 2-4
         self.shortcut = spec.conv(cin, cout, 1, stride, shared=True) if (stride, cin) != (1, cout) else None
 
@@ -670,7 +654,7 @@ class WideBlock(nn.Module):
         super().__init__()
         self.bn1, self.conv1 = spec.bn(cin), spec.conv(cin, cout, 3, stride)
         # conv2 has no BatchNorm: the next block's pre-activation BatchNorm (or the final one) follows the sum
-        self.conv2 = spec.conv(cout, cout, bn=False, fed=True)
+        self.conv2 = spec.conv(cout, cout, bn=False)
         self.shortcut = spec.conv(cin, cout, 1, stride, False, True) if (stride, cin) != (1, cout) else None
 
     def forward(self, x, routing):
@@ -712,7 +696,7 @@ class VGG16(nn.Module):
         self.stem, layers, cin = Stem(spec, 64, image_size), [], 64
         # CFG[0] is the stem; "M": a 2x2 max-pool, which has no parameters and keeps the channels
         for v in self.CFG[1:]:  # every conv but the first reads the routed conv before it
-            layers.append(nn.MaxPool2d(2) if v == "M" else spec.conv(cin, v, fed=bool(layers)))
+            layers.append(nn.MaxPool2d(2) if v == "M" else spec.conv(cin, v))
             cin = cin if v == "M" else v
         self.layers, self.fc = nn.ModuleList(layers), spec.fc(512, num_classes)
 
@@ -738,7 +722,7 @@ class DenseLayer(nn.Module):
         self.bn = spec.bn(chans)
         # the 1x1 conv reads every group so far: its router pools the whole concatenation
         self.conv1 = spec.conv(chans, 4 * growth, 1)
-        self.conv2 = spec.conv(4 * growth, growth, bn=False, fed=True)
+        self.conv2 = spec.conv(4 * growth, growth, bn=False)
 
     def forward(self, x, routing):
         # (B, C, H, W) -> 1x1 conv (B, r*4k, H, W) -> 3x3 conv (B, r*k, H, W), appended: (B, C + r*k, H, W)
@@ -787,14 +771,13 @@ class MoECNN(nn.Module):
 
     def __init__(self, arch: str, num_classes: int = 10, image_size: int = 32, ratio: float = 1.0,
                  n_experts: int = 1, router: str = "layer", mean_std=MEAN_STD["cifar10"], width: float = 1.0,
-                 shared_bn: bool = False, router_standardize: bool = True, layout: str = "position",
-                 shared_core: bool = False):
+                 shared_bn: bool = False, router_standardize: bool = True, shared_core: bool = False):
         super().__init__()
         # NOTE(official code), --router authors: their routing has one BatchNorm shared by a layer's experts
         # and a router that reads its features raw and gets no task gradient (straight)
         authors, self.straight = router == "authors", router != "authors"
         spec = Spec(ratio, n_experts, router == "layer", width, shared_bn or authors,
-                    router_standardize and not authors, layout, shared_core)
+                    router_standardize and not authors, shared_core)
         self.backbone = BACKBONES[arch](spec, num_classes, image_size)
         self.global_router = GlobalRouter(n_experts, spec.standardized) \
             if (router != "layer" and n_experts > 1) else None
@@ -1071,9 +1054,6 @@ class Settings:
     shared_bn: bool = False
     # routers read their pooled features standardized per input (deviation 2); --no-router-standardize: raw
     router_standardize: bool = True
-    # position: an expert reads a routed conv's output by channel position, whichever expert wrote it |
-    # pathway: with weights of the expert that wrote it, so a channel keeps its meaning along a pathway
-    layout: str = "position"
     # experts share a core: W_e = W_shared + D_e, D_e = 0 at init (same model and cost)
     shared_core: bool = False
     # upcycling: the offsets D_e stay 0 for the first K epochs (the experts' filters tied), then train
@@ -1151,7 +1131,7 @@ class Settings:
             self.router_supervision = AUTHORS_ALPHA if self.router == "authors" else 0.0
         choices = {"dataset": DATASETS, "arch": ARCHS, "method": METHODS, "eval_attacks": EVAL_ATTACKS,
                    "loss": ("trades", "pgdat", "natural"), "router": ("layer", "global", "authors"),
-                   "layout": ("position", "pathway"), "train_params": ("all", "routers", "backbone")}
+                   "train_params": ("all", "routers", "backbone")}
         # (flags, the test a value passes, what it must be); --eval-attacks: a comma-separated list
         finite = lambda v: math.isfinite(v) and v >= 0  # noqa: E731
         rules = [
@@ -1408,7 +1388,7 @@ def load_data(s: Settings, device, shard: tuple = (0, 1)):
 # ==================================================================================================
 def build_model(s: Settings, num_classes: int, image_size: int) -> MoECNN:
     return MoECNN(s.arch, num_classes, image_size, s.model_ratio, s.model_experts, s.router,
-                  MEAN_STD[s.dataset], s.width, s.shared_bn, s.router_standardize, s.layout, s.shared_core)
+                  MEAN_STD[s.dataset], s.width, s.shared_bn, s.router_standardize, s.shared_core)
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -1538,7 +1518,7 @@ def expert_spread(model: nn.Module) -> list[float]:
     the shared core (--shared-core: ||D_e|| / ||W_shared||) or else the experts' mean filters."""
     spread = []
     for m in (m for m in model.modules() if isinstance(m, MoEConv) and m.n > 1):
-        w = m.filters().detach().view(m.n, m.cout, -1)                         # (N, cout, n_in*cin*k*k)
+        w = m.filters().detach().view(m.n, m.cout, -1)                           # (N, cout, cin*k*k)
         ref = w.mean(0) if m.core is None else m.core.detach().view(m.cout, -1)
         spread.append(round(((w - ref).flatten(1).norm(dim=1) / ref.norm()).mean().item(), 4))
     return spread
@@ -1812,11 +1792,11 @@ def check_out(out: Path, s: Settings, rank: int = 0):
 
 # what a checkpoint's weights fit, and the flags that build its model
 MODEL_FIELDS = ("arch", "method", "ratio", "n_experts", "router", "width", "shared_bn", "router_standardize",
-                "layout", "shared_core")
+                "shared_core")
 IDENTITY = ("method", "dataset", "arch", "model_ratio", "model_experts") + MODEL_FIELDS[4:]
 # what a checkpoint that does not record a setting was trained with
-LEGACY = {"shared_bn": False, "router_standardize": True, "layout": "position", "shared_core": False,
-          "tie_epochs": 0, "soft_epochs": 0}
+LEGACY = {"shared_bn": False, "router_standardize": True, "shared_core": False, "tie_epochs": 0,
+          "soft_epochs": 0}
 # flags of the run and of its evaluation: --resume and --eval-only may change them, not the recipe
 RUN_FIELDS = ("out", "resume", "eval_only", "device", "data_dir", "compile", "aa_n")
 EVAL_FIELDS = ("eval_n", "eval_attacks", "quick_eval_n", "square_queries", "test_steps")

@@ -148,16 +148,15 @@ def test_return_routing_lists_every_moe_layer():
     assert n_params(shared, routers_only=True) == n_params(shared.global_router)
 
 
-@pytest.mark.parametrize("arch,router,shared_bn,layout", [
-    *[(arch, router, False, "position") for arch in ("resnet18", "wrn28_10", "vgg16", "densenet")
+@pytest.mark.parametrize("arch,router,shared_bn", [
+    *[(arch, router, False) for arch in ("resnet18", "wrn28_10", "vgg16", "densenet")
       for router in ("layer", "global")],
-    *[(arch, "layer", True, "position") for arch in ("resnet18", "densenet")],
-    *[(arch, "layer", False, "pathway") for arch in ("resnet18", "vgg16", "densenet")]])
-def test_sparse_path_equals_masked_reference(arch, router, shared_bn, layout):
+    *[(arch, "layer", True) for arch in ("resnet18", "densenet")]])
+def test_sparse_path_equals_masked_reference(arch, router, shared_bn):
     """Outputs, gradients (routers included) and BatchNorm running statistics, float64, train and eval; with
-    a BatchNorm per expert and with one shared by the experts (--shared-bn); with both expert layouts."""
+    a BatchNorm per expert and with one shared by the experts (--shared-bn)."""
     torch.manual_seed(0)
-    sparse = moe(arch, router=router, width=0.25, shared_bn=shared_bn, layout=layout).double()
+    sparse = moe(arch, router=router, width=0.25, shared_bn=shared_bn).double()
     masked = copy.deepcopy(sparse)
     x = torch.rand(8, 3, 32, 32, dtype=torch.float64)
     for training in (True, False):
@@ -1422,7 +1421,7 @@ def test_help_comes_from_the_settings_comments(tmp_path, capsys):
     # defaults=False: only the flags given
     assert vars(A.settings_parser(False).parse_args(["--lr", "0.5", "--no-router-standardize"])) == {
         "lr": 0.5, "router_standardize": False}
-    assert len(A.dataclasses.fields(A.Settings)) <= 36
+    assert len(A.dataclasses.fields(A.Settings)) <= 38
     assert A.parse_settings([]) == A.Settings()
 
 
@@ -1685,50 +1684,35 @@ def test_router_lr_zero_freezes_routing(method):
 
 
 def test_a_checkpoint_that_does_not_record_a_setting_loads_as_it_was_trained(good_checkpoint, tmp_path):
-    """Checkpoints written before --shared-bn, --router-standardize and --layout existed: per-expert BatchNorms,
-    standardized routers, the position layout."""
+    """Checkpoints written before --shared-bn, --router-standardize and --shared-core existed (and with a
+    --layout this version no longer has): per-expert BatchNorms, standardized routers, independent experts."""
     ckpt = torch.load(good_checkpoint, weights_only=True)
     for part in ("settings", "identity"):
-        for k in ("shared_bn", "router_standardize", "layout"):
+        for k in ("shared_bn", "router_standardize", "shared_core"):
             del ckpt[part][k]
+        ckpt[part]["layout"] = "position"
     torch.save(ckpt, tmp_path / "old.pt")
     read = A.read_checkpoint(tmp_path / "old.pt")
-    assert (read["settings"]["shared_bn"], read["settings"]["router_standardize"], read["settings"]["layout"]) == (
-        False, True, "position")
+    assert (read["settings"]["shared_bn"], read["settings"]["router_standardize"], read["settings"]["shared_core"]
+            ) == (False, True, False) and "layout" not in read["settings"]
     assert A.main(["--eval-only", str(tmp_path / "old.pt"), "--out", str(tmp_path / "e"), "--device", "cpu"]) == 0
     result = json.loads((tmp_path / "e" / "result.json").read_text())
-    assert result["settings"]["layout"] == "position" and result["settings"]["shared_bn"] is False
+    assert result["settings"]["shared_core"] is False and result["settings"]["shared_bn"] is False
 
 
 @pytest.mark.parametrize("dispatch", ["sparse", "masked"])
-def test_the_pathway_layout_reads_with_the_columns_of_the_expert_that_wrote_the_input(dispatch):
-    """--layout pathway: expert e reads input written by upstream expert u with its weight block [e rows, u
-    columns]; --layout position: with its one block, whoever wrote the input."""
+def test_an_expert_reads_the_pathway_by_position_with_its_own_filters(dispatch):
+    """Expert e computes y_b = conv(x_b, W[e rows]) on the pathway's channels, whoever wrote them."""
     torch.manual_seed(0)
     x = torch.rand(8, 6, 5, 5)
-    upstream = A.top1_gate(F.one_hot(torch.tensor([0, 1, 0, 1, 1, 0, 0, 1]), 2).float())
     own = A.top1_gate(F.one_hot(torch.tensor([0, 0, 1, 1, 0, 1, 0, 1]), 2).float())
-    for fed, blocks in ((True, 2), (False, 1)):
-        layer = A.MoEConv(6, 4, 3, 1, 2, bn=False, router=True, fed=fed)
-        assert layer.weight.shape == (8, 6 * blocks, 3, 3)
-        y = layer(x, A.Routing(dispatch, gates=[upstream], shared=own))
-        for b in range(8):
-            e, u = int(own.choice[b]), int(upstream.choice[b]) if fed else 0
-            w = layer.weight[4 * e:4 * e + 4, 6 * u:6 * u + 6]
-            torch.testing.assert_close(y[b], F.conv2d(x[b:b + 1], w, padding=1)[0], rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("arch", ["resnet18", "wrn28_10", "vgg16", "densenet"])
-def test_with_n_times_r_one_a_pathway_is_a_subnetwork_of_dense(arch):
-    """--layout pathway at N*r = 1: a routed conv that reads a routed conv has the Dense conv's weight shape
-    (its N x N blocks of r*C x r*C tile it); the other routed convs keep the position layout's shape."""
-    dense = A.MoECNN(arch, 10, 32, 1.0, 1, width=0.5)
-    paths, position = (A.MoECNN(arch, 10, 32, 0.5, 2, width=0.5, layout=k) for k in ("pathway", "position"))
-    fed = {n for n, m in paths.named_modules() if isinstance(m, A.MoEConv) and m.n_in > 1}
-    assert fed and all(paths.get_submodule(n).weight.shape == dense.get_submodule(n).weight.shape for n in fed)
-    assert all(m.weight.shape == paths.get_submodule(n).weight.shape for n, m in position.named_modules()
-               if isinstance(m, A.MoEConv) and n not in fed)
-    assert A.parse_settings(B + ["--layout", "pathway"]).layout == "pathway"
+    layer = A.MoEConv(6, 4, 3, 1, 2, bn=False, router=True)
+    assert layer.weight.shape == (8, 6, 3, 3)
+    y = layer(x, A.Routing(dispatch, shared=own))
+    for b in range(8):
+        e = int(own.choice[b])
+        torch.testing.assert_close(y[b], F.conv2d(x[b:b + 1], layer.weight[4 * e:4 * e + 4], padding=1)[0],
+                                   rtol=1e-5, atol=1e-5)
 
 
 # ------------------------------------------------------------ learnability switches (shared core, upcycling, ...)

@@ -86,7 +86,7 @@ fi
 # ---- GRID=learnability: why the MoE-CNN learns worse than S-Dense (results/moe_learnability/README.md) ----
 # Natural training (--loss natural: cross-entropy, no attack) at the laptop recipe: S-Dense, today's MoE-CNN,
 # and one MoE-CNN per hypothesis: a shared BatchNorm (1); the expert layout (2): one expert index everywhere
-# (the global router without supervision, and the same frozen at init) and the pathway layout; routers at a
+# (the global router without supervision, and the same frozen at init); routers at a
 # tenth of the learning rate, or frozen at init (3); raw router input (4); and twice the learning rate (an
 # expert gets the gradient of the inputs routed to it only, about 1/N of a batch's). Seed 2 of the informative
 # ones.
@@ -96,14 +96,14 @@ if [[ $GRID == learnability ]]; then
   declare -A VARIANT=([moe]="" [moe_sharedbn]="--shared-bn" [moe_global]="--router global"
                       [moe_routerlr0.1]="--router-lr 0.1" [moe_frozen]="--router-lr 0"
                       [moe_rawrouter]="--no-router-standardize" [moe_globalfrozen]="--router global --router-lr 0"
-                      [moe_pathway]="--layout pathway" [moe_lr0.2]="--lr 0.2")
+                      [moe_lr0.2]="--lr 0.2")
   job sdense_s1 "" "${nat[@]}" --method sdense --seed 1
-  for v in moe moe_sharedbn moe_global moe_routerlr0.1 moe_pathway moe_globalfrozen moe_lr0.2; do
+  for v in moe moe_sharedbn moe_global moe_routerlr0.1 moe_globalfrozen moe_lr0.2; do
     job "${v}_s1" "" "${nat[@]}" --method moe ${VARIANT[$v]} --seed 1
   done
   job sdense_s2 "" "${nat[@]}" --method sdense --seed 2
   job moe_frozen_s1 "" "${nat[@]}" --method moe ${VARIANT[moe_frozen]} --seed 1
-  for v in moe moe_globalfrozen moe_frozen moe_pathway; do
+  for v in moe moe_globalfrozen moe_frozen; do
     job "${v}_s2" "" "${nat[@]}" --method moe ${VARIANT[$v]} --seed 2
   done
   job moe_rawrouter_s1 "" "${nat[@]}" --method moe ${VARIANT[moe_rawrouter]} --seed 1
