@@ -24,60 +24,19 @@ Notation (paper -> code)
     K        PGD steps in training (2); 50 at test time                        --train-steps, --test-steps
     beta     TRADES weight 1/lambda (6)                                         BETA
 
-Map: sections 1-5 are the method, 6-13 the operations that run it.
+Map (read in order; the method is sections 1-5, about 45 minutes)
     1. Fig. 1a / A1, MoE layer       MoEConv: router, top-1 straight-through gate, one expert's conv + BN
-    2. Eq. (AT), TRADES              pgd, training_attack, trades_loss, robust_loss
-    3. Eq. (1), Algorithm 1          advmoe_step (lines 3-5), level, batch_streams, make_optimizers;
-       AT(Dense / S-Dense / MoE)     joint_step
-    4. Backbones                     ResNet18, WideResNet, VGG16, DenseNet; Spec makes Dense/S-Dense/MoE
-    5. SA, RA (PGD-50), RA-AA        evaluate, adversaries, autoattack; Insight 2 (4-way split):
-       GFLOPs, routing               routing_summary; gflops_per_input (routing_snapshot, every epoch: 8)
-    6-8. settings, data, training loop (train);  9. AT(Sparse): channel_wiring, ChannelScores, prune
-    10-13. files (checkpoints, --eval-only), report (Tables 1-2, Figs. 7-8, Sec. 4), bench, command line
-
-Deviations (each marked NOTE(ours) where it is made)
-    1. A BatchNorm per expert: the BatchNorm after a routed conv normalizes the inputs routed to each expert
-       with that expert's statistics and affine parameters (the authors' code shares one: --shared-bn).
-    2. The router reads its pooled features standardized per input, with no bias and a small init; the paper
-       does not say what a router reads. Plain linear routers on pooled post-ReLU features give every input
-       nearly the same logits, and most layers route 95% or more of the inputs to one expert before training
-       (--no-router-standardize reads them raw, with the same head).
-    3. Expert layout: expert e of a layer owns filters [e*rC, (e+1)*rC) of one N*rC-filter weight and reads
-       the pathway's r*C channels by position, whichever expert wrote them (the authors' code does the same).
-       The paper's text describes experts as sub-networks of one backbone; --layout pathway comes closest:
-       a conv fed by a routed conv reads with the weight block of the expert that wrote its input, so a
-       channel keeps its meaning along a pathway, and at N*r = 1 those blocks tile the Dense conv.
-    4. The stem is r*64 wide (ResNet; r*16 WRN, r*24 DenseNet) and shared by the experts, so a pathway is
-       exactly S-Dense; the authors' stem is 64 wide whatever r. ImageNet-size inputs get a 7x7/2 stem and a
-       max-pool.
-    5. Pre-activation BatchNorms (WRN, DenseNet) act on the pathway's r*C channels, shared by all experts,
-       like the stem, projection shortcuts and classifier.
-    6. Two independent shuffles feed B_phi and B_psi; an epoch is one pass of B_psi. In the lower level the
-       BatchNorm running statistics (buffers of psi) keep updating on B_phi.
-    7. Routing regularizers the paper does not have, off by default: a Switch-Transformer balance term
-       (--balance), a router learning-rate multiplier (--router-lr) and the authors' class-mod-N router
-       supervision (--router-supervision, with --router global for their configuration).
-    8. AT(Sparse) prunes channel groups: layers whose outputs are summed keep the same channels, so the pruned
-       network is really r*C wide. Its scores start from filter norms; it learns them for epochs/5 epochs
-       (the paper's 20 of 100) before fine-tuning for --epochs.
-    9. AutoAttack is assembled from torchattacks' components at the reference settings (torchattacks' own
-       "standard" version runs 10 iterations). The soft attack and Square are added to PGD (RA-worst).
-   10. The 4-way split of Insight 2 counts only the test images classified correctly when clean (an image
-       already wrong cannot be fooled); its percentages are of those images (split_n).
-   11. GFLOPs count what runs on the sparse path (the chosen pathway and the routers), a multiply-add as 2;
-       the masked path, CUDA's default, runs every expert (N times the experts' FLOPs, as the authors' code).
-   12. torchrun averages each level's gradients with one all-reduce (DDP's reducer cannot follow a level's
-       partial backward). On CUDA training runs under bf16 autocast. --width, --train-n and --val-n scale a
-       run down for a laptop.
-
-Evidence here: results/cifar10_laptop/ (real CIFAR-10, ResNet-18 at width 1/4, 20,000 images, 12 epochs,
-    TRADES, 2 seeds) and results/moe_learnability/ (the same recipe under natural training: why the MoE-CNN
-    learns worse than S-Dense). PGD-50 / AutoAttack RA, seed 1 (seed 2): AT(S-Dense) 28.25 (28.60) / 24.6,
-    AT(MoE) 24.50 (25.70) / 19.8 (21.0), AdvMoE 23.90 (25.45) / 19.0 (20.4). At that scale AdvMoE's gain is
-    not reproduced and AT(MoE) < AT(S-Dense) is, on an MoE-CNN that underfits its own pathway: trained
-    naturally it reaches 57.2% training accuracy against S-Dense's 73.5% (2 seeds); no switch of deviations
-    1-3 or of the routers' rate closes that with routing that routes (raw router features reach 67.3% by
-    collapsing 10-14 of 16 layers), fixed global routing (two pathways) halves it (66.4%).
+    2. Eq. (AT), TRADES              pgd, trades_loss
+    3. Eq. (1), Algorithm 1          advmoe_step (lines 3-5); AT(Dense / S-Dense / MoE): joint_step; then
+                                     robust_loss, level, make_optimizers, batch_streams; AT(Sparse)'s idea
+    4. Backbones                     Spec makes Dense / S-Dense / MoE-CNN of ResNet18, WideResNet, VGG16,
+                                     DenseNet; MoECNN wraps them
+    5. SA, RA (PGD-50), RA-AA        evaluate, adversaries, autoattack; Insight 2's 4-way split:
+       routing, GFLOPs               routing_summary, gflops_per_input
+    6. Not needed for the method     the masked (GPU) and soft forwards, the global routers, regularizers
+    7-9. settings, data, the training loop (train);  10. AT(Sparse)'s pruning: ChannelScores, prune
+    11-14. files (checkpoints, --eval-only), report (Tables 1-2, Figs. 7-8, Sec. 4), bench, command line
+    The deviations from the paper are listed at the end of the file; each is marked NOTE(ours) where made.
 """
 from __future__ import annotations
 
@@ -181,7 +140,8 @@ class MoEConv(nn.Module):
         # Kaiming (fan_out) of one expert as a standalone conv: std = sqrt(2 / (cout * k * k))
         nn.init.normal_(self.weight, 0.0, math.sqrt(2.0 / (cout * kernel * kernel)))
         # NOTE(ours), --shared-core: W_e = W_shared + D_e, `weight` holding the offsets D_e (0 at init), so
-        # every routed input trains W_shared as S-Dense's conv; the same function class and cost (W_e is formed)
+        # every routed input trains W_shared as S-Dense's conv; the same function class and cost (W_e is
+        # formed before the conv)
         self.core = None
         if core and n_experts > 1:
             self.core = nn.Parameter(self.weight.detach()[:cout].clone())
@@ -199,13 +159,14 @@ class MoEConv(nn.Module):
         # g_l(x) = top1(softmax(W_l std(GAP(x)))), unless the global router decided once for every layer
         if routing.shared is None:
             pooled = x.mean((2, 3))                                               # (B, cin)
-            gate = top1_gate(self.router(standardize(pooled) if self.standardized else pooled), routing.random)
+            features = standardize(pooled) if self.standardized else pooled
+            gate = top1_gate(self.router(features), routing.random)
         else:
             gate = routing.shared
         routing.gates.append(gate)
         # "masked" and "soft" run every expert on every input (the GPU path, and the soft attack's forward)
         if routing.dispatch != "sparse":
-            return self.masked_forward(x, gate, soft=routing.dispatch == "soft")
+            return masked_forward(self, x, gate, soft=routing.dispatch == "soft")
         # the sparse path: sort the batch by expert, run each expert on its slice, undo the sort. Only r*C
         # filters of the N*r*C run per input, so the cost is S-Dense's whatever N.
         # y_b = E_{e(b)}(x_b): one conv of r*C filters per expert, on the inputs routed to it
@@ -238,77 +199,8 @@ class MoEConv(nn.Module):
         return y if bn is None else F.batch_norm(y, bn.running_mean[s], bn.running_var[s], bn.weight[s],
                                                   bn.bias[s], self.training, bn.momentum, bn.eps)
 
-    def masked_forward(self, x: torch.Tensor, gate: Gate, soft: bool = False):
-        """Speed path and test reference: skip on a first read. The sparse path above reads the group sizes
-        on the host, which stalls a GPU once per layer; on CUDA ("auto") every expert runs on every input
-        instead (static shapes, no host read, one graph for torch.compile) at N times the experts' FLOPs.
-        It is also the reference the sparse path is tested against, and, with soft=True, the forward of the
-        surrogate-gradient attack and of the --soft-epochs warm-up."""
-        y = F.conv2d(x, self.filters(), None, self.stride, self.padding)        # (B, N*cout, H', W')
-        y = rearrange(y, "b (n c) h w -> b n c h w", n=self.n)              # (B, N, cout, H', W')
-        # E_{e(b)}(x_b): each input's rows of its chosen expert (a gather)
-        hard = y[torch.arange(len(y), device=y.device), gate.choice]         # (B, cout, H', W')
-        if self.bn is not None:
-            # each expert's BatchNorm as y * scale_e + shift_e, (N, cout) each; a shared one is one group of
-            # statistics for every input, (1, cout) each
-            group = gate.choice * (not self.shared_bn)                             # (B,)
-            scale, shift = self.expert_affine(hard, group)
-            hard = hard * scale[group, :, None, None] + shift[group, :, None, None]
-            y = y * scale[:, :, None, None] + shift[:, :, None, None] if soft else y
-        hard = straight_through(hard, gate)
-        if not soft:
-            return hard
-        # y = y_soft + sg(y_hard - y_soft), y_soft = sum_e p_e E_e(x): the hard value, the mixture's gradient
-        mix = (y * gate.logits.float().softmax(-1).to(y.dtype)[:, :, None, None, None]).sum(1)
-        return mix + (hard - mix).detach()
-
-    def expert_affine(self, y: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Speed path and test reference: skip on a first read. BN_g(y) = y * scale_g + shift_g from the B
-        chosen outputs y (B, cout, H', W') and each input's statistics group g (its expert, or 0 when shared).
-        In training the statistics of group g are those of its inputs, as F.batch_norm computes them for a
-        group of the sparse path (in float32 also under bf16 autocast); in eval, its running statistics."""
-        bn, n = self.bn, 1 if self.shared_bn else self.n
-        mean, var = bn.running_mean.view(n, -1), bn.running_var.view(n, -1)
-        if self.training:
-            y = y.to(torch.promote_types(y.dtype, torch.float32))
-            with torch.autocast(y.device.type, enabled=False):
-                onehot = F.one_hot(group, n).to(y.dtype)                         # (B, G)
-                count = onehot.sum(0) * y[0, 0].numel()                          # (G,) inputs x pixels
-                # mean_g = sum_{b in g} sum_hw y_b / n_g;  var_g = sum_{b in g} (y_b - mean_g)^2 / n_g
-                mean = onehot.T @ y.sum((2, 3)) / count.clamp(min=1)[:, None]    # (G, cout)
-                var = onehot.T @ (y - mean[group, :, None, None]).square().sum((2, 3)) \
-                    / count.clamp(min=1)[:, None]
-            with torch.no_grad():  # running <- running + m (stat - running) where the group had inputs
-                m, dt = (count > 0).to(mean.dtype)[:, None] * bn.momentum, bn.running_mean.dtype
-                bn.running_mean.view(n, -1).lerp_(mean.to(dt), m.to(dt))
-                unbiased = var * (count / (count - 1).clamp(min=1))[:, None]
-                bn.running_var.view(n, -1).lerp_(unbiased.to(dt), m.to(dt))
-        # BN_g(y) = (y - mean_g) / sqrt(var_g + eps) * gamma_g + beta_g
-        scale = bn.weight.view(n, -1) / torch.sqrt(var + bn.eps)
-        return scale, bn.bias.view(n, -1) - mean * scale
-
-# The global router (the authors' code, --router global): one decision per image, from the image itself,
-# shared by every MoE layer, so an input runs one of N fixed pathways. The paper's Fig. A1 instead has a
-# router per layer, reading that layer's input; results/moe_learnability/ compares both.
-class GlobalRouter(nn.Module):
-    """NOTE(ours), deviation 7: an image-level router as the authors' (theirs a ResNet-20-like CNN, this three
-    conv-BN-ReLU layers of 16/32/64 channels), its pooled features standardized like a per-layer router's."""
-
-    def __init__(self, n_experts: int, standardized: bool = True):
-        super().__init__()
-        layers, cin, self.standardized = [], 3, standardized
-        for cout, stride in ((16, 1), (32, 2), (64, 2)):
-            layers += [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
-            cin = cout
-        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = router_head(64, n_experts)
-
-    def forward(self, x):
-        z = self.features(x)                                                   # (B, 64)
-        return self.head(standardize(z) if self.standardized else z)           # (B, N)
-
 # ==================================================================================================
-# 2. Attacks and losses: one l_inf PGD that maximizes any loss; TRADES; the routing regularizer
+# 2. Attacks and losses: one l_inf PGD that maximizes any loss; TRADES
 # ==================================================================================================
 # Robustness is accuracy under the worst perturbation delta with |delta|_inf <= eps. Every attack here is one
 # projected sign-gradient ascent (pgd) on some loss of the perturbed input: cross-entropy for the test RA,
@@ -367,30 +259,6 @@ def trades_loss(logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor,
     # detached.
     return F.cross_entropy(logits.float(), y) + beta * kl_from_logits(logits, logits_adv)
 
-def routing_regularizer(gates: list[Gate], gates_adv: list[Gate], y: torch.Tensor, obj) -> torch.Tensor:
-    """NOTE(ours), deviation 7: terms the paper does not have, averaged over the gates given (every MoE layer
-    of the clean and of the adversarial forward); both weights are 0 by default. --router authors: the
-    authors' router loss instead, the only one their router learns from."""
-    total, balance, supervision = torch.zeros((), device=y.device), obj.balance, obj.supervision
-    if obj.authors:
-        # NOTE(official code): alpha * CE(g(x), y mod N) + beta * KL(g(x) || g(x_adv)) on the global gate
-        g = (gates or gates_adv)[0]
-        kl = obj.beta * kl_from_logits(g.logits, gates_adv[0].logits) if gates and gates_adv else 0.0
-        return supervision * F.cross_entropy(g.logits.float(), y % g.logits.shape[1]) + kl
-    for g in gates + gates_adv:
-        probs, n = g.logits.float().softmax(-1), g.logits.shape[1]                # (B, N)
-        if balance:
-            # Switch Transformer: lambda * N * sum_k f_k P_k, f_k the share routed to k, P_k the mean p_k
-            total = total + balance * n * (F.one_hot(g.choice, n).float().mean(0) * probs.mean(0)).sum()
-        if supervision:
-            # NOTE(official code): lambda * CE(router logits, y mod N), a fixed class-to-expert target
-            total = total + supervision * F.cross_entropy(g.logits.float(), y % n)
-    return total / max(len(gates + gates_adv), 1)
-
-def expert_usage(gates: list[Gate]) -> torch.Tensor:
-    """(L, N): f_{l,k} = (1/B) sum_b [e_l(x_b) = k], the share of the batch each layer routes to expert k."""
-    return torch.stack([F.one_hot(g.choice, g.logits.shape[1]).float().mean(0) for g in gates])
-
 # ==================================================================================================
 # 3. Algorithm 1 (AdvMoE) and the baselines: each method is a step function
 # ==================================================================================================
@@ -399,74 +267,10 @@ def expert_usage(gates: list[Gate]) -> torch.Tensor:
 # fragile (Insights 1, 2); training the experts on top then lowers the routers' robustness (Insight 3).
 # AdvMoE therefore alternates: the routers are fitted to the current experts (lower level), the experts to the
 # routers so fitted (upper level), each against an attack regenerated for the model as it then is. Every
-# method below is a step function over a list of batches; the training loop (section 8) only calls it.
-class Objective(NamedTuple):
-    """All that the training objective and its inner attack read (Settings.objective builds it).
-    loss: "trades" (CE + beta * KL, the paper's) | "pgdat" (Madry: CE at PGD examples) | "natural" (CE, no
-    attack); beta: TRADES' weight 1/lambda; eps: the training attack's l_inf radius in pixel units; step_size:
-    its step alpha (1.25 eps / K: the authors' 5/255 at eps 8/255, K = 2); steps: K; balance, supervision: the
-    routing regularizer's weights (deviation 7; 0 in the paper); authors: the router learns from the authors'
-    router loss only (--router authors); dispatch: of the training forwards ("soft": --soft-epochs)."""
-    loss: str
-    beta: float
-    eps: float
-    step_size: float
-    steps: int
-    balance: float
-    supervision: float
-    authors: bool = False
-    dispatch: str = "auto"
-
-def training_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objective) -> torch.Tensor:
-    """The inner maximization of the training loss, K steps."""
-    if obj.loss == "pgdat":  # Madry: max CE
-        return pgd(model, x, ce_objective(model, y), obj.eps, obj.step_size, obj.steps)
-    with torch.no_grad(), evaluating(model):
-        # P = f(x) in eval mode, computed once and fixed (a copy: CUDA graphs reuse their outputs)
-        target = model(x).clone()
-    # TRADES: max_delta KL(f(x) || f(x + delta)), started at x + 0.001 N(0, I)
-    return pgd(model, x, lambda xa: kl_from_logits(target, model(xa), "sum"), obj.eps, obj.step_size,
-               obj.steps, "normal")
-
-def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objective):
-    """A fresh training attack against the model as it is now, then the training loss at (x, x_adv) and the
-    routing regularizer of both forwards. Loss "natural" (Sec. 4's first stage, and natural training of any
-    method): CE(f(x), y), no attack."""
-    # every forward returns its Gates: the routing regularizer reads those of the clean and adversarial ones
-    if obj.loss == "natural":
-        logits, gates = model(x, return_routing=True, dispatch=obj.dispatch)
-        objective, logits_adv, gates_adv = F.cross_entropy(logits.float(), y), logits, []
-    else:
-        logits_adv, gates_adv = model(training_attack(model, x, y, obj), True, obj.dispatch)
-        if obj.loss == "trades":
-            logits, gates = model(x, return_routing=True, dispatch=obj.dispatch)
-            objective = trades_loss(logits, logits_adv, y, obj.beta)
-        else:  # pgdat: min CE(f(x_adv), y), no clean forward ("acc" is then the adversarial accuracy)
-            logits, gates, objective = logits_adv, [], F.cross_entropy(logits_adv.float(), y)
-    reg = routing_regularizer(gates, gates_adv, y, obj)
-    stats = {"loss": objective.detach(), "acc": (logits.argmax(1) == y).float().mean(),
-             "acc_adv": (logits_adv.argmax(1) == y).float().mean()}
-    if obj.balance or obj.supervision:  # logged: e.g. whether the routers learn the class-mod-N targets
-        stats["router_reg"] = reg.detach()
-    return objective, reg, stats
-
-def level(model: nn.Module, opt: torch.optim.Optimizer, x, y, obj: Objective, regularize: bool,
-          reduce: Callable | None = None) -> dict:
-    """One adversarial-training update of the parameters `opt` holds; the others stay fixed. `reduce`, if
-    given, acts on those parameters' gradients before the step (torchrun averages them over processes)."""
-    objective, reg, stats = robust_loss(model, x, y, obj)
-    # L = L_TRADES(psi, phi; B), + R(phi) where the routers are the ones trained (regularize)
-    loss = objective + reg if regularize else objective
-    # backward(inputs=...) leaves the other level's .grad untouched: its parameters are "fixed" in the
-    # sense of Algorithm 1 (they still shape this level's gradient through the forward)
-    params = [p for g in opt.param_groups for p in g["params"]]
-    opt.zero_grad(set_to_none=True)
-    loss.backward(inputs=params)
-    if reduce:
-        reduce(params)
-    opt.step()
-    return stats
-
+# method below is a step function over a list of batches; the training loop (section 9) only calls it.
+# Reading order: advmoe_step and joint_step, then what they call: robust_loss (a fresh attack, then the
+# loss), level (one SGD step of some parameters), the optimizers, the schedule and the two batch streams.
+#
 # Eq. (1), the bi-level problem AdvMoE solves (psi: backbone and experts; phi: routers; D: the training set):
 #     min_psi L_TRADES(psi, phi*(psi); D)   s.t.   phi*(psi) = argmin_phi L_TRADES(psi, phi; D)
 # Algorithm 1 solves it by alternating optimization: one SGD step of each level per iteration, the lower
@@ -500,12 +304,92 @@ BETA = 6.0
 # NOTE(official code): the weight alpha of their router's class-mod-N loss (--router authors)
 AUTHORS_ALPHA = 6.0
 
+# AT(Sparse), the pruning baseline of Table 1 (HYDRA, for channels; deviation 8): start from a trained
+# AT(Dense) network, freeze its weights and learn one score per channel with the same training loss
+# (joint_step over the scores alone, epochs/5 epochs); keep the top r*C channels of every layer, which gives
+# S-Dense's shapes, then fine-tune that network with joint_step like any method. prune() (section 10) runs
+# the first phase; the training loop the second.
+
+class Objective(NamedTuple):
+    """All that the training objective and its inner attack read (Settings.objective builds it).
+    loss: "trades" (CE + beta * KL, the paper's) | "pgdat" (Madry: CE at PGD examples) | "natural" (CE, no
+    attack); beta: TRADES' weight 1/lambda; eps: the training attack's l_inf radius in pixel units; step_size:
+    its step alpha (1.25 eps / K: the authors' 5/255 at eps 8/255, K = 2); steps: K; balance, supervision: the
+    routing regularizer's weights (deviation 7; 0 in the paper); authors: the router learns from the authors'
+    router loss only (--router authors); dispatch: of the training forwards ("soft": --soft-epochs)."""
+    loss: str
+    beta: float
+    eps: float
+    step_size: float
+    steps: int
+    balance: float
+    supervision: float
+    authors: bool = False
+    dispatch: str = "auto"
+
+def training_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objective) -> torch.Tensor:
+    """The inner maximization of the training loss, K steps."""
+    if obj.loss == "pgdat":  # Madry: max CE
+        return pgd(model, x, ce_objective(model, y), obj.eps, obj.step_size, obj.steps)
+    with torch.no_grad(), evaluating(model):
+        # P = f(x) in eval mode, computed once and fixed (a copy: CUDA graphs reuse their outputs)
+        target = model(x).clone()
+    # TRADES: max_delta KL(f(x) || f(x + delta)), started at x + 0.001 N(0, I)
+    return pgd(model, x, lambda xa: kl_from_logits(target, model(xa), "sum"), obj.eps, obj.step_size,
+               obj.steps, "normal")
+
+def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objective):
+    """The training loss of one batch, the routing regularizer of its forwards, and the batch's accuracy:
+    "trades" (the paper's): a fresh training attack against the model as it is now, then TRADES at (x, x');
+    "pgdat": CE at the attack's examples only, so "acc" is then the adversarial accuracy (no clean forward);
+    "natural" (Sec. 4's first stage, natural training of any method): CE(f(x), y), no attack."""
+    # every forward returns its Gates: the routing regularizer reads those of the clean and adversarial ones
+    forward = functools.partial(model, return_routing=True, dispatch=obj.dispatch)
+    gates, gates_adv = [], []
+    if obj.loss == "trades":
+        logits_adv, gates_adv = forward(training_attack(model, x, y, obj))       # f(x'), x' = argmax KL
+        logits, gates = forward(x)                                                # f(x)
+        objective = trades_loss(logits, logits_adv, y, obj.beta)
+    elif obj.loss == "pgdat":
+        # min CE(f(x'), y), x' = argmax CE
+        logits_adv, gates_adv = forward(training_attack(model, x, y, obj))
+        logits, objective = logits_adv, F.cross_entropy(logits_adv.float(), y)
+    else:
+        # min CE(f(x), y)
+        logits, gates = forward(x)
+        logits_adv, objective = logits, F.cross_entropy(logits.float(), y)
+    reg = routing_regularizer(gates, gates_adv, y, obj)
+    stats = {"loss": objective.detach(), "acc": (logits.argmax(1) == y).float().mean(),
+             "acc_adv": (logits_adv.argmax(1) == y).float().mean()}
+    if obj.balance or obj.supervision:  # logged: e.g. whether the routers learn the class-mod-N targets
+        stats["router_reg"] = reg.detach()
+    return objective, reg, stats
+
+def level(model: nn.Module, opt: torch.optim.Optimizer, x, y, obj: Objective, regularize: bool,
+          reduce: Callable | None = None) -> dict:
+    """One adversarial-training update of the parameters `opt` holds; the others stay fixed. `reduce`, if
+    given, acts on those parameters' gradients before the step (torchrun averages them over processes)."""
+    objective, reg, stats = robust_loss(model, x, y, obj)
+    # L = L_TRADES(psi, phi; B), + R(phi) where the routers are the ones trained (regularize)
+    loss = objective + reg if regularize else objective
+    # backward(inputs=...) leaves the other level's .grad untouched: its parameters are "fixed" in the
+    # sense of Algorithm 1 (they still shape this level's gradient through the forward)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    opt.zero_grad(set_to_none=True)
+    loss.backward(inputs=params)
+    if reduce:
+        reduce(params)
+    opt.step()
+    return stats
+
 def make_optimizers(model: nn.Module, s, device) -> dict[str, torch.optim.Optimizer]:
     """AdvMoE: one SGD for the routers phi and one for the backbone psi, same settings, one schedule (the
     paper: no new hyper-parameters; --router-lr scales phi's rate, deviation 7). Joint methods: one SGD over
     everything, or over phi or psi alone (--train-params, the Sec. 4 study)."""
     # each group keeps its base_lr, which set_lr scales every iteration
-    kw = dict(lr=s.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=device.type == "cuda" or None)
+    # the fused CUDA kernel where there is one (None: torch's default on the CPU)
+    fused = True if device.type == "cuda" else None
+    kw = dict(lr=s.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=fused)
     phi = {"params": router_params(model), "base_lr": s.lr * s.router_lr, "name": "routers"}
     # --shared-core: the experts' offsets D_e, held at 0 for the first --tie-epochs (upcycling), then trained
     offsets = {m.weight for m in model.modules() if isinstance(m, MoEConv) and m.core is not None}
@@ -532,6 +416,8 @@ def batch_streams(data, s, epoch: int):
     AdvMoE's B_phi and B_psi come from two independent shuffles of the training set, each a function of seed
     and epoch."""
     streams = range(STEPS[s.method][1])
+    # one seed per (run seed, epoch, stream), all distinct below 142,857 epochs (1,000,003 / 7): every
+    # epoch and stream has its own shuffle, and a resumed run draws the same ones
     gens = [torch.Generator().manual_seed(s.seed * 1_000_003 + epoch * 7 + k) for k in streams]
     return zip(*(data.train_batches(s.batch_size, g) for g in gens))
 
@@ -655,7 +541,8 @@ class WideBlock(nn.Module):
         self.bn1, self.conv1 = spec.bn(cin), spec.conv(cin, cout, 3, stride)
         # conv2 has no BatchNorm: the next block's pre-activation BatchNorm (or the final one) follows the sum
         self.conv2 = spec.conv(cout, cout, bn=False)
-        self.shortcut = spec.conv(cin, cout, 1, stride, False, True) if (stride, cin) != (1, cout) else None
+        self.shortcut = spec.conv(cin, cout, 1, stride, bn=False, shared=True) if (stride, cin) != (1, cout) \
+            else None
 
     def forward(self, x, routing):
         o = F.relu(self.bn1(x))                                      # pre-activation, (B, r*cin, H, W)
@@ -925,7 +812,8 @@ def evaluate(model: nn.Module, data, s, steps: int | None = None, limit: int = 0
     seen_all = min(len(ok[k]) for k in final)                             # images every final attack saw
     ras = {k: percent(v) for k, v in ok.items() if k != "clean"}
     result = {"sa": percent(ok["clean"]), "ra": percent(pgd_ok),
-              "sa_random_routing": percent(torch.cat(rand_ok)) if rand_ok else None, "n": len(ok["clean"]), "attacks": ras,
+              "sa_random_routing": percent(torch.cat(rand_ok)) if rand_ok else None, "n": len(ok["clean"]),
+              "attacks": ras,
               "attack": f"PGD-{steps} (CE, eps {s.eps:.5f}, step {s.test_step_size:.5f}, uniform start)",
               "attack_n": {k: len(v) for k, v in ok.items() if k != "clean"},
               "ra_worst": percent(torch.stack([ok[k][:seen_all] for k in final]).all(0)),
@@ -1021,10 +909,108 @@ def gflops_per_input(model: nn.Module, x: torch.Tensor) -> float:
     return counter.get_total_flops() / len(x) / 1e9
 
 # ==================================================================================================
-# OPERATIONS. Everything below serves the method above: settings, data, the training loop, AT(Sparse)'s
-# pruning, files, report, bench and the command line. A first read can stop here.
+# 6. The speed path and the variants: masked and soft forwards, the global router, routing regularizers
 # ==================================================================================================
-# 6. Settings
+# None of this is needed to follow the method. The sparse path of section 1 reads each expert's group size
+# on the host; a GPU prefers to run every expert on every input and keep each input's own expert (the
+# masked forward, also the tests' reference for the sparse path). The same forward mixes the experts by the
+# router's probabilities for the soft attack (section 5) and the --soft-epochs warm-up. Then the routing
+# variants the paper does not train: one global router for every layer (the authors' code), and the
+# routing regularizers (deviation 7).
+def masked_forward(self: MoEConv, x: torch.Tensor, gate: Gate, soft: bool = False):
+    """Speed path and test reference: skip on a first read. The sparse path above reads the group sizes
+    on the host, which stalls a GPU once per layer; on CUDA ("auto") every expert runs on every input
+    instead (static shapes, no host read, one graph for torch.compile) at N times the experts' FLOPs.
+    It is also the reference the sparse path is tested against, and, with soft=True, the forward of the
+    surrogate-gradient attack and of the --soft-epochs warm-up."""
+    y = F.conv2d(x, self.filters(), None, self.stride, self.padding)        # (B, N*cout, H', W')
+    y = rearrange(y, "b (n c) h w -> b n c h w", n=self.n)              # (B, N, cout, H', W')
+    # E_{e(b)}(x_b): each input's rows of its chosen expert (a gather)
+    hard = y[torch.arange(len(y), device=y.device), gate.choice]         # (B, cout, H', W')
+    if self.bn is not None:
+        # each expert's BatchNorm as y * scale_e + shift_e, (N, cout) each; a shared one is one group of
+        # statistics for every input, (1, cout) each
+        group = gate.choice * (not self.shared_bn)                             # (B,)
+        scale, shift = expert_affine(self, hard, group)
+        hard = hard * scale[group, :, None, None] + shift[group, :, None, None]
+        y = y * scale[:, :, None, None] + shift[:, :, None, None] if soft else y
+    hard = straight_through(hard, gate)
+    if not soft:
+        return hard
+    # y = y_soft + sg(y_hard - y_soft), y_soft = sum_e p_e E_e(x): the hard value, the mixture's gradient
+    mix = (y * gate.logits.float().softmax(-1).to(y.dtype)[:, :, None, None, None]).sum(1)
+    return mix + (hard - mix).detach()
+
+def expert_affine(self: MoEConv, y: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Speed path and test reference: skip on a first read. BN_g(y) = y * scale_g + shift_g from the B
+    chosen outputs y (B, cout, H', W') and each input's statistics group g (its expert, or 0 when shared).
+    In training the statistics of group g are those of its inputs, as F.batch_norm computes them for a
+    group of the sparse path (in float32 also under bf16 autocast); in eval, its running statistics."""
+    bn, n = self.bn, 1 if self.shared_bn else self.n
+    mean, var = bn.running_mean.view(n, -1), bn.running_var.view(n, -1)
+    if self.training:
+        y = y.to(torch.promote_types(y.dtype, torch.float32))
+        with torch.autocast(y.device.type, enabled=False):
+            onehot = F.one_hot(group, n).to(y.dtype)                         # (B, G)
+            count = onehot.sum(0) * y[0, 0].numel()                          # (G,) inputs x pixels
+            # mean_g = sum_{b in g} sum_hw y_b / n_g;  var_g = sum_{b in g} (y_b - mean_g)^2 / n_g
+            mean = onehot.T @ y.sum((2, 3)) / count.clamp(min=1)[:, None]    # (G, cout)
+            var = onehot.T @ (y - mean[group, :, None, None]).square().sum((2, 3)) \
+                / count.clamp(min=1)[:, None]
+        with torch.no_grad():  # running <- running + m (stat - running) where the group had inputs
+            m, dt = (count > 0).to(mean.dtype)[:, None] * bn.momentum, bn.running_mean.dtype
+            bn.running_mean.view(n, -1).lerp_(mean.to(dt), m.to(dt))
+            unbiased = var * (count / (count - 1).clamp(min=1))[:, None]
+            bn.running_var.view(n, -1).lerp_(unbiased.to(dt), m.to(dt))
+    # BN_g(y) = (y - mean_g) / sqrt(var_g + eps) * gamma_g + beta_g
+    scale = bn.weight.view(n, -1) / torch.sqrt(var + bn.eps)
+    return scale, bn.bias.view(n, -1) - mean * scale
+
+# The global router (the authors' code, --router global): one decision per image, from the image itself,
+# shared by every MoE layer, so an input runs one of N fixed pathways. The paper's Fig. A1 instead has a
+# router per layer, reading that layer's input; results/moe_learnability/ compares both.
+class GlobalRouter(nn.Module):
+    """NOTE(ours), deviation 7: an image-level router as the authors' (theirs a ResNet-20-like CNN, this three
+    conv-BN-ReLU layers of 16/32/64 channels), its pooled features standardized like a per-layer router's."""
+
+    def __init__(self, n_experts: int, standardized: bool = True):
+        super().__init__()
+        layers, cin, self.standardized = [], 3, standardized
+        for cout, stride in ((16, 1), (32, 2), (64, 2)):
+            layers += [nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+            cin = cout
+        self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = router_head(64, n_experts)
+
+    def forward(self, x):
+        z = self.features(x)                                                   # (B, 64)
+        return self.head(standardize(z) if self.standardized else z)           # (B, N)
+
+def routing_regularizer(gates: list[Gate], gates_adv: list[Gate], y: torch.Tensor, obj) -> torch.Tensor:
+    """NOTE(ours), deviation 7: terms the paper does not have, averaged over the gates given (every MoE layer
+    of the clean and of the adversarial forward); both weights are 0 by default. --router authors: the
+    authors' router loss instead, the only one their router learns from."""
+    total, balance, supervision = torch.zeros((), device=y.device), obj.balance, obj.supervision
+    if obj.authors:
+        # NOTE(official code): alpha * CE(g(x), y mod N) + beta * KL(g(x) || g(x_adv)) on the global gate
+        g = (gates or gates_adv)[0]
+        kl = obj.beta * kl_from_logits(g.logits, gates_adv[0].logits) if gates and gates_adv else 0.0
+        return supervision * F.cross_entropy(g.logits.float(), y % g.logits.shape[1]) + kl
+    for g in gates + gates_adv:
+        probs, n = g.logits.float().softmax(-1), g.logits.shape[1]                # (B, N)
+        if balance:
+            # Switch Transformer: lambda * N * sum_k f_k P_k, f_k the share routed to k, P_k the mean p_k
+            total = total + balance * n * (F.one_hot(g.choice, n).float().mean(0) * probs.mean(0)).sum()
+        if supervision:
+            # NOTE(official code): lambda * CE(router logits, y mod N), a fixed class-to-expert target
+            total = total + supervision * F.cross_entropy(g.logits.float(), y % n)
+    return total / max(len(gates + gates_adv), 1)
+
+# ==================================================================================================
+# OPERATIONS. The method ends with section 5 (section 6 is its speed path and variants); what follows runs
+# it: settings, data, the training loop, AT(Sparse)'s pruning mechanics, files, report, bench, command line.
+# ==================================================================================================
+# 7. Settings
 # ==================================================================================================
 class ConfigError(ValueError):
     """Bad user input: the CLI prints it on one line and exits with status 2."""
@@ -1080,7 +1066,8 @@ class Settings:
     balance: float = 0.0
     # the routers' learning rate: lr * router_lr (0 freezes routing at its initialization)
     router_lr: float = 1.0
-    # weight of CE(router logits, y mod N), the authors' router target (default 6 with --router authors, else 0)
+    # weight of CE(router logits, y mod N), the authors' router target (default: 6 with --router authors,
+    # else 0)
     router_supervision: float = None
     # --- optimization (the authors' settings; SGD momentum 0.9, weight decay 5e-4)
     # training epochs (an epoch is one pass of B_psi over the training set; sparse: after epochs/5 of pruning)
@@ -1222,7 +1209,7 @@ def parse_settings(argv: list[str]) -> Settings:
     return Settings(**vars(settings_parser().parse_args(argv)))
 
 # ==================================================================================================
-# 7. Data: inputs in [0,1]; CIFAR-size sets kept on the device as uint8 with batched augmentation
+# 8. Data: inputs in [0,1]; CIFAR-size sets kept on the device as uint8 with batched augmentation
 # ==================================================================================================
 class TensorData:
     """A data set held as uint8 tensors (B, 3, H, W) on the device (on a GPU: no loader processes, no host
@@ -1384,7 +1371,7 @@ def load_data(s: Settings, device, shard: tuple = (0, 1)):
                       device, shard)
 
 # ==================================================================================================
-# 8. The training loop; data parallelism under torchrun
+# 9. The training loop; data parallelism under torchrun
 # ==================================================================================================
 def build_model(s: Settings, num_classes: int, image_size: int) -> MoECNN:
     return MoECNN(s.arch, num_classes, image_size, s.model_ratio, s.model_experts, s.router,
@@ -1574,7 +1561,7 @@ def sync_model(model: nn.Module):
                 dist.broadcast(t, src=0)
 
 # ==================================================================================================
-# 9. AT(Sparse): robustness-aware channel pruning of a Dense network (HYDRA, for channels)
+# 10. AT(Sparse): robustness-aware channel pruning of a Dense network (HYDRA, for channels)
 # ==================================================================================================
 def channel_wiring(model: MoECNN) -> dict[nn.Module, tuple[tuple, str]]:
     """For every layer that reads or writes the pathway's channels: (the channel groups its input
@@ -1714,7 +1701,7 @@ def prune(s: Settings, data, device, log) -> tuple[dict, dict]:
                                                     "prune_history": history}}
 
 # ==================================================================================================
-# 10. Files: result.json, checkpoints (data, not code), --resume and --eval-only
+# 11. Files: result.json, checkpoints (data, not code), --resume and --eval-only
 # ==================================================================================================
 def finish(model, data, s: Settings, out: Path, history: list, seconds: float, device, log, extra=None):
     """The final evaluation (and on the validation split every attack but AutoAttack), then result.json."""
@@ -1892,7 +1879,7 @@ def eval_only(s: Settings, given: set[str] = frozenset(), log=print) -> dict:
     return finish(model, data, s, out, ckpt["history"], ckpt["train_seconds"], device, log)
 
 # ==================================================================================================
-# 11. Report: every table of the paper from result.json files
+# 12. Report: every table of the paper from result.json files
 # ==================================================================================================
 TABLE1 = ("sdense", "sparse", "moe", "advmoe", "dense")  # Table 1's rows; AT(Dense) is the reference
 # Insight 2's split of PGD examples, in % of the split n test images classified correctly when clean
@@ -1960,8 +1947,8 @@ ROUTING = {"method": "method", "SA": "sa", "RA": "ra", "collapsed at epoch 0": "
            "collapsed": collapsed, "pathway entropy (bits)":
            "routing.pathways.clean.entropy_bits", "flip rate": "routing.flip_rate_any_layer", **SPLIT}
 RECIPES = {"train acc": lambda r: 100 * r["history"][-1]["acc"], "val SA": "val.sa", "SA": "sa",
-           "RA (PGD)": "ra", "soft": "attacks.soft", "Square": "attacks.square", "RA-worst":
-           "ra_worst_without_aa", "RA-AA": "ra_aa", "collapsed": collapsed, "majority changes": lambda r: sum(
+           "SA, random routing": "sa_random_routing", "RA (PGD)": "ra", "soft": "attacks.soft",
+           "Square": "attacks.square", "RA-worst (no AA)": "ra_worst_without_aa", "RA-AA": "ra_aa", "collapsed": collapsed, "majority changes": lambda r: sum(
                key("routing.majority_changed")(h) or 0 for h in r["history"]) if r["routing"] else None,
            "GFLOPs": "gflops"}
 RUNS = {**{c: c for c in ("method", "loss", "epochs", "sa", "ra", "ra_worst", "gflops", "eval_n", "device")},
@@ -2008,7 +1995,7 @@ def report(folder: str) -> str:
     return text
 
 # ==================================================================================================
-# 12. Bench: speed and cost, measured
+# 13. Bench: speed and cost, measured
 # ==================================================================================================
 def bench(argv: list[str], log=print) -> dict:
     """Per method of Table 1 on random CIFAR-size inputs: the training step's mean time over repeats (its
@@ -2044,7 +2031,7 @@ def bench(argv: list[str], log=print) -> dict:
     return result
 
 # ==================================================================================================
-# 13. Command line
+# 14. Command line
 # ==================================================================================================
 def main(argv: list[str] | None = None) -> int:
     """Flags train and evaluate one model (or --eval-only a checkpoint); `report DIR` prints the tables;
@@ -2077,3 +2064,43 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+# ==================================================================================================
+# Deviations from the paper, each marked NOTE(ours) where it is made
+# ==================================================================================================
+#  1. A BatchNorm per expert: the BatchNorm after a routed conv normalizes the inputs routed to each expert
+#     with that expert's statistics and affine parameters (the authors' code shares one: --shared-bn).
+#  2. The router reads its pooled features standardized per input, with no bias and a small init; the paper
+#     does not say what a router reads. Plain linear routers on pooled post-ReLU features give every input
+#     nearly the same logits, and most layers route 95% or more of the inputs to one expert before training
+#     (--no-router-standardize reads them raw, with the same head).
+#  3. Expert layout: expert e of a layer owns filters [e*rC, (e+1)*rC) of one N*rC-filter weight and reads
+#     the pathway's r*C channels by position, whichever expert wrote them (as the authors' code). The paper's
+#     text describes experts as sub-networks of one backbone.
+#  4. The stem is r*64 wide (ResNet; r*16 WRN, r*24 DenseNet) and shared by the experts, so a pathway is
+#     exactly S-Dense; the authors' stem is 64 wide whatever r. ImageNet-size inputs get a 7x7/2 stem and a
+#     max-pool.
+#  5. Pre-activation BatchNorms (WRN, DenseNet) act on the pathway's r*C channels, shared by all experts,
+#     like the stem, projection shortcuts and classifier. WRN's 1x1 projection shortcut is shared too; the
+#     authors' code routes it.
+#  6. Two independent shuffles feed B_phi and B_psi; an epoch is one pass of B_psi. In the lower level the
+#     BatchNorm running statistics (buffers of psi) keep updating on B_phi.
+#  7. Options the paper does not have, all off by default: routing regularizers (a Switch-Transformer
+#     balance term --balance, a router learning-rate multiplier --router-lr, class-mod-N router supervision
+#     --router-supervision), the global router trained by the task loss (--router global), and the
+#     learnability options of results/moe_learnability: experts sharing a core (--shared-core), upcycling
+#     (--tie-epochs) and a dense-to-sparse warm-up (--soft-epochs).
+#  8. AT(Sparse) prunes channel groups: layers whose outputs are summed keep the same channels, so the pruned
+#     network is really r*C wide. Its scores start from filter norms; it learns them for epochs/5 epochs
+#     (the paper's 20 of 100) before fine-tuning for --epochs.
+#  9. AutoAttack is assembled from torchattacks' components at the reference settings (torchattacks' own
+#     "standard" version runs 10 iterations). The soft attack and Square are added to PGD (RA-worst).
+# 10. The 4-way split of Insight 2 counts only the test images classified correctly when clean (an image
+#     already wrong cannot be fooled); its percentages are of those images (split_n).
+# 11. GFLOPs count what runs on the sparse path (the chosen pathway and the routers), a multiply-add as 2;
+#     the masked path, CUDA's default, runs every expert (N times the experts' FLOPs, as the authors' code).
+# 12. torchrun averages each level's gradients with one all-reduce (DDP's reducer cannot follow a level's
+#     partial backward). On CUDA training runs under bf16 autocast. --width, --train-n and --val-n scale a
+#     run down for a laptop.
+# 13. The training attack's step is 1.25 eps / K (the paper gives none; the authors' 5/255 at eps 8/255 and
+#     K = 2), and TRADES' attack starts at x + 0.001 N(0, I), as TRADES' reference code.

@@ -44,6 +44,11 @@ def expert(layer: A.MoEConv, e: int) -> slice:
     return slice(e * layer.cout, (e + 1) * layer.cout)
 
 
+def expert_usage(gates: list) -> torch.Tensor:
+    """(L, N): f_{l,k} = (1/B) sum_b [e_l(x_b) = k], the share of the batch each layer routes to expert k."""
+    return torch.stack([F.one_hot(g.choice, g.logits.shape[1]).float().mean(0) for g in gates])
+
+
 def step_of(s: A.Settings):
     """The method's step function (Algorithm 1 for advmoe, the joint step otherwise)."""
     return A.STEPS[s.method][0]
@@ -188,9 +193,9 @@ def test_masked_batchnorm_statistics_stay_float32_under_bf16_autocast():
     layer = A.MoEConv(4, 8, 3, 1, 2, True, True).train()
     y = 50 + torch.randn(16, 8, 6, 6)
     choice = torch.arange(16) % 2
-    exact = layer.expert_affine(y, choice)
+    exact = A.expert_affine(layer, y, choice)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        autocast = layer.expert_affine(y, choice)
+        autocast = A.expert_affine(layer, y, choice)
     for a, b in zip(exact, autocast):
         assert b.dtype == torch.float32
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
@@ -205,7 +210,7 @@ def test_a_fresh_router_routes_by_the_input(arch, router):
         model = A.MoECNN(arch, 10, 32, 0.5, 2, router=router, width=0.25).train()
         with torch.no_grad():
             _, gates = model(x.float() / 255, return_routing=True)
-        share = A.expert_usage(gates).max(1).values                      # (L,) top expert's share per layer
+        share = expert_usage(gates).max(1).values                      # (L,) top expert's share per layer
         assert share.max() < 0.9, (seed, share.tolist())                  # no layer sends 90% to one expert
 
 
@@ -975,8 +980,8 @@ def test_soft_attack_backward_is_the_probability_weighted_mixture_only():
     logits = torch.randn(5, 2, requires_grad=True)
     w = torch.randn(5, 3, 8, 8)
     gate = A.top1_gate(logits)
-    soft = layer.masked_forward(x, gate, soft=True)
-    torch.testing.assert_close(soft, layer.masked_forward(x, gate))  # the hard value
+    soft = A.masked_forward(layer, x, gate, soft=True)
+    torch.testing.assert_close(soft, A.masked_forward(layer, x, gate))  # the hard value
     g_soft = torch.autograd.grad((soft * w).sum(), (x, logits))
     p = logits.softmax(-1)
     mix = sum(p[:, e, None, None, None] * F.conv2d(x, layer.weight[expert(layer, e)], padding=1) for e in range(2))
