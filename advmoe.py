@@ -79,11 +79,10 @@ class Gate(NamedTuple):
     choice: torch.Tensor  # (B,) chosen expert e(b), int64
     scale: torch.Tensor   # (B,) exactly 1.0 in value; carries the router's gradient (straight-through)
 
-def top1_gate(logits: torch.Tensor, random: torch.Generator | None = None, straight: bool = True) -> Gate:
+def top1_gate(logits: torch.Tensor, random: torch.Generator | None = None) -> Gate:
     """Hard top-1 routing: each input goes to its highest-scoring expert. The softmax runs in float32 (also
     under bf16 autocast), so it adds no rounding of its own to the logits' order. random: a uniformly random
-    expert instead (evaluation's "does routing matter" check); straight=False: no task gradient reaches the
-    router (--router authors)."""
+    expert instead (evaluation's "does routing matter" check)."""
     probs = logits.float().softmax(-1)                                        # (B, N)
     choice = probs.argmax(-1) if random is None else torch.randint(
         probs.shape[1], probs.shape[:1], generator=random, device=probs.device)  # (B,)
@@ -91,7 +90,7 @@ def top1_gate(logits: torch.Tensor, random: torch.Generator | None = None, strai
     # s_b = 1 + p_{e(b)} - sg(p_{e(b)}): value 1 (the hard one-hot), gradient that of p_{e(b)}
     # NOTE(official code): theirs copies the hard one-hot's gradient to the N raw scores (no softmax); here it
     # flows through the softmax into every logit (both are "straight-through").
-    return Gate(logits, choice, 1.0 + (p - p.detach()) if straight else torch.ones_like(p))
+    return Gate(logits, choice, 1.0 + (p - p.detach()))
 
 def straight_through(y: torch.Tensor, gate: Gate) -> torch.Tensor:
     """y_b * s_b: the chosen expert's output in value, the router's gradient in the backward pass."""
@@ -119,17 +118,18 @@ class Routing:
     """The routing of one forward pass: created by the model's forward and passed down; each MoE layer
     appends its Gate, so the caller gets every decision back. Nothing is stored on a module, so two forwards
     (the clean and the adversarial one of TRADES) never mix their routings."""
-    dispatch: str                           # "sparse" | "masked" | "soft" (see MoEConv)
+    dispatch: str                           # "sparse" here; "masked" | "soft": section 6
     gates: list = field(default_factory=list)
-    shared: Gate | None = None              # the global router's gate, used by every layer
-    random: torch.Generator | None = None   # route to uniformly random experts (evaluation only)
+    shared: Gate | None = None              # the global router's gate, used by every layer (section 6)
+    random: torch.Generator | None = None   # route to uniformly random experts (evaluation, section 5)
 
 class MoEConv(nn.Module):
     """A conv (optionally with its BatchNorm) whose output channels are split into N experts of `cout`
     channels; a router picks one expert per input (Fig. 1a). With N = 1 it is a plain conv, the Dense /
     S-Dense layer, so every backbone is written once. NOTE(ours), deviation 3: expert e owns filters
     [e*cout, (e+1)*cout) of one (N*cout, cin, k, k) weight and reads the pathway's cin channels by position,
-    whichever expert wrote them."""
+    whichever expert wrote them: experts 0 and 1 of a conv both write channels [0, cout), and the next conv
+    reads those channels without knowing which of them did."""
 
     def __init__(self, cin: int, cout: int, kernel: int, stride: int, n_experts: int, bn: bool, router: bool,
                  shared_bn: bool = False, standardized: bool = True, core: bool = False):
@@ -139,9 +139,9 @@ class MoEConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(n_experts * cout, cin, kernel, kernel))
         # Kaiming (fan_out) of one expert as a standalone conv: std = sqrt(2 / (cout * k * k))
         nn.init.normal_(self.weight, 0.0, math.sqrt(2.0 / (cout * kernel * kernel)))
-        # NOTE(ours), --shared-core: W_e = W_shared + D_e, `weight` holding the offsets D_e (0 at init), so
-        # every routed input trains W_shared as S-Dense's conv; the same function class and cost (W_e is
-        # formed before the conv)
+        # An option, off by default (skip on a first read). NOTE(ours), --shared-core: W_e = W_shared + D_e,
+        # `weight` holding the offsets D_e (0 at init), so every routed input trains W_shared as S-Dense's
+        # conv; the same function class and cost (W_e is formed before the conv)
         self.core = None
         if core and n_experts > 1:
             self.core = nn.Parameter(self.weight.detach()[:cout].clone())
@@ -164,7 +164,8 @@ class MoEConv(nn.Module):
         else:
             gate = routing.shared
         routing.gates.append(gate)
-        # "masked" and "soft" run every expert on every input (the GPU path, and the soft attack's forward)
+        # "masked" and "soft" run every expert on every input, with the same values (section 6: the path
+        # MoECNN picks on CUDA, and the soft attack's forward); skip on a first read
         if routing.dispatch != "sparse":
             return masked_forward(self, x, gate, soft=routing.dispatch == "soft")
         # the sparse path: sort the batch by expert, run each expert on its slice, undo the sort. Only r*C
@@ -185,7 +186,7 @@ class MoEConv(nn.Module):
 
     def filters(self, rows: slice = slice(None)) -> torch.Tensor:
         """The filters of `rows` (whole experts): W_e, or W_shared + D_e under --shared-core."""
-        w = self.weight[rows]                                                     # (e*cout, cin, k, k)
+        w = self.weight[rows]                                                     # (len(rows), cin, k, k)
         return w if self.core is None else w + self.core.repeat(len(w) // self.cout, 1, 1, 1)
 
     def conv(self, x: torch.Tensor, e: int) -> torch.Tensor:
@@ -269,7 +270,8 @@ def trades_loss(logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor,
 # routers so fitted (upper level), each against an attack regenerated for the model as it then is. Every
 # method below is a step function over a list of batches; the training loop (section 9) only calls it.
 # Reading order: advmoe_step and joint_step, then what they call: robust_loss (a fresh attack, then the
-# loss), level (one SGD step of some parameters), the optimizers, the schedule and the two batch streams.
+# loss; its routing regularizer, 0 by default, is in section 6), level (one SGD step of some parameters),
+# the optimizers, the schedule and the two batch streams.
 #
 # Eq. (1), the bi-level problem AdvMoE solves (psi: backbone and experts; phi: routers; D: the training set):
 #     min_psi L_TRADES(psi, phi*(psi); D)   s.t.   phi*(psi) = argmin_phi L_TRADES(psi, phi; D)
@@ -280,6 +282,7 @@ def advmoe_step(model: nn.Module, opts: dict, batches: list, obj: Objective, red
     # 3: draw two different random batches B_phi and B_psi (two independent shuffles: batch_streams)
     (x_phi, y_phi), (x_psi, y_psi) = batches
     # 4: lower level: with psi fixed, update phi by minimizing L_TRADES with a K-step PGD attack, SGD on B_phi
+    #    (psi's weights are fixed; its BatchNorm running statistics still update on B_phi: deviation 6)
     router_stats = level(model, opts["phi"], x_phi, y_phi, obj, regularize=True, reduce=reduce)
     # 5: upper level: with phi fixed (= phi*, one SGD step here, not the argmin), update psi by minimizing
     #    L_TRADES with a K-step PGD attack made anew against (psi, phi*), SGD on B_psi
@@ -301,31 +304,18 @@ STEPS = {"advmoe": (advmoe_step, 2), "moe": (joint_step, 1), "sdense": (joint_st
 MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
 # NOTE(paper): TRADES' weight 1/lambda = beta = 6 for every method (the TRADES default).
 BETA = 6.0
-# NOTE(official code): the weight alpha of their router's class-mod-N loss (--router authors)
-AUTHORS_ALPHA = 6.0
-
-# AT(Sparse), the pruning baseline of Table 1 (HYDRA, for channels; deviation 8): start from a trained
-# AT(Dense) network, freeze its weights and learn one score per channel with the same training loss
-# (joint_step over the scores alone, epochs/5 epochs); keep the top r*C channels of every layer, which gives
-# S-Dense's shapes, then fine-tune that network with joint_step like any method. prune() (section 10) runs
-# the first phase; the training loop the second.
 
 class Objective(NamedTuple):
-    """All that the training objective and its inner attack read (Settings.objective builds it).
-    loss: "trades" (CE + beta * KL, the paper's) | "pgdat" (Madry: CE at PGD examples) | "natural" (CE, no
-    attack); beta: TRADES' weight 1/lambda; eps: the training attack's l_inf radius in pixel units; step_size:
-    its step alpha (1.25 eps / K: the authors' 5/255 at eps 8/255, K = 2); steps: K; balance, supervision: the
-    routing regularizer's weights (deviation 7; 0 in the paper); authors: the router learns from the authors'
-    router loss only (--router authors); dispatch: of the training forwards ("soft": --soft-epochs)."""
-    loss: str
-    beta: float
-    eps: float
-    step_size: float
-    steps: int
-    balance: float
+    """All that the training objective and its inner attack read (Settings.objective builds it)."""
+    loss: str             # "trades" (the paper's) | "pgdat" (Madry: CE at PGD examples) | "natural" (no attack)
+    beta: float           # TRADES' weight 1/lambda
+    eps: float            # the training attack's l_inf radius, in pixel units
+    step_size: float      # its step alpha: 1.25 eps / K (deviation 13)
+    steps: int            # K
+    balance: float        # the routing regularizer's weights (section 6, deviation 7; 0 in the paper)
     supervision: float
-    authors: bool = False
-    dispatch: str = "auto"
+    authors: bool = False  # the router learns from the authors' router loss only (--router authors)
+    dispatch: str = "auto"  # of the training forwards ("soft" during --soft-epochs)
 
 def training_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objective) -> torch.Tensor:
     """The inner maximization of the training loss, K steps."""
@@ -358,6 +348,7 @@ def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objecti
         # min CE(f(x), y)
         logits, gates = forward(x)
         logits_adv, objective = logits, F.cross_entropy(logits.float(), y)
+    # R(phi) = 0 unless --balance, --router-supervision or --router authors (section 6)
     reg = routing_regularizer(gates, gates_adv, y, obj)
     stats = {"loss": objective.detach(), "acc": (logits.argmax(1) == y).float().mean(),
              "acc_adv": (logits_adv.argmax(1) == y).float().mean()}
@@ -376,7 +367,14 @@ def level(model: nn.Module, opt: torch.optim.Optimizer, x, y, obj: Objective, re
     # sense of Algorithm 1 (they still shape this level's gradient through the forward)
     params = [p for g in opt.param_groups for p in g["params"]]
     opt.zero_grad(set_to_none=True)
-    loss.backward(inputs=params)
+    if obj.authors:  # NOTE(official code): the routers learn from R(phi) alone, the rest from the task loss
+        routers = set(router_params(model))
+        own, rest = [p for p in params if p in routers], [p for p in params if p not in routers]
+        for part, value in ((rest, objective), (own, reg)):
+            if part and value.requires_grad:
+                value.backward(inputs=part, retain_graph=True)
+    else:
+        loss.backward(inputs=params)
     if reduce:
         reduce(params)
     opt.step()
@@ -397,18 +395,19 @@ def make_optimizers(model: nn.Module, s, device) -> dict[str, torch.optim.Optimi
             "name": "backbone"}]
     if offsets:
         psi.append({"params": [p for p in backbone_params(model) if p in offsets], "base_lr": s.lr,
-                    "name": "offsets", "start": s.tie_epochs / s.epochs})
+                    "name": "offsets"})
     if s.method == "advmoe":
         return {"phi": torch.optim.SGD([phi], **kw), "psi": torch.optim.SGD(psi, **kw)}
     groups = {"all": psi + ([phi] if phi["params"] else []), "routers": [phi], "backbone": psi}
     return {"all": torch.optim.SGD(groups[s.train_params], **kw)}
 
-def set_lr(opts: dict, progress: float):
-    """The one schedule of every level: lr_t = lr_0 (1 + cos(pi t / T)) / 2, per iteration, 0 before a
-    group's start (the tied offsets of --tie-epochs). NOTE(official code): theirs steps it per epoch."""
+def set_lr(opts: dict, progress: float, tied: bool = False):
+    """The one schedule of every level: lr_t = lr_0 (1 + cos(pi t / T)) / 2, per iteration; 0 for the
+    offsets of shared-core experts while they are tied (--tie-epochs). NOTE(official code): theirs steps it
+    per epoch."""
     for opt in opts.values():
         for group in opt.param_groups:
-            on = progress >= group.get("start", 0.0)
+            on = not (tied and group["name"] == "offsets")
             group["lr"] = group["base_lr"] * 0.5 * (1 + math.cos(math.pi * progress)) * on
 
 def batch_streams(data, s, epoch: int):
@@ -420,6 +419,12 @@ def batch_streams(data, s, epoch: int):
     # epoch and stream has its own shuffle, and a resumed run draws the same ones
     gens = [torch.Generator().manual_seed(s.seed * 1_000_003 + epoch * 7 + k) for k in streams]
     return zip(*(data.train_batches(s.batch_size, g) for g in gens))
+
+# AT(Sparse), the pruning baseline of Table 1 (HYDRA, for channels; deviation 8): start from a trained
+# AT(Dense) network, freeze its weights and learn one score per channel with the same training loss
+# (joint_step over the scores alone, epochs/5 epochs); keep the top r*C channels of every layer, which gives
+# S-Dense's shapes, then fine-tune that network with joint_step like any method. prune() (section 10) runs
+# the first phase; the training loop the second.
 
 # ==================================================================================================
 # 4. Backbones, each written once; `Spec` makes the same class Dense, S-Dense or MoE-CNN
@@ -661,8 +666,8 @@ class MoECNN(nn.Module):
                  shared_bn: bool = False, router_standardize: bool = True, shared_core: bool = False):
         super().__init__()
         # NOTE(official code), --router authors: their routing has one BatchNorm shared by a layer's experts
-        # and a router that reads its features raw and gets no task gradient (straight)
-        authors, self.straight = router == "authors", router != "authors"
+        # and a router whose pooled features are not standardized (and which learns from its own loss only)
+        authors = router == "authors"
         spec = Spec(ratio, n_experts, router == "layer", width, shared_bn or authors,
                     router_standardize and not authors, shared_core)
         self.backbone = BACKBONES[arch](spec, num_classes, image_size)
@@ -678,7 +683,7 @@ class MoECNN(nn.Module):
         x = (x - self.mean) / self.std               # (B, 3, H, W), inputs in [0,1] normalized here
         routing = Routing(dispatch, random=random_routing)
         if self.global_router is not None:
-            routing.shared = top1_gate(self.global_router(x), random_routing, self.straight)
+            routing.shared = top1_gate(self.global_router(x), random_routing)
         # every MoE layer of the backbone appends its Gate to routing.gates, in forward order
         logits = self.backbone(x, routing)
         return (logits, routing.gates) if return_routing else logits
@@ -962,6 +967,10 @@ def expert_affine(self: MoEConv, y: torch.Tensor, group: torch.Tensor) -> tuple[
             bn.running_mean.view(n, -1).lerp_(mean.to(dt), m.to(dt))
             unbiased = var * (count / (count - 1).clamp(min=1))[:, None]
             bn.running_var.view(n, -1).lerp_(unbiased.to(dt), m.to(dt))
+        # a group without inputs in this batch is read only by the soft mixture: its running statistics
+        used = (count > 0)[:, None]
+        mean = torch.where(used, mean, bn.running_mean.view(n, -1).to(mean.dtype))
+        var = torch.where(used, var, bn.running_var.view(n, -1).to(var.dtype))
     # BN_g(y) = (y - mean_g) / sqrt(var_g + eps) * gamma_g + beta_g
     scale = bn.weight.view(n, -1) / torch.sqrt(var + bn.eps)
     return scale, bn.bias.view(n, -1) - mean * scale
@@ -985,6 +994,9 @@ class GlobalRouter(nn.Module):
     def forward(self, x):
         z = self.features(x)                                                   # (B, 64)
         return self.head(standardize(z) if self.standardized else z)           # (B, N)
+
+# NOTE(official code): the weight alpha of their router's class-mod-N loss (--router authors)
+AUTHORS_ALPHA = 6.0
 
 def routing_regularizer(gates: list[Gate], gates_adv: list[Gate], y: torch.Tensor, obj) -> torch.Tensor:
     """NOTE(ours), deviation 7: terms the paper does not have, averaged over the gates given (every MoE layer
@@ -1442,7 +1454,7 @@ def train_epoch(net: nn.Module, opts: dict, data, s: Settings, epoch: int, devic
     obj = s.objective._replace(dispatch="soft" if epoch < s.soft_epochs else "auto")
     tick = ticker(f"epoch {epoch + 1}/{s.epochs}", iters * s.batch_size * streams, log)
     for it, batches in enumerate(batch_streams(data, s, epoch)):
-        set_lr(opts, (epoch * iters + it) / (s.epochs * iters))
+        set_lr(opts, (epoch * iters + it) / (s.epochs * iters), tied=epoch < s.tie_epochs)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             stats = step(net, opts, batches, obj, average_gradients)
         sums = {k: sums.get(k, 0.0) + v for k, v in stats.items()}

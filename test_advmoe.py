@@ -2,7 +2,6 @@
     python -m pytest -q test_advmoe.py
 """
 import copy
-import importlib.util
 import json
 import math
 import os
@@ -1792,9 +1791,10 @@ def test_soft_epochs_give_every_expert_the_gradient_of_every_input(monkeypatch):
 
 
 def test_the_authors_routing_learns_from_its_own_loss_only():
-    """--router authors: one global router, no task gradient through the gate (value 1, no gradient), one
-    BatchNorm shared by a layer's experts, raw router input; its loss is alpha CE(g(x), y mod N) + beta
-    KL(g(x) || g(x_adv)), alpha = beta = 6."""
+    """--router authors: one global router, one BatchNorm shared by a layer's experts, unstandardized router
+    features; in training the router learns from alpha CE(g(x), y mod N) + beta KL(g(x) || g(x_adv)) alone
+    (alpha = beta = 6) and the rest from the task loss alone, while attacks still get the gradient through the
+    straight-through gate, as in the authors' code."""
     torch.manual_seed(0)
     s = tiny(method="moe", router="authors")
     assert s.router_supervision == 6.0 and tiny(router="global").router_supervision == 0.0
@@ -1804,17 +1804,46 @@ def test_the_authors_routing_learns_from_its_own_loss_only():
     assert not model.global_router.standardized
     x, x_adv, y = torch.rand(8, 3, 32, 32), torch.rand(8, 3, 32, 32), torch.randint(10, (8,))
     logits, gates = model(x, return_routing=True)
-    assert not gates[0].scale.requires_grad
-    F.cross_entropy(logits, y).backward()
-    assert all(p.grad is None or p.grad.abs().sum() == 0 for p in A.router_params(model))
+    assert gates[0].scale.requires_grad  # an attack's gradient passes the gate
     _, gates_adv = model(x_adv, return_routing=True)
     reg = A.routing_regularizer(gates, gates_adv, y, s.objective)
     g, ga = gates[0].logits, gates_adv[0].logits
     p, q = g.softmax(1), ga.softmax(1)
     expected = 6 * F.cross_entropy(g, y % 2) + 6 * (p * (p.log() - q.log())).sum(1).mean()
     torch.testing.assert_close(reg, expected)
-    # under natural training there is no adversarial forward: the class-mod-N term alone
     torch.testing.assert_close(A.routing_regularizer(gates, [], y, s.objective), 6 * F.cross_entropy(g, y % 2))
+    # one joint step (natural loss, so no attack): the routers' gradient is R's, the backbone's the task loss's
+    s = tiny(method="moe", router="authors", loss="natural")
+    model.train()
+    opts = A.make_optimizers(model, s, torch.device("cpu"))
+    state = copy.deepcopy(model.state_dict())
+    A.level(model, opts["all"], x, y, s.objective, regularize=True)
+    got = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.load_state_dict(state)
+    objective, reg, _ = A.robust_loss(model, x, y, s.objective)
+    routers, rest = A.router_params(model), A.backbone_params(model)
+    want = dict(zip([n for n, p in model.named_parameters() if "router" in n],
+                    torch.autograd.grad(reg, routers, retain_graph=True)))
+    want.update(zip([n for n, p in model.named_parameters() if "router" not in n],
+                    torch.autograd.grad(objective, rest, allow_unused=True)))
+    assert any("router" in n for n in got)
+    for n, w in want.items():
+        if w is not None:
+            torch.testing.assert_close(got[n], w, rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_the_soft_mixture_normalizes_an_expert_without_inputs_with_its_running_statistics():
+    """Every input on expert 0: the soft mixture still reads expert 1, with its running statistics (batch
+    statistics of no input would be mean 0, variance 0, a scale of gamma / sqrt(eps)), so its gradient stays
+    of the size of expert 0's."""
+    torch.manual_seed(0)
+    layer = A.MoEConv(4, 6, 3, 1, 2, bn=True, router=True).train()
+    x = torch.rand(16, 4, 8, 8)
+    logits = torch.zeros(16, 2, requires_grad=True)
+    gate = A.top1_gate(logits + torch.tensor([1.0, 0.0]))
+    (A.masked_forward(layer, x, gate, soft=True) * torch.randn(16, 6, 8, 8)).sum().backward()
+    norms = [layer.weight.grad[expert(layer, e)].norm() for e in (0, 1)]
+    assert norms[1] > 0 and norms[1] < 10 * norms[0], norms
 
 
 def test_sa_with_random_routing_is_reported_and_routes_at_random():
@@ -2008,8 +2037,9 @@ def test_robust_loss_is_the_trades_formula_in_value_and_gradient(monkeypatch):
     got = torch.autograd.grad(loss, A.backbone_params(model))
     model.load_state_dict(state)  # the same BatchNorm statistics for the reference
     f_adv, f = model(x_adv), model(x)
-    p, q = f.softmax(1), f_adv.softmax(1)
-    ref = F.cross_entropy(f, y) + A.BETA * (p * (p.log_softmax(1) * 0 + f.log_softmax(1) - f_adv.log_softmax(1))).sum(1).mean()
+    # CE(f(x), y) + beta sum_c p_c (log p_c - log q_c), p = softmax f(x), q = softmax f(x'), both differentiated
+    p = f.softmax(1)
+    ref = F.cross_entropy(f, y) + A.BETA * (p * (f.log_softmax(1) - f_adv.log_softmax(1))).sum(1).mean()
     torch.testing.assert_close(loss, ref)
     for a, b in zip(got, torch.autograd.grad(ref, A.backbone_params(model))):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
