@@ -307,7 +307,7 @@ BETA = 6.0
 
 class Objective(NamedTuple):
     """All that the training objective and its inner attack read (Settings.objective builds it)."""
-    loss: str             # "trades" (the paper's) | "pgdat" (Madry: CE at PGD examples) | "natural" (no attack)
+    loss: str             # "trades" (the paper's) | "pgdat" (Madry: CE at PGD examples) | "natural"
     beta: float           # TRADES' weight 1/lambda
     eps: float            # the training attack's l_inf radius, in pixel units
     step_size: float      # its step alpha: 1.25 eps / K (deviation 13)
@@ -980,7 +980,9 @@ def expert_affine(self: MoEConv, y: torch.Tensor, group: torch.Tensor) -> tuple[
 # router per layer, reading that layer's input; results/moe_learnability/ compares both.
 class GlobalRouter(nn.Module):
     """NOTE(ours), deviation 7: an image-level router as the authors' (theirs a ResNet-20-like CNN, this three
-    conv-BN-ReLU layers of 16/32/64 channels), its pooled features standardized like a per-layer router's."""
+    conv-BN-ReLU layers of 16/32/64 channels, on the normalized image), its pooled features standardized like
+    a per-layer router's (not under --router authors). Its head has no bias and a small init; theirs is a
+    default-initialized linear layer with a bias, on the raw [0, 1] image."""
 
     def __init__(self, n_experts: int, standardized: bool = True):
         super().__init__()
@@ -1046,7 +1048,7 @@ class Settings:
     width: float = 1.0
     # layer: a gate per MoE layer (the paper) | global: one image-level router, trained by the task loss |
     # authors: the authors' code: a global router trained only by 6 CE(y mod N) (+ 6 KL(clean || adversarial)
-    # of its outputs under an attack), no task gradient, one BatchNorm shared by the experts, raw input
+    # of its outputs under an attack), no task gradient, one BatchNorm shared by the experts, unstandardized
     router: str = "layer"
     # one BatchNorm shared by a layer's experts (the authors' code) instead of one per expert (deviation 1)
     shared_bn: bool = False
@@ -1960,7 +1962,8 @@ ROUTING = {"method": "method", "SA": "sa", "RA": "ra", "collapsed at epoch 0": "
            "routing.pathways.clean.entropy_bits", "flip rate": "routing.flip_rate_any_layer", **SPLIT}
 RECIPES = {"train acc": lambda r: 100 * r["history"][-1]["acc"], "val SA": "val.sa", "SA": "sa",
            "SA, random routing": "sa_random_routing", "RA (PGD)": "ra", "soft": "attacks.soft",
-           "Square": "attacks.square", "RA-worst (no AA)": "ra_worst_without_aa", "RA-AA": "ra_aa", "collapsed": collapsed, "majority changes": lambda r: sum(
+           "Square": "attacks.square", "RA-worst (no AA)": "ra_worst_without_aa", "RA-AA": "ra_aa",
+           "collapsed": collapsed, "majority changes": lambda r: sum(
                key("routing.majority_changed")(h) or 0 for h in r["history"]) if r["routing"] else None,
            "GFLOPs": "gflops"}
 RUNS = {**{c: c for c in ("method", "loss", "epochs", "sa", "ra", "ra_worst", "gflops", "eval_n", "device")},
@@ -2099,7 +2102,9 @@ if __name__ == "__main__":
 #     BatchNorm running statistics (buffers of psi) keep updating on B_phi.
 #  7. Options the paper does not have, all off by default: routing regularizers (a Switch-Transformer
 #     balance term --balance, a router learning-rate multiplier --router-lr, class-mod-N router supervision
-#     --router-supervision), the global router trained by the task loss (--router global), and the
+#     --router-supervision), the global router trained by the task loss (--router global), the authors'
+#     routing (--router authors: a 3-layer router, no bias, on the normalized image; their training attack
+#     also maximizes a KL of the router's outputs, which this one does not), and the
 #     learnability options of results/moe_learnability: experts sharing a core (--shared-core), upcycling
 #     (--tie-epochs) and a dense-to-sparse warm-up (--soft-epochs).
 #  8. AT(Sparse) prunes channel groups: layers whose outputs are summed keep the same channels, so the pruned
