@@ -315,7 +315,6 @@ class Objective(NamedTuple):
     balance: float        # the routing regularizer's weights (section 6, deviation 7; 0 in the paper)
     supervision: float
     authors: bool = False  # the router learns from the authors' router loss only (--router authors)
-    dispatch: str = "auto"  # of the training forwards ("soft" during --soft-epochs)
 
 def training_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objective) -> torch.Tensor:
     """The inner maximization of the training loss, K steps."""
@@ -334,7 +333,7 @@ def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objecti
     "pgdat": CE at the attack's examples only, so "acc" is then the adversarial accuracy (no clean forward);
     "natural" (Sec. 4's first stage, natural training of any method): CE(f(x), y), no attack."""
     # every forward returns its Gates: the routing regularizer reads those of the clean and adversarial ones
-    forward = functools.partial(model, return_routing=True, dispatch=obj.dispatch)
+    forward = functools.partial(model, return_routing=True)
     gates, gates_adv = [], []
     if obj.loss == "trades":
         logits_adv, gates_adv = forward(training_attack(model, x, y, obj))       # f(x'), x' = argmax KL
@@ -919,7 +918,7 @@ def gflops_per_input(model: nn.Module, x: torch.Tensor) -> float:
 # None of this is needed to follow the method. The sparse path of section 1 reads each expert's group size
 # on the host; a GPU prefers to run every expert on every input and keep each input's own expert (the
 # masked forward, also the tests' reference for the sparse path). The same forward mixes the experts by the
-# router's probabilities for the soft attack (section 5) and the --soft-epochs warm-up. Then the routing
+# router's probabilities for the soft attack (section 5). Then the routing
 # variants the paper does not train: one global router for every layer (the authors' code), and the
 # routing regularizers (deviation 7).
 def masked_forward(self: MoEConv, x: torch.Tensor, gate: Gate, soft: bool = False):
@@ -927,7 +926,7 @@ def masked_forward(self: MoEConv, x: torch.Tensor, gate: Gate, soft: bool = Fals
     on the host, which stalls a GPU once per layer; on CUDA ("auto") every expert runs on every input
     instead (static shapes, no host read, one graph for torch.compile) at N times the experts' FLOPs.
     It is also the reference the sparse path is tested against, and, with soft=True, the forward of the
-    surrogate-gradient attack and of the --soft-epochs warm-up."""
+    surrogate-gradient attack."""
     y = F.conv2d(x, self.filters(), None, self.stride, self.padding)        # (B, N*cout, H', W')
     y = rearrange(y, "b (n c) h w -> b n c h w", n=self.n)              # (B, N, cout, H', W')
     # E_{e(b)}(x_b): each input's rows of its chosen expert (a gather)
@@ -1059,9 +1058,6 @@ class Settings:
     # upcycling: the offsets D_e stay 0 for the first K epochs (the experts' filters tied), then train
     # (with --shared-core)
     tie_epochs: int = 0
-    # dense-to-sparse warm-up: for the first K epochs every expert gets the gradient of the router's mixture
-    # sum_e p_e E_e(x) (the forward stays hard top-1: the "soft" dispatch)
-    soft_epochs: int = 0
     # checkpoint.pt whose weights start the run (sparse: the AT(Dense) run to prune)
     init: str = ""
     # all | routers | backbone: what a joint method trains (the Sec. 4 study, with --init)
@@ -1137,7 +1133,7 @@ class Settings:
         finite = lambda v: math.isfinite(v) and v >= 0  # noqa: E731
         rules = [
             (lambda v: v > 0, "n_experts train_steps test_steps square_queries epochs batch_size", "> 0"),
-            (lambda v: v >= 0, "eval_n quick_eval_n aa_n train_n val_n tie_epochs soft_epochs", ">= 0"),
+            (lambda v: v >= 0, "eval_n quick_eval_n aa_n train_n val_n tie_epochs", ">= 0"),
             (finite, "lr balance router_lr router_supervision", "finite, >= 0"),
             (lambda v: finite(v) and v <= 1, "eps", "a radius in pixels of [0,1] images: 0.0314"),
             (lambda v: 0 < v <= 1, "ratio", "in (0, 1]: an expert keeps r of the channels"),
@@ -1452,13 +1448,11 @@ def train_epoch(net: nn.Module, opts: dict, data, s: Settings, epoch: int, devic
     net.train()
     freeze_batchnorm(net, s.train_params)
     sums, bad_step = {}, torch.full((), -1, device=device)
-    # --soft-epochs: the first epochs' training forwards give every expert the mixture's gradient
-    obj = s.objective._replace(dispatch="soft" if epoch < s.soft_epochs else "auto")
     tick = ticker(f"epoch {epoch + 1}/{s.epochs}", iters * s.batch_size * streams, log)
     for it, batches in enumerate(batch_streams(data, s, epoch)):
         set_lr(opts, (epoch * iters + it) / (s.epochs * iters), tied=epoch < s.tie_epochs)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            stats = step(net, opts, batches, obj, average_gradients)
+            stats = step(net, opts, batches, s.objective, average_gradients)
         sums = {k: sums.get(k, 0.0) + v for k, v in stats.items()}
         # the first non-finite step of either level, remembered without a host sync
         finite = torch.isfinite(stats["loss"]) & torch.isfinite(stats.get("router_loss", stats["loss"]))
@@ -1796,8 +1790,7 @@ MODEL_FIELDS = ("arch", "method", "ratio", "n_experts", "router", "width", "shar
                 "shared_core")
 IDENTITY = ("method", "dataset", "arch", "model_ratio", "model_experts") + MODEL_FIELDS[4:]
 # what a checkpoint that does not record a setting was trained with
-LEGACY = {"shared_bn": False, "router_standardize": True, "shared_core": False, "tie_epochs": 0,
-          "soft_epochs": 0}
+LEGACY = {"shared_bn": False, "router_standardize": True, "shared_core": False, "tie_epochs": 0}
 # flags of the run and of its evaluation: --resume and --eval-only may change them, not the recipe
 RUN_FIELDS = ("out", "resume", "eval_only", "device", "data_dir", "compile", "aa_n")
 EVAL_FIELDS = ("eval_n", "eval_attacks", "quick_eval_n", "square_queries", "test_steps")
@@ -2105,8 +2098,8 @@ if __name__ == "__main__":
 #     --router-supervision), the global router trained by the task loss (--router global), the authors'
 #     routing (--router authors: a 3-layer router, no bias, on the normalized image; their training attack
 #     also maximizes a KL of the router's outputs, which this one does not), and the
-#     learnability options of results/moe_learnability: experts sharing a core (--shared-core), upcycling
-#     (--tie-epochs) and a dense-to-sparse warm-up (--soft-epochs).
+#     learnability options of results/moe_learnability: experts sharing a core (--shared-core) and
+#     upcycling (--tie-epochs).
 #  8. AT(Sparse) prunes channel groups: layers whose outputs are summed keep the same channels, so the pruned
 #     network is really r*C wide. Its scores start from filter norms; it learns them for epochs/5 epochs
 #     (the paper's 20 of 100) before fine-tuning for --epochs.

@@ -1325,7 +1325,7 @@ def test_cifar_npz_is_read_as_nchw_uint8(tmp_path):
 @pytest.mark.parametrize("args,named", [
     (["--lr", "-0.1"], "--lr"), (["--router-lr", "-1"], "--router-lr"), (["--balance", "inf"], "--balance"),
     (["--router-supervision", "-6"], "--router-supervision"), (["--tie-epochs", "-1"], "--tie-epochs"),
-    (["--tie-epochs", "2"], "--shared-core"), (["--soft-epochs", "-1"], "--soft-epochs"), (["--eps", "nan"], "--eps"), (["--eps", "8"], "--eps"),
+    (["--tie-epochs", "2"], "--shared-core"), (["--eps", "nan"], "--eps"), (["--eps", "8"], "--eps"),
     (["--test-steps", "0"], "--test-steps"), (["--eval-n", "-1"], "--eval-n"), (["--quick-eval-n", "-5"], "--quick-eval-n"),
     (["--square-queries", "0"], "--square-queries"), (["--device", "foo"], "--device"), (["--device", "mps"], "--device"),
     (["--width", "0"], "--width"), (["--width", "65"], "--width"), (["--train-n", "100000"], "--train-n"),
@@ -1764,30 +1764,6 @@ def test_tie_epochs_hold_the_offsets_at_zero_then_train_them(tmp_path):
     assert len(rows[0]["expert_spread"]) == 16
     with pytest.raises(A.ConfigError, match="--shared-core"):
         A.parse_settings(B + ["--tie-epochs", "1"])
-
-
-def test_soft_epochs_give_every_expert_the_gradient_of_every_input(monkeypatch):
-    """--soft-epochs K: the first K epochs' training forwards use the soft dispatch (hard forward, the routing
-    mixture's gradient), so an expert an input was not routed to still gets that input's gradient; then the
-    sparse path again."""
-    torch.manual_seed(0)
-    s = tiny(method="moe", loss="natural")
-    model, x, y = A.build_model(s, 10, 32), torch.rand(1, 3, 32, 32), torch.randint(10, (1,))
-    for dispatch, both in (("auto", False), ("soft", True)):
-        model.zero_grad()
-        loss, _, _ = A.robust_loss(model, x, y, s.objective._replace(dispatch=dispatch))
-        loss.backward()
-        layer = model.backbone.blocks[0].conv1
-        got = [layer.weight.grad[expert(layer, e)].abs().sum() > 0 for e in (0, 1)]
-        assert all(got) == both and any(got)
-    seen = []
-    monkeypatch.setitem(A.STEPS, "moe", (lambda net, opts, batches, obj, reduce: seen.append(obj.dispatch) or
-                                         {"loss": torch.tensor(0.0)}, 1))
-    s = tiny(method="moe", soft_epochs=2, epochs=3, train_n=64)
-    data = A.load_data(s, "cpu")
-    for epoch in (0, 1, 2):
-        A.train_epoch(model, {}, data, s, epoch, torch.device("cpu"), lambda _: None)
-    assert seen == ["soft"] * 2 + ["soft"] * 2 + ["auto"] * 2  # 2 iterations an epoch
 
 
 def test_the_authors_routing_learns_from_its_own_loss_only():
