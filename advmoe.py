@@ -203,8 +203,9 @@ class MoEConv(nn.Module):
 # ==================================================================================================
 # 2. Attacks and losses: one l_inf PGD that maximizes any loss; TRADES
 # ==================================================================================================
-# Robustness is accuracy under the worst perturbation delta with |delta|_inf <= eps. Every attack here is one
-# projected sign-gradient ascent (pgd) on some loss of the perturbed input: cross-entropy for the test RA,
+# Robustness is accuracy under the worst perturbation delta with |delta|_inf <= eps. Every gradient attack
+# here is one projected sign-gradient ascent (pgd) on some loss of the perturbed input (Square and
+# AutoAttack, section 5, come from torchattacks): cross-entropy for the test RA,
 # TRADES' KL to the clean output for the training attack, and the same cross-entropy through a surrogate
 # routing gradient for the "soft" attack. An MoE-CNN offers an attack two ways in (Sec. 4): move the routers'
 # choices (another pathway) or fool the pathway chosen, and a gradient through the straight-through gate
@@ -531,6 +532,9 @@ class ResNet18(nn.Module):
             x = block(x, routing)
         return self.fc(x.mean((2, 3)))              # pool (B, r*512) -> (B, classes)
 
+# The other three backbones below repeat this pattern with their own blocks: a first read can skip to MoECNN,
+# which wraps them all.
+#
 # WRN-28-10 (Zagoruyko & Komodakis 2016): pre-activation blocks, BN-ReLU-conv twice, in 3 groups of 4 with
 # 160, 320 and 640 channels. Routed: both 3x3 convs of every block, 24 MoE layers. The first BatchNorm of a
 # block acts on the residual stream, which every expert writes into, so it is shared (deviation 5); the middle
@@ -658,7 +662,8 @@ class MoECNN(nn.Module):
     """Normalization + backbone (+ the global router). model(x) returns logits, so any attack library can use
     it; model(x, return_routing=True) also returns the Gates, one per MoE layer, in forward order. Dense,
     S-Dense and the MoE-CNN are this class with other (ratio, n_experts); AT(Sparse)'s pruned network loads
-    into S-Dense's. dispatch: "sparse" | "masked" | "soft" | "auto" (see MoEConv)."""
+    into S-Dense's. dispatch: "sparse" | "masked" | "soft" | "auto" (masked on CUDA, sparse on the CPU: see
+    forward)."""
 
     def __init__(self, arch: str, num_classes: int = 10, image_size: int = 32, ratio: float = 1.0,
                  n_experts: int = 1, router: str = "layer", mean_std=MEAN_STD["cifar10"], width: float = 1.0,
@@ -683,7 +688,8 @@ class MoECNN(nn.Module):
         routing = Routing(dispatch, random=random_routing)
         if self.global_router is not None:
             routing.shared = top1_gate(self.global_router(x), random_routing)
-        # every MoE layer of the backbone appends its Gate to routing.gates, in forward order
+        # every MoE layer of the backbone appends its Gate to routing.gates, in forward order; with the global
+        # router (section 6) its one Gate is decided above and every layer reuses it
         logits = self.backbone(x, routing)
         return (logits, routing.gates) if return_routing else logits
 
@@ -783,7 +789,8 @@ def evaluate(model: nn.Module, data, s, steps: int | None = None, limit: int = 0
     gens = {a: torch.Generator(device).manual_seed(1000 * s.seed + 2 * EVAL_ATTACKS.index(a))
             for a in attacks}
     correct: dict[str, list] = {"clean": []}     # label -> per batch, (b,) correct under it ("clean": none)
-    # random routing, from its own stream; only a model with routers has it
+    # random routing, from its own stream; only a model with routers has it. Each MoE layer draws its expert
+    # uniformly (under the global router, one draw per image for every layer: a random pathway)
     rand_gen, rand_ok = torch.Generator(device).manual_seed(1000 * s.seed + 2 * len(EVAL_ATTACKS)), []
     paths: dict[str, list] = {"clean": [], f"pgd{steps}": []}   # per batch, (B, L) each input's pathway
     with evaluating(model), torch.autocast(device.type, enabled=False):
@@ -794,7 +801,7 @@ def evaluate(model: nn.Module, data, s, steps: int | None = None, limit: int = 0
                 with torch.no_grad():
                     rand_ok.append(model(x, random_routing=rand_gen).argmax(1) == y)
             # every attack on the whole batch, but AutoAttack (minutes per batch) on the first --aa-n images
-            # only
+            # only: `take` is how many of this batch's images are still among them (done: images before it)
             for name in attacks:
                 take = len(y) if name != "autoattack" or not s.aa_n else max(0, min(len(y), s.aa_n - done))
                 if take:
@@ -812,6 +819,8 @@ def evaluate(model: nn.Module, data, s, steps: int | None = None, limit: int = 0
     # the numbers of the docstring; the AutoAttack components' labels ("autoattack/<name>") are reported, not
     # counted in RA-worst, which runs over the images every final attack saw
     ok = {k: torch.cat(v) for k, v in correct.items()}                           # label -> (n_a,)
+    # final: the clean prediction and every attack's final examples (AutoAttack's "autoattack/<component>"
+    # rows are steps within it); RA-worst ANDs them over the first seen_all images, those every attack saw
     pgd_ok, final = ok[f"pgd{steps}"], ["clean"] + [k for k in ok if k != "clean" and "/" not in k]
     seen_all = min(len(ok[k]) for k in final)                             # images every final attack saw
     ras = {k: percent(v) for k, v in ok.items() if k != "clean"}
