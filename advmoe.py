@@ -14,7 +14,7 @@ Usage
     python advmoe.py report runs/                                          # every table, from result.json
     python advmoe.py bench --device cuda                                   # step time, images/s, GFLOPs
     torchrun --nproc_per_node=8 advmoe.py --dataset imagenet ...          # several GPUs
-    bash train_all.sh                                                      # every table of the paper
+    bash train_all.sh                                   # the paper's grid: Tables 1-2, Sec. 4, Figs. 7-8
 
 Notation (paper -> code)
     psi      backbone and experts: every parameter whose name has no "router"    backbone_params()
@@ -33,7 +33,7 @@ Map (read in order; the method is sections 1-5, about 45 minutes)
                                      DenseNet; MoECNN wraps them
     5. SA, RA (PGD-50), RA-AA        evaluate, adversaries, autoattack; Insight 2's 4-way split:
        routing, GFLOPs               routing_summary, gflops_per_input
-    6. Not needed for the method     the masked (GPU) and soft forwards, the global routers, regularizers
+    6. Not needed for the method     the masked (GPU) and soft forwards, the global router, regularizers
     7-9. settings, data, the training loop (train);  10. AT(Sparse)'s pruning: ChannelScores, prune
     11-14. files (checkpoints, --eval-only), report (Tables 1-2, Figs. 7-8, Sec. 4), bench, command line
     The deviations from the paper are listed at the end of the file; each is marked NOTE(ours) where made.
@@ -1167,8 +1167,9 @@ class Settings:
     # the attacks of the final evaluation, each once
     attacks = property(lambda self: tuple(dict.fromkeys(self.eval_attacks.split(","))))
 
-    # NOTE(official code): the training step, 5/255 at eps 8/255 and K = 2 (the paper gives none), scaled with
-    # eps and K; 2.5 eps / K would throw TRADES' start to a corner of the box in one step. Test PGD: eps/4.
+    # NOTE(ours), deviation 13 / NOTE(official code): the training step, 5/255 at eps 8/255 and K = 2 (the
+    # paper gives none), scaled with eps and K; 2.5 eps / K would throw TRADES' start to a corner of the box
+    # in one step. Test PGD: eps/4.
     train_step_size = property(lambda self: 1.25 * self.eps / self.train_steps)
     test_step_size = property(lambda self: self.eps / 4)
     # AT(Sparse) learns its channel scores for a fifth of the epochs first (the paper: 20 of 100; deviation 8)
@@ -1460,6 +1461,7 @@ def train_epoch(net: nn.Module, opts: dict, data, s: Settings, epoch: int, devic
     tick = ticker(f"epoch {epoch + 1}/{s.epochs}", iters * s.batch_size * streams, log)
     for it, batches in enumerate(batch_streams(data, s, epoch)):
         set_lr(opts, (epoch * iters + it) / (s.epochs * iters), tied=epoch < s.tie_epochs)
+        # NOTE(ours), deviation 12: training on CUDA runs under bf16 autocast (evaluation in float32)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
             stats = step(net, opts, batches, s.objective, average_gradients)
         sums = {k: sums.get(k, 0.0) + v for k, v in stats.items()}
