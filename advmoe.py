@@ -139,9 +139,9 @@ class MoEConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(n_experts * cout, cin, kernel, kernel))
         # Kaiming (fan_out) of one expert as a standalone conv: std = sqrt(2 / (cout * k * k))
         nn.init.normal_(self.weight, 0.0, math.sqrt(2.0 / (cout * kernel * kernel)))
-        # An option, off by default (skip on a first read). NOTE(ours), --shared-core: W_e = W_shared + D_e,
-        # `weight` holding the offsets D_e (0 at init), so every routed input trains W_shared as S-Dense's
-        # conv; the same function class and cost (W_e is formed before the conv)
+        # An option, off by default (skip on a first read). NOTE(ours), deviation 7, --shared-core:
+        # W_e = W_shared + D_e, `weight` holding the offsets D_e (0 at init), so every routed input trains
+        # W_shared as S-Dense's conv; the same function class and cost (W_e is formed before the conv)
         self.core = None
         if core and n_experts > 1:
             self.core = nn.Parameter(self.weight.detach()[:cout].clone())

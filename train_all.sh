@@ -122,10 +122,12 @@ if [[ $GRID == learnability ]]; then
     job "sdense_e${e}_s1" "" "${nat[@]}" --method sdense --seed 1 --epochs $e
     job "moe_e${e}_s1" "" "${nat[@]}" --method moe --seed 1 --epochs $e
   done
-  # Round 3: the best arm (upcycling) at 48 epochs, and combined with the balance term against the collapse
-  # that disqualified it in seed 2 (a combination of the arms that help counts as an arm)
+  # Round 3: the best arm (upcycling) at 48 epochs; upcycling with one BatchNorm per layer (tied, it is then
+  # exactly S-Dense: with a BatchNorm per expert it trails S-Dense by 5 points already while tied); and with
+  # the balance term against the collapse that disqualified it in seed 2
   job moe_upcycle_e48_s1 "" "${nat[@]}" --method moe ${VARIANT[moe_upcycle]} --seed 1 --epochs 48
   for seed in 1 2; do
+    job "moe_upcycle_sharedbn_s$seed" "" "${nat[@]}" --method moe ${VARIANT[moe_upcycle]} --shared-bn --seed $seed
     job "moe_upcycle_balance_s$seed" "" "${nat[@]}" --method moe ${VARIANT[moe_upcycle]} --balance 0.1 --seed $seed
   done
 fi
