@@ -1922,8 +1922,10 @@ def read_results(root: Path) -> list[dict]:
     return results
 
 def recipe(r: dict) -> tuple:
-    """What a run trained and how it was measured: the settings this file knows but its seed and run flags."""
-    return tuple(sorted((k, str(v)) for k, v in r["settings"].items() if k in Settings.__dataclass_fields__
+    """What a run trained and how it was measured: the settings this file knows but its seed and run flags
+    (one that a run does not record is what it was trained with, LEGACY)."""
+    known = {**LEGACY, **r["settings"]}
+    return tuple(sorted((k, str(v)) for k, v in known.items() if k in Settings.__dataclass_fields__
                         and k not in RUN_FIELDS + ("seed", "quick_eval_n")))
 
 def cell(runs: list[dict], get: Callable, digits: int = 2) -> str | None:
