@@ -719,7 +719,8 @@ EVAL_BATCH = 256  # images per batch of evaluation (the attacks' random starts a
 
 def adversaries(name: str, model: nn.Module, x, y, s, steps: int, gen: torch.Generator | None = None,
                 log=None) -> list[tuple[str, torch.Tensor]]:
-    """The attacks of --eval-attacks, as (label, x_adv) pairs. Hard top-1 routing can hide gradients, so PGD
+    """NOTE(ours), deviation 9: the attacks of --eval-attacks, as (label, x_adv) pairs, the soft attack and
+    Square beside the paper's PGD (RA-worst over all). Hard top-1 routing can hide gradients, so PGD
     through the straight-through routers may overstate robustness: "soft" is the same PGD with a surrogate
     gradient through routing, and Square is gradient-free (gradient masking cannot fool it). Labels: "pgd<K>",
     "soft", "square", and AutoAttack's "autoattack/<component>" after each component, then "autoattack".
@@ -1052,7 +1053,7 @@ class Settings:
     ratio: float = 0.5
     # N: experts per MoE layer
     n_experts: int = 2
-    # W: base channel multiplier of every backbone (1: the paper's networks)
+    # W: base channel multiplier of every backbone (1: the paper's networks; NOTE(ours), deviation 12)
     width: float = 1.0
     # layer: a gate per MoE layer (the paper) | global: one image-level router, trained by the task loss |
     # authors: the authors' code: a global router trained only by 6 CE(y mod N) (+ 6 KL(clean || adversarial)
@@ -1080,7 +1081,7 @@ class Settings:
     train_steps: int = 2
     # PGD steps of the final evaluation (RA)
     test_steps: int = 50
-    # --- routing regularizers (NOTE(ours): none in the paper, so 0 by default)
+    # --- routing regularizers (NOTE(ours), deviation 7: none in the paper, so 0 by default)
     # weight of the Switch balance term N * sum_k f_k P_k
     balance: float = 0.0
     # the routers' learning rate: lr * router_lr (0 freezes routing at its initialization)
@@ -2126,4 +2127,4 @@ if __name__ == "__main__":
 #     partial backward). On CUDA training runs under bf16 autocast. --width, --train-n and --val-n scale a
 #     run down for a laptop.
 # 13. The training attack's step is 1.25 eps / K (the paper gives none; the authors' 5/255 at eps 8/255 and
-#     K = 2), and TRADES' attack starts at x + 0.001 N(0, I), as TRADES' reference code.
+#     K = 2). (TRADES' attack starts at x + 0.001 N(0, I), as TRADES' reference code does.)

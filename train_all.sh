@@ -125,7 +125,7 @@ if [[ $GRID == learnability ]]; then
   # Round 3: the best arm (upcycling) at 48 epochs; upcycling with one BatchNorm per layer (tied, it is then
   # exactly S-Dense: with a BatchNorm per expert it trails S-Dense by 5 points already while tied); and with
   # the balance term against the collapse that disqualified it in seed 2
-  job moe_upcycle_e48_s1 "" "${nat[@]}" --method moe ${VARIANT[moe_upcycle]} --seed 1 --epochs 48
+  job moe_upcycle_e48_s1 "" "${nat[@]}" --method moe --shared-core --tie-epochs 12 --seed 1 --epochs 48
   for seed in 1 2; do
     job "moe_upcycle_sharedbn_s$seed" "" "${nat[@]}" --method moe ${VARIANT[moe_upcycle]} --shared-bn --seed $seed
     job "moe_upcycle_balance_s$seed" "" "${nat[@]}" --method moe ${VARIANT[moe_upcycle]} --balance 0.1 --seed $seed
