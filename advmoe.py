@@ -793,12 +793,13 @@ def evaluate(model: nn.Module, data, s, steps: int | None = None, limit: int = 0
     # random routing, from its own stream; only a model with routers has it. Each MoE layer draws its expert
     # uniformly (under the global router, one draw per image for every layer: a random pathway)
     rand_gen, rand_ok = torch.Generator(device).manual_seed(1000 * s.seed + 2 * len(EVAL_ATTACKS)), []
+    routed = bool(router_params(model))
     paths: dict[str, list] = {"clean": [], f"pgd{steps}": []}   # per batch, (B, L) each input's pathway
     with evaluating(model), torch.autocast(device.type, enabled=False):
         for x, y in data.test_batches(EVAL_BATCH, limit, split):
             done = sum(map(len, correct["clean"]))                               # images before this batch
             found = [("clean", x)]
-            if router_params(model):
+            if routed:
                 with torch.no_grad():
                     rand_ok.append(model(x, random_routing=rand_gen).argmax(1) == y)
             # every attack on the whole batch, but AutoAttack (minutes per batch) on the first --aa-n images
@@ -1527,8 +1528,8 @@ def expert_spread(model: nn.Module) -> list[float]:
     for m in (m for m in model.modules() if isinstance(m, MoEConv) and m.n > 1):
         w = m.filters().detach().view(m.n, m.cout, -1)                           # (N, cout, cin*k*k)
         ref = w.mean(0) if m.core is None else m.core.detach().view(m.cout, -1)
-        spread.append(round(((w - ref).flatten(1).norm(dim=1) / ref.norm()).mean().item(), 4))
-    return spread
+        spread.append(((w - ref).flatten(1).norm(dim=1) / ref.norm()).mean())
+    return rounded(torch.stack(spread)) if spread else []  # one host read
 
 PROGRESS_SECONDS = 30.0  # at least this long between two progress lines of training
 

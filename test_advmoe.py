@@ -846,8 +846,9 @@ class Linear01(torch.nn.Module):
         self.backbone = torch.nn.Module()
         self.backbone.fc = torch.nn.Linear(1, n_classes)
 
-    def forward(self, x):
-        return x.flatten(1)[:, :self.backbone.fc.out_features]
+    def forward(self, x, return_routing=False, **_):
+        logits = x.flatten(1)[:, :self.backbone.fc.out_features]
+        return (logits, []) if return_routing else logits  # no routers: no gates
 
 
 @pytest.mark.parametrize("n_classes", [10, 100])
@@ -1246,7 +1247,7 @@ def bad_checkpoint(kind: str, where: Path, good: Path) -> Path:
         torch.save(ckpt, path)
     elif kind == "needs_code":  # a pickle that would run code (a class of this test module) if loaded fully
         ckpt = torch.load(good, weights_only=True)
-        ckpt["extra"] = Lookup()
+        ckpt["extra"] = Linear01(3)
         torch.save(ckpt, path)
     return path
 
@@ -1907,26 +1908,18 @@ def test_pgd_is_stronger_with_more_steps():
     assert losses[3] > 1.3 * losses[0]
 
 
-class Lookup(torch.nn.Module):
-    """A fake classifier: the prediction is pixel (0, 0, 0) of the input; no routers."""
-
-    def __init__(self):
-        super().__init__()
-        self.backbone = torch.nn.Module()
-        self.backbone.fc = torch.nn.Linear(1, 3)
-
-    def forward(self, x, return_routing=False, dispatch="auto", random_routing=None):
-        logits = F.one_hot(x[:, 0, 0, 0].round().long(), 3).float()
-        return (logits, []) if return_routing else logits
-
-
 def test_ra_worst_is_the_per_image_and_over_clean_and_every_attack(monkeypatch):
     """Four images of label 0: image 3 is wrong when clean, PGD fools image 0, the soft attack image 1. RA_a =
     75 each, but only image 2 survives everything: RA-worst = 25, below the smallest RA (a min over RA_a, or an
     AND without the clean prediction, gives 75 or 50)."""
-    x = torch.zeros(4, 3, 2, 2)
-    x[3] = 1.0
-    y = torch.zeros(4, dtype=torch.long)
+    def images(*wrong):  # logits (1, 0) classify an image as 0, the label; (0, 1) as 1
+        x = torch.zeros(4, 3, 2, 2)
+        x.view(4, -1)[:, 0] = 1.0
+        for i in wrong:
+            x.view(4, -1)[i, :2] = torch.tensor([0.0, 1.0])
+        return x
+
+    x, y = images(3), torch.zeros(4, dtype=torch.long)
 
     class Data:
         def test_batches(self, batch, limit=0, split="test"):
@@ -1935,14 +1928,10 @@ def test_ra_worst_is_the_per_image_and_over_clean_and_every_attack(monkeypatch):
         def eval_len(self, limit=0, split="test"):
             return 4
 
-    def fooled(i):  # (image 3 happens to be classified correctly under both attacks)
-        x_adv = torch.zeros_like(x)
-        x_adv[i] = 1.0
-        return x_adv
-
-    adv = {"pgd": [("pgd1", fooled(0))], "soft": [("soft", fooled(1))]}
+    # (image 3 happens to be classified correctly under both attacks)
+    adv = {"pgd": [("pgd1", images(0))], "soft": [("soft", images(1))]}
     monkeypatch.setattr(A, "adversaries", lambda name, *a, **k: adv[name])
-    r = A.evaluate(Lookup(), Data(), tiny(test_steps=1), attacks=("pgd", "soft"))
+    r = A.evaluate(Linear01(2), Data(), tiny(test_steps=1), attacks=("pgd", "soft"))
     assert (r["sa"], r["attacks"]["pgd1"], r["attacks"]["soft"]) == (75.0, 75.0, 75.0)
     assert r["ra_worst"] == 25.0 and r["ra_worst_n"] == 4
 
