@@ -109,8 +109,7 @@ if [[ $GRID == learnability ]]; then
   job moe_rawrouter_s1 "" "${nat[@]}" --method moe ${VARIANT[moe_rawrouter]} --seed 1
   # Round 2 (the known remedies for gated CNNs, and the authors' exact routing), 2 seeds each: experts that
   # share a core; upcycling (the experts' filters tied for the first quarter of the epochs); the authors'
-  # routing (the dense-to-sparse warm-up, moe_soft, lost: its runs are reproduced by commit 242e0bb). Then the
-  # budget curve: S-Dense and today's MoE at 24 and 48 epochs.
+  # routing (the dense-to-sparse warm-up, moe_soft, lost: its runs are reproduced by commit 242e0bb).
   VARIANT+=([moe_sharedcore]="--shared-core" [moe_upcycle]="--shared-core --tie-epochs 3"
             [moe_authors]="--router authors")
   for seed in 1 2; do
@@ -118,18 +117,19 @@ if [[ $GRID == learnability ]]; then
       job "${v}_s$seed" "" "${nat[@]}" --method moe ${VARIANT[$v]} --seed $seed
     done
   done
-  for e in 24 48; do
-    job "sdense_e${e}_s1" "" "${nat[@]}" --method sdense --seed 1 --epochs $e
-    job "moe_e${e}_s1" "" "${nat[@]}" --method moe --seed 1 --epochs $e
-  done
-  # Round 3: the best arm (upcycling) at 48 epochs; upcycling with one BatchNorm per layer (tied, it is then
-  # exactly S-Dense: with a BatchNorm per expert it trails S-Dense by 5 points already while tied); and with
-  # the balance term against the collapse that disqualified it in seed 2
-  job moe_upcycle_e48_s1 "" "${nat[@]}" --method moe --shared-core --tie-epochs 12 --seed 1 --epochs 48
+  # Round 3: upcycling with one BatchNorm per layer (tied, it is then exactly S-Dense: with a BatchNorm per
+  # expert it trails S-Dense by 5 points already while tied), and with the balance term against the collapse
+  # that disqualified it in seed 2. Then the budget curve: S-Dense and today's MoE at 24 and 48 epochs, and the
+  # best arm (upcycling, tied for a quarter of the epochs) at 48.
   for seed in 1 2; do
     job "moe_upcycle_sharedbn_s$seed" "" "${nat[@]}" --method moe ${VARIANT[moe_upcycle]} --shared-bn --seed $seed
     job "moe_upcycle_balance_s$seed" "" "${nat[@]}" --method moe ${VARIANT[moe_upcycle]} --balance 0.1 --seed $seed
   done
+  for e in 24 48; do
+    job "sdense_e${e}_s1" "" "${nat[@]}" --method sdense --seed 1 --epochs $e
+    job "moe_e${e}_s1" "" "${nat[@]}" --method moe --seed 1 --epochs $e
+  done
+  job moe_upcycle_e48_s1 "" "${nat[@]}" --method moe --shared-core --tie-epochs 12 --seed 1 --epochs 48
 fi
 
 # ---- GRID=smoke: check a machine in minutes before the full grid (README, "Check a machine first") --------
