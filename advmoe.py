@@ -73,11 +73,11 @@ MEAN_STD = {  # per-channel mean and std; the model normalizes as its first laye
 # weight of N*r*C filters); a small router looks at the layer's input and picks one expert per input
 # (top-1, hard). Every input thus runs a pathway of r*C channels per layer, S-Dense's width, whatever N.
 # The choice is an argmax, so it has no gradient: the straight-through estimator below gives the router one.
-class Gate(NamedTuple):
-    """One MoE layer's routing decision for a batch, returned to the caller (never stored on a module)."""
-    logits: torch.Tensor  # (B, N) router scores
-    choice: torch.Tensor  # (B,) chosen expert e(b), int64
-    scale: torch.Tensor   # (B,) exactly 1.0 in value; carries the router's gradient (straight-through)
+#
+# Gate: one MoE layer's routing decision for a batch, returned to the caller (never stored on a module):
+# logits (B, N) router scores, choice (B,) the chosen expert e(b), scale (B,) exactly 1.0 in value that
+# carries the router's gradient (straight-through).
+Gate = NamedTuple("Gate", [("logits", torch.Tensor), ("choice", torch.Tensor), ("scale", torch.Tensor)])
 
 def top1_gate(logits: torch.Tensor, random: torch.Generator | None = None) -> Gate:
     """Hard top-1 routing: each input goes to its highest-scoring expert. The softmax runs in float32 (also
@@ -134,7 +134,7 @@ class MoEConv(nn.Module):
     def __init__(self, cin: int, cout: int, kernel: int, stride: int, n_experts: int, bn: bool, router: bool,
                  shared_bn: bool = False, standardized: bool = True, core: bool = False):
         super().__init__()
-        self.cin, self.cout, self.stride, self.padding, self.n = cin, cout, stride, kernel // 2, n_experts
+        self.cout, self.stride, self.padding, self.n = cout, stride, kernel // 2, n_experts
         self.shared_bn, self.standardized = shared_bn and n_experts > 1, standardized
         self.weight = nn.Parameter(torch.empty(n_experts * cout, cin, kernel, kernel))
         # Kaiming (fan_out) of one expert as a standalone conv: std = sqrt(2 / (cout * k * k))
@@ -142,9 +142,8 @@ class MoEConv(nn.Module):
         # An option, off by default (skip on a first read). NOTE(ours), deviation 7, --shared-core:
         # W_e = W_shared + D_e, `weight` holding the offsets D_e (0 at init), so every routed input trains
         # W_shared as S-Dense's conv; the same function class and cost (W_e is formed before the conv)
-        self.core = None
-        if core and n_experts > 1:
-            self.core = nn.Parameter(self.weight.detach()[:cout].clone())
+        self.core = nn.Parameter(self.weight.detach()[:cout].clone()) if core and n_experts > 1 else None
+        if self.core is not None:
             nn.init.zeros_(self.weight)
         # NOTE(ours), deviation 1: a BatchNorm per expert, stored as one BatchNorm over N*cout channels;
         # --shared-bn: one BatchNorm over the pathway's cout channels for every expert (the authors' code).
@@ -157,12 +156,9 @@ class MoEConv(nn.Module):
         if self.n == 1:
             return self.normalize(self.conv(x, 0), slice(None))
         # g_l(x) = top1(softmax(W_l std(GAP(x)))), unless the global router decided once for every layer
-        if routing.shared is None:
-            pooled = x.mean((2, 3))                                               # (B, cin)
-            features = standardize(pooled) if self.standardized else pooled
-            gate = top1_gate(self.router(features), routing.random)
-        else:
-            gate = routing.shared
+        pooled = x.mean((2, 3))                                                   # (B, cin)
+        gate = routing.shared if routing.shared is not None else top1_gate(
+            self.router(standardize(pooled) if self.standardized else pooled), routing.random)
         routing.gates.append(gate)
         # "masked" and "soft" run every expert on every input, with the same values (section 6: the path
         # MoECNN picks on CUDA, and the soft attack's forward); skip on a first read
@@ -228,7 +224,6 @@ def pgd(model: nn.Module, x: torch.Tensor, loss_fn: Callable[[torch.Tensor], tor
     """max_{|delta|_inf <= eps, x+delta in [0,1]} loss_fn(x + delta) by projected sign-gradient ascent
     (Madry et al. 2018), in eval mode, gradients w.r.t. the input only. start: "uniform" in the eps-ball
     (test PGD) or "normal", x + 0.001 N(0, I) (TRADES), drawn from `generator` (None: the global stream)."""
-
     draw = torch.rand if start == "uniform" else torch.randn
     r = draw(x.shape, generator=generator, device=x.device, dtype=x.dtype)       # (B, 3, H, W)
     # x'_0 = x + U(-eps, eps)^d or x + 0.001 N(0, I), projected like every step
@@ -306,16 +301,14 @@ MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
 # NOTE(paper): TRADES' weight 1/lambda = beta = 6 for every method (the TRADES default).
 BETA = 6.0
 
-class Objective(NamedTuple):
-    """All that the training objective and its inner attack read (Settings.objective builds it)."""
-    loss: str             # "trades" (the paper's) | "pgdat" (Madry: CE at PGD examples) | "natural"
-    beta: float           # TRADES' weight 1/lambda
-    eps: float            # the training attack's l_inf radius, in pixel units
-    step_size: float      # its step alpha: 1.25 eps / K (deviation 13)
-    steps: int            # K
-    balance: float        # the routing regularizer's weights (section 6, deviation 7; 0 in the paper)
-    supervision: float
-    authors: bool = False  # the router learns from the authors' router loss only (--router authors)
+# All that the training objective and its inner attack read (Settings.objective builds it): the loss, "trades"
+# (the paper's) | "pgdat" (Madry: CE at PGD examples) | "natural"; beta, TRADES' weight 1/lambda; the training
+# attack's l_inf radius eps (pixel units), its step alpha (1.25 eps / K, deviation 13) and its K steps; the
+# routing regularizer's weights balance and supervision (section 6, deviation 7; 0 in the paper); authors: the
+# router learns from the authors' router loss only (--router authors).
+Objective = NamedTuple("Objective", [("loss", str), ("beta", float), ("eps", float), ("step_size", float),
+                                     ("steps", int), ("balance", float), ("supervision", float),
+                                     ("authors", bool)])
 
 def training_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objective) -> torch.Tensor:
     """The inner maximization of the training loss, K steps."""
@@ -335,19 +328,14 @@ def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objecti
     "natural" (Sec. 4's first stage, natural training of any method): CE(f(x), y), no attack."""
     # every forward returns its Gates: the routing regularizer reads those of the clean and adversarial ones
     forward = functools.partial(model, return_routing=True)
-    gates, gates_adv = [], []
-    if obj.loss == "trades":
-        logits_adv, gates_adv = forward(training_attack(model, x, y, obj))       # f(x'), x' = argmax KL
-        logits, gates = forward(x)                                                # f(x)
-        objective = trades_loss(logits, logits_adv, y, obj.beta)
-    elif obj.loss == "pgdat":
-        # min CE(f(x'), y), x' = argmax CE
-        logits_adv, gates_adv = forward(training_attack(model, x, y, obj))
-        logits, objective = logits_adv, F.cross_entropy(logits_adv.float(), y)
-    else:
-        # min CE(f(x), y)
-        logits, gates = forward(x)
-        logits_adv, objective = logits, F.cross_entropy(logits.float(), y)
+    # f(x'), x' = the training attack's example (argmax KL, or CE under pgdat); none under natural
+    logits_adv, gates_adv = forward(training_attack(model, x, y, obj)) if obj.loss != "natural" else (None, [])
+    # f(x); pgdat has no clean forward: its "clean" logits are f(x')
+    logits, gates = forward(x) if obj.loss != "pgdat" else (logits_adv, [])
+    logits_adv = logits if logits_adv is None else logits_adv
+    # trades: CE(f(x), y) + beta KL(f(x) || f(x')); pgdat: CE(f(x'), y); natural: CE(f(x), y)
+    objective = trades_loss(logits, logits_adv, y, obj.beta) if obj.loss == "trades" else \
+        F.cross_entropy(logits.float(), y)
     # R(phi) = 0 unless --balance, --router-supervision or --router authors (section 6)
     reg = routing_regularizer(gates, gates_adv, y, obj)
     stats = {"loss": objective.detach(), "acc": (logits.argmax(1) == y).float().mean(),
@@ -391,11 +379,8 @@ def make_optimizers(model: nn.Module, s, device) -> dict[str, torch.optim.Optimi
     phi = {"params": router_params(model), "base_lr": s.lr * s.router_lr, "name": "routers"}
     # --shared-core: the experts' offsets D_e, held at 0 for the first --tie-epochs (upcycling), then trained
     offsets = {m.weight for m in model.modules() if isinstance(m, MoEConv) and m.core is not None}
-    psi = [{"params": [p for p in backbone_params(model) if p not in offsets], "base_lr": s.lr,
-            "name": "backbone"}]
-    if offsets:
-        psi.append({"params": [p for p in backbone_params(model) if p in offsets], "base_lr": s.lr,
-                    "name": "offsets"})
+    psi = [{"params": [p for p in backbone_params(model) if (p in offsets) == tied], "base_lr": s.lr,
+            "name": name} for name, tied in (("backbone", False), ("offsets", True)) if offsets or not tied]
     if s.method == "advmoe":
         return {"phi": torch.optim.SGD([phi], **kw), "psi": torch.optim.SGD(psi, **kw)}
     groups = {"all": psi + ([phi] if phi["params"] else []), "routers": [phi], "backbone": psi}
@@ -1454,13 +1439,15 @@ def train(s: Settings, log: Callable[[str], None] = print) -> dict | None:
         if done:
             dist.barrier(group=done)
 
+PROGRESS_SECONDS = 30.0  # at least this long between two progress lines of training
+
 def train_epoch(net: nn.Module, opts: dict, data, s: Settings, epoch: int, device, log) -> dict:
     """One epoch of the method's step; returns the epoch's mean statistics (one host sync, at the end)."""
     (step, streams), iters = STEPS[s.method], data.train_len(s.batch_size)
     net.train()
     freeze_batchnorm(net, s.train_params)
-    sums, bad_step = {}, torch.full((), -1, device=device)
-    tick = ticker(f"epoch {epoch + 1}/{s.epochs}", iters * s.batch_size * streams, log)
+    sums, bad_step, total = {}, torch.full((), -1, device=device), iters * s.batch_size * streams
+    start = last = time.perf_counter()
     for it, batches in enumerate(batch_streams(data, s, epoch)):
         set_lr(opts, (epoch * iters + it) / (s.epochs * iters), tied=epoch < s.tie_epochs)
         # NOTE(ours), deviation 12: training on CUDA runs under bf16 autocast (evaluation in float32)
@@ -1470,7 +1457,11 @@ def train_epoch(net: nn.Module, opts: dict, data, s: Settings, epoch: int, devic
         # the first non-finite step of either level, remembered without a host sync
         finite = torch.isfinite(stats["loss"]) & torch.isfinite(stats.get("router_loss", stats["loss"]))
         bad_step = torch.where((bad_step < 0) & ~finite, it, bad_step)
-        tick((it + 1) * s.batch_size * streams, lambda: f"loss {sums['loss'].item() / (it + 1):.4f}")
+        if (now := time.perf_counter()) - last >= PROGRESS_SECONDS:  # images done, images/s, ETA, loss
+            done, last = (it + 1) * s.batch_size * streams, now
+            rate = done / (now - start)
+            log(f"  epoch {epoch + 1}/{s.epochs}: {done}/{total} images, {rate:.1f} img/s, ETA "
+                f"{(total - done) / rate:.0f} s loss {sums['loss'].item() / (it + 1):.4f}")
     if bad_step.item() >= 0:
         raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, iteration {bad_step.item() + 1} "
                                  f"(the last checkpoint is kept): lower --lr or check the data")
@@ -1530,19 +1521,6 @@ def expert_spread(model: nn.Module) -> list[float]:
         ref = w.mean(0) if m.core is None else m.core.detach().view(m.cout, -1)
         spread.append(((w - ref).flatten(1).norm(dim=1) / ref.norm()).mean())
     return rounded(torch.stack(spread)) if spread else []  # one host read
-
-PROGRESS_SECONDS = 30.0  # at least this long between two progress lines of training
-
-def ticker(what: str, total: int, log) -> Callable:
-    """tick(done, details): a progress line (images done of total, images/s, ETA) every PROGRESS_SECONDS."""
-    t0, last = time.perf_counter(), [time.perf_counter()]
-
-    def tick(done: int, details: Callable[[], str] = str):
-        if (now := time.perf_counter()) - last[0] >= PROGRESS_SECONDS:
-            last[0], rate = now, done / max(now - t0, 1e-9)
-            log(f"  {what}: {done}/{total} images, {rate:.1f} img/s, ETA {(total - done) / rate:.0f} s "
-                f"{details()}")
-    return tick
 
 def freeze_batchnorm(model: nn.Module, train_params: str):
     """--train-params: the frozen part's BatchNorms normalize with their running statistics and keep them
