@@ -1,21 +1,17 @@
 #!/usr/bin/env python3
 """AdvMoE: adversarially robust training of sparse Mixture-of-Experts CNNs, in one readable file.
-
-Reference implementation of
-    Zhang, Cai, Chen, Zhang, Zhang, Chen, Chang, Wang, Liu. "Robust Mixture-of-Expert Training for
-    Convolutional Neural Networks". ICCV 2023. arXiv:2308.10110.
-Claim (the paper): router-expert alternating adversarial training (Eq. 1, Algorithm 1) makes an MoE-CNN more
-    robust than AT(S-Dense), AT(Sparse) and AT(MoE) at S-Dense's inference cost (Table 1).
-
+Reference implementation of Zhang, Cai, Chen, Zhang, Zhang, Chen, Chang, Wang, Liu, "Robust Mixture-of-Expert
+Training for Convolutional Neural Networks", ICCV 2023, arXiv:2308.10110. The paper's claim: router-expert
+alternating adversarial training (Eq. 1, Algorithm 1) makes an MoE-CNN more robust than AT(S-Dense),
+AT(Sparse) and AT(MoE) at S-Dense's inference cost (Table 1).
 Usage
     python advmoe.py --dataset cifar10 --arch resnet18 --method advmoe      # train + evaluate one model
     python advmoe.py --dataset synthetic --width 0.25 --epochs 3 --out runs/try   # offline, a minute on a CPU
     python advmoe.py --eval-only runs/try/checkpoint.pt                    # evaluate a checkpoint again
-    python advmoe.py report runs/                                          # every table, from result.json
+    python advmoe.py report runs/                                          # the tables, from result.json
     python advmoe.py bench --device cuda                                   # step time, images/s, GFLOPs
     torchrun --nproc_per_node=8 advmoe.py --dataset imagenet ...          # several GPUs
-    bash train_all.sh                                   # the paper's grid: Tables 1-2, Sec. 4, Figs. 7-8
-
+    bash train_all.sh                                # Tables 1-2, Figs. 7-8, Sec. 4 (not Fig. 6, Table 3)
 Notation (paper -> code)
     psi      backbone and experts: every parameter whose name has no "router"    backbone_params()
     phi      routers (a gate per MoE layer, or the one global router)           router_params()
@@ -23,19 +19,16 @@ Notation (paper -> code)
     eps      l_inf radius in pixel units (inputs in [0,1]; the model normalizes them itself)
     K        PGD steps in training (2); 50 at test time                        --train-steps, --test-steps
     beta     TRADES weight 1/lambda (6)                                         BETA
-
-Map (read in order; the method is sections 1-5, about 45 minutes)
+Map (read in order; the method is sections 1-5)
     1. Fig. 1a / A1, MoE layer       MoEConv: router, top-1 straight-through gate, one expert's conv + BN
     2. Eq. (AT), TRADES              pgd, trades_loss
-    3. Eq. (1), Algorithm 1          advmoe_step (lines 3-5); AT(Dense / S-Dense / MoE): joint_step; then
-                                     robust_loss, level, make_optimizers, batch_streams; AT(Sparse)'s idea
-    4. Backbones                     Spec makes Dense / S-Dense / MoE-CNN of ResNet18, WideResNet, VGG16,
+    3. Eq. (1), Algorithm 1          advmoe_step; AT(Dense / S-Dense / MoE): joint_step; what they call;
+                                     AT(Sparse)'s idea
+    4. Backbones                     Spec makes Dense, S-Dense or MoE-CNN of ResNet18, WideResNet, VGG16,
                                      DenseNet; MoECNN wraps them
-    5. SA, RA (PGD-50), RA-AA        evaluate, adversaries, autoattack; Insight 2's 4-way split:
-       routing, GFLOPs               routing_summary, gflops_per_input
-    6. Not needed for the method     the masked (GPU) and soft forwards, the global router, regularizers
-    7-9. settings, data, the training loop (train);  10. AT(Sparse)'s pruning: ChannelScores, prune
-    11-14. files (checkpoints, --eval-only), report (Tables 1-2, Figs. 7-8, Sec. 4), bench, command line
+    5. SA, RA (PGD-50), RA-AA, the routing under attack (Insight 2), GFLOPs: evaluate, routing_summary
+    6. Not needed for the method: the masked (GPU) and soft forwards, the global router, regularizers
+    7-14. Operations: settings, data, the training loop, AT(Sparse)'s pruning, files, report, bench, CLI
     The deviations from the paper are listed at the end of the file; each is marked NOTE(ours) where made.
 """
 from __future__ import annotations
@@ -97,40 +90,34 @@ def straight_through(y: torch.Tensor, gate: Gate) -> torch.Tensor:
     return y * gate.scale.to(y.dtype)[:, None, None, None] if gate.scale.requires_grad else y
 
 def standardize(z: torch.Tensor) -> torch.Tensor:
-    """NOTE(ours), deviation 2. Pooled post-BatchNorm-ReLU features share a large positive mean, so a plain
-    linear router gives every input nearly the same logits (a per-layer offset 2-5x their spread across
-    inputs): most layers then route 95% or more of the inputs to one expert before any training, and SGD moves
-    mostly that offset. Standardized per input, the logits depend on which channels respond, not on how
-    strongly all of them do."""
+    """NOTE(ours), deviation 2. Pooled post-ReLU features share a large positive mean, so a plain linear
+    router gives every input nearly the same logits, and most layers route 95% of the inputs to one expert
+    before any training. Standardized per input, the logits depend on which channels respond, not how
+    strongly."""
     # z_b <- (z_b - mean_c z_bc) / sqrt(var_c z_bc + 1e-5), (B, C)
     return F.layer_norm(z, z.shape[1:])
 
 def router_head(cin: int, n_experts: int) -> nn.Linear:
     """A router's linear map to N logits: no bias (a shared offset is what standardize removes) and a small
-    init, so the probabilities start near 1/N and the first choices follow the input's features, not a
-    per-expert offset."""
+    init, so the probabilities start near 1/N and the first choices follow the input's features."""
     head = nn.Linear(cin, n_experts, bias=False)
     nn.init.normal_(head.weight, 0.0, 0.01)
     return head
 
 @dataclass
 class Routing:
-    """The routing of one forward pass: created by the model's forward and passed down; each MoE layer
-    appends its Gate, so the caller gets every decision back. Nothing is stored on a module, so two forwards
-    (the clean and the adversarial one of TRADES) never mix their routings."""
+    """The routing of one forward pass, passed down by the model's forward; each MoE layer appends its Gate.
+    Nothing is stored on a module, so TRADES' clean and adversarial forwards never mix their routings."""
     dispatch: str                           # "sparse" here; "masked" | "soft": section 6
     gates: list = field(default_factory=list)
     shared: Gate | None = None              # the global router's gate, used by every layer (section 6)
     random: torch.Generator | None = None   # route to uniformly random experts (evaluation, section 5)
 
 class MoEConv(nn.Module):
-    """A conv (optionally with its BatchNorm) whose output channels are split into N experts of `cout`
-    channels; a router picks one expert per input (Fig. 1a). With N = 1 it is a plain conv, the Dense /
-    S-Dense layer, so every backbone is written once. NOTE(ours), deviation 3: expert e owns filters
-    [e*cout, (e+1)*cout) of one (N*cout, cin, k, k) weight and reads the pathway's cin channels by position,
-    whichever expert wrote them: experts 0 and 1 of a conv both write channels [0, cout), and the next conv
-    reads those channels without knowing which of them did."""
-
+    """A conv (and its BatchNorm) whose output channels are split into N experts of `cout` channels; a router
+    picks one expert per input (Fig. 1a). With N = 1 it is a plain conv (Dense, S-Dense). NOTE(ours),
+    deviation 3: expert e owns filters [e*cout, (e+1)*cout) of one (N*cout, cin, k, k) weight; every expert
+    writes the same cout pathway channels, and the next conv reads them by position."""
     def __init__(self, cin: int, cout: int, kernel: int, stride: int, n_experts: int, bn: bool, router: bool,
                  shared_bn: bool = False, standardized: bool = True, core: bool = False):
         super().__init__()
@@ -150,7 +137,6 @@ class MoEConv(nn.Module):
         self.bn = nn.BatchNorm2d(cout if shared_bn else n_experts * cout) if bn else None
         # the per-layer router (Fig. A1) on the layer's pooled input
         self.router = router_head(cin, n_experts) if (router and n_experts > 1) else None
-
     def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
         # N = 1 (Dense, S-Dense, a shared conv): the conv and its BatchNorm, nothing routed
         if self.n == 1:
@@ -175,20 +161,16 @@ class MoEConv(nn.Module):
             self.normalize(ye, self.rows(e)) for e, ye in enumerate(y.split(sizes)) if len(ye)])
         # back in the batch's order; s_b multiplies in the router's gradient
         return straight_through(y[order.argsort()], gate)
-
     def rows(self, e: int) -> slice:
         """Expert e's filters (and BatchNorm channels)."""
         return slice(e * self.cout, (e + 1) * self.cout)
-
     def filters(self, rows: slice = slice(None)) -> torch.Tensor:
         """The filters of `rows` (whole experts): W_e, or W_shared + D_e under --shared-core."""
         w = self.weight[rows]                                                     # (len(rows), cin, k, k)
         return w if self.core is None else w + self.core.repeat(len(w) // self.cout, 1, 1, 1)
-
     def conv(self, x: torch.Tensor, e: int) -> torch.Tensor:
         """Expert e's filters: (b, cin, H, W) -> (b, cout, H', W')."""
         return F.conv2d(x, self.filters(self.rows(e)), None, self.stride, self.padding)
-
     def normalize(self, y: torch.Tensor, s: slice) -> torch.Tensor:
         """The BatchNorm's channels s on y (batch statistics in training, running ones in eval). Its running
         statistics are slices (views) of the BatchNorm's buffers, updated in place."""
@@ -199,14 +181,11 @@ class MoEConv(nn.Module):
 # ==================================================================================================
 # 2. Attacks and losses: one l_inf PGD that maximizes any loss; TRADES
 # ==================================================================================================
-# Robustness is accuracy under the worst perturbation delta with |delta|_inf <= eps. Every gradient attack
-# here is one projected sign-gradient ascent (pgd) on some loss of the perturbed input (Square and
-# AutoAttack, section 5, come from torchattacks): cross-entropy for the test RA,
-# TRADES' KL to the clean output for the training attack, and the same cross-entropy through a surrogate
-# routing gradient for the "soft" attack. An MoE-CNN offers an attack two ways in (Sec. 4): move the routers'
-# choices (another pathway) or fool the pathway chosen, and a gradient through the straight-through gate
-# carries both. Training (TRADES, the paper's default) trades clean accuracy for the flatness of the output
-# around each input with the weight beta = 1/lambda.
+# Robustness is accuracy under the worst perturbation delta with |delta|_inf <= eps. Every gradient attack is
+# one projected sign-gradient ascent (pgd) on some loss: cross-entropy for the test RA, TRADES' KL to the
+# clean output for the training attack. An MoE-CNN offers an attack two ways in (Sec. 4): move the routers'
+# choices (another pathway) or fool the pathway chosen; a gradient through the straight-through gate carries
+# both. TRADES trades clean accuracy for a flat output around each input, with the weight beta = 1/lambda.
 @contextlib.contextmanager
 def evaluating(model: nn.Module):
     """Eval mode for the duration (BatchNorm running statistics), then every module's own mode back (a part
@@ -266,9 +245,7 @@ def trades_loss(logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor,
 # routers so fitted (upper level), each against an attack regenerated for the model as it then is. Every
 # method below is a step function over a list of batches; the training loop (section 9) only calls it.
 # Reading order: advmoe_step and joint_step, then what they call: robust_loss (a fresh attack, then the
-# loss; its routing regularizer, 0 by default, is in section 6), level (one SGD step of some parameters),
-# the optimizers, the schedule and the two batch streams.
-#
+# loss), level (one SGD step of some parameters), the optimizers, the schedule, the two batch streams.
 # Eq. (1), the bi-level problem AdvMoE solves (psi: backbone and experts; phi: routers; D: the training set):
 #     min_psi L_TRADES(psi, phi*(psi); D)   s.t.   phi*(psi) = argmin_phi L_TRADES(psi, phi; D)
 # Algorithm 1 solves it by alternating optimization: one SGD step of each level per iteration, the lower
@@ -328,8 +305,9 @@ def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objecti
     "natural" (Sec. 4's first stage, natural training of any method): CE(f(x), y), no attack."""
     # every forward returns its Gates: the routing regularizer reads those of the clean and adversarial ones
     forward = functools.partial(model, return_routing=True)
-    # f(x'), x' = the training attack's example (argmax KL, or CE under pgdat); none under natural
-    logits_adv, gates_adv = forward(training_attack(model, x, y, obj)) if obj.loss != "natural" else (None, [])
+    # f(x'), x' = the training attack's example (argmax KL; argmax CE under pgdat); natural: no attack
+    adv = obj.loss != "natural"
+    logits_adv, gates_adv = forward(training_attack(model, x, y, obj)) if adv else (None, [])
     # f(x); pgdat has no clean forward: its "clean" logits are f(x')
     logits, gates = forward(x) if obj.loss != "pgdat" else (logits_adv, [])
     logits_adv = logits if logits_adv is None else logits_adv
@@ -415,21 +393,16 @@ def batch_streams(data, s, epoch: int):
 # 4. Backbones, each written once; `Spec` makes the same class Dense, S-Dense or MoE-CNN
 # ==================================================================================================
 # Each backbone builds its convolutions through a Spec, so one class is Dense (r = 1, N = 1), S-Dense (every
-# channel count times r) or an MoE-CNN (N experts of r*C channels per routed conv). What is routed: every conv
-# of the blocks but the projection shortcuts. What the experts share: the stem, projection shortcuts,
-# pre-activation BatchNorms and the classifier (deviations 4, 5). A pathway (one expert per routed conv)
-# therefore has exactly S-Dense's shapes and cost. The residual stream of a ResNet is a shared space: every
-# expert of a block's last conv writes into the same r*C channels, and every expert reads them by position
-# (deviation 3). Reading order: Spec, one backbone (ResNet-18, the paper's main one), then MoECNN, which wraps
-# them all.
+# channel count times r) or an MoE-CNN (N experts of r*C channels per routed conv). Routed: every conv of the
+# blocks but the projection shortcuts; shared by the experts: the stem, projection shortcuts, pre-activation
+# BatchNorms and the classifier (deviations 4, 5). A pathway (one expert per routed conv) thus has exactly
+# S-Dense's shapes and cost. Reading order: Spec, ResNet-18 (the paper's main backbone), then MoECNN.
 @dataclass(frozen=True)
 class Spec:
     """What tells Dense (r = 1, N = 1), S-Dense (r < 1, N = 1) and MoE-CNN (N >= 2) apart, for any backbone.
-    Channel counts passed in are the paper's C; a tuple of counts is a concatenation of groups (DenseNet).
-    ratio r and n_experts N as in the paper; layer_router: a gate per MoE layer (False: the global router
-    decides); base: --width W, Dense has round(W * C) channels where the paper's has C; shared_bn: one
-    BatchNorm for every expert of a layer (--shared-bn); standardized: the routers read standardized pooled
-    features (deviation 2); shared_core: W_e = W_shared + D_e (--shared-core)."""
+    Channel counts passed in are the paper's C (a tuple: a concatenation of groups, DenseNet). layer_router:
+    a gate per MoE layer (False: the global router decides); base: --width W (Dense has round(W * C)
+    channels); the last three: --shared-bn, deviation 2 (standardize), --shared-core."""
     ratio: float = 1.0
     n_experts: int = 1
     layer_router: bool = True
@@ -437,7 +410,6 @@ class Spec:
     shared_bn: bool = False
     standardized: bool = True
     shared_core: bool = False
-
     def width(self, channels: int | tuple) -> int:
         """Channels of a tensor in the pathway (= S-Dense): r * round(W * C), at least 1; of a concatenation,
         the sum of its groups' widths (so a pruned Dense network and S-Dense have the same shapes)."""
@@ -445,7 +417,6 @@ class Spec:
             return sum(self.width(c) for c in channels)
         # e.g. ResNet-18's 64 at W = 0.25: 16 Dense channels, 8 in a pathway at r = 0.5
         return max(1, round(self.ratio * max(1, round(self.base * channels))))
-
     # Every conv of the blocks is made here: which of them is routed is decided in one place.
     def conv(self, cin, cout, kernel: int = 3, stride: int = 1, bn: bool = True, shared: bool = False):
         """A routed conv: N experts of r*cout filters, each reading the pathway's r*cin channels; shared=True:
@@ -453,11 +424,9 @@ class Spec:
         n = 1 if shared else self.n_experts  # a shared conv: N = 1, so no router either
         return MoEConv(self.width(cin), self.width(cout), kernel, stride, n, bn, self.layer_router,
                        self.shared_bn, self.standardized, self.shared_core)
-
     def bn(self, channels) -> nn.BatchNorm2d:
         """NOTE(ours), deviation 5: a pre-activation BatchNorm on the pathway, shared by all experts."""
         return nn.BatchNorm2d(self.width(channels))
-
     def fc(self, channels, num_classes: int) -> nn.Linear:
         """The classifier on the pathway's pooled features, shared by all experts (deviation 5)."""
         return nn.Linear(self.width(channels), num_classes)
@@ -467,12 +436,10 @@ class Spec:
 class Stem(nn.Module):
     """NOTE(ours), deviation 4: the shared stem on the RGB image: 3x3/1 for 32-64 px; 7x7/2 + 3x3/2 max-pool
     for ImageNet-size inputs (conv-BN-ReLU-pool, or conv-pool where the blocks start with a BatchNorm)."""
-
     def __init__(self, spec: Spec, cout: int, image_size: int, bn: bool = True):
         super().__init__()
         self.pool = image_size >= 128
         self.conv = MoEConv(3, spec.width(cout), 7 if self.pool else 3, 2 if self.pool else 1, 1, bn, False)
-
     def forward(self, x, routing):
         x = self.conv(x, routing)  # (B, r*C, H, W), or (B, r*C, H/2, W/2) with the ImageNet stem
         # ImageNet stem: its max-pool halves again, (B, r*C, H/4, W/4)
@@ -486,13 +453,11 @@ class Stem(nn.Module):
 # weights.
 class BasicBlock(nn.Module):
     """ResNet block: relu(BN(conv2(relu(BN(conv1 x)))) + shortcut(x)); both 3x3 convs routed."""
-
     def __init__(self, spec: Spec, cin: int, cout: int, stride: int):
         super().__init__()
         self.conv1, self.conv2 = spec.conv(cin, cout, 3, stride), spec.conv(cout, cout)
         # a 1x1 projection (shared) where the shape changes: the first block of stages 2-4
         self.shortcut = spec.conv(cin, cout, 1, stride, shared=True) if (stride, cin) != (1, cout) else None
-
     def forward(self, x, routing):
         # (B, r*cin, H, W) -> (B, r*cout, H/stride, W/stride); each routed conv picks its expert per input
         out = self.conv2(F.relu(self.conv1(x, routing)), routing)
@@ -501,7 +466,6 @@ class BasicBlock(nn.Module):
 
 class ResNet18(nn.Module):
     """ResNet-18 for 32-64 px inputs (the 7x7 ImageNet stem for larger ones), as described above."""
-
     def __init__(self, spec: Spec, num_classes: int, image_size: int):
         super().__init__()
         self.stem, blocks, cin = Stem(spec, 64, image_size), [], 64
@@ -510,7 +474,6 @@ class ResNet18(nn.Module):
             blocks += [BasicBlock(spec, cin, cout, stride), BasicBlock(spec, cout, cout, 1)]
             cin = cout
         self.blocks, self.fc = nn.ModuleList(blocks), spec.fc(512, num_classes)
-
     def forward(self, x, routing):
         x = F.relu(self.stem(x, routing))            # (B, r*64, 32, 32) on CIFAR
         for block in self.blocks:                   # r*64, r*128, r*256, r*512 channels at 32, 16, 8, 4 px
@@ -528,7 +491,6 @@ class WideBlock(nn.Module):
     """Pre-activation wide block: conv2(relu(BN(conv1(relu(BN x))))) + shortcut. conv1 carries the middle
     BatchNorm (per expert); the first acts on the pathway, shared (deviation 5). No dropout (the paper names
     none)."""
-
     def __init__(self, spec: Spec, cin: int, cout: int, stride: int):
         super().__init__()
         self.bn1, self.conv1 = spec.bn(cin), spec.conv(cin, cout, 3, stride)
@@ -536,7 +498,6 @@ class WideBlock(nn.Module):
         self.conv2 = spec.conv(cout, cout, bn=False)
         self.shortcut = spec.conv(cin, cout, 1, stride, bn=False, shared=True) if (stride, cin) != (1, cout) \
             else None
-
     def forward(self, x, routing):
         o = F.relu(self.bn1(x))                                      # pre-activation, (B, r*cin, H, W)
         out = self.conv2(F.relu(self.conv1(o, routing)), routing)    # (B, r*cout, H/stride, W/stride)
@@ -546,7 +507,6 @@ class WideBlock(nn.Module):
 class WideResNet(nn.Module):
     """WRN-28-10 (Zagoruyko & Komodakis): 3 groups of (28-4)/6 = 4 blocks, widths 160, 320, 640; it ends with
     BN-ReLU (pre-activation), then the pooled features' classifier."""
-
     def __init__(self, spec: Spec, num_classes: int, image_size: int, depth: int = 28, widen: int = 10):
         super().__init__()
         # the stem has no BatchNorm: the first block's own first BatchNorm normalizes what it writes
@@ -556,7 +516,6 @@ class WideResNet(nn.Module):
                 blocks.append(WideBlock(spec, cin, cout, stride if i == 0 else 1))
                 cin = cout
         self.blocks, self.bn, self.fc = nn.ModuleList(blocks), spec.bn(cin), spec.fc(cin, num_classes)
-
     def forward(self, x, routing):
         x = self.stem(x, routing)                    # (B, r*16, 32, 32) on CIFAR
         for block in self.blocks:                   # r*160, r*320, r*640 channels at 32, 16, 8 px
@@ -570,7 +529,6 @@ class WideResNet(nn.Module):
 class VGG16(nn.Module):
     """VGG-16 with BatchNorm, CIFAR style (one linear classifier); the first conv is the shared stem."""
     CFG = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")
-
     def __init__(self, spec: Spec, num_classes: int, image_size: int):
         super().__init__()
         self.stem, layers, cin = Stem(spec, 64, image_size), [], 64
@@ -579,7 +537,6 @@ class VGG16(nn.Module):
             layers.append(nn.MaxPool2d(2) if v == "M" else spec.conv(cin, v))
             cin = cin if v == "M" else v
         self.layers, self.fc = nn.ModuleList(layers), spec.fc(512, num_classes)
-
     def forward(self, x, routing):
         x = F.relu(self.stem(x, routing))            # (B, r*64, 32, 32) on CIFAR
         # each conv is conv-BN (the BatchNorm inside the MoEConv, per expert), then the ReLU here
@@ -596,14 +553,12 @@ class DenseLayer(nn.Module):
     """DenseNet-BC bottleneck: BN-ReLU-conv1x1(4k)-BN-ReLU-conv3x3(k), output appended to the input. The 1x1
     conv carries the middle BatchNorm (per expert); the first acts on the shared pathway. `chans`: the Dense
     channel counts of the concatenated input's groups."""
-
     def __init__(self, spec: Spec, chans: tuple, growth: int):
         super().__init__()
         self.bn = spec.bn(chans)
         # the 1x1 conv reads every group so far: its router pools the whole concatenation
         self.conv1 = spec.conv(chans, 4 * growth, 1)
         self.conv2 = spec.conv(4 * growth, growth, bn=False)
-
     def forward(self, x, routing):
         # (B, C, H, W) -> 1x1 conv (B, r*4k, H, W) -> 3x3 conv (B, r*k, H, W), appended: (B, C + r*k, H, W)
         return torch.cat([x, self.conv2(F.relu(self.conv1(F.relu(self.bn(x)), routing)), routing)], 1)
@@ -611,7 +566,6 @@ class DenseLayer(nn.Module):
 class DenseNet(nn.Module):
     """The CIFAR DenseNet-BC: depth 40, growth k = 12, compression 0.5: 3 dense blocks of
     (40-4)/6 = 6 bottleneck layers; transitions BN-ReLU-conv1x1-avgpool, routed like every conv."""
-
     def __init__(self, spec: Spec, num_classes: int, image_size: int, depth: int = 40, growth: int = 12):
         super().__init__()
         self.stem, chans, layers = Stem(spec, 2 * growth, image_size, bn=False), (2 * growth,), []
@@ -627,7 +581,6 @@ class DenseNet(nn.Module):
                 layers.append(nn.ModuleDict({"bn": spec.bn(chans), "conv": spec.conv(chans, cout, 1, bn=0)}))
                 chans = (cout,)
         self.layers, self.bn, self.fc = nn.ModuleList(layers), spec.bn(chans), spec.fc(chans, num_classes)
-
     def forward(self, x, routing):
         x = self.stem(x, routing)
         # a transition is a ModuleDict of its BatchNorm and conv (so their parameters are named "bn", "conv")
@@ -649,7 +602,6 @@ class MoECNN(nn.Module):
     S-Dense and the MoE-CNN are this class with other (ratio, n_experts); AT(Sparse)'s pruned network loads
     into S-Dense's. dispatch: "sparse" | "masked" | "soft" | "auto" (masked on CUDA, sparse on the CPU: see
     forward)."""
-
     def __init__(self, arch: str, num_classes: int = 10, image_size: int = 32, ratio: float = 1.0,
                  n_experts: int = 1, router: str = "layer", mean_std=MEAN_STD["cifar10"], width: float = 1.0,
                  shared_bn: bool = False, router_standardize: bool = True, shared_core: bool = False):
@@ -664,7 +616,6 @@ class MoECNN(nn.Module):
             if (router != "layer" and n_experts > 1) else None
         self.register_buffer("mean", torch.tensor(mean_std[0]).view(1, 3, 1, 1))
         self.register_buffer("std", torch.tensor(mean_std[1]).view(1, 3, 1, 1))
-
     def forward(self, x, return_routing: bool = False, dispatch: str = "auto",
                 random_routing: torch.Generator | None = None):
         # "auto": the sparse path on the CPU (only the chosen experts), the masked one on CUDA (no host sync)
@@ -692,14 +643,12 @@ def backbone_params(model: nn.Module) -> list[nn.Parameter]:
 # 5. Evaluation: SA, RA (PGD-50), stronger attacks, AutoAttack, routing statistics, GFLOPs
 # ==================================================================================================
 # The paper reports SA (clean accuracy), RA under PGD-50 at the training eps, RA under AutoAttack (Table 2)
-# and GFLOPs. Hard top-1 routing is an argmax, so a gradient attack through it can understate what an attacker
-# achieves (gradient masking): the soft attack differentiates through the experts mixed by the routers'
-# probabilities, and Square needs no gradient at all. RA-worst counts an image robust only if it survives
-# every attack run. The routing under attack (Insight 2) splits the PGD examples of the images classified
-# correctly when clean by whether the routers' choices moved and whether the prediction did. The protocol of
-# every number here: PGD-50 with step eps/4 from a uniform start in the eps-ball (the test RA of the paper's
-# Table 1), AutoAttack at its reference settings (Table 2), all at the training eps; the model in eval mode
-# (BatchNorm running statistics) and in float32; each attack with its own random stream.
+# and GFLOPs. Hard top-1 routing is an argmax, so a gradient attack through it can understate an attacker
+# (gradient masking): the soft attack differentiates through the experts mixed by the routers' probabilities,
+# and Square needs no gradient. RA-worst counts an image robust only if it survives every attack run. The
+# routing under attack (Insight 2) splits the PGD examples of the images correct when clean by whether the
+# routers' choices moved and whether the prediction did. Protocol: PGD-50, step eps/4, uniform start (Table
+# 1's RA); AutoAttack at its reference settings (Table 2); eval mode, float32, a random stream per attack.
 EVAL_BATCH = 256  # images per batch of evaluation (the attacks' random starts are drawn per batch)
 
 def adversaries(name: str, model: nn.Module, x, y, s, steps: int, gen: torch.Generator | None = None,
@@ -770,49 +719,45 @@ def evaluate(model: nn.Module, data, s, steps: int | None = None, limit: int = 0
     so a bf16 re-classification could flip them back."""
     steps, device, classes = steps or s.test_steps, next(model.parameters()).device, model.backbone.fc
     attacks = ("pgd",) + tuple(a for a in attacks if a != "pgd")
-    # each attack draws its random starts from its own stream, seeded by the run's seed and the attack's name:
+    # each attack, and the random routing, draws from its own stream, seeded by the run's seed and its name:
     # adding an attack changes no other attack's RA, and an --eval-only gives a run's numbers again
-    gens = {a: torch.Generator(device).manual_seed(1000 * s.seed + 2 * EVAL_ATTACKS.index(a))
-            for a in attacks}
-    correct: dict[str, list] = {"clean": []}     # label -> per batch, (b,) correct under it ("clean": none)
-    # random routing, from its own stream; only a model with routers has it. Each MoE layer draws its expert
-    # uniformly (under the global router, one draw per image for every layer: a random pathway)
-    rand_gen, rand_ok = torch.Generator(device).manual_seed(1000 * s.seed + 2 * len(EVAL_ATTACKS)), []
-    routed = bool(router_params(model))
-    paths: dict[str, list] = {"clean": [], f"pgd{steps}": []}   # per batch, (B, L) each input's pathway
+    gens = {a: torch.Generator(device).manual_seed(1000 * s.seed + 2 * k)
+            for k, a in enumerate(EVAL_ATTACKS + ("random routing",))}
+    # label -> per batch, (b,) correct under it; paths: per batch, (B, L) each input's expert at every layer
+    correct, paths, routed = {"clean": []}, {"clean": [], f"pgd{steps}": []}, bool(router_params(model))
     with evaluating(model), torch.autocast(device.type, enabled=False):
         for x, y in data.test_batches(EVAL_BATCH, limit, split):
-            done = sum(map(len, correct["clean"]))                               # images before this batch
-            found = [("clean", x)]
-            if routed:
-                with torch.no_grad():
-                    rand_ok.append(model(x, random_routing=rand_gen).argmax(1) == y)
+            done, found = sum(map(len, correct["clean"])), [("clean", x)]       # done: images before it
             # every attack on the whole batch, but AutoAttack (minutes per batch) on the first --aa-n images
-            # only: `take` is how many of this batch's images are still among them (done: images before it)
             for name in attacks:
                 take = len(y) if name != "autoattack" or not s.aa_n else max(0, min(len(y), s.aa_n - done))
                 if take:
                     found += adversaries(name, model, x[:take], y[:take], s, steps, gens[name], log)
-            # classify each attack's examples (and the clean batch) once more, recording every pathway: the
+            # classify each attack's examples (and the clean batch) once more, recording the pathways: the
             # routing under attack is compared with the clean routing input by input
-            for label, x_adv in found:
-                with torch.no_grad():
+            with torch.no_grad():
+                for label, x_adv in found:
                     logits, gates = model(x_adv, return_routing=True)
-                correct.setdefault(label, []).append(logits.argmax(1) == y[:len(x_adv)])
-                if gates and label in paths:
-                    paths[label].append(torch.stack([g.choice for g in gates], 1))
+                    correct.setdefault(label, []).append(logits.argmax(1) == y[:len(x_adv)])
+                    if gates and label in paths:
+                        paths[label].append(torch.stack([g.choice for g in gates], 1))
+                # each MoE layer draws its expert uniformly (the global router: one draw per image)
+                if routed:
+                    rand = model(x, random_routing=gens["random routing"]).argmax(1) == y
+                    correct.setdefault("random routing", []).append(rand)
             if log:
                 log(f"  evaluated {done + len(y)}/{data.eval_len(limit, split)} images of {split}")
     # the numbers of the docstring; the AutoAttack components' labels ("autoattack/<name>") are reported, not
     # counted in RA-worst, which runs over the images every final attack saw
     ok = {k: torch.cat(v) for k, v in correct.items()}                           # label -> (n_a,)
+    rand_ok = ok.pop("random routing", None)
     # final: the clean prediction and every attack's final examples (AutoAttack's "autoattack/<component>"
     # rows are steps within it); RA-worst ANDs them over the first seen_all images, those every attack saw
     pgd_ok, final = ok[f"pgd{steps}"], ["clean"] + [k for k in ok if k != "clean" and "/" not in k]
     seen_all = min(len(ok[k]) for k in final)                             # images every final attack saw
     ras = {k: percent(v) for k, v in ok.items() if k != "clean"}
     result = {"sa": percent(ok["clean"]), "ra": percent(pgd_ok),
-              "sa_random_routing": percent(torch.cat(rand_ok)) if rand_ok else None, "n": len(ok["clean"]),
+              "sa_random_routing": None if rand_ok is None else percent(rand_ok), "n": len(ok["clean"]),
               "attacks": ras,
               "attack": f"PGD-{steps} (CE, eps {s.eps:.5f}, step {s.test_step_size:.5f}, uniform start)",
               "attack_n": {k: len(v) for k, v in ok.items() if k != "clean"},
@@ -911,18 +856,14 @@ def gflops_per_input(model: nn.Module, x: torch.Tensor) -> float:
 # ==================================================================================================
 # 6. The speed path and the variants: masked and soft forwards, the global router, routing regularizers
 # ==================================================================================================
-# None of this is needed to follow the method. The sparse path of section 1 reads each expert's group size
-# on the host; a GPU prefers to run every expert on every input and keep each input's own expert (the
-# masked forward, also the tests' reference for the sparse path). The same forward mixes the experts by the
-# router's probabilities for the soft attack (section 5). Then the routing
-# variants the paper does not train: one global router for every layer (the authors' code), and the
-# routing regularizers (deviation 7).
+# None of this is needed to follow the method. A GPU prefers to run every expert on every input and keep each
+# input's own expert (the masked forward, also the tests' reference for the sparse path); the same forward
+# mixes the experts by the router's probabilities for the soft attack (section 5). Then the routing variants
+# the paper does not train: one global router for every layer (the authors' code), routing regularizers.
 def masked_forward(self: MoEConv, x: torch.Tensor, gate: Gate, soft: bool = False):
-    """Speed path and test reference: skip on a first read. The sparse path above reads the group sizes
-    on the host, which stalls a GPU once per layer; on CUDA ("auto") every expert runs on every input
-    instead (static shapes, no host read, one graph for torch.compile) at N times the experts' FLOPs.
-    It is also the reference the sparse path is tested against, and, with soft=True, the forward of the
-    surrogate-gradient attack."""
+    """The sparse path reads the group sizes on the host, which stalls a GPU once per layer; on CUDA ("auto")
+    every expert runs on every input instead (static shapes, no host read, one graph for torch.compile) at N
+    times the experts' FLOPs. soft=True: the forward of the surrogate-gradient attack."""
     y = F.conv2d(x, self.filters(), None, self.stride, self.padding)        # (B, N*cout, H', W')
     y = rearrange(y, "b (n c) h w -> b n c h w", n=self.n)              # (B, N, cout, H', W')
     # E_{e(b)}(x_b): each input's rows of its chosen expert (a gather)
@@ -942,10 +883,9 @@ def masked_forward(self: MoEConv, x: torch.Tensor, gate: Gate, soft: bool = Fals
     return mix + (hard - mix).detach()
 
 def expert_affine(self: MoEConv, y: torch.Tensor, group: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Speed path and test reference: skip on a first read. BN_g(y) = y * scale_g + shift_g from the B
-    chosen outputs y (B, cout, H', W') and each input's statistics group g (its expert, or 0 when shared).
-    In training the statistics of group g are those of its inputs, as F.batch_norm computes them for a
-    group of the sparse path (in float32 also under bf16 autocast); in eval, its running statistics."""
+    """BN_g(y) = y * scale_g + shift_g from the B chosen outputs y (B, cout, H', W') and each input's
+    statistics group g (its expert, or 0 when shared): in training, those of its inputs, as F.batch_norm
+    computes them for a group of the sparse path (in float32); in eval, its running statistics."""
     bn, n = self.bn, 1 if self.shared_bn else self.n
     mean, var = bn.running_mean.view(n, -1), bn.running_var.view(n, -1)
     if self.training:
@@ -957,13 +897,12 @@ def expert_affine(self: MoEConv, y: torch.Tensor, group: torch.Tensor) -> tuple[
             mean = onehot.T @ y.sum((2, 3)) / count.clamp(min=1)[:, None]    # (G, cout)
             var = onehot.T @ (y - mean[group, :, None, None]).square().sum((2, 3)) \
                 / count.clamp(min=1)[:, None]
+        used, dt = (count > 0)[:, None], bn.running_mean.dtype                # (G, 1): groups with inputs
         with torch.no_grad():  # running <- running + m (stat - running) where the group had inputs
-            m, dt = (count > 0).to(mean.dtype)[:, None] * bn.momentum, bn.running_mean.dtype
-            bn.running_mean.view(n, -1).lerp_(mean.to(dt), m.to(dt))
-            unbiased = var * (count / (count - 1).clamp(min=1))[:, None]
-            bn.running_var.view(n, -1).lerp_(unbiased.to(dt), m.to(dt))
+            m = used.to(dt) * bn.momentum
+            bn.running_mean.view(n, -1).lerp_(mean.to(dt), m)
+            bn.running_var.view(n, -1).lerp_((var * (count / (count - 1).clamp(min=1))[:, None]).to(dt), m)
         # a group without inputs in this batch is read only by the soft mixture: its running statistics
-        used = (count > 0)[:, None]
         mean = torch.where(used, mean, bn.running_mean.view(n, -1).to(mean.dtype))
         var = torch.where(used, var, bn.running_var.view(n, -1).to(var.dtype))
     # BN_g(y) = (y - mean_g) / sqrt(var_g + eps) * gamma_g + beta_g
@@ -974,11 +913,9 @@ def expert_affine(self: MoEConv, y: torch.Tensor, group: torch.Tensor) -> tuple[
 # shared by every MoE layer, so an input runs one of N fixed pathways. The paper's Fig. A1 instead has a
 # router per layer, reading that layer's input; results/moe_learnability/ compares both.
 class GlobalRouter(nn.Module):
-    """NOTE(ours), deviation 7: an image-level router as the authors' (theirs a ResNet-20-like CNN, this three
-    conv-BN-ReLU layers of 16/32/64 channels, on the normalized image), its pooled features standardized like
-    a per-layer router's (not under --router authors). Its head has no bias and a small init; theirs is a
-    default-initialized linear layer with a bias, on the raw [0, 1] image."""
-
+    """NOTE(ours), deviation 7: an image-level router (theirs a ResNet-20-like CNN on the raw image, this
+    three conv-BN-ReLU layers of 16/32/64 channels on the normalized one), its pooled features standardized
+    (not under --router authors), a head with no bias and a small init (theirs: a default linear layer)."""
     def __init__(self, n_experts: int, standardized: bool = True):
         super().__init__()
         layers, cin, self.standardized = [], 3, standardized
@@ -987,7 +924,6 @@ class GlobalRouter(nn.Module):
             cin = cout
         self.features = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten())
         self.head = router_head(64, n_experts)
-
     def forward(self, x):
         z = self.features(x)                                                   # (B, 64)
         return self.head(standardize(z) if self.standardized else z)           # (B, N)
@@ -2071,39 +2007,32 @@ if __name__ == "__main__":
 # ==================================================================================================
 #  1. A BatchNorm per expert: the BatchNorm after a routed conv normalizes the inputs routed to each expert
 #     with that expert's statistics and affine parameters (the authors' code shares one: --shared-bn).
-#  2. The router reads its pooled features standardized per input, with no bias and a small init; the paper
-#     does not say what a router reads. Plain linear routers on pooled post-ReLU features give every input
-#     nearly the same logits, and most layers route 95% or more of the inputs to one expert before training
-#     (--no-router-standardize reads them raw, with the same head).
-#  3. Expert layout: expert e of a layer owns filters [e*rC, (e+1)*rC) of one N*rC-filter weight and reads
-#     the pathway's r*C channels by position, whichever expert wrote them (as the authors' code). The paper's
-#     text describes experts as sub-networks of one backbone.
-#  4. The stem is r*64 wide (ResNet; r*16 WRN, r*24 DenseNet) and shared by the experts, so a pathway is
-#     exactly S-Dense; the authors' stem is 64 wide whatever r. ImageNet-size inputs get a 7x7/2 stem and a
-#     max-pool.
-#  5. Pre-activation BatchNorms (WRN, DenseNet) act on the pathway's r*C channels, shared by all experts,
-#     like the stem, projection shortcuts and classifier. WRN's 1x1 projection shortcut is shared too; the
-#     authors' code routes it.
+#  2. Routers read their pooled features standardized per input, with no bias and a small init (the paper does
+#     not say what a router reads; raw post-ReLU features collapse most layers onto one expert before
+#     training). --no-router-standardize reads them raw.
+#  3. Expert e of a layer owns filters [e*rC, (e+1)*rC) of one N*rC-filter weight and reads the pathway's r*C
+#     channels by position, whichever expert wrote them (as the authors' code); the paper's text describes
+#     experts as sub-networks of one backbone.
+#  4. The stem is r*C wide and shared by the experts, so a pathway is exactly S-Dense (the authors' stem is 64
+#     wide whatever r). ImageNet-size inputs get a 7x7/2 stem and a max-pool.
+#  5. Pre-activation BatchNorms (WRN, DenseNet), projection shortcuts and the classifier act on the pathway's
+#     r*C channels, shared by all experts (the authors' code routes WRN's projection shortcut).
 #  6. Two independent shuffles feed B_phi and B_psi; an epoch is one pass of B_psi. In the lower level the
 #     BatchNorm running statistics (buffers of psi) keep updating on B_phi.
-#  7. Options the paper does not have, all off by default: routing regularizers (a Switch-Transformer
-#     balance term --balance, a router learning-rate multiplier --router-lr, class-mod-N router supervision
-#     --router-supervision), the global router trained by the task loss (--router global), the authors'
-#     routing (--router authors: a 3-layer router, no bias, on the normalized image; their training attack
-#     also maximizes a KL of the router's outputs, which this one does not), and the
-#     learnability options of results/moe_learnability: experts sharing a core (--shared-core) and
-#     upcycling (--tie-epochs).
+#  7. Options the paper does not have, all off by default: a balance term (--balance), a router learning-rate
+#     multiplier (--router-lr), class-mod-N router supervision (--router-supervision), the global router
+#     trained by the task loss (--router global), the authors' routing (--router authors: a 3-layer router
+#     with no bias on the normalized image, and no router KL inside the training attack, unlike theirs),
+#     experts that share a core (--shared-core) and upcycling (--tie-epochs).
 #  8. AT(Sparse) prunes channel groups: layers whose outputs are summed keep the same channels, so the pruned
-#     network is really r*C wide. Its scores start from filter norms; it learns them for epochs/5 epochs
-#     (the paper's 20 of 100) before fine-tuning for --epochs.
+#     network is really r*C wide. Its scores start from filter norms and are learned for epochs/5 epochs (the
+#     paper's 20 of 100) before fine-tuning for --epochs.
 #  9. AutoAttack is assembled from torchattacks' components at the reference settings (torchattacks' own
-#     "standard" version runs 10 iterations). The soft attack and Square are added to PGD (RA-worst).
-# 10. The 4-way split of Insight 2 counts only the test images classified correctly when clean (an image
-#     already wrong cannot be fooled); its percentages are of those images (split_n).
+#     "standard" runs 10 iterations). The soft attack and Square are added to PGD (RA-worst).
+# 10. The 4-way split of Insight 2 counts only the test images correct when clean (its % are of split_n).
 # 11. GFLOPs count what runs on the sparse path (the chosen pathway and the routers), a multiply-add as 2;
 #     the masked path, CUDA's default, runs every expert (N times the experts' FLOPs, as the authors' code).
 # 12. torchrun averages each level's gradients with one all-reduce (DDP's reducer cannot follow a level's
-#     partial backward). On CUDA training runs under bf16 autocast. --width, --train-n and --val-n scale a
-#     run down for a laptop.
-# 13. The training attack's step is 1.25 eps / K (the paper gives none; the authors' 5/255 at eps 8/255 and
-#     K = 2). (TRADES' attack starts at x + 0.001 N(0, I), as TRADES' reference code does.)
+#     partial backward); CUDA training runs under bf16 autocast; --width, --train-n, --val-n scale a run down.
+# 13. The training attack's step is 1.25 eps / K (the paper gives none; the authors': 5/255 at eps 8/255 and
+#     K = 2).

@@ -81,6 +81,19 @@ if [[ $GRID == laptop ]]; then
       job "${method}_authors_s$seed" "" "${lap[@]}" --method $method "${authors[@]}" --seed $seed
     done
   done
+  # Round 2 (results/moe_learnability, round 3): the same comparison on the MoE-CNN that learns best under
+  # natural training, upcycled experts with the balance term, AutoAttack on 500 images for every run; and
+  # AdvMoE with the authors' exact routing (--router authors). AT(S-Dense) is reused from round 1.
+  up=(--shared-core --tie-epochs 3 --balance 0.1 --eval-attacks pgd,soft,square,autoattack --aa-n 500)
+  for seed in 1 2; do
+    for method in moe advmoe; do
+      job "${method}_upcycle_balance_s$seed" "" "${lap[@]}" --method $method "${up[@]}" --seed $seed
+    done
+  done
+  for seed in 1 2; do
+    job "advmoe_routerauthors_s$seed" "" "${lap[@]}" --method advmoe --router authors --seed $seed \
+      --eval-attacks pgd,soft,square,autoattack --aa-n 500
+  done
 fi
 
 # ---- GRID=learnability: why the MoE-CNN learns worse than S-Dense (results/moe_learnability/README.md) ----
