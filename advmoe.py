@@ -1051,17 +1051,13 @@ class Settings:
     device: str = "auto"
     # torch.compile the training forwards (on CUDA one graph, replayed as CUDA graphs)
     compile: bool = False
-
     def __post_init__(self):
         """A bad value is a one-line ConfigError naming the flag and the fix; eps left out is derived here."""
         if self.eps is None:
             self.eps = 2 / 255 if self.dataset in ("tinyimagenet", "imagenet") else 8 / 255
         if self.router_supervision is None:
             self.router_supervision = AUTHORS_ALPHA if self.router == "authors" else 0.0
-        choices = {"dataset": DATASETS, "arch": ARCHS, "method": METHODS, "eval_attacks": EVAL_ATTACKS,
-                   "loss": ("trades", "pgdat", "natural"), "router": ("layer", "global", "authors"),
-                   "train_params": ("all", "routers", "backbone")}
-        # (flags, the test a value passes, what it must be); --eval-attacks: a comma-separated list
+        # (the test a value passes, its flags, what it must be); --eval-attacks: a comma-separated list
         finite = lambda v: math.isfinite(v) and v >= 0  # noqa: E731
         rules = [
             (lambda v: v > 0, "n_experts train_steps test_steps square_queries epochs batch_size", "> 0"),
@@ -1070,8 +1066,10 @@ class Settings:
             (lambda v: finite(v) and v <= 1, "eps", "a radius in pixels of [0,1] images: 0.0314"),
             (lambda v: 0 < v <= 1, "ratio", "in (0, 1]: an expert keeps r of the channels"),
             (lambda v: 0 < v <= 64, "width", "in (0, 64]: the backbone's channel multiplier"),
-            *[(lambda v, a=a: set(v.split(",")) <= set(a), k, f"one of {', '.join(a)}")
-              for k, a in choices.items()]]
+            *[(lambda v, a=a: set(v.split(",")) <= set(a), k, f"one of {', '.join(a)}") for k, a in {
+                "dataset": DATASETS, "arch": ARCHS, "method": METHODS, "eval_attacks": EVAL_ATTACKS,
+                "loss": ("trades", "pgdat", "natural"), "router": ("layer", "global", "authors"),
+                "train_params": ("all", "routers", "backbone")}.items()]]
         for ok, names, must in rules:
             if bad := [name for name in names.split() if not ok(getattr(self, name))]:
                 raise ConfigError(f"{flag(bad[0])} {getattr(self, bad[0])!r} must be {must}")
@@ -1086,30 +1084,22 @@ class Settings:
                               f"--method moe and --init CKPT")
         if {"square", "autoattack"} & set(self.attacks):
             import_torchattacks()  # fail now, not after training
-
-    # the attacks of the final evaluation, each once
-    attacks = property(lambda self: tuple(dict.fromkeys(self.eval_attacks.split(","))))
-
-    # NOTE(ours), deviation 13 / NOTE(official code): the training step, 5/255 at eps 8/255 and K = 2 (the
-    # paper gives none), scaled with eps and K; 2.5 eps / K would throw TRADES' start to a corner of the box
-    # in one step. Test PGD: eps/4.
+    attacks = property(lambda self: tuple(dict.fromkeys(self.eval_attacks.split(","))))  # each attack once
+    # NOTE(ours), deviation 13 / NOTE(official code): the training step, 5/255 at eps 8/255 and K = 2 (none in
+    # the paper), scaled with eps and K (2.5 eps / K would throw TRADES' start to a corner). Test PGD: eps/4.
     train_step_size = property(lambda self: 1.25 * self.eps / self.train_steps)
     test_step_size = property(lambda self: self.eps / 4)
     # AT(Sparse) learns its channel scores for a fifth of the epochs first (the paper: 20 of 100; deviation 8)
     prune_epochs = property(lambda self: max(1, self.epochs // 5))
-    # the model a method trains (AT(Sparse) ends in S-Dense's shape)
+    # the model a method trains (AT(Sparse) ends in S-Dense's shape), and the run's default folder name
     model_ratio = property(lambda self: 1.0 if self.method == "dense" else self.ratio)
     model_experts = property(lambda self: self.n_experts if self.method in MOE_METHODS else 1)
-
+    name = property(lambda self: f"{self.dataset}_{self.arch}_{self.method}_r{self.model_ratio:g}"
+                                 f"_n{self.model_experts}_s{self.seed}")
     # what the method's functions read of these settings (section 3)
     objective = property(lambda self: Objective(self.loss, BETA, self.eps, self.train_step_size,
                                                 self.train_steps, self.balance, self.router_supervision,
                                                 self.router == "authors"))
-
-    @property
-    def name(self) -> str:
-        return (f"{self.dataset}_{self.arch}_{self.method}_r{self.model_ratio:g}_n{self.model_experts}"
-                f"_s{self.seed}")
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
@@ -1125,11 +1115,9 @@ def import_torchattacks():
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # a bad type or an unknown flag: one line, like every other error
         raise ConfigError(f"{message} (python advmoe.py --help lists the flags)")
-
 @functools.cache  # built from Settings' source once (argparse parsers keep no state between parse_args calls)
 def settings_parser(defaults: bool = True) -> argparse.ArgumentParser:
-    """The flags of Settings, grouped, with each field's comment as its help; defaults=False leaves out of
-    the parsed namespace what was not given."""
+    """The flags of Settings by group, each field's comment its help; defaults=False: only the flags given."""
     parser = Parser(usage="python advmoe.py [flags] | report DIR | bench [flags]", description="AdvMoE: "
                     "train and evaluate one model (the flags below), or: 'report DIR' (every table from the "
                     "result.json files below DIR), 'bench' (step time, images/s, GFLOPs per method).")
@@ -1147,7 +1135,6 @@ def settings_parser(defaults: bool = True) -> argparse.ArgumentParser:
                                help=" ".join(text) + shown, **kw)
             text = []
     return parser
-
 def parse_settings(argv: list[str]) -> Settings:
     return Settings(**vars(settings_parser().parse_args(argv)))
 
@@ -1155,42 +1142,35 @@ def parse_settings(argv: list[str]) -> Settings:
 # 8. Data: inputs in [0,1]; CIFAR-size sets kept on the device as uint8 with batched augmentation
 # ==================================================================================================
 class TensorData:
-    """A data set held as uint8 tensors (B, 3, H, W) on the device (on a GPU: no loader processes, no host
-    copies), augmented a whole batch at a time. shard = (rank, world size) under torchrun."""
-
+    """A data set as uint8 tensors (B, 3, H, W) on the device, augmented a batch at a time; shard: torchrun's
+    (rank, world size). On a GPU: no loader processes, no host copies."""
     def __init__(self, train: tuple, test: tuple, val: tuple, num_classes: int, device, shard=(0, 1)):
         splits = zip(("train", "test", "val"), (train, test, val))
         self.splits = {k: tuple(t.to(device) for t in v) for k, v in splits}
         self.num_classes, self.image_size, self.device = num_classes, train[0].shape[-1], device
         self.shard, self.sizes = shard, {k: len(v[1]) for k, v in self.splits.items()}
-
     def train_batches(self, batch_size: int, gen: torch.Generator):
         """One shuffled epoch, its randomness (order, crop offsets, flips) drawn at once from `gen`. Every
         process draws the same shuffle and takes its own part; the last partial batch is dropped."""
         (x, y), pad = self.splits["train"], 4
-        perm = torch.randperm(len(y), generator=gen)
-        shifts = torch.randint(0, 2 * pad + 1, (len(y), 2), generator=gen)  # crop offsets, padded image
-        flips = torch.rand(len(y), generator=gen) < 0.5
-        perm, shifts, flips = (t.to(self.device) for t in (own_part(perm, self.shard), shifts, flips))
+        perm = own_part(torch.randperm(len(y), generator=gen), self.shard).to(self.device)
+        shifts = torch.randint(0, 2 * pad + 1, (len(y), 2), generator=gen).to(self.device)  # crop offsets
+        flips = (torch.rand(len(y), generator=gen) < 0.5).to(self.device)
         for i in range(0, len(perm) - batch_size + 1, batch_size):
             idx = perm[i:i + batch_size]
             yield augment(x[idx], shifts[idx], flips[idx], pad), y[idx]
-
     def test_batches(self, batch_size: int, limit: int = 0, split: str = "test"):
         """The first `limit` images (0: all) of the test set or of the validation split, in order."""
         (x, y), n = self.splits[split], self.eval_len(limit, split)
         for i in range(0, n, batch_size):
             yield x[i:min(i + batch_size, n)].float() / 255, y[i:min(i + batch_size, n)]
-
     def eval_len(self, limit: int = 0, split: str = "test") -> int:  # images evaluated of `split`
         return min(limit or self.sizes[split], self.sizes[split])
-
     def train_len(self, batch_size: int) -> int:  # batches per epoch and process
         return self.sizes["train"] // self.shard[1] // batch_size
 
 def own_part(perm: torch.Tensor, shard: tuple) -> torch.Tensor:
-    """This process's part of a shuffle: every process takes as many images (an extra batch would wait forever
-    in its all-reduce)."""
+    """This process's part of a shuffle, as many images in each (an extra batch would hang in all-reduce)."""
     return perm[:len(perm) - len(perm) % shard[1]][shard[0]::shard[1]]
 
 def augment(x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, pad: int) -> torch.Tensor:
@@ -1199,16 +1179,13 @@ def augment(x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, pad: int
     x = F.pad(x, (pad, pad, pad, pad))                                        # (B, C, H+2p, W+2p)
     rows = shifts[:, 0, None] + torch.arange(h, device=x.device)              # (B, H)
     cols = shifts[:, 1, None] + torch.arange(w, device=x.device)              # (B, W)
-    # a flip reads the columns backwards
-    cols = torch.where(flips[:, None], cols.flip(1), cols)
+    cols = torch.where(flips[:, None], cols.flip(1), cols)                    # a flip reads them backwards
     bi, ci = torch.arange(b, device=x.device), torch.arange(c, device=x.device)
     x = x[bi[:, None, None, None], ci[:, None, None], rows[:, None, :, None], cols[:, None, None, :]]
     return x.float() / 255                                                    # (B, C, H, W)
 
 class FolderData(TensorData):
-    """TinyImageNet / ImageNet from ImageFolder trees DATA_DIR/<name>/{train,val}/<class>/<image>, read by a
-    DataLoader behind the same interface."""
-
+    """TinyImageNet / ImageNet: ImageFolder trees DATA_DIR/<name>/{train,val}/<class>/ via a DataLoader."""
     def __init__(self, root: Path, image_size: int, device, train_n: int, val_n: int, shard: tuple):
         import torchvision.transforms as T
         from torchvision.datasets import ImageFolder
@@ -1225,35 +1202,28 @@ class FolderData(TensorData):
                        "test": ImageFolder(str(root / "val"), test_tf)}
         self.num_classes, self.image_size, self.device = len(train.classes), image_size, device
         self.shard, self.sizes = shard, {k: len(v) for k, v in self.splits.items()}
-
     def loader(self, dataset, batch_size: int, order=None):
         return DataLoader(dataset, batch_size, sampler=order, drop_last=order is not None, num_workers=8,
                           pin_memory=self.device.type == "cuda")
-
     def train_batches(self, batch_size, gen):
         order = own_part(torch.randperm(len(self.splits["train"]), generator=gen), self.shard).tolist()
         for x, y in self.loader(self.splits["train"], batch_size, order):
             yield x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-
     def test_batches(self, batch_size, limit=0, split="test"):
         for x, y in self.loader(Subset(self.splits[split], range(self.eval_len(limit, split))), batch_size):
             yield x.to(self.device), y.to(self.device)
 
 SYNTHETIC = (2048, 512)  # training and test images of the synthetic set (--train-n and --eval-n take fewer)
-
 def synthetic_data(n_train: int, n_test: int, num_classes: int = 10, seed: int = 0):
-    """An offline, learnable CIFAR-shaped set: each class a smooth random colour pattern, each image that
-    pattern plus a smooth per-image nuisance and pixel noise. Classes differ by far more than 8/255, so a
-    robust classifier exists; the nuisance keeps it from being trivial."""
+    """An offline, learnable CIFAR-shaped set: each image its class's smooth random colour pattern plus a
+    smooth nuisance and pixel noise. Classes differ by far more than 8/255 (a robust classifier exists)."""
     g = torch.Generator().manual_seed(seed)
     protos = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g), size=32, mode="bilinear")
-
     def draw(n):
         y = torch.randint(num_classes, (n,), generator=g)
         nuisance = F.interpolate(torch.rand(n, 3, 8, 8, generator=g), size=32, mode="bilinear")
         x = 0.6 * protos[y] + 0.3 * nuisance + 0.1 * torch.rand(n, 3, 32, 32, generator=g)
         return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
-
     return draw(n_train), draw(n_test)
 
 def load_cifar(name: str, root: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -1270,11 +1240,9 @@ def load_cifar(name: str, root: Path) -> list[tuple[torch.Tensor, torch.Tensor]]
         raise ConfigError(f"{name} is not in {root} and could not be downloaded ({type(e).__name__}): run "
                           f"once online, or put {name}_train.npz and {name}_test.npz in --data-dir") from None
     return [as_nchw(d.data, d.targets) for d in sets]
-
 def as_nchw(x, y) -> tuple[torch.Tensor, torch.Tensor]:
     """Images as stored (N, H, W, 3) and labels (N,) -> (N, 3, H, W) in their dtype, and int64 labels."""
     return rearrange(torch.as_tensor(x), "n h w c -> n c h w").contiguous(), torch.as_tensor(y).long()
-
 def read_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     """DATA_DIR/<name>_<split>.npz: x uint8 (N, H, W, 3) -> (N, 3, H, W), y (N,) integer labels."""
     import numpy as np
@@ -1288,10 +1256,8 @@ def read_npz(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 SPLIT_SEED = 0  # the --train-n subset and the --val-n split: the same images for every run and seed
-
 def split_train(n: int, train_n: int, val_n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sorted indices of the training subset and of the disjoint validation split: the first val_n of a fixed
-    permutation, then the next train_n (or all the rest)."""
+    """Sorted indices (train, val): val a fixed shuffle's first val_n, train its next train_n (0: rest)."""
     if val_n >= n or train_n + val_n > n:
         raise ConfigError(f"--train-n {train_n} plus --val-n {val_n} exceed the {n} training images: "
                           f"lower them")
@@ -1321,36 +1287,33 @@ def build_model(s: Settings, num_classes: int, image_size: int) -> MoECNN:
                   MEAN_STD[s.dataset], s.width, s.shared_bn, s.router_standardize, s.shared_core)
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
     with contextlib.suppress(RuntimeError):
-        device = torch.device(name)
+        device = torch.device(auto if name == "auto" else name)
         if device.type == "cpu" or device.type == "cuda" and (device.index or 0) < torch.cuda.device_count():
             return device
     raise ConfigError(f"--device {name} is not a device torch sees here: use cpu, or cuda / cuda:K on a GPU")
 
 def compiled(model: nn.Module, s: Settings, device) -> nn.Module:
-    """--compile: the training forwards through torch.compile. On CUDA the masked dispatch has static shapes
-    and no host read, so the whole forward is one graph, replayed as CUDA graphs ("reduce-overhead")."""
+    """--compile: torch.compile of the training forwards (on CUDA one graph, replayed as CUDA graphs)."""
     cuda = device.type == "cuda"
     return torch.compile(model, fullgraph=cuda, mode="reduce-overhead" if cuda else None) if s.compile \
         else model
 
 def train(s: Settings, log: Callable[[str], None] = print) -> dict | None:
-    """Train one model, evaluate it, write <out>/result.json and return it. Every finished epoch writes a
-    checkpoint and its log.jsonl row, so an interrupted run loses only the epoch in progress (--resume).
-    Under torchrun every process trains on its part of each batch stream; rank 0 logs, checkpoints and
-    evaluates (the others return None)."""
+    """Train one model, evaluate it, write <out>/result.json and return it. Each finished epoch writes a
+    checkpoint and its log.jsonl row (--resume loses only the epoch in progress). Under torchrun each process
+    trains on its part of every batch; rank 0 alone logs, checkpoints and evaluates (others return None)."""
     rank, world, device = distributed(s)
     log, out = (log if rank == 0 else (lambda _: None)), Path(s.out or f"runs/{s.name}")
-    check_out(out, s, rank)
+    if rank == 0:  # only rank 0 writes
+        check_out(out, s)
     torch.manual_seed(s.seed)
     data = load_data(s, device, (rank, world))
     if data.train_len(s.batch_size) == 0:
         raise ConfigError(f"--batch-size {s.batch_size} is larger than the training set: lower it")
     model = build_model(s, data.num_classes, data.image_size).to(device)
     opts = make_optimizers(model, s, device)
-    # the first epoch, the epochs' log rows, the training seconds so far, and what else the checkpoint keeps
     start, history, seconds, extra = starting_point(out, model, opts, s, data, rank, log)
     sync_model(model)
     net = compiled(model, s, device)  # checkpoints and evaluation use the module itself
@@ -1362,11 +1325,11 @@ def train(s: Settings, log: Callable[[str], None] = print) -> dict | None:
         if rank == 0:
             history.append(epoch_row(row, model, opts, data, s, history, extra, t0, log))
             save_checkpoint(out / "checkpoint.pt", model, opts, s, epoch + 1, history, seconds, extra)
-            # epoch 0's row (the routing before training) goes with the first epoch's
+            # log.jsonl: epoch 0's row (the routing before training) goes with the first epoch's
             first = [{"epoch": 0, "routing": extra["routing_epoch0"]}] if "routing_epoch0" in extra else []
-            append_jsonl(out / "log.jsonl", (first if epoch == 0 else []) + [row])
-    # the processes leave together: one that tore its process group down while rank 0 still evaluated could
-    # abort (gloo), so the others wait on a side group whose timeout outlasts any evaluation
+            with open(out / "log.jsonl", "a") as f:
+                f.writelines(json.dumps(r) + "\n" for r in (first if epoch == 0 else []) + [row])
+    # all leave together (a gloo group torn down while rank 0 evaluates can abort): a barrier that outwaits it
     done = dist.new_group(backend="gloo", timeout=datetime.timedelta(days=7)) if world > 1 else None
     try:
         return finish(model, data, s, out, history, seconds, device, log, {"world_size": world, **extra}) \
@@ -1376,12 +1339,10 @@ def train(s: Settings, log: Callable[[str], None] = print) -> dict | None:
             dist.barrier(group=done)
 
 PROGRESS_SECONDS = 30.0  # at least this long between two progress lines of training
-
 def train_epoch(net: nn.Module, opts: dict, data, s: Settings, epoch: int, device, log) -> dict:
     """One epoch of the method's step; returns the epoch's mean statistics (one host sync, at the end)."""
     (step, streams), iters = STEPS[s.method], data.train_len(s.batch_size)
-    net.train()
-    freeze_batchnorm(net, s.train_params)
+    freeze_batchnorm(net.train(), s.train_params)
     sums, bad_step, total = {}, torch.full((), -1, device=device), iters * s.batch_size * streams
     start = last = time.perf_counter()
     for it, batches in enumerate(batch_streams(data, s, epoch)):
@@ -1404,21 +1365,20 @@ def train_epoch(net: nn.Module, opts: dict, data, s: Settings, epoch: int, devic
     return {k: round(v.item() / (it + 1), 4) for k, v in sums.items()}
 
 def epoch_row(row: dict, model, opts: dict, data, s: Settings, history: list, extra: dict, t0, log) -> dict:
-    """The epoch's log row: its training statistics, the learning rate each parameter group ended with, SA /
-    RA (PGD-10) on --quick-eval-n validation images, the routing now (routing_snapshot); and its line."""
+    """The epoch's log row and line: its training statistics, each parameter group's last learning rate, SA /
+    RA (PGD-10) on --quick-eval-n validation images, and the routing now (routing_snapshot)."""
     row.update({f"lr_{g['name']}": round(g["lr"], 6) for o in opts.values() for g in o.param_groups})
     if s.quick_eval_n and row["epoch"] < s.epochs:
         split = "val" if data.eval_len(split="val") else "test"  # settings are chosen there
         quick = evaluate(model, data, s, steps=10, limit=s.quick_eval_n, split=split)
         row.update(sa=quick["sa"], ra_pgd10=quick["ra"], quick_split=split)
     previous = history[-1].get("routing") if history else extra.get("routing_epoch0")
-    if routing := routing_snapshot(model, data, previous):
-        row["routing"] = routing
-        row["expert_spread"] = expert_spread(model)
+    if r := routing_snapshot(model, data, previous):
+        row.update(routing=r, expert_spread=expert_spread(model))
     row["seconds"] = round(time.perf_counter() - t0, 2)
     shown = ("loss", "acc", "acc_adv", "router_loss", "router_reg", "sa", "ra_pgd10", "seconds")
     text = " ".join(f"{k} {row[k]:.4g}" for k in shown if k in row)
-    if r := row.get("routing"):
+    if r:
         text += f" | routing: collapsed {r['collapsed']}/{len(r['top_share'])}, majority changed in " \
                 f"{r.get('majority_changed')}, top-expert share max {max(r['top_share']):.2f}, expert " \
                 f"spread {sum(row['expert_spread']) / len(row['expert_spread']):.3f}"
@@ -1426,19 +1386,16 @@ def epoch_row(row: dict, model, opts: dict, data, s: Settings, history: list, ex
     return row
 
 def routing_snapshot(model: nn.Module, data, previous: dict | None = None, fresh: bool = False):
-    """The routing of the model now, on the first 256 clean images of the validation split (of the test set
-    without one): per MoE layer the top expert's share and the majority expert, the collapsed layers (one
-    expert takes >= 95%), pathway diversity, and the layers whose majority changed since `previous`. None
-    without routers. fresh (epoch 0): BatchNorm running statistics are not estimated yet, so a copy of the
-    model normalizes with batch statistics, as the first training step will; later, eval mode."""
-    split = "val" if data.eval_len(split="val") else "test"
-    net, choices = copy.deepcopy(model).train() if fresh else model, []
-    with (contextlib.nullcontext() if fresh else evaluating(net)), torch.no_grad():
-        for x, _ in data.test_batches(EVAL_BATCH, 256, split):
-            choices.append([g.choice for g in net(x, return_routing=True)[1]])
-    if not choices[0]:
+    """The routing on the first 256 clean validation (else test) images: per MoE layer the top expert's share
+    and the majority expert, the collapsed layers (>= 95% to one expert), pathway diversity, the majorities
+    changed since `previous`; None without routers. fresh (epoch 0): a copy in train mode, as step 1 sees."""
+    if not router_params(model):
         return None
-    choice = torch.cat([torch.stack(c, 1) for c in choices])                    # (n, L)
+    split = "val" if data.eval_len(split="val") else "test"
+    net = copy.deepcopy(model).train() if fresh else model
+    with (contextlib.nullcontext() if fresh else evaluating(net)), torch.no_grad():
+        choice = torch.cat([torch.stack([g.choice for g in net(x, return_routing=True)[1]], 1)   # (b, L)
+                            for x, _ in data.test_batches(EVAL_BATCH, 256, split)])            # (n, L)
     # f_{l,k}: the share of the inputs layer l routes to expert k, (L, N)
     top, majority = F.one_hot(choice, int(choice.max()) + 1).float().mean(0).max(1)
     snap = {"split": split, "images": len(choice), "top_share": rounded(top),
@@ -1447,10 +1404,8 @@ def routing_snapshot(model: nn.Module, data, previous: dict | None = None, fresh
     if previous:
         snap["majority_changed"] = sum(a != b for a, b in zip(snap["majority"], previous["majority"]))
     return snap
-
 def expert_spread(model: nn.Module) -> list[float]:
-    """Per MoE layer, how far its experts have moved apart: mean_e ||W_e - W_ref|| / ||W_ref||, with W_ref
-    the shared core (--shared-core: ||D_e|| / ||W_shared||) or else the experts' mean filters."""
+    """Per MoE layer, mean_e ||W_e - W_ref|| / ||W_ref|| (W_ref: the shared core, or the experts' mean)."""
     spread = []
     for m in (m for m in model.modules() if isinstance(m, MoEConv) and m.n > 1):
         w = m.filters().detach().view(m.n, m.cout, -1)                           # (N, cout, cin*k*k)
@@ -1459,18 +1414,16 @@ def expert_spread(model: nn.Module) -> list[float]:
     return rounded(torch.stack(spread)) if spread else []  # one host read
 
 def freeze_batchnorm(model: nn.Module, train_params: str):
-    """--train-params: the frozen part's BatchNorms normalize with their running statistics and keep them
-    (eval mode; an MoEConv's mode selects its BatchNorm's statistics)."""
+    """--train-params: the frozen part's BatchNorms (and MoEConvs, which hold them) in eval mode."""
     for name, m in model.named_modules():
         if train_params != "all" and isinstance(m, (nn.BatchNorm2d, MoEConv)) and \
                 ("router" in name) == (train_params == "backbone"):
             m.eval()
 
-# Data parallelism (torchrun): every process draws the same shuffles and trains on its own part (own_part);
-# each level's gradients are averaged with one all-reduce (NOTE(ours), deviation 12).
+# torchrun: each process trains on its own part of the same shuffles (own_part); gradients are averaged by
+# one all-reduce per level (NOTE(ours), deviation 12)
 def distributed(s: Settings) -> tuple[int, int, torch.device]:
-    """(rank, world size, device): joins the process group when started by torchrun (NCCL on CUDA with one
-    GPU per process, gloo on the CPU)."""
+    """(rank, world size, device); under torchrun, joins the process group (NCCL, a GPU each; CPU: gloo)."""
     world, device = int(os.environ.get("WORLD_SIZE", "1")), resolve_device(s.device)
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
@@ -1478,16 +1431,13 @@ def distributed(s: Settings) -> tuple[int, int, torch.device]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return (dist.get_rank() if world > 1 else 0), world, device
-
 def average_gradients(params: list[nn.Parameter]):
-    """The mean gradient over processes, one flat all-reduce (a parameter a process did not reach counts as a
-    zero gradient there, so no process waits for it)."""
+    """The mean gradient over processes in one flat all-reduce (a parameter not reached: a zero gradient)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
         flat = torch.cat([(torch.zeros_like(p) if p.grad is None else p.grad).flatten() for p in params])
         dist.all_reduce(flat)
         for p, g in zip(params, (flat / dist.get_world_size()).split([p.numel() for p in params])):
             p.grad = g.view_as(p)
-
 def sync_model(model: nn.Module):
     """Every process takes rank 0's parameters and buffers (BatchNorm running statistics)."""
     if dist.is_initialized() and dist.get_world_size() > 1:
@@ -1499,22 +1449,21 @@ def sync_model(model: nn.Module):
 # 10. AT(Sparse): robustness-aware channel pruning of a Dense network (HYDRA, for channels)
 # ==================================================================================================
 def channel_wiring(model: MoECNN) -> dict[nn.Module, tuple[tuple, str]]:
-    """For every layer that reads or writes the pathway's channels: (the channel groups its input
-    concatenates, the group it writes). Layers whose outputs are summed (a residual stream) write one group,
-    so they keep the same channels (NOTE(ours), deviation 8); a DenseNet layer reads every group before it."""
+    """Per layer that reads or writes the pathway's channels: (the groups its input concatenates, the group it
+    writes). Summed outputs (a residual stream) are one group, pruned alike (NOTE(ours), deviation 8)."""
     net, wire = model.backbone, {}
     if isinstance(net, (ResNet18, WideResNet)):
-        # residual stream k ("stage{k}"): the stem, and every block's conv2 and projection until the next
-        # projection starts stream k + 1. ResNet's stem feeds identity blocks (it writes stream 1 with them);
-        # WRN's first block projects (its stem writes stream 0 alone).
+        # stream k ("stage{k}"): every conv2 and projection until the next projection; the stem's is ResNet's
+        # stage1 (identity blocks follow) but WRN's stage0 (its first block projects)
         stage = int(net.blocks[0].shortcut is None)
         wire[net.stem.conv] = ((), f"stage{stage}")
         for i, block in enumerate(net.blocks, 1):
-            stream, stage = f"stage{stage}", stage + (block.shortcut is not None)
-            mid = f"block{i}_mid"
-            wire[block.conv1], wire[block.conv2] = ((stream,), mid), ((mid,), f"stage{stage}")
-            wire.update({block.shortcut: ((stream,), f"stage{stage}")} if block.shortcut else {})
-            wire.update({block.bn1: ((stream,), "")} if isinstance(block, WideBlock) else {})
+            reads, mid, stage = (f"stage{stage}",), f"block{i}_mid", stage + (block.shortcut is not None)
+            wire[block.conv1], wire[block.conv2] = (reads, mid), ((mid,), f"stage{stage}")
+            if block.shortcut is not None:
+                wire[block.shortcut] = (reads, f"stage{stage}")
+            if isinstance(block, WideBlock):  # its pre-activation BatchNorm
+                wire[block.bn1] = (reads, "")
         groups = (f"stage{stage}",)
     elif isinstance(net, VGG16):
         convs = [net.stem.conv] + [m for m in net.layers if isinstance(m, MoEConv)]
@@ -1535,7 +1484,6 @@ def channel_wiring(model: MoECNN) -> dict[nn.Module, tuple[tuple, str]]:
         wire[net.bn] = (groups, "")
     wire[net.fc] = (groups, "")
     return wire
-
 def channel_groups(model: MoECNN) -> dict[str, int]:
     """Every channel group (see channel_wiring) and its number of channels."""
     wire = channel_wiring(model)
@@ -1546,10 +1494,8 @@ def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.zeros_like(scores).scatter_(0, scores.topk(k).indices, 1.0) + (scores - scores.detach())
 
 class ChannelScores(nn.Module):
-    """A Dense network whose channels are kept by learned scores, one per channel of every group: its forward
-    is the Dense network with each group's top r*C channels kept and the others zeroed where they are read.
-    The scores alone are trained; the Dense weights stay frozen (its BatchNorm statistics follow)."""
-
+    """A Dense network with a learned score per channel of every group; its forward keeps each group's top
+    r*C channels, zeroing the others where read. Only the scores train (BatchNorm statistics follow)."""
     def __init__(self, dense: MoECNN, ratio: float):
         super().__init__()
         self.dense, self.spec, self.wiring = dense, Spec(ratio), channel_wiring(dense)
@@ -1559,21 +1505,17 @@ class ChannelScores(nn.Module):
             if isinstance(m, MoEConv):
                 norms[group] = norms.get(group, 0) + m.weight.detach().flatten(1).norm(dim=1)
         self.scores = nn.ParameterDict({g: nn.Parameter(v / v.max()) for g, v in norms.items()})
-
     def keep(self) -> dict[str, torch.Tensor]:
         """The channels each group keeps (sorted indices): its top r*C scores."""
         return {g: v.detach().topk(self.spec.width(len(v))).indices.sort().values
                 for g, v in self.scores.items()}
-
     def forward(self, x, return_routing: bool = False, dispatch: str = "auto"):
         # m_g = 1[c in the top r*C_g of s_g] + s_g - sg(s_g), (C_g,) per group
         masks = {g: top_k_mask(v, self.spec.width(len(v))) for g, v in self.scores.items()}
-
         def zero_pruned(layer, args):  # x -> x * m: the input channels `layer` does not keep are zeroed
             m = torch.cat([masks[g] for g in self.wiring[layer][0]]).to(args[0].dtype)      # (C_in,)
             return (args[0] * m.view(1, -1, *([1] * (args[0].dim() - 2))),) + args[1:]
-        # every conv and the classifier see their inputs masked, for this forward only (a BatchNorm is per
-        # channel): the Dense network computes what the pruned network computes
+        # the convs and the classifier read masked inputs, for this forward only (BatchNorms are per channel)
         hooks = [m.register_forward_pre_hook(zero_pruned) for m, (reads, _) in self.wiring.items()
                  if reads and not isinstance(m, nn.BatchNorm2d)]
         try:
@@ -1583,22 +1525,18 @@ class ChannelScores(nn.Module):
                 h.remove()
 
 def extract_sparse(dense: MoECNN, keep: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The pruned network as a state dict of S-Dense's shape: each layer's kept output channels (rows) and
-    kept input channels (columns). Pruned channels are removed, not masked, so what executes is r*C wide;
-    its outputs equal the masked Dense network's."""
+    """The pruned network as an S-Dense-shaped state dict: each layer's kept rows (outputs) and columns
+    (inputs), so what executes is r*C wide and computes what the masked Dense network does."""
     sizes, wiring = channel_groups(dense), channel_wiring(dense)
-
     def kept(groups: tuple) -> torch.Tensor:  # the kept channels of a concatenation of groups, in its indices
         offsets = [0] + torch.tensor([sizes[g] for g in groups]).cumsum(0).tolist()
         return torch.cat([keep[g].to(dense.mean.device) + o for g, o in zip(groups, offsets)])
-
     state = {"mean": dense.mean, "std": dense.std}
     for name, m in dense.named_modules():
         if m in wiring:
             reads, writes = wiring[m]
-            # the rows (output channels) it keeps: those of the group it writes, for a pre-activation
-            # BatchNorm those it reads; the columns (input channels): those it reads (all 3 of the stem's RGB
-            # input)
+            # kept rows (output channels): those of the group written, or for a pre-activation BatchNorm of
+            # the groups read; kept columns (input channels): those of the groups read (the stem: all 3 RGB)
             rows = kept((writes,)) if writes else kept(reads) if isinstance(m, nn.BatchNorm2d) else None
             cols = kept(reads) if reads else None
             for k, v in m.state_dict().items():  # weights, BatchNorm affine and statistics, biases
@@ -1608,10 +1546,8 @@ def extract_sparse(dense: MoECNN, keep: dict[str, torch.Tensor]) -> dict[str, to
     return {k: v.detach().clone() for k, v in state.items()}
 
 def prune(s: Settings, data, device, log) -> tuple[dict, dict]:
-    """AT(Sparse), phase 1: learn channel scores of the (--init) Dense network with the training loss for
-    epochs/5 epochs, its weights frozen; keep every group's top r*C channels. Returns the pruned network as
-    an S-Dense-shaped state dict, and what result.json records of this phase. Phase 2, fine-tuning with the
-    mask fixed, is the ordinary training loop."""
+    """AT(Sparse), phase 1: learn the --init Dense network's channel scores for epochs/5 epochs, its weights
+    frozen. Returns the pruned state dict (each group's top r*C) and its result.json entry; phase 2: train."""
     dense = MoECNN(s.arch, data.num_classes, data.image_size, mean_std=MEAN_STD[s.dataset], width=s.width)
     if s.init:
         want = {"dataset": s.dataset, "arch": s.arch, "method": "dense", "width": s.width}
@@ -1621,17 +1557,17 @@ def prune(s: Settings, data, device, log) -> tuple[dict, dict]:
             "give --init <AT(Dense) run>/checkpoint.pt)")
     # the scores alone are trained (the Dense weights frozen), on the cosine schedule of the pruning epochs
     pruner, history = ChannelScores(dense.to(device).requires_grad_(False), s.ratio), []
-    phase, scores = dataclasses.replace(s, epochs=s.prune_epochs), list(pruner.scores.values())
-    opt = torch.optim.SGD([{"params": scores, "base_lr": s.lr, "name": "scores"}], lr=s.lr, momentum=MOMENTUM,
-                          weight_decay=WEIGHT_DECAY)
+    phase = dataclasses.replace(s, epochs=s.prune_epochs)
+    opt = torch.optim.SGD([{"params": list(pruner.scores.values()), "base_lr": s.lr, "name": "scores"}],
+                          lr=s.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     for epoch in range(s.prune_epochs):
         t0 = time.perf_counter()
         stats = train_epoch(pruner, {"all": opt}, data, phase, epoch, device, log)
         history.append({"epoch": epoch + 1, **stats, "seconds": round(time.perf_counter() - t0, 2)})
         log(f"pruning epoch {epoch + 1}/{s.prune_epochs}: loss {stats['loss']:.4f}")
-    keep, sizes = pruner.keep(), channel_groups(dense)
-    log(f"pruned to {sum(map(len, keep.values()))} of {sum(sizes.values())} channels")
+    keep = pruner.keep()
     kept = {g: len(v) for g, v in keep.items()}
+    log(f"pruned to {sum(kept.values())} of {sum(channel_groups(dense).values())} channels")
     return extract_sparse(dense, keep), {"sparse": {"init": s.init or None, "kept": kept,
                                                     "prune_history": history}}
 
@@ -1667,13 +1603,11 @@ def finish(model, data, s: Settings, out: Path, history: list, seconds: float, d
 
 def device_name(device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
-
 def git_commit() -> str | None:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
                               capture_output=True, check=True).stdout.strip()
     return None
-
 COMMIT = git_commit()  # read at import: the code that runs, even if the checkout moves on during a long run
 
 def atomic_write(path: Path, write: Callable[[str], None]):
@@ -1685,30 +1619,21 @@ def atomic_write(path: Path, write: Callable[[str], None]):
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-
 def write_json(path: Path, obj):
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1) + "\n"))
 
-def append_jsonl(path: Path, rows: list[dict]):
-    with open(path, "a") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-
-def check_out(out: Path, s: Settings, rank: int = 0):
-    """The run's folder (created with its first file): one that holds a run is never replaced silently. Only
-    rank 0 writes, so only it checks."""
-    if rank:
-        return
+def check_out(out: Path, s: Settings):
+    """The run's folder (made with the run's first file): one that holds a run is never replaced silently."""
     found = [f for f in ("result.json", "checkpoint.pt", "log.jsonl") if (out / f).exists()]
     if found and (s.eval_only or not s.resume):
         raise ConfigError(f"--out {out} already holds {'an evaluation' if s.eval_only else 'a run'} "
                           f"({', '.join(found)}): remove that folder or choose another --out"
                           f"{'' if s.eval_only else ', or continue the run with --resume'}")
     created = [p for p in [out, *out.parents] if not p.exists()]
-    try:  # a probe: the folder is made again with the run's first file
+    try:  # a probe, removed: the folder is made again with the run's first file
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise ConfigError(f"cannot write to output folder {out} ({e.strerror}): choose another --out") \
-            from None
+        raise ConfigError(f"cannot write to --out {out} ({e.strerror}): choose another --out") from None
     for p in created:
         p.rmdir()
 
@@ -1729,11 +1654,9 @@ def save_checkpoint(path: Path, model, opts: dict, s: Settings, epoch: int, hist
         "history": history, "train_seconds": seconds, "extra": extra, "model": model.state_dict(),
         "opts": {k: o.state_dict() for k, o in opts.items()}, "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}, tmp))
-
 def read_checkpoint(path: Path) -> dict:
-    """A checkpoint of save_checkpoint, loaded as data (weights_only) and checked: anything else is a one-line
-    ConfigError naming it. Settings this file does not know are set aside; those it does not record are the
-    behaviour it was trained with (LEGACY)."""
+    """A checkpoint of save_checkpoint loaded as data (weights_only), anything else a one-line ConfigError;
+    settings this file does not know set aside, those it does not record what it was trained with (LEGACY)."""
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
         assert all(k in ckpt for k in ("settings", "identity", "epoch", "history", "train_seconds", "model"))
@@ -1743,7 +1666,6 @@ def read_checkpoint(path: Path) -> dict:
     known = Settings.__dataclass_fields__
     return {**ckpt, "settings": {**LEGACY, **{k: v for k, v in ckpt["settings"].items() if k in known}},
             "identity": {**LEGACY, **ckpt["identity"]}}
-
 def load_weights(model: nn.Module, ckpt: dict, path, want: dict | None = None):
     """model.load_state_dict of a read checkpoint, refusing (one line, naming every difference) one of another
     model, or one whose identity differs from `want`."""
@@ -1758,16 +1680,14 @@ def load_weights(model: nn.Module, ckpt: dict, path, want: dict | None = None):
                           f"the same settings") from None
 
 def starting_point(out: Path, model, opts: dict, s: Settings, data, rank: int, log):
-    """(first epoch, history, training seconds, extra): --resume from <out>/checkpoint.pt (a finished run's
-    result.json is kept aside); else a fresh start, from --init weights or, for AT(Sparse), from pruning, with
-    the routing before training (routing_epoch0) in extra."""
+    """(first epoch, history, training seconds, extra): --resume from <out>/checkpoint.pt, or a fresh start
+    (--init weights, or AT(Sparse)'s pruning) with the routing before training as extra's routing_epoch0."""
     path, t0, extra = out / "checkpoint.pt", time.perf_counter(), {}
     if not (s.resume and path.exists()):
         if s.method == "sparse":  # AT(Sparse): prune the --init Dense network, then fine-tune
             state, extra = prune(s, data, next(model.parameters()).device, log)
             model.load_state_dict(state)
-        elif s.init:  # --init: start from another run's weights
-            # any method's weights (IDENTITY[0] is the method) of the same model
+        elif s.init:  # --init: another run's weights of the same model, of any method (IDENTITY[0])
             same = {k: getattr(s, k) for k in IDENTITY[1:]}
             load_weights(model, read_checkpoint(Path(s.init)), s.init, same)
         if rank == 0 and (routing := routing_snapshot(model, data, fresh=True)):
@@ -1781,10 +1701,9 @@ def starting_point(out: Path, model, opts: dict, s: Settings, data, rank: int, l
     changed = [f"{flag(k)} {v} -> {getattr(s, k)}" for k, v in ckpt["settings"].items()
                if k not in RUN_FIELDS + EVAL_FIELDS + ("epochs",) and v != getattr(s, k)]
     if changed or s.epochs < ckpt["epoch"]:
-        what = "; ".join(changed) or "fewer epochs"
         raise ConfigError(f"--resume continues the run in {path} ({ckpt['epoch']} epochs): only --epochs "
-                          f"(not fewer) and evaluation or run flags may change ({what}): give its values, or "
-                          f"start a new --out")
+                          f"(not fewer) and evaluation or run flags may change "
+                          f"({'; '.join(changed) or 'fewer epochs'}): give its values, or start a new --out")
     load_weights(model, ckpt, path)
     for k, o in opts.items():
         o.load_state_dict(ckpt["opts"][k])
@@ -1797,12 +1716,10 @@ def starting_point(out: Path, model, opts: dict, s: Settings, data, rank: int, l
     return ckpt["epoch"], ckpt["history"], ckpt["train_seconds"], ckpt.get("extra") or {}
 
 def eval_only(s: Settings, given: set[str] = frozenset(), log=print) -> dict:
-    """Evaluate the checkpoint s.eval_only at its own settings (model, data, eps, test attack, images) but for
-    the run's flags (device, out, ...) and the settings named in `given` (on the command line: the flags
-    typed), written to --out (default: <the checkpoint's folder>/eval)."""
+    """Evaluate the checkpoint s.eval_only at its own settings but for the run's flags (device, out, ...) and
+    those in `given` (the flags typed); written to --out (default: <the checkpoint's folder>/eval)."""
     ckpt = read_checkpoint(Path(s.eval_only))
-    clash = [flag(k) for k in MODEL_FIELDS if k in given and getattr(s, k) != ckpt["settings"].get(k)]
-    if clash:
+    if clash := [flag(k) for k in MODEL_FIELDS if k in given and getattr(s, k) != ckpt["settings"].get(k)]:
         raise ConfigError(f"--eval-only rebuilds the checkpoint's model: drop {', '.join(clash)}")
     s = Settings(**{**ckpt["settings"], **{k: getattr(s, k) for k in set(given) | set(RUN_FIELDS)}})
     out, device = Path(s.out or Path(s.eval_only).parent / "eval"), resolve_device(s.device)
@@ -1838,8 +1755,7 @@ def read_results(root: Path) -> list[dict]:
     return results
 
 def recipe(r: dict) -> tuple:
-    """What a run trained and how it was measured: the settings this file knows but its seed and run flags
-    (one that a run does not record is what it was trained with, LEGACY)."""
+    """What a run trained and how: its settings (LEGACY where unrecorded) but the seed and the run flags."""
     known = {**LEGACY, **r["settings"]}
     return tuple(sorted((k, str(v)) for k, v in known.items() if k in Settings.__dataclass_fields__
                         and k not in RUN_FIELDS + ("seed", "quick_eval_n")))
@@ -1849,11 +1765,9 @@ def cell(runs: list[dict], get: Callable, digits: int = 2) -> str | None:
     v = [x for x in map(get, runs) if x is not None]
     spread = f" ± {(max(v) - min(v)) / 2:.{digits}f} ({len(v)})" if len(v) > 1 else ""
     return f"{sum(v) / len(v):.{digits}f}{spread}" if v else None
-
 def table(title: str, runs: list[dict], columns: dict, note: str = "", per_run: bool = False) -> list[str]:
-    """A markdown table: a row per run (its folder, then a cell per column, a result.json key path or a
-    getter), or per recipe (the settings that tell its rows apart, its seeds, then per column the mean over
-    its seeds ± half their range). A blank cell was not run."""
+    """A markdown table, a cell per column (a result.json key path or a getter): a row per run (its folder),
+    or per recipe (the settings telling rows apart, its seeds, then cells over its seeds). Blank: not run."""
     getters, groups = [key(c) if isinstance(c, str) else c for c in columns.values()], {}
     for r in runs:
         groups.setdefault(recipe(r), []).append(r)
@@ -1874,7 +1788,6 @@ def table(title: str, runs: list[dict], columns: dict, note: str = "", per_run: 
 def trained(r: dict) -> bool:  # an adversarial training run of every parameter (not --eval-only, Sec. 4)
     st = r["settings"]
     return not st["eval_only"] and st["train_params"] == "all" and r["loss"] != "natural"
-
 def collapsed(r: dict) -> int | None:  # layers where one expert takes >= 95% of the clean test images
     return sum(max(u) >= 0.95 for u in r["routing"]["usage_clean"]) if r["routing"] else None
 
@@ -1895,9 +1808,8 @@ ROUTING_NOTE = ("Collapsed: layers sending >= 95% of the inputs to one expert. S
                 "only, (3) prediction only, (4) both; router robustness (1)+(3), MoE robustness (1)+(2).")
 
 def report(folder: str) -> str:
-    """Markdown from every result.json below `folder`, also written to folder/report.md: Table 1 per data set
-    and backbone, Table 2 (AutoAttack), the sweeps of Figs. 7 and 8, the Sec. 4 study, routing under attack,
-    every recipe over its seeds, and every run. A cell averages the seeds of one recipe."""
+    """Markdown of every result.json below `folder`, also in folder/report.md: Table 1 per data set and
+    backbone, Table 2, Figs. 7-8, the Sec. 4 study, routing under attack, each recipe over its seeds, runs."""
     if not Path(folder).is_dir() or not (rs := read_results(Path(folder))):
         raise ConfigError(f"no result.json below {folder}: give the folder of the runs (--out inside it)")
     lines, moes = [f"# Results in {folder}", ""], [r for r in rs if r["routing"]]
@@ -1935,9 +1847,8 @@ def report(folder: str) -> str:
 # 13. Bench: speed and cost, measured
 # ==================================================================================================
 def bench(argv: list[str], log=print) -> dict:
-    """Per method of Table 1 on random CIFAR-size inputs: the training step's mean time over repeats (its
-    first step apart: with --compile, the compilation), inference images/s at a large batch, GFLOPs per input
-    as executed. Flags: training flags (--arch, --width, --batch-size, --device, ...); --out FILE.json."""
+    """Per method on random CIFAR-size inputs: the first training step (--compile: compiling), the mean one,
+    inference images/s at a large batch, GFLOPs as executed. Flags: training flags; --out FILE.json."""
     base = parse_settings(["--dataset", "synthetic", *argv])
     from torch.utils.benchmark import Timer  # (it synchronizes CUDA around what it times)
     device, rows, b = resolve_device(base.device), [], base.batch_size
@@ -1950,7 +1861,6 @@ def bench(argv: list[str], log=print) -> dict:
         opts, net, xb = make_optimizers(model, s, device), compiled(model, s, device), torch.rand(
             infer_batch, 3, 32, 32, device=device)
         batches = [(torch.rand(b, 3, 32, 32, device=device), torch.randint(10, (b,), device=device))] * 2
-
         def step():
             with amp():
                 STEPS[method][0](net.train(), opts, batches[:STEPS[method][1]], s.objective)
@@ -1971,9 +1881,8 @@ def bench(argv: list[str], log=print) -> dict:
 # 14. Command line
 # ==================================================================================================
 def main(argv: list[str] | None = None) -> int:
-    """Flags train and evaluate one model (or --eval-only a checkpoint); `report DIR` prints the tables;
-    `bench` measures. Exit status 0; 2 on bad input (one line on stderr, nothing written); 1 when a run
-    diverged (the last finished epoch's checkpoint is kept); 130 on Ctrl-C (the same)."""
+    """Flags: train and evaluate (or --eval-only); `report DIR`; `bench`. Exit status 0; 2 on bad input (one
+    line on stderr, nothing written); 1 when a run diverged, 130 on Ctrl-C (both keep the last checkpoint)."""
     argv = sys.argv[1:] if argv is None else argv
     usage = "usage: python advmoe.py report DIR: the paper's tables from the result.json files below DIR"
     try:
