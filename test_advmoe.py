@@ -318,9 +318,9 @@ def test_balance_term_is_one_when_balanced_and_larger_when_collapsed():
 def test_router_supervision_is_the_cross_entropy_to_class_mod_n():
     logits, y = torch.randn(6, 3), torch.tensor([0, 1, 2, 3, 4, 5])
     gate = A.top1_gate(logits)
-    reg = A.routing_regularizer([gate], [gate], y, tiny(router_supervision=2.0).objective)  # mean over gates
-    torch.testing.assert_close(reg, 2.0 * F.cross_entropy(logits, y % 3))
-    assert A.routing_regularizer([gate], [], y, tiny().objective) == 0   # off by default
+    reg = A.routing_regularizer([gate], [gate], y, tiny(router_supervision=2.0, balance=0).objective)  # mean
+    torch.testing.assert_close(reg, 2.0 * F.cross_entropy(logits, y % 3))                            # over gates
+    assert A.routing_regularizer([gate], [], y, tiny(shared_core=False).objective) == 0   # the paper's: none
 
 
 # ------------------------------------------------------------------------------------ training
@@ -355,7 +355,7 @@ def test_advmoe_step_uses_two_batches_and_reports_both_levels():
     stats = A.advmoe_step(model, opts, batches, s.objective)
     assert {"loss", "router_loss", "acc", "acc_adv"} <= set(stats)
     assert set(opts) == {"phi", "psi"}
-    phi, psi = (set(map(id, opts[k].param_groups[0]["params"])) for k in ("phi", "psi"))
+    phi, psi = ({id(p) for g in opts[k].param_groups for p in g["params"]} for k in ("phi", "psi"))
     assert phi and psi and not phi & psi and phi | psi == set(map(id, model.parameters()))
     # the joint methods: one optimizer over everything
     s, model, opts = model_and_optimizers(method="moe")
@@ -542,15 +542,17 @@ def test_report_averages_the_seeds_of_a_recipe(good_checkpoint, tmp_path):
     """Runs that differ by seed only make one row of the recipes table, beside runs without routers."""
     assert A.main(B + ["--method", "sdense", "--out", str(tmp_path / "sdense")]) == 0
     copy_of(good_checkpoint.parent, tmp_path / "moe")
-    text = A.report(str(tmp_path))
-    assert "| method moe | 1 |" in text and "| method sdense | 1 |" in text  # a recipe a row, one seed each
+
+    def rows(method, seeds):  # the recipes table's rows of `method` over `seeds`
+        recipes = A.report(str(tmp_path)).split("## Every recipe over its seeds")[1].splitlines()
+        return [r for r in recipes if r.startswith("| ") and f"method {method}" in r.split(" | ")[0]
+                and r.split(" | ")[1] == seeds]
+    assert len(rows("moe", "1")) == len(rows("sdense", "1")) == 1  # a recipe a row, one seed each
     moe_run = json.loads((tmp_path / "moe" / "result.json").read_text())
     again = {**moe_run, "seed": 2, "sa": moe_run["sa"] + 10, "settings": {**moe_run["settings"], "seed": 2}}
     (tmp_path / "moe_seed2").mkdir()
     (tmp_path / "moe_seed2" / "result.json").write_text(json.dumps(again))
-    text = A.report(str(tmp_path))
-    recipes = text.split("## Every recipe over its seeds")[1]
-    row = next(line for line in recipes.splitlines() if line.startswith("| method moe | 1, 2 |"))
+    (row,) = rows("moe", "1, 2")
     assert f"| {moe_run['sa'] + 5:.2f} ± 5.00 (2) |" in row  # the mean over both seeds, ± half the range
 
 
@@ -1326,7 +1328,7 @@ def test_cifar_npz_is_read_as_nchw_uint8(tmp_path):
 @pytest.mark.parametrize("args,named", [
     (["--lr", "-0.1"], "--lr"), (["--router-lr", "-1"], "--router-lr"), (["--balance", "inf"], "--balance"),
     (["--router-supervision", "-6"], "--router-supervision"), (["--tie-epochs", "-1"], "--tie-epochs"),
-    (["--tie-epochs", "2"], "--shared-core"), (["--eps", "nan"], "--eps"), (["--eps", "8"], "--eps"),
+    (["--no-shared-core", "--tie-epochs", "2"], "--shared-core"), (["--eps", "nan"], "--eps"), (["--eps", "8"], "--eps"),
     (["--test-steps", "0"], "--test-steps"), (["--eval-n", "-1"], "--eval-n"), (["--quick-eval-n", "-5"], "--quick-eval-n"),
     (["--square-queries", "0"], "--square-queries"), (["--device", "foo"], "--device"), (["--device", "mps"], "--device"),
     (["--width", "0"], "--width"), (["--width", "65"], "--width"), (["--train-n", "100000"], "--train-n"),
@@ -1585,7 +1587,7 @@ def test_an_attack_named_twice_runs_once():
 def test_the_routing_regularizer_is_logged_when_it_is_on(tmp_path):
     """The authors' configuration (--router-supervision): each epoch's row and progress line carry the
     regularizer's mean value (6 x CE to class mod N); the paper's routing has none."""
-    for extra, logged in ((["--router", "global", "--router-supervision", "6"], True), ([], False)):
+    for extra, logged in ((["--router", "global", "--router-supervision", "6"], True), (["--no-shared-core"], False)):
         lines, out = [], tmp_path / str(logged)
         A.train(A.parse_settings(B + ["--method", "moe", "--out", str(out)] + extra), log=lines.append)
         row = json.loads((out / "log.jsonl").read_text().splitlines()[-1])
@@ -1689,8 +1691,12 @@ def test_router_lr_zero_freezes_routing(method):
 
 def test_a_checkpoint_that_does_not_record_a_setting_loads_as_it_was_trained(good_checkpoint, tmp_path):
     """Checkpoints written before --shared-bn, --router-standardize and --shared-core existed (and with a
-    --layout this version no longer has): per-expert BatchNorms, standardized routers, independent experts."""
+    --layout this version no longer has): per-expert BatchNorms, standardized routers, independent experts.
+    The shared-core run is rewritten as the same model with independent experts, W_e = W_shared + D_e."""
     ckpt = torch.load(good_checkpoint, weights_only=True)
+    for k in [k for k in ckpt["model"] if k.endswith(".core")]:
+        core, offsets = ckpt["model"].pop(k), ckpt["model"][k[:-len("core")] + "weight"]
+        offsets += core.repeat(len(offsets) // len(core), 1, 1, 1)              # W_e, (N*cout, cin, k, k)
     for part in ("settings", "identity"):
         for k in ("shared_bn", "router_standardize", "shared_core"):
             del ckpt[part][k]
@@ -1702,6 +1708,8 @@ def test_a_checkpoint_that_does_not_record_a_setting_loads_as_it_was_trained(goo
     assert A.main(["--eval-only", str(tmp_path / "old.pt"), "--out", str(tmp_path / "e"), "--device", "cpu"]) == 0
     result = json.loads((tmp_path / "e" / "result.json").read_text())
     assert result["settings"]["shared_core"] is False and result["settings"]["shared_bn"] is False
+    trained = json.loads((good_checkpoint.parent / "result.json").read_text())
+    assert (result["sa"], result["ra"]) == (trained["sa"], trained["ra"])
 
 
 @pytest.mark.parametrize("dispatch", ["sparse", "masked"])
@@ -1763,7 +1771,20 @@ def test_tie_epochs_hold_the_offsets_at_zero_then_train_them(tmp_path):
     assert max(rows[0]["expert_spread"]) == 0 and min(rows[1]["expert_spread"]) > 0
     assert len(rows[0]["expert_spread"]) == 16
     with pytest.raises(A.ConfigError, match="--shared-core"):
-        A.parse_settings(B + ["--tie-epochs", "1"])
+        A.parse_settings(B + ["--no-shared-core", "--tie-epochs", "1"])
+
+
+def test_the_default_moe_recipe_is_upcycled_shared_core_experts_with_the_balance_term():
+    """Deviation 14: an MoE method defaults to experts that share a core, tied for a quarter of the epochs, and
+    the balance term 0.1; --router authors keeps the authors' independent experts; a dense model has no core."""
+    recipe = lambda *a: (lambda s: (s.shared_core, s.tie_epochs, s.balance))(A.parse_settings(B + [*a]))  # noqa: E731
+    assert recipe("--method", "advmoe", "--epochs", "12") == recipe("--method", "moe", "--epochs", "13") \
+        == (True, 3, 0.1)
+    assert recipe("--method", "advmoe", "--epochs", "12", "--tie-epochs", "0", "--balance", "0.5") == (True, 0, 0.5)
+    for off in (["--router", "authors"], ["--no-shared-core"], ["--method", "sdense"], ["--method", "sparse"]):
+        assert recipe("--epochs", "12", *off) == (False, 0, 0.0), off
+    s = A.parse_settings(B + ["--method", "moe"])
+    assert any(n.endswith(".core") for n, _ in A.build_model(s, 10, 32).named_parameters())
 
 
 def test_the_authors_routing_learns_from_its_own_loss_only():

@@ -66,15 +66,17 @@ has() { [[ " $1 " == *" $2 "* ]]; }  # has "LIST" WORD
 # soft attack and Square (1,000 queries) on the same 2,000 test images for every run; AutoAttack (standard) on
 # 500 for seed 1 of AT(S-Dense), AT(MoE) and AdvMoE. The authors' configuration is a further arm: the global
 # router with class-mod-N router supervision at their weight (6). Seed 1 of everything first, so that a study
-# cut short already holds its comparison; a rerun skips what has finished and resumes the rest.
+# cut short already holds its comparison; a rerun skips what has finished and resumes the rest. Round 1's
+# MoE-CNNs have the paper's independent experts (--no-shared-core, advmoe.py's default before deviation 14).
 if [[ $GRID == laptop ]]; then
   lap=(--dataset cifar10 --arch resnet18 --width 0.25 --n-experts 2 --ratio 0.5 --train-n 20000 --val-n 500
        --eval-n 2000 --eval-attacks pgd,soft,square --square-queries 1000 --quick-eval-n 500)
-  authors=(--router global --router-supervision 6)
+  authors=(--router global --router-supervision 6 --no-shared-core)
   for seed in 1 2; do
     aa=(); [[ $seed == 1 ]] && aa=(--eval-attacks pgd,soft,square,autoattack --aa-n 500)
     for method in sdense moe advmoe; do
-      job "${method}_s$seed" "" "${lap[@]}" --method $method --seed $seed "${aa[@]}"
+      job "${method}_s$seed" "" "${lap[@]}" --method $method --seed $seed "${aa[@]}" \
+        $([[ $method != sdense ]] && echo --no-shared-core)
     done
     [[ $seed == 1 ]] && job dense_s1 "" "${lap[@]}" --method dense --seed 1
     for method in moe advmoe; do
@@ -83,7 +85,8 @@ if [[ $GRID == laptop ]]; then
   done
   # Round 2 (results/moe_learnability, round 3): the same comparison on the MoE-CNN that learns best under
   # natural training, upcycled experts with the balance term, AutoAttack on 500 images for every run; and
-  # AdvMoE with the authors' exact routing (--router authors). AT(S-Dense) is reused from round 1.
+  # AdvMoE with the authors' exact routing (--router authors). AT(S-Dense) is reused from round 1. (`up` is
+  # advmoe.py's default recipe, given in full; its --eval-attacks, the later one, wins over lap's.)
   up=(--shared-core --tie-epochs 3 --balance 0.1 --eval-attacks pgd,soft,square,autoattack --aa-n 500)
   for seed in 1 2; do
     for method in moe advmoe; do
@@ -102,14 +105,16 @@ fi
 # (the global router without supervision, and the same frozen at init); routers at a
 # tenth of the learning rate, or frozen at init (3); raw router input (4); and twice the learning rate (an
 # expert gets the gradient of the inputs routed to it only, about 1/N of a batch's). Seed 2 of the informative
-# ones.
+# ones. Rounds 1 and 2 predate deviation 14 (advmoe.py's default recipe): their flags turn it off.
 if [[ $GRID == learnability ]]; then
   nat=(--dataset cifar10 --arch resnet18 --width 0.25 --n-experts 2 --ratio 0.5 --train-n 20000 --val-n 500
        --loss natural --eval-n 2000 --test-steps 10 --quick-eval-n 0)
-  declare -A VARIANT=([moe]="" [moe_sharedbn]="--shared-bn" [moe_global]="--router global"
-                      [moe_routerlr0.1]="--router-lr 0.1" [moe_frozen]="--router-lr 0"
-                      [moe_rawrouter]="--no-router-standardize" [moe_globalfrozen]="--router global --router-lr 0"
-                      [moe_lr0.2]="--lr 0.2")
+  declare -A VARIANT=([moe]="--no-shared-core" [moe_sharedbn]="--no-shared-core --shared-bn"
+                      [moe_global]="--no-shared-core --router global"
+                      [moe_routerlr0.1]="--no-shared-core --router-lr 0.1" [moe_frozen]="--no-shared-core --router-lr 0"
+                      [moe_rawrouter]="--no-shared-core --no-router-standardize"
+                      [moe_globalfrozen]="--no-shared-core --router global --router-lr 0"
+                      [moe_lr0.2]="--no-shared-core --lr 0.2")
   job sdense_s1 "" "${nat[@]}" --method sdense --seed 1
   for v in moe moe_sharedbn moe_global moe_routerlr0.1 moe_globalfrozen moe_lr0.2; do
     job "${v}_s1" "" "${nat[@]}" --method moe ${VARIANT[$v]} --seed 1
@@ -123,7 +128,8 @@ if [[ $GRID == learnability ]]; then
   # Round 2 (the known remedies for gated CNNs, and the authors' exact routing), 2 seeds each: experts that
   # share a core; upcycling (the experts' filters tied for the first quarter of the epochs); the authors'
   # routing (the dense-to-sparse warm-up, moe_soft, lost: its runs are reproduced by commit 242e0bb).
-  VARIANT+=([moe_sharedcore]="--shared-core" [moe_upcycle]="--shared-core --tie-epochs 3"
+  VARIANT+=([moe_sharedcore]="--shared-core --tie-epochs 0 --balance 0"
+            [moe_upcycle]="--shared-core --tie-epochs 3 --balance 0"
             [moe_authors]="--router authors")
   for seed in 1 2; do
     for v in moe_sharedcore moe_upcycle moe_authors; do
@@ -132,17 +138,18 @@ if [[ $GRID == learnability ]]; then
   done
   # Round 3: upcycling with one BatchNorm per layer (tied, it is then exactly S-Dense: with a BatchNorm per
   # expert it trails S-Dense by 5 points already while tied), and with the balance term against the collapse
-  # that disqualified it in seed 2. Then the budget curve: S-Dense and today's MoE at 24 and 48 epochs, and the
-  # best arm (upcycling, tied for a quarter of the epochs) at 48.
+  # that disqualified it in seed 2 (the winner, advmoe.py's default since: deviation 14). Then the budget
+  # curve: S-Dense and round 1's MoE at 24 and 48 epochs, and the best arm (upcycling with the balance term) at 48.
   for seed in 1 2; do
     job "moe_upcycle_sharedbn_s$seed" "" "${nat[@]}" --method moe ${VARIANT[moe_upcycle]} --shared-bn --seed $seed
     job "moe_upcycle_balance_s$seed" "" "${nat[@]}" --method moe ${VARIANT[moe_upcycle]} --balance 0.1 --seed $seed
   done
   for e in 24 48; do
     job "sdense_e${e}_s1" "" "${nat[@]}" --method sdense --seed 1 --epochs $e
-    job "moe_e${e}_s1" "" "${nat[@]}" --method moe --seed 1 --epochs $e
+    job "moe_e${e}_s1" "" "${nat[@]}" --method moe ${VARIANT[moe]} --seed 1 --epochs $e
   done
-  job moe_upcycle_e48_s1 "" "${nat[@]}" --method moe --shared-core --tie-epochs 12 --seed 1 --epochs 48
+  job moe_upcycle_balance_e48_s1 "" "${nat[@]}" --method moe --shared-core --tie-epochs 12 --balance 0.1 --seed 1 \
+    --epochs 48
 fi
 
 # ---- GRID=smoke: check a machine in minutes before the full grid (README, "Check a machine first") --------
