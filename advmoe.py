@@ -27,17 +27,16 @@ Map (read in order; the method is sections 1-5)
     4. Backbones                     Spec makes Dense, S-Dense or MoE-CNN of ResNet18, WideResNet, VGG16,
                                      DenseNet; MoECNN wraps them
     5. SA, RA (PGD-50), RA-AA, the routing under attack (Insight 2), GFLOPs: evaluate, routing_summary
-    6. Not needed for the method: the masked (GPU) and soft forwards, the global router, regularizers
+    6. Beside the method: masked (CUDA's path) and soft forwards, the global router, the regularizers
     7-14. Operations: settings, data, the training loop, AT(Sparse)'s pruning, files, report, bench, CLI
     The deviations from the paper are listed at the end of the file; each is marked NOTE(ours) where made.
     The main one: MoE experts share a core, upcycled and balanced (deviation 14), since independent experts
-    learned 16 points worse than S-Dense here; --no-shared-core --tie-epochs 0 --balance 0 is the paper's.
+    learned 16 points worse than S-Dense here; --no-shared-core (which turns all three off) is the paper's.
 """
 from __future__ import annotations
 
-import argparse, contextlib, copy, dataclasses, datetime, functools, inspect, json, math, os, subprocess, sys
-import time
-from dataclasses import dataclass, field
+import argparse, contextlib, copy, dataclasses, datetime, functools, importlib, inspect, json, math, os
+import subprocess, sys, time
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -57,9 +56,7 @@ MEAN_STD = {  # per-channel mean and std; the model normalizes as its first laye
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "cifar100": ((0.5071, 0.4865, 0.4409), (0.2673, 0.2564, 0.2762)),
     "tinyimagenet": ((0.4802, 0.4481, 0.3975), (0.2770, 0.2691, 0.2821)),
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    "synthetic": ((0.5, 0.5, 0.5), (0.25, 0.25, 0.25)),
-}
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)), "synthetic": ((0.5,) * 3, (0.25,) * 3)}
 
 # ==================================================================================================
 # 1. The MoE layer: router, top-1 gate with a straight-through estimator, channel-expert convolution
@@ -68,6 +65,7 @@ MEAN_STD = {  # per-channel mean and std; the model normalizes as its first laye
 # weight of N*r*C filters); a small router looks at the layer's input and picks one expert per input
 # (top-1, hard). Every input thus runs a pathway of r*C channels per layer, S-Dense's width, whatever N.
 # The choice is an argmax, so it has no gradient: the straight-through estimator below gives the router one.
+# By default the experts share a core, W_e = W_shared + D_e (NOTE(ours), deviation 14: MoEConv.filters).
 #
 # Gate: one MoE layer's routing decision for a batch, returned to the caller (never stored on a module):
 # logits (B, N) router scores, choice (B,) the chosen expert e(b), scale (B,) exactly 1.0 in value that
@@ -82,7 +80,8 @@ def top1_gate(logits: torch.Tensor, random: torch.Generator | None = None) -> Ga
     choice = probs.argmax(-1) if random is None else torch.randint(
         probs.shape[1], probs.shape[:1], generator=random, device=probs.device)  # (B,)
     p = probs.gather(1, choice[:, None]).squeeze(1)                           # (B,) p_{e(b)}
-    # s_b = 1 + p_{e(b)} - sg(p_{e(b)}): value 1 (the hard one-hot), gradient that of p_{e(b)}
+    # s_b = 1 + p_{e(b)} - sg(p_{e(b)}): value 1 (the hard one-hot), gradient that of p_{e(b)}, so with
+    # y_b = s_b E_e(x_b) the router gets dL/dp_{e(b)} = <dL/dy_b, E_e(x_b)> (sg: stop-gradient, detach)
     # NOTE(official code): theirs copies the hard one-hot's gradient to the N raw scores (no softmax); here it
     # flows through the softmax into every logit (both are "straight-through").
     return Gate(logits, choice, 1.0 + (p - p.detach()))
@@ -106,12 +105,12 @@ def router_head(cin: int, n_experts: int) -> nn.Linear:
     nn.init.normal_(head.weight, 0.0, 0.01)
     return head
 
-@dataclass
+@dataclasses.dataclass
 class Routing:
     """The routing of one forward pass, passed down by the model's forward; each MoE layer appends its Gate.
     Nothing is stored on a module, so TRADES' clean and adversarial forwards never mix their routings."""
     dispatch: str                           # "sparse" here; "masked" | "soft": section 6
-    gates: list = field(default_factory=list)
+    gates: list = dataclasses.field(default_factory=list)
     shared: Gate | None = None              # the global router's gate, used by every layer (section 6)
     random: torch.Generator | None = None   # route to uniformly random experts (evaluation, section 5)
 
@@ -256,7 +255,8 @@ def advmoe_step(model: nn.Module, opts: dict, batches: list, obj: Objective, red
     """One iteration of Algorithm 1, lines 3-5."""
     # 3: draw two different random batches B_phi and B_psi (two independent shuffles: batch_streams)
     (x_phi, y_phi), (x_psi, y_psi) = batches
-    # 4: lower level: with psi fixed, update phi by minimizing L_TRADES with a K-step PGD attack, SGD on B_phi
+    # 4: lower level: with psi fixed, update phi by minimizing L_TRADES (+ R(phi): robust_loss) with a K-step
+    #    PGD attack, SGD on B_phi
     #    (psi's weights are fixed; its BatchNorm running statistics still update on B_phi: deviation 6)
     router_stats = level(model, opts["phi"], x_phi, y_phi, obj, regularize=True, reduce=reduce)
     # 5: upper level: with phi fixed (= phi*, one SGD step here, not the argmin), update psi by minimizing
@@ -316,7 +316,9 @@ def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objecti
     # trades: CE(f(x), y) + beta KL(f(x) || f(x')); pgdat: CE(f(x'), y); natural: CE(f(x), y)
     objective = trades_loss(logits, logits_adv, y, obj.beta) if obj.loss == "trades" else \
         F.cross_entropy(logits.float(), y)
-    # R(phi): the balance term (0.1 by default, deviation 14), --router-supervision, --router authors (sec. 6)
+    # R(phi) = 0.1 * N * sum_k f_k P_k by default: the Switch balance term (deviation 14; f_k the share of
+    # inputs routed to expert k, P_k its mean router probability), averaged over the MoE layers; section 6
+    # also holds the options --router-supervision and --router authors (the authors' router loss)
     reg = routing_regularizer(gates, gates_adv, y, obj)
     stats = {"loss": objective.detach(), "acc": (logits.argmax(1) == y).float().mean(),
              "acc_adv": (logits_adv.argmax(1) == y).float().mean()}
@@ -350,17 +352,19 @@ def level(model: nn.Module, opt: torch.optim.Optimizer, x, y, obj: Objective, re
 
 def make_optimizers(model: nn.Module, s, device) -> dict[str, torch.optim.Optimizer]:
     """AdvMoE: one SGD for the routers phi and one for the backbone psi, same settings, one schedule (the
-    paper: no new hyper-parameters; --router-lr scales phi's rate, deviation 7). Joint methods: one SGD over
-    everything, or over phi or psi alone (--train-params, the Sec. 4 study)."""
+    paper adds no hyper-parameter here; --router-lr scales phi's rate, deviation 7). Joint methods: one SGD
+    over everything, or over phi or psi alone (--train-params, the Sec. 4 study)."""
     # each group keeps its base_lr, which set_lr scales every iteration
-    # the fused CUDA kernel where there is one (None: torch's default on the CPU)
-    fused = True if device.type == "cuda" else None
-    kw = dict(lr=s.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=fused)
+    # fused: the CUDA kernel where there is one (True on CUDA; None: torch's default on the CPU)
+    kw = dict(lr=s.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=device.type == "cuda" or None)
     phi = {"params": router_params(model), "base_lr": s.lr * s.router_lr, "name": "routers"}
     # --shared-core: the experts' offsets D_e, held at 0 for the first --tie-epochs (upcycling), then trained
     offsets = {m.weight for m in model.modules() if isinstance(m, MoEConv) and m.core is not None}
-    psi = [{"params": [p for p in backbone_params(model) if (p in offsets) == tied], "base_lr": s.lr,
-            "name": name} for name, tied in (("backbone", False), ("offsets", True)) if offsets or not tied]
+    psi = [{"params": [p for p in backbone_params(model) if p not in offsets], "base_lr": s.lr,
+            "name": "backbone"}]
+    if offsets:  # a group of their own, which set_lr can hold at 0
+        psi.append({"params": [p for p in backbone_params(model) if p in offsets], "base_lr": s.lr,
+                    "name": "offsets"})
     if s.method == "advmoe":
         return {"phi": torch.optim.SGD([phi], **kw), "psi": torch.optim.SGD(psi, **kw)}
     groups = {"all": psi + ([phi] if phi["params"] else []), "routers": [phi], "backbone": psi}
@@ -399,7 +403,7 @@ def batch_streams(data, s, epoch: int):
 # blocks but the projection shortcuts; shared by the experts: the stem, projection shortcuts, pre-activation
 # BatchNorms and the classifier (deviations 4, 5). A pathway (one expert per routed conv) thus has exactly
 # S-Dense's shapes and cost. Reading order: Spec, ResNet-18 (the paper's main backbone), then MoECNN.
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Spec:
     """What tells Dense (r = 1, N = 1), S-Dense (r < 1, N = 1) and MoE-CNN (N >= 2) apart, for any backbone.
     Channel counts passed in are the paper's C (a tuple: a concatenation of groups, DenseNet). layer_router:
@@ -452,7 +456,7 @@ class Stem(nn.Module):
 # projection shortcut is shared by the experts. Routed: both 3x3 convs of every block, 16 MoE layers. At
 # CIFAR-10 Dense has 11.17 M parameters and 1.11 GFLOPs per image; S-Dense (r = 0.5) 2.80 M and 0.28; the
 # MoE-CNN (N = 2) 5.55 M, of which one pathway, 0.28 GFLOPs, runs per image: S-Dense's cost, twice its
-# weights.
+# weights (8.30 M with the default shared core: a core and N offsets per routed conv, deviation 14).
 class BasicBlock(nn.Module):
     """ResNet block: relu(BN(conv2(relu(BN(conv1 x)))) + shortcut(x)); both 3x3 convs routed."""
     def __init__(self, spec: Spec, cin: int, cout: int, stride: int):
@@ -611,8 +615,9 @@ class MoECNN(nn.Module):
         # NOTE(official code), --router authors: their routing has one BatchNorm shared by a layer's experts
         # and a router whose pooled features are not standardized (and which learns from its own loss only)
         authors = router == "authors"
-        spec = Spec(ratio, n_experts, router == "layer", width, shared_bn or authors,
-                    router_standardize and not authors, shared_core)
+        spec = Spec(ratio, n_experts, layer_router=router == "layer", base=width,
+                    shared_bn=shared_bn or authors, standardized=router_standardize and not authors,
+                    shared_core=shared_core)
         self.backbone = BACKBONES[arch](spec, num_classes, image_size)
         self.global_router = GlobalRouter(n_experts, spec.standardized) \
             if (router != "layer" and n_experts > 1) else None
@@ -623,9 +628,8 @@ class MoECNN(nn.Module):
         # "auto": the sparse path on the CPU (only the chosen experts), the masked one on CUDA (no host sync)
         dispatch = ("masked" if x.is_cuda else "sparse") if dispatch == "auto" else dispatch
         x = (x - self.mean) / self.std               # (B, 3, H, W), inputs in [0,1] normalized here
-        routing = Routing(dispatch, random=random_routing)
-        if self.global_router is not None:
-            routing.shared = top1_gate(self.global_router(x), random_routing)
+        shared = None if self.global_router is None else top1_gate(self.global_router(x), random_routing)
+        routing = Routing(dispatch, shared=shared, random=random_routing)
         # every MoE layer of the backbone appends its Gate to routing.gates, in forward order; with the global
         # router (section 6) its one Gate is decided above and every layer reuses it
         logits = self.backbone(x, routing)
@@ -736,31 +740,28 @@ def evaluate(model: nn.Module, data, s, steps: int | None = None, limit: int = 0
                 if take:
                     found += adversaries(name, model, x[:take], y[:take], s, steps, gens[name], log)
             # classify each attack's examples (and the clean batch) once more, recording the pathways: the
-            # routing under attack is compared with the clean routing input by input
+            # routing under attack is compared with the clean routing input by input. "random routing": the
+            # clean batch, each MoE layer drawing its expert uniformly (the global router: one draw per image)
             with torch.no_grad():
-                for label, x_adv in found:
-                    logits, gates = model(x_adv, return_routing=True)
+                for label, x_adv in found + ([("random routing", x)] if routed else []):
+                    random = gens[label] if label == "random routing" else None
+                    logits, gates = model(x_adv, return_routing=True, random_routing=random)
                     correct.setdefault(label, []).append(logits.argmax(1) == y[:len(x_adv)])
                     if gates and label in paths:
                         paths[label].append(torch.stack([g.choice for g in gates], 1))
-                # each MoE layer draws its expert uniformly (the global router: one draw per image)
-                if routed:
-                    rand = model(x, random_routing=gens["random routing"]).argmax(1) == y
-                    correct.setdefault("random routing", []).append(rand)
             if log:
                 log(f"  evaluated {done + len(y)}/{data.eval_len(limit, split)} images of {split}")
     # the numbers of the docstring; the AutoAttack components' labels ("autoattack/<name>") are reported, not
     # counted in RA-worst, which runs over the images every final attack saw
     ok = {k: torch.cat(v) for k, v in correct.items()}                           # label -> (n_a,)
-    rand_ok = ok.pop("random routing", None)
+    rand = percent(ok.pop("random routing")) if "random routing" in ok else None
     # final: the clean prediction and every attack's final examples (AutoAttack's "autoattack/<component>"
     # rows are steps within it); RA-worst ANDs them over the first seen_all images, those every attack saw
     pgd_ok, final = ok[f"pgd{steps}"], ["clean"] + [k for k in ok if k != "clean" and "/" not in k]
     seen_all = min(len(ok[k]) for k in final)                             # images every final attack saw
     ras = {k: percent(v) for k, v in ok.items() if k != "clean"}
-    result = {"sa": percent(ok["clean"]), "ra": percent(pgd_ok),
-              "sa_random_routing": None if rand_ok is None else percent(rand_ok), "n": len(ok["clean"]),
-              "attacks": ras,
+    result = {"sa": percent(ok["clean"]), "ra": percent(pgd_ok), "sa_random_routing": rand,
+              "n": len(ok["clean"]), "attacks": ras,
               "attack": f"PGD-{steps} (CE, eps {s.eps:.5f}, step {s.test_step_size:.5f}, uniform start)",
               "attack_n": {k: len(v) for k, v in ok.items() if k != "clean"},
               "ra_worst": percent(torch.stack([ok[k][:seen_all] for k in final]).all(0)),
@@ -858,10 +859,11 @@ def gflops_per_input(model: nn.Module, x: torch.Tensor) -> float:
 # ==================================================================================================
 # 6. The speed path and the variants: masked and soft forwards, the global router, routing regularizers
 # ==================================================================================================
-# None of this is needed to follow the method. A GPU prefers to run every expert on every input and keep each
-# input's own expert (the masked forward, also the tests' reference for the sparse path); the same forward
-# mixes the experts by the router's probabilities for the soft attack (section 5). Then the routing variants
-# the paper does not train: one global router for every layer (the authors' code), routing regularizers.
+# Nothing here changes what the method computes. A GPU prefers to run every expert on every input and keep
+# each input's own expert (the masked forward: CUDA trains on it; the tests' reference for the sparse path);
+# the same forward mixes the experts by the router's probabilities for the soft attack (section 5). Then the
+# routing variants the paper does not train: one global router for every layer (the authors' code), and the
+# routing regularizers (the default balance term of section 3's R(phi), the authors' router loss).
 def masked_forward(self: MoEConv, x: torch.Tensor, gate: Gate, soft: bool = False):
     """The sparse path reads the group sizes on the host, which stalls a GPU once per layer; on CUDA ("auto")
     every expert runs on every input instead (static shapes, no host read, one graph for torch.compile) at N
@@ -934,9 +936,9 @@ class GlobalRouter(nn.Module):
 AUTHORS_ALPHA = 6.0
 
 def routing_regularizer(gates: list[Gate], gates_adv: list[Gate], y: torch.Tensor, obj) -> torch.Tensor:
-    """NOTE(ours), deviation 7: terms the paper does not have, averaged over the gates given (every MoE layer
-    of the clean and of the adversarial forward); both weights are 0 by default. --router authors: the
-    authors' router loss instead, the only one their router learns from."""
+    """NOTE(ours), deviations 7 and 14: terms the paper does not have, averaged over the gates given (each MoE
+    layer of the clean and of the adversarial forward); by default only the balance term, 0.1 with the shared
+    core. --router authors: the authors' router loss instead, the only one their router learns from."""
     total, balance, supervision = torch.zeros((), device=y.device), obj.balance, obj.supervision
     if obj.authors:
         # NOTE(official code): alpha * CE(g(x), y mod N) + beta * KL(g(x) || g(x_adv)) on the global gate
@@ -962,7 +964,7 @@ def routing_regularizer(gates: list[Gate], gates_adv: list[Gate], y: torch.Tenso
 class ConfigError(ValueError):
     """Bad user input: the CLI prints it on one line and exits with status 2."""
 
-@dataclass
+@dataclasses.dataclass
 class Settings:
     """Every flag of a run. The comment above a field is its --help; a "# ---" line starts a group."""
     # --- what to train
@@ -1054,15 +1056,13 @@ class Settings:
     # torch.compile the training forwards (on CUDA one graph, replayed as CUDA graphs)
     compile: bool = False
     def __post_init__(self):
-        """A bad value is a one-line ConfigError naming the flag and the fix; eps left out is derived here."""
-        if self.eps is None:
-            self.eps = 2 / 255 if self.dataset in ("tinyimagenet", "imagenet") else 8 / 255
-        if self.router_supervision is None:
-            self.router_supervision = AUTHORS_ALPHA if self.router == "authors" else 0.0
+        """A bad value: a one-line ConfigError naming the flag and the fix. Defaults left None are derived."""
         if self.shared_core is None:  # deviation 14's recipe: upcycled shared-core experts, balanced
             self.shared_core = self.method in MOE_METHODS and self.router != "authors"
-        self.tie_epochs = self.epochs // 4 * self.shared_core if self.tie_epochs is None else self.tie_epochs
-        self.balance = 0.1 * self.shared_core if self.balance is None else self.balance
+        derived = {"eps": 2 / 255 if self.dataset in ("tinyimagenet", "imagenet") else 8 / 255,
+                   "router_supervision": AUTHORS_ALPHA if self.router == "authors" else 0.0,
+                   "tie_epochs": self.epochs // 4 * self.shared_core, "balance": 0.1 * self.shared_core}
+        vars(self).update({k: v for k, v in derived.items() if getattr(self, k) is None})
         # (the test a value passes, its flags, what it must be); --eval-attacks: a comma-separated list
         finite = lambda v: math.isfinite(v) and v >= 0  # noqa: E731
         rules = [
@@ -1109,18 +1109,16 @@ class Settings:
 
 def flag(name: str) -> str:
     return "--" + name.replace("_", "-")
-
 def import_torchattacks():
-    try:
-        import torchattacks
-    except ImportError:
-        raise ConfigError("--eval-attacks square and autoattack need the optional package torchattacks: "
-                          "pip install --no-deps torchattacks scipy") from None
-    return torchattacks
+    with contextlib.suppress(ImportError):
+        return importlib.import_module("torchattacks")
+    raise ConfigError("--eval-attacks square and autoattack need the optional package torchattacks: "
+                      "pip install --no-deps torchattacks scipy")
 
 class Parser(argparse.ArgumentParser):
     def error(self, message: str):  # a bad type or an unknown flag: one line, like every other error
         raise ConfigError(f"{message} (python advmoe.py --help lists the flags)")
+
 @functools.cache  # built from Settings' source once (argparse parsers keep no state between parse_args calls)
 def settings_parser(defaults: bool = True) -> argparse.ArgumentParser:
     """The flags of Settings by group, each field's comment its help; defaults=False: only the flags given."""
@@ -1133,11 +1131,10 @@ def settings_parser(defaults: bool = True) -> argparse.ArgumentParser:
             group = parser.add_argument_group(line[5:].strip())
         elif line.startswith("#"):
             text.append(line[2:])
-        elif (name := line.split(":")[0]) in Settings.__dataclass_fields__:
-            f, kind = Settings.__dataclass_fields__[name], line.split(":")[1].split("=")[0].strip()
-            kw = {"action": argparse.BooleanOptionalAction} if kind == "bool" else {"type": types[kind]}
-            shown = f" (default: {f.default})" if kind != "bool" and f.default not in (None, "") else ""
-            group.add_argument(flag(name), default=f.default if defaults else argparse.SUPPRESS,
+        elif f := Settings.__dataclass_fields__.get(line.split(":")[0]):  # f.type: the annotation, a string
+            kw = {"action": argparse.BooleanOptionalAction} if f.type == "bool" else {"type": types[f.type]}
+            shown = f" (default: {f.default})" if f.type != "bool" and f.default not in (None, "") else ""
+            group.add_argument(flag(f.name), default=f.default if defaults else argparse.SUPPRESS,
                                help=" ".join(text) + shown, **kw)
             text = []
     return parser
@@ -1148,16 +1145,14 @@ def parse_settings(argv: list[str]) -> Settings:
 # 8. Data: inputs in [0,1]; CIFAR-size sets kept on the device as uint8 with batched augmentation
 # ==================================================================================================
 class TensorData:
-    """A data set as uint8 tensors (B, 3, H, W) on the device, augmented a batch at a time; shard: torchrun's
-    (rank, world size). On a GPU: no loader processes, no host copies."""
+    """A data set as uint8 (B, 3, H, W) on the device, augmented a batch at a time; shard: (rank, world)."""
     def __init__(self, train: tuple, test: tuple, val: tuple, num_classes: int, device, shard=(0, 1)):
         splits = zip(("train", "test", "val"), (train, test, val))
         self.splits = {k: tuple(t.to(device) for t in v) for k, v in splits}
         self.num_classes, self.image_size, self.device = num_classes, train[0].shape[-1], device
         self.shard, self.sizes = shard, {k: len(v[1]) for k, v in self.splits.items()}
     def train_batches(self, batch_size: int, gen: torch.Generator):
-        """One shuffled epoch, its randomness (order, crop offsets, flips) drawn at once from `gen`. Every
-        process draws the same shuffle and takes its own part; the last partial batch is dropped."""
+        """One shuffle drawn at once from `gen`, each process its part; the last partial batch is dropped."""
         (x, y), pad = self.splits["train"], 4
         perm = own_part(torch.randperm(len(y), generator=gen), self.shard).to(self.device)
         shifts = torch.randint(0, 2 * pad + 1, (len(y), 2), generator=gen).to(self.device)  # crop offsets
@@ -1178,7 +1173,6 @@ class TensorData:
 def own_part(perm: torch.Tensor, shard: tuple) -> torch.Tensor:
     """This process's part of a shuffle, as many images in each (an extra batch would hang in all-reduce)."""
     return perm[:len(perm) - len(perm) % shard[1]][shard[0]::shard[1]]
-
 def augment(x: torch.Tensor, shifts: torch.Tensor, flips: torch.Tensor, pad: int) -> torch.Tensor:
     """Random crop with zero padding `pad` and horizontal flip of a uint8 batch, in one gather."""
     b, c, h, w = x.shape
@@ -1221,8 +1215,7 @@ class FolderData(TensorData):
 
 SYNTHETIC = (2048, 512)  # training and test images of the synthetic set (--train-n and --eval-n take fewer)
 def synthetic_data(n_train: int, n_test: int, num_classes: int = 10, seed: int = 0):
-    """An offline, learnable CIFAR-shaped set: each image its class's smooth random colour pattern plus a
-    smooth nuisance and pixel noise. Classes differ by far more than 8/255 (a robust classifier exists)."""
+    """Offline CIFAR-shaped images: a class's smooth colour pattern, a smooth nuisance, noise (learnable)."""
     g = torch.Generator().manual_seed(seed)
     protos = F.interpolate(torch.rand(num_classes, 3, 4, 4, generator=g), size=32, mode="bilinear")
     def draw(n):
@@ -1231,10 +1224,8 @@ def synthetic_data(n_train: int, n_test: int, num_classes: int = 10, seed: int =
         x = 0.6 * protos[y] + 0.3 * nuisance + 0.1 * torch.rand(n, 3, 32, 32, generator=g)
         return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
     return draw(n_train), draw(n_test)
-
 def load_cifar(name: str, root: Path) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """CIFAR-10/100 as uint8 (B, 3, 32, 32): DATA_DIR/<name>_{train,test}.npz when present (x: uint8 NHWC,
-    y), else torchvision's copy, downloaded when missing (offline: a one-line error)."""
+    """CIFAR-10/100 as uint8 (B, 3, 32, 32): DATA_DIR/<name>_{train,test}.npz, else torchvision's copy."""
     npz = [root / f"{name}_{split}.npz" for split in ("train", "test")]
     if any(p.exists() for p in npz):
         return [read_npz(p) for p in npz]
@@ -1270,7 +1261,6 @@ def split_train(n: int, train_n: int, val_n: int) -> tuple[torch.Tensor, torch.T
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
     train = perm[val_n:val_n + train_n] if train_n else perm[val_n:]
     return train.sort().values, perm[:val_n].sort().values
-
 def load_data(s: Settings, device, shard: tuple = (0, 1)):
     root = Path(s.data_dir)
     if s.dataset in ("tinyimagenet", "imagenet"):
@@ -1291,25 +1281,19 @@ def load_data(s: Settings, device, shard: tuple = (0, 1)):
 def build_model(s: Settings, num_classes: int, image_size: int) -> MoECNN:
     return MoECNN(s.arch, num_classes, image_size, s.model_ratio, s.model_experts, s.router,
                   MEAN_STD[s.dataset], s.width, s.shared_bn, s.router_standardize, s.shared_core)
-
 def resolve_device(name: str) -> torch.device:
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
     with contextlib.suppress(RuntimeError):
-        device = torch.device(auto if name == "auto" else name)
+        device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
         if device.type == "cpu" or device.type == "cuda" and (device.index or 0) < torch.cuda.device_count():
             return device
     raise ConfigError(f"--device {name} is not a device torch sees here: use cpu, or cuda / cuda:K on a GPU")
-
-def compiled(model: nn.Module, s: Settings, device) -> nn.Module:
+def compiled(model: nn.Module, on: bool, device) -> nn.Module:
     """--compile: torch.compile of the training forwards (on CUDA one graph, replayed as CUDA graphs)."""
     cuda = device.type == "cuda"
-    return torch.compile(model, fullgraph=cuda, mode="reduce-overhead" if cuda else None) if s.compile \
-        else model
-
+    return torch.compile(model, fullgraph=cuda, mode="reduce-overhead" if cuda else None) if on else model
 def train(s: Settings, log: Callable[[str], None] = print) -> dict | None:
-    """Train one model, evaluate it, write <out>/result.json and return it. Each finished epoch writes a
-    checkpoint and its log.jsonl row (--resume loses only the epoch in progress). Under torchrun each process
-    trains on its part of every batch; rank 0 alone logs, checkpoints and evaluates (others return None)."""
+    """Train one model, evaluate it, write <out>/result.json and return it; a checkpoint and a log.jsonl row
+    per epoch. Under torchrun each process trains on its part of every batch; rank 0 writes and evaluates."""
     rank, world, device = distributed(s)
     log, out = (log if rank == 0 else (lambda _: None)), Path(s.out or f"runs/{s.name}")
     if rank == 0:  # only rank 0 writes
@@ -1322,7 +1306,7 @@ def train(s: Settings, log: Callable[[str], None] = print) -> dict | None:
     opts = make_optimizers(model, s, device)
     start, history, seconds, extra = starting_point(out, model, opts, s, data, rank, log)
     sync_model(model)
-    net = compiled(model, s, device)  # checkpoints and evaluation use the module itself
+    net = compiled(model, s.compile, device)  # checkpoints and evaluation use the module itself
     for epoch in range(start, s.epochs):
         t0 = time.perf_counter()
         row = {"epoch": epoch + 1, **train_epoch(net, opts, data, s, epoch, device, log)}
@@ -1369,10 +1353,8 @@ def train_epoch(net: nn.Module, opts: dict, data, s: Settings, epoch: int, devic
         raise FloatingPointError(f"non-finite loss at epoch {epoch + 1}, iteration {bad_step.item() + 1} "
                                  f"(the last checkpoint is kept): lower --lr or check the data")
     return {k: round(v.item() / (it + 1), 4) for k, v in sums.items()}
-
 def epoch_row(row: dict, model, opts: dict, data, s: Settings, history: list, extra: dict, t0, log) -> dict:
-    """The epoch's log row and line: its training statistics, each parameter group's last learning rate, SA /
-    RA (PGD-10) on --quick-eval-n validation images, and the routing now (routing_snapshot)."""
+    """The epoch's log row and line: training statistics, learning rates, SA / RA (PGD-10), the routing."""
     row.update({f"lr_{g['name']}": round(g["lr"], 6) for o in opts.values() for g in o.param_groups})
     if s.quick_eval_n and row["epoch"] < s.epochs:
         split = "val" if data.eval_len(split="val") else "test"  # settings are chosen there
@@ -1390,11 +1372,9 @@ def epoch_row(row: dict, model, opts: dict, data, s: Settings, history: list, ex
                 f"spread {sum(row['expert_spread']) / len(row['expert_spread']):.3f}"
     log(f"epoch {row['epoch']}/{s.epochs} {text}")
     return row
-
 def routing_snapshot(model: nn.Module, data, previous: dict | None = None, fresh: bool = False):
-    """The routing on the first 256 clean validation (else test) images: per MoE layer the top expert's share
-    and the majority expert, the collapsed layers (>= 95% to one expert), pathway diversity, the majorities
-    changed since `previous`; None without routers. fresh (epoch 0): a copy in train mode, as step 1 sees."""
+    """The routing of the first 256 validation (else test) images: per layer the top expert's share and the
+    majority, layers collapsed (>= 95%), pathways, majorities changed; fresh (epoch 0): train mode, a copy."""
     if not router_params(model):
         return None
     split = "val" if data.eval_len(split="val") else "test"
@@ -1404,9 +1384,8 @@ def routing_snapshot(model: nn.Module, data, previous: dict | None = None, fresh
                             for x, _ in data.test_batches(EVAL_BATCH, 256, split)])            # (n, L)
     # f_{l,k}: the share of the inputs layer l routes to expert k, (L, N)
     top, majority = F.one_hot(choice, int(choice.max()) + 1).float().mean(0).max(1)
-    snap = {"split": split, "images": len(choice), "top_share": rounded(top),
-            "majority": majority.tolist(), "collapsed": int((top >= 0.95).sum()),
-            "pathways": pathway_diversity(choice)}
+    snap = {"split": split, "images": len(choice), "top_share": rounded(top), "majority": majority.tolist(),
+            "collapsed": int((top >= 0.95).sum()), "pathways": pathway_diversity(choice)}
     if previous:
         snap["majority_changed"] = sum(a != b for a, b in zip(snap["majority"], previous["majority"]))
     return snap
@@ -1418,7 +1397,6 @@ def expert_spread(model: nn.Module) -> list[float]:
         ref = w.mean(0) if m.core is None else m.core.detach().view(m.cout, -1)
         spread.append(((w - ref).flatten(1).norm(dim=1) / ref.norm()).mean())
     return rounded(torch.stack(spread)) if spread else []  # one host read
-
 def freeze_batchnorm(model: nn.Module, train_params: str):
     """--train-params: the frozen part's BatchNorms (and MoEConvs, which hold them) in eval mode."""
     for name, m in model.named_modules():
@@ -1455,8 +1433,8 @@ def sync_model(model: nn.Module):
 # 10. AT(Sparse): robustness-aware channel pruning of a Dense network (HYDRA, for channels)
 # ==================================================================================================
 def channel_wiring(model: MoECNN) -> dict[nn.Module, tuple[tuple, str]]:
-    """Per layer that reads or writes the pathway's channels: (the groups its input concatenates, the group it
-    writes). Summed outputs (a residual stream) are one group, pruned alike (NOTE(ours), deviation 8)."""
+    """Per layer: (the channel groups its input concatenates, the group it writes); NOTE(ours), deviation 8:
+    summed outputs (a residual stream) are one group, pruned alike."""
     net, wire = model.backbone, {}
     if isinstance(net, (ResNet18, WideResNet)):
         # stream k ("stage{k}"): every conv2 and projection until the next projection; the stem's is ResNet's
@@ -1477,31 +1455,27 @@ def channel_wiring(model: MoECNN) -> dict[nn.Module, tuple[tuple, str]]:
             wire[conv] = ((f"conv{k - 1}",) if k > 1 else (), f"conv{k}")
         groups = (f"conv{len(convs)}",)
     else:  # DenseNet: layer k reads every group before it and appends its own; a transition starts anew
-        wire[net.stem.conv], groups, transitions = ((), "stem"), ("stem",), 0
+        wire[net.stem.conv], groups = ((), "stem"), ("stem",)
         for k, layer in enumerate(net.layers, 1):
             if isinstance(layer, DenseLayer):
                 wire[layer.bn], wire[layer.conv1] = (groups, ""), (groups, f"layer{k}_mid")
                 wire[layer.conv2], groups = ((f"layer{k}_mid",), f"layer{k}"), groups + (f"layer{k}",)
-            else:
-                transitions += 1
-                name = f"transition{transitions}"
+            else:  # transition t: the t-th non-DenseLayer, this one included
+                name = f"transition{sum(not isinstance(m, DenseLayer) for m in net.layers[:k])}"
                 wire[layer["bn"]], wire[layer["conv"]], groups = (groups, ""), (groups, name), (name,)
-    if isinstance(net, (WideResNet, DenseNet)):
-        wire[net.bn] = (groups, "")
-    wire[net.fc] = (groups, "")
+    # the last groups are read by the final pre-activation BatchNorm (WRN, DenseNet) and the classifier
+    wire.update({m: (groups, "") for m in (getattr(net, "bn", None), net.fc) if m is not None})
     return wire
 def channel_groups(model: MoECNN) -> dict[str, int]:
     """Every channel group (see channel_wiring) and its number of channels."""
     wire = channel_wiring(model)
     return {wire[m][1]: m.weight.shape[0] for m in model.modules() if isinstance(m, MoEConv)}
-
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """1 on the k highest scores, 0 elsewhere; straight-through, d mask / d scores = identity (HYDRA)."""
     return torch.zeros_like(scores).scatter_(0, scores.topk(k).indices, 1.0) + (scores - scores.detach())
 
 class ChannelScores(nn.Module):
-    """A Dense network with a learned score per channel of every group; its forward keeps each group's top
-    r*C channels, zeroing the others where read. Only the scores train (BatchNorm statistics follow)."""
+    """A Dense network with a score per channel of each group; forward zeroes all but a group's top r*C."""
     def __init__(self, dense: MoECNN, ratio: float):
         super().__init__()
         self.dense, self.spec, self.wiring = dense, Spec(ratio), channel_wiring(dense)
@@ -1531,8 +1505,7 @@ class ChannelScores(nn.Module):
                 h.remove()
 
 def extract_sparse(dense: MoECNN, keep: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The pruned network as an S-Dense-shaped state dict: each layer's kept rows (outputs) and columns
-    (inputs), so what executes is r*C wide and computes what the masked Dense network does."""
+    """The pruned network as S-Dense's state dict: each layer's kept rows (outputs) and columns (inputs)."""
     sizes, wiring = channel_groups(dense), channel_wiring(dense)
     def kept(groups: tuple) -> torch.Tensor:  # the kept channels of a concatenation of groups, in its indices
         offsets = [0] + torch.tensor([sizes[g] for g in groups]).cumsum(0).tolist()
@@ -1550,14 +1523,12 @@ def extract_sparse(dense: MoECNN, keep: dict[str, torch.Tensor]) -> dict[str, to
                 # W_sparse = W[kept rows][:, kept columns], (r*C_out, r*C_in, k, k)
                 state[f"{name}.{k}"] = v[:, cols] if cols is not None and v.dim() > 1 else v
     return {k: v.detach().clone() for k, v in state.items()}
-
 def prune(s: Settings, data, device, log) -> tuple[dict, dict]:
-    """AT(Sparse), phase 1: learn the --init Dense network's channel scores for epochs/5 epochs, its weights
-    frozen. Returns the pruned state dict (each group's top r*C) and its result.json entry; phase 2: train."""
+    """AT(Sparse), phase 1: learn the --init Dense network's channel scores; (pruned state dict, entry)."""
     dense = MoECNN(s.arch, data.num_classes, data.image_size, mean_std=MEAN_STD[s.dataset], width=s.width)
     if s.init:
         want = {"dataset": s.dataset, "arch": s.arch, "method": "dense", "width": s.width}
-        load_weights(dense.to(device), read_checkpoint(Path(s.init)), s.init, want)
+        load_weights(dense.to(device), read_checkpoint(s.init), s.init, want)
     else:
         log("warning: --method sparse without --init prunes random weights (HYDRA prunes a trained model: "
             "give --init <AT(Dense) run>/checkpoint.pt)")
@@ -1606,7 +1577,6 @@ def finish(model, data, s: Settings, out: Path, history: list, seconds: float, d
     log(f"SA {result['sa']:.2f}  RA {result['ra']:.2f}{others}  RA-worst {result['ra_worst']:.2f}  GFLOPs "
         f"{result['gflops']:.3f}  -> {out / 'result.json'}")
     return result
-
 def device_name(device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)"
 def git_commit() -> str | None:
@@ -1615,7 +1585,6 @@ def git_commit() -> str | None:
                               capture_output=True, check=True).stdout.strip()
     return None
 COMMIT = git_commit()  # read at import: the code that runs, even if the checkout moves on during a long run
-
 def atomic_write(path: Path, write: Callable[[str], None]):
     """Write a temporary file in the same folder, then rename it: a file is there whole, or not at all."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
@@ -1627,7 +1596,6 @@ def atomic_write(path: Path, write: Callable[[str], None]):
         tmp.unlink(missing_ok=True)
 def write_json(path: Path, obj):
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=1) + "\n"))
-
 def check_out(out: Path, s: Settings):
     """The run's folder (made with the run's first file): one that holds a run is never replaced silently."""
     found = [f for f in ("result.json", "checkpoint.pt", "log.jsonl") if (out / f).exists()]
@@ -1652,7 +1620,6 @@ LEGACY = {"shared_bn": False, "router_standardize": True, "shared_core": False, 
 # flags of the run and of its evaluation: --resume and --eval-only may change them, not the recipe
 RUN_FIELDS = ("out", "resume", "eval_only", "device", "data_dir", "compile", "aa_n")
 EVAL_FIELDS = ("eval_n", "eval_attacks", "quick_eval_n", "square_queries", "test_steps")
-
 def save_checkpoint(path: Path, model, opts: dict, s: Settings, epoch: int, history: list, seconds, extra):
     """All that --resume needs; extra: AT(Sparse)'s mask, the routing of epoch 0."""
     atomic_write(path, lambda tmp: torch.save({
@@ -1660,7 +1627,7 @@ def save_checkpoint(path: Path, model, opts: dict, s: Settings, epoch: int, hist
         "history": history, "train_seconds": seconds, "extra": extra, "model": model.state_dict(),
         "opts": {k: o.state_dict() for k, o in opts.items()}, "rng": torch.get_rng_state(),
         "cuda_rng": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}, tmp))
-def read_checkpoint(path: Path) -> dict:
+def read_checkpoint(path: Path | str) -> dict:
     """A checkpoint of save_checkpoint loaded as data (weights_only), anything else a one-line ConfigError;
     settings this file does not know set aside, those it does not record what it was trained with (LEGACY)."""
     try:
@@ -1673,8 +1640,7 @@ def read_checkpoint(path: Path) -> dict:
     return {**ckpt, "settings": {**LEGACY, **{k: v for k, v in ckpt["settings"].items() if k in known}},
             "identity": {**LEGACY, **ckpt["identity"]}}
 def load_weights(model: nn.Module, ckpt: dict, path, want: dict | None = None):
-    """model.load_state_dict of a read checkpoint, refusing (one line, naming every difference) one of another
-    model, or one whose identity differs from `want`."""
+    """model.load_state_dict of a read checkpoint; one of another model, or not `want`: a one-line error."""
     diff = [f"{k} {ckpt['identity'].get(k)!r} != {v!r}" for k, v in (want or {}).items()
             if ckpt["identity"].get(k) != v]
     try:
@@ -1684,7 +1650,6 @@ def load_weights(model: nn.Module, ckpt: dict, path, want: dict | None = None):
         first = "; ".join(diff) or (str(e).strip().splitlines()[1:] or [str(e)])[0].strip()[:160]
         raise ConfigError(f"checkpoint {path} is from another model ({first}): give one of this model, or "
                           f"the same settings") from None
-
 def starting_point(out: Path, model, opts: dict, s: Settings, data, rank: int, log):
     """(first epoch, history, training seconds, extra): --resume from <out>/checkpoint.pt, or a fresh start
     (--init weights, or AT(Sparse)'s pruning) with the routing before training as extra's routing_epoch0."""
@@ -1694,8 +1659,7 @@ def starting_point(out: Path, model, opts: dict, s: Settings, data, rank: int, l
             state, extra = prune(s, data, next(model.parameters()).device, log)
             model.load_state_dict(state)
         elif s.init:  # --init: another run's weights of the same model, of any method (IDENTITY[0])
-            same = {k: getattr(s, k) for k in IDENTITY[1:]}
-            load_weights(model, read_checkpoint(Path(s.init)), s.init, same)
+            load_weights(model, read_checkpoint(s.init), s.init, {k: getattr(s, k) for k in IDENTITY[1:]})
         if rank == 0 and (routing := routing_snapshot(model, data, fresh=True)):
             extra["routing_epoch0"] = routing
             log(f"epoch 0 (before training): routing collapsed in {routing['collapsed']} of "
@@ -1720,11 +1684,9 @@ def starting_point(out: Path, model, opts: dict, s: Settings, data, rank: int, l
         os.replace(out / "result.json", out / f"result_epoch{ckpt['epoch']}_{time.strftime('%m%d%H%M')}.json")
     log(f"resumed {path} after epoch {ckpt['epoch']}")
     return ckpt["epoch"], ckpt["history"], ckpt["train_seconds"], ckpt.get("extra") or {}
-
 def eval_only(s: Settings, given: set[str] = frozenset(), log=print) -> dict:
-    """Evaluate the checkpoint s.eval_only at its own settings but for the run's flags (device, out, ...) and
-    those in `given` (the flags typed); written to --out (default: <the checkpoint's folder>/eval)."""
-    ckpt = read_checkpoint(Path(s.eval_only))
+    """Evaluate s.eval_only at its settings but the run's flags and those `given`; to --out (<dir>/eval)."""
+    ckpt = read_checkpoint(s.eval_only)
     if clash := [flag(k) for k in MODEL_FIELDS if k in given and getattr(s, k) != ckpt["settings"].get(k)]:
         raise ConfigError(f"--eval-only rebuilds the checkpoint's model: drop {', '.join(clash)}")
     s = Settings(**{**ckpt["settings"], **{k: getattr(s, k) for k in set(given) | set(RUN_FIELDS)}})
@@ -1743,11 +1705,9 @@ TABLE1 = ("sdense", "sparse", "moe", "advmoe", "dense")  # Table 1's rows; AT(De
 SPLIT = {"router robustness": "routing.router_robustness", "(uncollapsed layers)":
          "routing.router_robustness_uncollapsed", "MoE robustness": "routing.moe_robustness", "split n":
          "routing.split_n", **{f"({i})": f"routing.split_4way.{k}" for i, k in enumerate(SPLIT_4WAY, 1)}}
-
 def key(path: str) -> Callable[[dict], object]:
     """A getter of a result.json entry: key("routing.split_n")(r) = r["routing"]["split_n"], or None."""
     return lambda r: functools.reduce(lambda d, k: (d or {}).get(k), path.split("."), r)
-
 def read_results(root: Path) -> list[dict]:
     """Every result.json below root, with its folder as "path"; one unreadable is skipped with a warning."""
     results = []
@@ -1759,13 +1719,11 @@ def read_results(root: Path) -> list[dict]:
         except (OSError, ValueError, AssertionError, TypeError) as e:
             print(f"advmoe: warning: skipping {p}, not a complete result.json ({e!r:.60})", file=sys.stderr)
     return results
-
 def recipe(r: dict) -> tuple:
     """What a run trained and how: its settings (LEGACY where unrecorded) but the seed and the run flags."""
     known = {**LEGACY, **r["settings"]}
     return tuple(sorted((k, str(v)) for k, v in known.items() if k in Settings.__dataclass_fields__
                         and k not in RUN_FIELDS + ("seed", "quick_eval_n")))
-
 def cell(runs: list[dict], get: Callable, digits: int = 2) -> str | None:
     """The mean over runs (the seeds of one recipe) of get(run), ± half the range (the number of runs)."""
     v = [x for x in map(get, runs) if x is not None]
@@ -1790,7 +1748,6 @@ def table(title: str, runs: list[dict], columns: dict, note: str = "", per_run: 
     return [f"## {title}", "", *([note, ""] if note else []), "| " + " | ".join(head + [*columns]) + " |",
             "|---|" + "---:|" * (len(head) + len(columns) - 1),
             *("| " + " | ".join("" if c is None else str(c) for c in row) + " |" for row in rows), ""]
-
 def trained(r: dict) -> bool:  # an adversarial training run of every parameter (not --eval-only, Sec. 4)
     st = r["settings"]
     return not st["eval_only"] and st["train_params"] == "all" and r["loss"] != "natural"
@@ -1812,7 +1769,6 @@ RUNS = {**{c: c for c in ("method", "loss", "epochs", "sa", "ra", "ra_worst", "g
 ROUTING_NOTE = ("Collapsed: layers sending >= 95% of the inputs to one expert. Split of PGD examples (% of "
                 "the split n images correct clean): (1) neither routers nor prediction fooled, (2) routers "
                 "only, (3) prediction only, (4) both; router robustness (1)+(3), MoE robustness (1)+(2).")
-
 def report(folder: str) -> str:
     """Markdown of every result.json below `folder`, also in folder/report.md: Table 1 per data set and
     backbone, Table 2, Figs. 7-8, the Sec. 4 study, routing under attack, each recipe over its seeds, runs."""
@@ -1864,7 +1820,7 @@ def bench(argv: list[str], log=print) -> dict:
     for method in ("dense", "sdense", "moe", "advmoe"):
         s = dataclasses.replace(base, method=method)
         model = build_model(s, 10, 32).to(device)
-        opts, net, xb = make_optimizers(model, s, device), compiled(model, s, device), torch.rand(
+        opts, net, xb = make_optimizers(model, s, device), compiled(model, s.compile, device), torch.rand(
             infer_batch, 3, 32, 32, device=device)
         batches = [(torch.rand(b, 3, 32, 32, device=device), torch.randint(10, (b,), device=device))] * 2
         def step():
@@ -1886,10 +1842,9 @@ def bench(argv: list[str], log=print) -> dict:
 # ==================================================================================================
 # 14. Command line
 # ==================================================================================================
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str]) -> int:
     """Flags: train and evaluate (or --eval-only); `report DIR`; `bench`. Exit status 0; 2 on bad input (one
     line on stderr, nothing written); 1 when a run diverged, 130 on Ctrl-C (both keep the last checkpoint)."""
-    argv = sys.argv[1:] if argv is None else argv
     usage = "usage: python advmoe.py report DIR: the paper's tables from the result.json files below DIR"
     try:
         if argv[:1] == ["report"]:
@@ -1915,7 +1870,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))
 
 # ==================================================================================================
 # Deviations from the paper, each marked NOTE(ours) where it is made
@@ -1948,9 +1903,8 @@ if __name__ == "__main__":
 #     the masked path, CUDA's default, runs every expert (N times the experts' FLOPs, as the authors' code).
 # 12. torchrun averages each level's gradients with one all-reduce (DDP's reducer cannot follow a level's
 #     partial backward); CUDA training runs under bf16 autocast; --width, --train-n, --val-n scale a run down.
-# 13. The training attack's step is 1.25 eps / K (the paper gives none; the authors': 5/255 at eps 8/255 and
-#     K = 2).
-# 14. MoE experts share a core (W_e = W_shared + D_e, D_e = 0 at init), are tied for the first quarter of the
-#     epochs (upcycling) and trained with the Switch balance term 0.1 (results/moe_learnability, round 3:
-#     with independent experts the MoE-CNN learned 16 points worse than S-Dense; this recipe still trails it
-#     by about 5 points of training accuracy). --no-shared-core --tie-epochs 0 --balance 0: the paper's MoE.
+# 13. The training attack's step is 1.25 eps / K (none in the paper; the authors': 5/255 at eps 8/255, K = 2).
+# 14. MoE experts share a core (W_e = W_shared + D_e, D_e = 0 at init: the same FLOPs, 1.5x the weights at
+#     N = 2), are tied for the first quarter of the epochs (upcycling) and trained with the Switch balance
+#     term 0.1 (results/moe_learnability, round 3: with independent experts the MoE-CNN learned 16 points
+#     worse than S-Dense; this recipe trails it by about 5). --no-shared-core (all three off) is the paper's.
