@@ -6,7 +6,7 @@ alternating adversarial training (Eq. 1, Algorithm 1) makes an MoE-CNN more robu
 AT(Sparse) and AT(MoE) at S-Dense's inference cost (Table 1).
 Usage
     python advmoe.py --dataset cifar10 --arch resnet18 --method advmoe      # train + evaluate one model
-    python advmoe.py --dataset synthetic --width 0.25 --epochs 3 --out runs/try   # offline, a minute on a CPU
+    python advmoe.py --dataset synthetic --width 0.25 --epochs 3 --out runs/try   # offline, minutes on a CPU
     python advmoe.py --eval-only runs/try/checkpoint.pt                    # evaluate a checkpoint again
     python advmoe.py report runs/                                          # the tables, from result.json
     python advmoe.py bench --device cuda                                   # step time, images/s, GFLOPs
@@ -317,7 +317,7 @@ def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objecti
     objective = trades_loss(logits, logits_adv, y, obj.beta) if obj.loss == "trades" else \
         F.cross_entropy(logits.float(), y)
     # R(phi) = 0.1 * N * sum_k f_k P_k by default: the Switch balance term (deviation 14; f_k the share of
-    # inputs routed to expert k, P_k its mean router probability), averaged over the MoE layers; section 6
+    # inputs routed to expert k, P_k its mean router probability), averaged over the gates; section 6
     # also holds the options --router-supervision and --router authors (the authors' router loss)
     reg = routing_regularizer(gates, gates_adv, y, obj)
     stats = {"loss": objective.detach(), "acc": (logits.argmax(1) == y).float().mean(),
@@ -428,8 +428,8 @@ class Spec:
         """A routed conv: N experts of r*cout filters, each reading the pathway's r*cin channels; shared=True:
         one conv for all experts (stem, projection shortcut)."""
         n = 1 if shared else self.n_experts  # a shared conv: N = 1, so no router either
-        return MoEConv(self.width(cin), self.width(cout), kernel, stride, n, bn, self.layer_router,
-                       self.shared_bn, self.standardized, self.shared_core)
+        return MoEConv(self.width(cin), self.width(cout), kernel, stride, n, bn=bn, router=self.layer_router,
+                       shared_bn=self.shared_bn, standardized=self.standardized, core=self.shared_core)
     def bn(self, channels) -> nn.BatchNorm2d:
         """NOTE(ours), deviation 5: a pre-activation BatchNorm on the pathway, shared by all experts."""
         return nn.BatchNorm2d(self.width(channels))
@@ -445,7 +445,8 @@ class Stem(nn.Module):
     def __init__(self, spec: Spec, cout: int, image_size: int, bn: bool = True):
         super().__init__()
         self.pool = image_size >= 128
-        self.conv = MoEConv(3, spec.width(cout), 7 if self.pool else 3, 2 if self.pool else 1, 1, bn, False)
+        self.conv = MoEConv(3, spec.width(cout), 7 if self.pool else 3, 2 if self.pool else 1, 1, bn=bn,
+                            router=False)
     def forward(self, x, routing):
         x = self.conv(x, routing)  # (B, r*C, H, W), or (B, r*C, H/2, W/2) with the ImageNet stem
         # ImageNet stem: its max-pool halves again, (B, r*C, H/4, W/4)
