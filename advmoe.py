@@ -1843,9 +1843,10 @@ def bench(argv: list[str], log=print) -> dict:
 # ==================================================================================================
 # 14. Command line
 # ==================================================================================================
-def main(argv: list[str]) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Flags: train and evaluate (or --eval-only); `report DIR`; `bench`. Exit status 0; 2 on bad input (one
     line on stderr, nothing written); 1 when a run diverged, 130 on Ctrl-C (both keep the last checkpoint)."""
+    argv = sys.argv[1:] if argv is None else argv  # main() from a notebook reads the command line too
     usage = "usage: python advmoe.py report DIR: the paper's tables from the result.json files below DIR"
     try:
         if argv[:1] == ["report"]:
