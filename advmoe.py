@@ -301,21 +301,20 @@ def training_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Obj
                obj.steps, "normal")
 
 def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objective):
-    """The training loss of one batch, the routing regularizer of its forwards, and the batch's accuracy:
-    "trades" (the paper's): a fresh training attack against the model as it is now, then TRADES at (x, x');
-    "pgdat": CE at the attack's examples only, so "acc" is then the adversarial accuracy (no clean forward);
-    "natural" (Sec. 4's first stage, natural training of any method): CE(f(x), y), no attack."""
+    """The training loss of one batch, the routing regularizer of its forwards, and the batch's accuracy,
+    clean and adversarial (with no attack, or no clean forward, the one forward stands in for both)."""
     # every forward returns its Gates: the routing regularizer reads those of the clean and adversarial ones
     forward = functools.partial(model, return_routing=True)
-    # f(x'), x' = the training attack's example (argmax KL; argmax CE under pgdat); natural: no attack
-    adv = obj.loss != "natural"
-    logits_adv, gates_adv = forward(training_attack(model, x, y, obj)) if adv else (None, [])
-    # f(x); pgdat has no clean forward: its "clean" logits are f(x')
-    logits, gates = forward(x) if obj.loss != "pgdat" else (logits_adv, [])
-    logits_adv = logits if logits_adv is None else logits_adv
-    # trades: CE(f(x), y) + beta KL(f(x) || f(x')); pgdat: CE(f(x'), y); natural: CE(f(x), y)
-    objective = trades_loss(logits, logits_adv, y, obj.beta) if obj.loss == "trades" else \
-        F.cross_entropy(logits.float(), y)
+    if obj.loss == "trades":  # the paper's: a fresh attack against the model as it is now, x' = argmax KL
+        (logits_adv, gates_adv), (logits, gates) = forward(training_attack(model, x, y, obj)), forward(x)
+        # CE(f(x), y) + beta KL(f(x) || f(x'))
+        objective = trades_loss(logits, logits_adv, y, obj.beta)
+    elif obj.loss == "pgdat":  # Madry: CE(f(x'), y), x' = argmax CE; no clean forward
+        (logits_adv, gates_adv), gates = forward(training_attack(model, x, y, obj)), []
+        logits, objective = logits_adv, F.cross_entropy(logits_adv.float(), y)
+    else:  # "natural" (Sec. 4's first stage, natural training of any method): CE(f(x), y), no attack
+        (logits, gates), gates_adv = forward(x), []
+        logits_adv, objective = logits, F.cross_entropy(logits.float(), y)
     # R(phi) = 0.1 * N * sum_k f_k P_k by default: the Switch balance term (deviation 14; f_k the share of
     # inputs routed to expert k, P_k its mean router probability), averaged over the gates; section 6
     # also holds the options --router-supervision and --router authors (the authors' router loss)
@@ -337,12 +336,8 @@ def level(model: nn.Module, opt: torch.optim.Optimizer, x, y, obj: Objective, re
     # sense of Algorithm 1 (they still shape this level's gradient through the forward)
     params = [p for g in opt.param_groups for p in g["params"]]
     opt.zero_grad(set_to_none=True)
-    if obj.authors:  # NOTE(official code): the routers learn from R(phi) alone, the rest from the task loss
-        routers = set(router_params(model))
-        own, rest = [p for p in params if p in routers], [p for p in params if p not in routers]
-        for part, value in ((rest, objective), (own, reg)):
-            if part and value.requires_grad:
-                value.backward(inputs=part, retain_graph=True)
+    if obj.authors:  # --router authors: the routers learn from R(phi) alone (section 6)
+        authors_backward(model, params, objective, reg)
     else:
         loss.backward(inputs=params)
     if reduce:
@@ -936,6 +931,15 @@ class GlobalRouter(nn.Module):
 # NOTE(official code): the weight alpha of their router's class-mod-N loss (--router authors)
 AUTHORS_ALPHA = 6.0
 
+def authors_backward(model: nn.Module, params: list, objective: torch.Tensor, reg: torch.Tensor):
+    """NOTE(official code), --router authors: the routers' gradient is that of R(phi) alone (their router
+    loss), the other parameters' that of the task loss: the task gradient never reaches the router."""
+    routers = set(router_params(model))
+    own, rest = [p for p in params if p in routers], [p for p in params if p not in routers]
+    for part, value in ((rest, objective), (own, reg)):
+        if part and value.requires_grad:
+            value.backward(inputs=part, retain_graph=True)
+
 def routing_regularizer(gates: list[Gate], gates_adv: list[Gate], y: torch.Tensor, obj) -> torch.Tensor:
     """NOTE(ours), deviations 7 and 14: terms the paper does not have, averaged over the gates given (each MoE
     layer of the clean and of the adversarial forward); by default only the balance term, 0.1 with the shared
@@ -1215,6 +1219,7 @@ class FolderData(TensorData):
             yield x.to(self.device), y.to(self.device)
 
 SYNTHETIC = (2048, 512)  # training and test images of the synthetic set (--train-n and --eval-n take fewer)
+@functools.cache  # the same tensors for every run of a process (nothing writes into them)
 def synthetic_data(n_train: int, n_test: int, num_classes: int = 10, seed: int = 0):
     """Offline CIFAR-shaped images: a class's smooth colour pattern, a smooth nuisance, noise (learnable)."""
     g = torch.Generator().manual_seed(seed)
@@ -1382,7 +1387,7 @@ def routing_snapshot(model: nn.Module, data, previous: dict | None = None, fresh
     net = copy.deepcopy(model).train() if fresh else model
     with (contextlib.nullcontext() if fresh else evaluating(net)), torch.no_grad():
         choice = torch.cat([torch.stack([g.choice for g in net(x, return_routing=True)[1]], 1)   # (b, L)
-                            for x, _ in data.test_batches(EVAL_BATCH, 256, split)])            # (n, L)
+                            for x, _ in data.test_batches(256, 256, split)])                  # (n, L)
     # f_{l,k}: the share of the inputs layer l routes to expert k, (L, N)
     top, majority = F.one_hot(choice, int(choice.max()) + 1).float().mean(0).max(1)
     snap = {"split": split, "images": len(choice), "top_share": rounded(top), "majority": majority.tolist(),
