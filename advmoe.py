@@ -27,7 +27,8 @@ Map (read in order; the method is sections 1-5)
     4. Backbones                     Spec makes Dense, S-Dense or MoE-CNN of ResNet18, WideResNet, VGG16,
                                      DenseNet; MoECNN wraps them
     5. SA, RA (PGD-50), RA-AA, the routing under attack (Insight 2), GFLOPs: evaluate, routing_summary
-    6. Beside the method: masked (CUDA's path) and soft forwards, the global router, the regularizers
+    6. Beside the method: masked (CUDA's path) and soft forwards, AutoAttack, the global router, the
+       routing regularizers (the default balance term R(phi) among them)
     7-14. Operations: settings, data, the training loop, AT(Sparse)'s pruning, files, report, bench, CLI
     The deviations from the paper are listed at the end of the file; each is marked NOTE(ours) where made.
     The main one: MoE experts share a core, upcycled and balanced (deviation 14), since independent experts
@@ -65,7 +66,6 @@ MEAN_STD = {  # per-channel mean and std; the model normalizes as its first laye
 # weight of N*r*C filters); a small router looks at the layer's input and picks one expert per input
 # (top-1, hard). Every input thus runs a pathway of r*C channels per layer, S-Dense's width, whatever N.
 # The choice is an argmax, so it has no gradient: the straight-through estimator below gives the router one.
-# By default the experts share a core, W_e = W_shared + D_e (NOTE(ours), deviation 14: MoEConv.filters).
 #
 # Gate: one MoE layer's routing decision for a batch, returned to the caller (never stored on a module):
 # logits (B, N) router scores, choice (B,) the chosen expert e(b), scale (B,) exactly 1.0 in value that
@@ -87,8 +87,75 @@ def top1_gate(logits: torch.Tensor, random: torch.Generator | None = None) -> Ga
     return Gate(logits, choice, 1.0 + (p - p.detach()))
 
 def straight_through(y: torch.Tensor, gate: Gate) -> torch.Tensor:
-    """y_b * s_b: the chosen expert's output in value, the router's gradient in the backward pass."""
+    """y_b * s_b: the chosen expert's output in value, the router's gradient in the backward pass (with no
+    graph to carry it, e.g. under torch.no_grad, s_b is a plain 1 and is skipped)."""
     return y * gate.scale.to(y.dtype)[:, None, None, None] if gate.scale.requires_grad else y
+
+class MoEConv(nn.Module):
+    """A conv (and its BatchNorm) whose output channels are split into N experts of `cout` channels; a router
+    picks one expert per input (Fig. 1a). With N = 1 it is a plain conv (Dense, S-Dense). NOTE(ours),
+    deviation 3: expert e owns filters [e*cout, (e+1)*cout) of one (N*cout, cin, k, k) weight; every expert
+    writes the same cout pathway channels, and the next conv reads them by position."""
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, n_experts: int, bn: bool, router: bool,
+                 shared_bn: bool = False, standardized: bool = True, core: bool = False):
+        super().__init__()
+        self.cout, self.stride, self.padding, self.n = cout, stride, kernel // 2, n_experts
+        self.shared_bn, self.standardized = shared_bn and n_experts > 1, standardized
+        self.weight = nn.Parameter(torch.empty(n_experts * cout, cin, kernel, kernel))
+        # Kaiming (fan_out) of one expert as a standalone conv: std = sqrt(2 / (cout * k * k))
+        nn.init.normal_(self.weight, 0.0, math.sqrt(2.0 / (cout * kernel * kernel)))
+        # NOTE(ours), deviation 14 (Settings' default; --no-shared-core: the paper's independent experts): a
+        # shared core W_shared, and `weight` holds the offsets D_e, 0 at init (filters forms W_e)
+        self.core = nn.Parameter(self.weight.detach()[:cout].clone()) if core and n_experts > 1 else None
+        if self.core is not None:
+            nn.init.zeros_(self.weight)
+        # NOTE(ours), deviation 1: a BatchNorm per expert, stored as one BatchNorm over N*cout channels;
+        # --shared-bn: one BatchNorm over the pathway's cout channels for every expert (the authors' code).
+        self.bn = nn.BatchNorm2d(cout if shared_bn else n_experts * cout) if bn else None
+        # the per-layer router (Fig. A1) on the layer's pooled input
+        self.router = router_head(cin, n_experts) if (router and n_experts > 1) else None
+    def rows(self, e: int) -> slice:
+        """Expert e's filters (and BatchNorm channels)."""
+        return slice(e * self.cout, (e + 1) * self.cout)
+    def filters(self, rows: slice = slice(None)) -> torch.Tensor:
+        """The filters of `rows` (whole experts): W_e; with a shared core W_e = W_shared + D_e, so every
+        routed input trains W_shared as S-Dense's conv: the same functions and cost (W_e formed first)."""
+        w = self.weight[rows]                                                     # (len(rows), cin, k, k)
+        return w if self.core is None else w + self.core.repeat(len(w) // self.cout, 1, 1, 1)
+    def conv(self, x: torch.Tensor, e: int) -> torch.Tensor:
+        """Expert e's filters: (b, cin, H, W) -> (b, cout, H', W')."""
+        return F.conv2d(x, self.filters(self.rows(e)), None, self.stride, self.padding)
+    def normalize(self, y: torch.Tensor, s: slice) -> torch.Tensor:
+        """The BatchNorm's channels s on y (batch statistics in training, running ones in eval). Its running
+        statistics are slices (views) of the BatchNorm's buffers, updated in place."""
+        bn = self.bn
+        return y if bn is None else F.batch_norm(y, bn.running_mean[s], bn.running_var[s], bn.weight[s],
+                                                  bn.bias[s], self.training, bn.momentum, bn.eps)
+    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        # N = 1 (Dense, S-Dense, a shared conv): the conv and its BatchNorm, nothing routed
+        if self.n == 1:
+            return self.normalize(self.conv(x, 0), slice(None))
+        # g_l(x) = top1(softmax(W_l std(GAP(x)))) (std: standardize, below), unless the global router decided
+        # once for every layer
+        pooled = x.mean((2, 3))                                                   # (B, cin)
+        gate = routing.shared if routing.shared is not None else top1_gate(
+            self.router(standardize(pooled) if self.standardized else pooled), routing.random)
+        routing.gates.append(gate)
+        # "masked" and "soft" run every expert on every input, with the same values (section 6: the path
+        # MoECNN picks on CUDA, and the soft attack's forward); skip on a first read
+        if routing.dispatch != "sparse":
+            return masked_forward(self, x, gate, soft=routing.dispatch == "soft")
+        # the sparse path: sort the batch by expert, run each expert on its slice, undo the sort. Only r*C
+        # filters of the N*r*C run per input, so the cost is S-Dense's whatever N.
+        # y_b = E_{e(b)}(x_b): one conv of r*C filters per expert, on the inputs routed to it
+        order, sizes = gate.choice.argsort(), gate.choice.bincount(minlength=self.n).tolist()  # one host read
+        xs = x[order].split(sizes)                                                # N x (b_e, cin, H, W)
+        y = torch.cat([self.conv(xe, e) for e, xe in enumerate(xs) if len(xe)])  # (B, cout, H', W'), by e
+        # each expert's BatchNorm on the inputs routed to it (adjacent in this order), or one for them all
+        y = self.normalize(y, slice(None)) if self.shared_bn else torch.cat([
+            self.normalize(ye, self.rows(e)) for e, ye in enumerate(y.split(sizes)) if len(ye)])
+        # back in the batch's order; s_b multiplies in the router's gradient
+        return straight_through(y[order.argsort()], gate)
 
 def standardize(z: torch.Tensor) -> torch.Tensor:
     """NOTE(ours), deviation 2. Pooled post-ReLU features share a large positive mean, so a plain linear
@@ -114,79 +181,15 @@ class Routing:
     shared: Gate | None = None              # the global router's gate, used by every layer (section 6)
     random: torch.Generator | None = None   # route to uniformly random experts (evaluation, section 5)
 
-class MoEConv(nn.Module):
-    """A conv (and its BatchNorm) whose output channels are split into N experts of `cout` channels; a router
-    picks one expert per input (Fig. 1a). With N = 1 it is a plain conv (Dense, S-Dense). NOTE(ours),
-    deviation 3: expert e owns filters [e*cout, (e+1)*cout) of one (N*cout, cin, k, k) weight; every expert
-    writes the same cout pathway channels, and the next conv reads them by position."""
-    def __init__(self, cin: int, cout: int, kernel: int, stride: int, n_experts: int, bn: bool, router: bool,
-                 shared_bn: bool = False, standardized: bool = True, core: bool = False):
-        super().__init__()
-        self.cout, self.stride, self.padding, self.n = cout, stride, kernel // 2, n_experts
-        self.shared_bn, self.standardized = shared_bn and n_experts > 1, standardized
-        self.weight = nn.Parameter(torch.empty(n_experts * cout, cin, kernel, kernel))
-        # Kaiming (fan_out) of one expert as a standalone conv: std = sqrt(2 / (cout * k * k))
-        nn.init.normal_(self.weight, 0.0, math.sqrt(2.0 / (cout * kernel * kernel)))
-        # NOTE(ours), deviation 14 (on by default; --no-shared-core: independent experts, as the paper's):
-        # W_e = W_shared + D_e, `weight` holding the offsets D_e (0 at init), so every routed input trains
-        # W_shared as S-Dense's conv; the same function class and cost (W_e is formed before the conv)
-        self.core = nn.Parameter(self.weight.detach()[:cout].clone()) if core and n_experts > 1 else None
-        if self.core is not None:
-            nn.init.zeros_(self.weight)
-        # NOTE(ours), deviation 1: a BatchNorm per expert, stored as one BatchNorm over N*cout channels;
-        # --shared-bn: one BatchNorm over the pathway's cout channels for every expert (the authors' code).
-        self.bn = nn.BatchNorm2d(cout if shared_bn else n_experts * cout) if bn else None
-        # the per-layer router (Fig. A1) on the layer's pooled input
-        self.router = router_head(cin, n_experts) if (router and n_experts > 1) else None
-    def forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
-        # N = 1 (Dense, S-Dense, a shared conv): the conv and its BatchNorm, nothing routed
-        if self.n == 1:
-            return self.normalize(self.conv(x, 0), slice(None))
-        # g_l(x) = top1(softmax(W_l std(GAP(x)))), unless the global router decided once for every layer
-        pooled = x.mean((2, 3))                                                   # (B, cin)
-        gate = routing.shared if routing.shared is not None else top1_gate(
-            self.router(standardize(pooled) if self.standardized else pooled), routing.random)
-        routing.gates.append(gate)
-        # "masked" and "soft" run every expert on every input, with the same values (section 6: the path
-        # MoECNN picks on CUDA, and the soft attack's forward); skip on a first read
-        if routing.dispatch != "sparse":
-            return masked_forward(self, x, gate, soft=routing.dispatch == "soft")
-        # the sparse path: sort the batch by expert, run each expert on its slice, undo the sort. Only r*C
-        # filters of the N*r*C run per input, so the cost is S-Dense's whatever N.
-        # y_b = E_{e(b)}(x_b): one conv of r*C filters per expert, on the inputs routed to it
-        order, sizes = gate.choice.argsort(), gate.choice.bincount(minlength=self.n).tolist()  # one host read
-        xs = x[order].split(sizes)                                                # N x (b_e, cin, H, W)
-        y = torch.cat([self.conv(xe, e) for e, xe in enumerate(xs) if len(xe)])  # (B, cout, H', W'), by e
-        # each expert's BatchNorm on the inputs routed to it (adjacent in this order), or one for them all
-        y = self.normalize(y, slice(None)) if self.shared_bn else torch.cat([
-            self.normalize(ye, self.rows(e)) for e, ye in enumerate(y.split(sizes)) if len(ye)])
-        # back in the batch's order; s_b multiplies in the router's gradient
-        return straight_through(y[order.argsort()], gate)
-    def rows(self, e: int) -> slice:
-        """Expert e's filters (and BatchNorm channels)."""
-        return slice(e * self.cout, (e + 1) * self.cout)
-    def filters(self, rows: slice = slice(None)) -> torch.Tensor:
-        """The filters of `rows` (whole experts): W_e, or W_shared + D_e under --shared-core."""
-        w = self.weight[rows]                                                     # (len(rows), cin, k, k)
-        return w if self.core is None else w + self.core.repeat(len(w) // self.cout, 1, 1, 1)
-    def conv(self, x: torch.Tensor, e: int) -> torch.Tensor:
-        """Expert e's filters: (b, cin, H, W) -> (b, cout, H', W')."""
-        return F.conv2d(x, self.filters(self.rows(e)), None, self.stride, self.padding)
-    def normalize(self, y: torch.Tensor, s: slice) -> torch.Tensor:
-        """The BatchNorm's channels s on y (batch statistics in training, running ones in eval). Its running
-        statistics are slices (views) of the BatchNorm's buffers, updated in place."""
-        bn = self.bn
-        return y if bn is None else F.batch_norm(y, bn.running_mean[s], bn.running_var[s], bn.weight[s],
-                                                  bn.bias[s], self.training, bn.momentum, bn.eps)
-
 # ==================================================================================================
 # 2. Attacks and losses: one l_inf PGD that maximizes any loss; TRADES
 # ==================================================================================================
-# Robustness is accuracy under the worst perturbation delta with |delta|_inf <= eps. Every gradient attack is
-# one projected sign-gradient ascent (pgd) on some loss: cross-entropy for the test RA, TRADES' KL to the
-# clean output for the training attack. An MoE-CNN offers an attack two ways in (Sec. 4): move the routers'
-# choices (another pathway) or fool the pathway chosen; a gradient through the straight-through gate carries
-# both. TRADES trades clean accuracy for a flat output around each input, with the weight beta = 1/lambda.
+# Robustness is accuracy under the worst perturbation delta with |delta|_inf <= eps. Every gradient attack of
+# this file is one projected sign-gradient ascent (pgd) on some loss (AutoAttack's come from torchattacks):
+# cross-entropy for the test RA, TRADES' KL to the clean output for the training attack. An MoE-CNN offers
+# an attack two ways in (Sec. 4): move the routers' choices (another pathway) or fool the pathway chosen; a
+# gradient through the straight-through gate carries both. TRADES trades clean accuracy for a flat output
+# around each input, with the weight beta = 1/lambda.
 @contextlib.contextmanager
 def evaluating(model: nn.Module):
     """Eval mode for the duration (BatchNorm running statistics), then every module's own mode back (a part
@@ -245,8 +248,8 @@ def trades_loss(logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor,
 # AdvMoE therefore alternates: the routers are fitted to the current experts (lower level), the experts to the
 # routers so fitted (upper level), each against an attack regenerated for the model as it then is. Every
 # method below is a step function over a list of batches; the training loop (section 9) only calls it.
-# Reading order: advmoe_step and joint_step, then what they call: robust_loss (a fresh attack, then the
-# loss), level (one SGD step of some parameters), the optimizers, the schedule, the two batch streams.
+# Reading order: advmoe_step and joint_step, the optimizers they step, then what they call: robust_loss (a
+# fresh attack, then the loss), level (one SGD step of some parameters), the schedule, the batch streams.
 # Eq. (1), the bi-level problem AdvMoE solves (psi: backbone and experts; phi: routers; D: the training set):
 #     min_psi L_TRADES(psi, phi*(psi); D)   s.t.   phi*(psi) = argmin_phi L_TRADES(psi, phi; D)
 # Algorithm 1 solves it by alternating optimization: one SGD step of each level per iteration, the lower
@@ -271,6 +274,26 @@ def joint_step(model: nn.Module, opts: dict, batches: list, obj: Objective, redu
     routers = any(g["name"] == "routers" for g in opts["all"].param_groups)
     return level(model, opts["all"], *batches[0], obj, regularize=routers, reduce=reduce)
 
+def make_optimizers(model: nn.Module, s, device) -> dict[str, torch.optim.Optimizer]:
+    """AdvMoE: one SGD for the routers phi and one for the backbone psi, same settings, one schedule (the
+    paper adds no hyper-parameter here; --router-lr scales phi's rate, deviation 7). Joint methods: one SGD
+    over everything, or over phi or psi alone (--train-params, the Sec. 4 study)."""
+    # each group keeps its base_lr, which set_lr scales every iteration
+    # fused: the CUDA kernel where there is one (True on CUDA; None: torch's default on the CPU)
+    kw = dict(lr=s.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=device.type == "cuda" or None)
+    phi = {"params": router_params(model), "base_lr": s.lr * s.router_lr, "name": "routers"}
+    # --shared-core: the experts' offsets D_e, held at 0 for the first --tie-epochs (upcycling), then trained
+    offsets = {m.weight for m in model.modules() if isinstance(m, MoEConv) and m.core is not None}
+    psi = [{"params": [p for p in backbone_params(model) if p not in offsets], "base_lr": s.lr,
+            "name": "backbone"}]
+    if offsets:  # a group of their own, which set_lr can hold at 0
+        psi.append({"params": [p for p in backbone_params(model) if p in offsets], "base_lr": s.lr,
+                    "name": "offsets"})
+    if s.method == "advmoe":
+        return {"phi": torch.optim.SGD([phi], **kw), "psi": torch.optim.SGD(psi, **kw)}
+    groups = {"all": psi + ([phi] if phi["params"] else []), "routers": [phi], "backbone": psi}
+    return {"all": torch.optim.SGD(groups[s.train_params], **kw)}
+
 # Every method: its step function and the number of batch streams it draws per iteration (AdvMoE reads two
 # batches per iteration: twice the images and backward passes of a joint method per epoch).
 STEPS = {"advmoe": (advmoe_step, 2), "moe": (joint_step, 1), "sdense": (joint_step, 1),
@@ -280,11 +303,9 @@ MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
 # NOTE(paper): TRADES' weight 1/lambda = beta = 6 for every method (the TRADES default).
 BETA = 6.0
 
-# All that the training objective and its inner attack read (Settings.objective builds it): the loss, "trades"
-# (the paper's) | "pgdat" (Madry: CE at PGD examples) | "natural"; beta, TRADES' weight 1/lambda; the training
-# attack's l_inf radius eps (pixel units), its step alpha (1.25 eps / K, deviation 13) and its K steps; the
-# routing regularizer's weights balance and supervision (section 6, deviations 7 and 14; 0 in the paper);
-# authors: the router learns from the authors' router loss only (--router authors).
+# All that the training loss and its inner attack read (Settings.objective builds it): the loss ("trades":
+# the paper's), beta, the attack's eps (pixel units), step alpha (1.25 eps / K, deviation 13) and K steps;
+# then the routing regularizer's settings (section 6).
 Objective = NamedTuple("Objective", [("loss", str), ("beta", float), ("eps", float), ("step_size", float),
                                      ("steps", int), ("balance", float), ("supervision", float),
                                      ("authors", bool)])
@@ -309,15 +330,13 @@ def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objecti
         (logits_adv, gates_adv), (logits, gates) = forward(training_attack(model, x, y, obj)), forward(x)
         # CE(f(x), y) + beta KL(f(x) || f(x'))
         objective = trades_loss(logits, logits_adv, y, obj.beta)
-    elif obj.loss == "pgdat":  # Madry: CE(f(x'), y), x' = argmax CE; no clean forward
+    elif obj.loss == "pgdat":  # an option, Madry: CE(f(x'), y), x' = argmax CE; no clean forward
         (logits_adv, gates_adv), gates = forward(training_attack(model, x, y, obj)), []
         logits, objective = logits_adv, F.cross_entropy(logits_adv.float(), y)
-    else:  # "natural" (Sec. 4's first stage, natural training of any method): CE(f(x), y), no attack
+    else:  # an option, "natural" (Sec. 4's first stage, natural training): CE(f(x), y), no attack
         (logits, gates), gates_adv = forward(x), []
         logits_adv, objective = logits, F.cross_entropy(logits.float(), y)
-    # R(phi) = 0.1 * N * sum_k f_k P_k by default: the Switch balance term (deviation 14; f_k the share of
-    # inputs routed to expert k, P_k its mean router probability), averaged over the gates; section 6
-    # also holds the options --router-supervision and --router authors (the authors' router loss)
+    # R(phi), from the gates of both forwards (section 6; see level)
     reg = routing_regularizer(gates, gates_adv, y, obj)
     stats = {"loss": objective.detach(), "acc": (logits.argmax(1) == y).float().mean(),
              "acc_adv": (logits_adv.argmax(1) == y).float().mean()}
@@ -330,7 +349,11 @@ def level(model: nn.Module, opt: torch.optim.Optimizer, x, y, obj: Objective, re
     """One adversarial-training update of the parameters `opt` holds; the others stay fixed. `reduce`, if
     given, acts on those parameters' gradients before the step (torchrun averages them over processes)."""
     objective, reg, stats = robust_loss(model, x, y, obj)
-    # L = L_TRADES(psi, phi; B), + R(phi) where the routers are the ones trained (regularize)
+    # R(phi) = 0.1 * N * sum_k f_k P_k by default: the Switch balance term (deviation 14; f_k the share of
+    # inputs routed to expert k, P_k its mean router probability), averaged over the gates. Section 6 also
+    # holds the options --router-supervision and --router authors (the authors' router loss).
+    # L = L_TRADES(psi, phi; B), + R(phi) where the routers are trained (regularize): AdvMoE's lower level,
+    # or a joint method's one loss (whose R(phi) gradient then also reaches psi, through the pooled features)
     loss = objective + reg if regularize else objective
     # backward(inputs=...) leaves the other level's .grad untouched: its parameters are "fixed" in the
     # sense of Algorithm 1 (they still shape this level's gradient through the forward)
@@ -344,26 +367,6 @@ def level(model: nn.Module, opt: torch.optim.Optimizer, x, y, obj: Objective, re
         reduce(params)
     opt.step()
     return stats
-
-def make_optimizers(model: nn.Module, s, device) -> dict[str, torch.optim.Optimizer]:
-    """AdvMoE: one SGD for the routers phi and one for the backbone psi, same settings, one schedule (the
-    paper adds no hyper-parameter here; --router-lr scales phi's rate, deviation 7). Joint methods: one SGD
-    over everything, or over phi or psi alone (--train-params, the Sec. 4 study)."""
-    # each group keeps its base_lr, which set_lr scales every iteration
-    # fused: the CUDA kernel where there is one (True on CUDA; None: torch's default on the CPU)
-    kw = dict(lr=s.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=device.type == "cuda" or None)
-    phi = {"params": router_params(model), "base_lr": s.lr * s.router_lr, "name": "routers"}
-    # --shared-core: the experts' offsets D_e, held at 0 for the first --tie-epochs (upcycling), then trained
-    offsets = {m.weight for m in model.modules() if isinstance(m, MoEConv) and m.core is not None}
-    psi = [{"params": [p for p in backbone_params(model) if p not in offsets], "base_lr": s.lr,
-            "name": "backbone"}]
-    if offsets:  # a group of their own, which set_lr can hold at 0
-        psi.append({"params": [p for p in backbone_params(model) if p in offsets], "base_lr": s.lr,
-                    "name": "offsets"})
-    if s.method == "advmoe":
-        return {"phi": torch.optim.SGD([phi], **kw), "psi": torch.optim.SGD(psi, **kw)}
-    groups = {"all": psi + ([phi] if phi["params"] else []), "routers": [phi], "backbone": psi}
-    return {"all": torch.optim.SGD(groups[s.train_params], **kw)}
 
 def set_lr(opts: dict, progress: float, tied: bool = False):
     """The one schedule of every level: lr_t = lr_0 (1 + cos(pi t / T)) / 2, per iteration; 0 for the
@@ -397,7 +400,8 @@ def batch_streams(data, s, epoch: int):
 # channel count times r) or an MoE-CNN (N experts of r*C channels per routed conv). Routed: every conv of the
 # blocks but the projection shortcuts; shared by the experts: the stem, projection shortcuts, pre-activation
 # BatchNorms and the classifier (deviations 4, 5). A pathway (one expert per routed conv) thus has exactly
-# S-Dense's shapes and cost. Reading order: Spec, ResNet-18 (the paper's main backbone), then MoECNN.
+# S-Dense's shapes and cost. Reading order: Spec, ResNet-18 (the paper's main backbone; its stem is a shared
+# conv, Stem below), then MoECNN.
 @dataclasses.dataclass(frozen=True)
 class Spec:
     """What tells Dense (r = 1, N = 1), S-Dense (r < 1, N = 1) and MoE-CNN (N >= 2) apart, for any backbone.
@@ -414,7 +418,7 @@ class Spec:
     def width(self, channels: int | tuple) -> int:
         """Channels of a tensor in the pathway (= S-Dense): r * round(W * C), at least 1; of a concatenation,
         the sum of its groups' widths (so a pruned Dense network and S-Dense have the same shapes)."""
-        if isinstance(channels, tuple):
+        if isinstance(channels, tuple):  # DenseNet only
             return sum(self.width(c) for c in channels)
         # e.g. ResNet-18's 64 at W = 0.25: 16 Dense channels, 8 in a pathway at r = 0.5
         return max(1, round(self.ratio * max(1, round(self.base * channels))))
@@ -431,21 +435,6 @@ class Spec:
     def fc(self, channels, num_classes: int) -> nn.Linear:
         """The classifier on the pathway's pooled features, shared by all experts (deviation 5)."""
         return nn.Linear(self.width(channels), num_classes)
-
-# The stem, the first conv on the RGB image, is shared by the experts and r*C wide (deviation 4): a pathway is
-# then exactly S-Dense, and the first routers pool the stem's r*C features rather than 3 colour channels.
-class Stem(nn.Module):
-    """NOTE(ours), deviation 4: the shared stem on the RGB image: 3x3/1 for 32-64 px; 7x7/2 + 3x3/2 max-pool
-    for ImageNet-size inputs (conv-BN-ReLU-pool, or conv-pool where the blocks start with a BatchNorm)."""
-    def __init__(self, spec: Spec, cout: int, image_size: int, bn: bool = True):
-        super().__init__()
-        self.pool = image_size >= 128
-        self.conv = MoEConv(3, spec.width(cout), 7 if self.pool else 3, 2 if self.pool else 1, 1, bn=bn,
-                            router=False)
-    def forward(self, x, routing):
-        x = self.conv(x, routing)  # (B, r*C, H, W), or (B, r*C, H/2, W/2) with the ImageNet stem
-        # ImageNet stem: its max-pool halves again, (B, r*C, H/4, W/4)
-        return F.max_pool2d(F.relu(x) if self.conv.bn else x, 3, 2, 1) if self.pool else x
 
 # ResNet-18 (He et al. 2016), CIFAR variant: a 3x3 stem, then 4 stages of 2 BasicBlocks with 64, 128, 256 and
 # 512 channels (times r in a pathway); the first block of stages 2-4 halves the resolution, and its 1x1
@@ -482,9 +471,24 @@ class ResNet18(nn.Module):
             x = block(x, routing)
         return self.fc(x.mean((2, 3)))              # pool (B, r*512) -> (B, classes)
 
-# The other three backbones below repeat this pattern with their own blocks: a first read can skip to MoECNN,
-# which wraps them all.
+# The stem and the other three backbones below repeat this pattern with their own blocks: a first read can
+# skip to MoECNN, which wraps them all.
 #
+# The stem, the first conv on the RGB image, is shared by the experts and r*C wide (deviation 4): a pathway is
+# then exactly S-Dense, and the first routers pool the stem's r*C features rather than 3 colour channels.
+class Stem(nn.Module):
+    """NOTE(ours), deviation 4: the shared stem on the RGB image: 3x3/1 for 32-64 px; 7x7/2 + 3x3/2 max-pool
+    for ImageNet-size inputs (conv-BN-ReLU-pool, or conv-pool where the blocks start with a BatchNorm)."""
+    def __init__(self, spec: Spec, cout: int, image_size: int, bn: bool = True):
+        super().__init__()
+        self.pool = image_size >= 128
+        self.conv = MoEConv(3, spec.width(cout), 7 if self.pool else 3, 2 if self.pool else 1, 1, bn=bn,
+                            router=False)
+    def forward(self, x, routing):
+        x = self.conv(x, routing)  # (B, r*C, H, W), or (B, r*C, H/2, W/2) with the ImageNet stem
+        # ImageNet stem: its max-pool halves again, (B, r*C, H/4, W/4)
+        return F.max_pool2d(F.relu(x) if self.conv.bn else x, 3, 2, 1) if self.pool else x
+
 # WRN-28-10 (Zagoruyko & Komodakis 2016): pre-activation blocks, BN-ReLU-conv twice, in 3 groups of 4 with
 # 160, 320 and 640 channels. Routed: both 3x3 convs of every block, 24 MoE layers. The first BatchNorm of a
 # block acts on the residual stream, which every expert writes into, so it is shared (deviation 5); the middle
@@ -651,6 +655,8 @@ def backbone_params(model: nn.Module) -> list[nn.Parameter]:
 # routing under attack (Insight 2) splits the PGD examples of the images correct when clean by whether the
 # routers' choices moved and whether the prediction did. Protocol: PGD-50, step eps/4, uniform start (Table
 # 1's RA); AutoAttack at its reference settings (Table 2); eval mode, float32, a random stream per attack.
+# A first read: adversaries, evaluate's docstring (the numbers), routing_counts (Insight 2's split) and
+# gflops_per_input; the bodies of evaluate and routing_summary are bookkeeping.
 EVAL_BATCH = 256  # images per batch of evaluation (the attacks' random starts are drawn per batch)
 
 def adversaries(name: str, model: nn.Module, x, y, s, steps: int, gen: torch.Generator | None = None,
@@ -673,39 +679,8 @@ def adversaries(name: str, model: nn.Module, x, y, s, steps: int, gen: torch.Gen
         attack = import_torchattacks().Square(model, norm="Linf", eps=s.eps, n_queries=s.square_queries,
                                               n_restarts=1, seed=s.seed)
         return [("square", attack(x, y).detach())]
-    # AutoAttack: its four components in turn, each on what the earlier ones left robust (autoattack below)
+    # AutoAttack: its four components in turn, each on what the earlier ones left robust (section 6)
     return autoattack(model, x, y, s.eps, s.seed, log)
-
-def autoattack_settings(eps: float, n_classes: int) -> dict[str, tuple[str, dict]]:
-    """Standard AutoAttack (Croce & Hein 2020) at its reference settings, name -> (torchattacks class, its
-    arguments), in the order they run: APGD-CE and APGD-T (100 iterations), FAB-T (100 iterations), Square
-    (5000 queries); one restart each, 9 target classes. NOTE(ours), deviation 9."""
-    targeted = min(9, n_classes - 1) + 1  # torchattacks tries n_classes - 1 targets; the reference 9
-    common = {"norm": "Linf", "eps": eps, "n_restarts": 1}
-    return {"apgd-ce": ("APGD", {**common, "steps": 100, "loss": "ce", "rho": 0.75}),
-            "apgd-t": ("APGDT", {**common, "steps": 100, "n_classes": targeted, "rho": 0.75}),
-            "fab-t": ("FAB", {**common, "steps": 100, "multi_targeted": True, "n_classes": targeted}),
-            "square": ("Square", {**common, "n_queries": 5000, "p_init": 0.8})}
-
-def autoattack(model: nn.Module, x, y, eps: float, seed: int, log=None) -> list[tuple[str, torch.Tensor]]:
-    """The components in order, as AutoAttack runs them: each attacks the inputs still classified correctly,
-    and an input fooled once stays fooled. Returns the batch after each component and the final one."""
-    # x_adv: the clean batch, each input replaced by the first example that fooled it; robust: not fooled yet
-    ta, x_adv, found = import_torchattacks(), x.clone(), []
-    with torch.no_grad():
-        robust = model(x).argmax(1) == y                                         # (B,)
-    for name, (cls, kw) in autoattack_settings(eps, model.backbone.fc.out_features).items():
-        # RA-AA = 100 * #{b : no component fooled b} / n; a component sees only what the earlier ones left
-        idx = robust.nonzero().squeeze(1)
-        if len(idx):
-            adv = getattr(ta, cls)(model, seed=seed, **kw)(x[idx], y[idx]).detach()
-            with torch.no_grad():
-                fooled = model(adv).argmax(1) != y[idx]
-            x_adv[idx[fooled]], robust[idx[fooled]] = adv[fooled], False
-        if log:
-            log(f"    autoattack {name}: {int(robust.sum())} of {len(y)} robust")
-        found.append((f"autoattack/{name}", x_adv.clone()))
-    return found + [("autoattack", x_adv)]
 
 def evaluate(model: nn.Module, data, s, steps: int | None = None, limit: int = 0, attacks=("pgd",),
              split: str = "test", log=None) -> dict:
@@ -853,13 +828,14 @@ def gflops_per_input(model: nn.Module, x: torch.Tensor) -> float:
     return counter.get_total_flops() / len(x) / 1e9
 
 # ==================================================================================================
-# 6. The speed path and the variants: masked and soft forwards, the global router, routing regularizers
+# 6. Beside the method: masked and soft forwards, AutoAttack's assembly, the global router, the regularizers
 # ==================================================================================================
-# Nothing here changes what the method computes. A GPU prefers to run every expert on every input and keep
-# each input's own expert (the masked forward: CUDA trains on it; the tests' reference for the sparse path);
-# the same forward mixes the experts by the router's probabilities for the soft attack (section 5). Then the
-# routing variants the paper does not train: one global router for every layer (the authors' code), and the
-# routing regularizers (the default balance term of section 3's R(phi), the authors' router loss).
+# Nothing here changes the forward the method computes. A GPU prefers to run every expert on every input and
+# keep each input's own expert (the masked forward: CUDA trains on it; the tests' reference for the sparse
+# path); the same forward mixes the experts by the router's probabilities for the soft attack (section 5).
+# Then the plumbing of AutoAttack (section 5); the routing variants the paper does not train: one global
+# router for every layer (the authors' code); and the routing regularizers: the balance term, on by default
+# (section 3's R(phi), deviation 14: part of the default loss is computed here), the authors' router loss.
 def masked_forward(self: MoEConv, x: torch.Tensor, gate: Gate, soft: bool = False):
     """The sparse path reads the group sizes on the host, which stalls a GPU once per layer; on CUDA ("auto")
     every expert runs on every input instead (static shapes, no host read, one graph for torch.compile) at N
@@ -908,6 +884,39 @@ def expert_affine(self: MoEConv, y: torch.Tensor, group: torch.Tensor) -> tuple[
     # BN_g(y) = (y - mean_g) / sqrt(var_g + eps) * gamma_g + beta_g
     scale = bn.weight.view(n, -1) / torch.sqrt(var + bn.eps)
     return scale, bn.bias.view(n, -1) - mean * scale
+
+# AutoAttack (Table 2), assembled from torchattacks' components at the reference settings (deviation 9):
+# the plumbing behind adversaries' "autoattack".
+def autoattack_settings(eps: float, n_classes: int) -> dict[str, tuple[str, dict]]:
+    """Standard AutoAttack (Croce & Hein 2020) at its reference settings, name -> (torchattacks class, its
+    arguments), in the order they run: APGD-CE and APGD-T (100 iterations), FAB-T (100 iterations), Square
+    (5000 queries); one restart each, 9 target classes. NOTE(ours), deviation 9."""
+    targeted = min(9, n_classes - 1) + 1  # torchattacks tries n_classes - 1 targets; the reference 9
+    common = {"norm": "Linf", "eps": eps, "n_restarts": 1}
+    return {"apgd-ce": ("APGD", {**common, "steps": 100, "loss": "ce", "rho": 0.75}),
+            "apgd-t": ("APGDT", {**common, "steps": 100, "n_classes": targeted, "rho": 0.75}),
+            "fab-t": ("FAB", {**common, "steps": 100, "multi_targeted": True, "n_classes": targeted}),
+            "square": ("Square", {**common, "n_queries": 5000, "p_init": 0.8})}
+
+def autoattack(model: nn.Module, x, y, eps: float, seed: int, log=None) -> list[tuple[str, torch.Tensor]]:
+    """The components in order, as AutoAttack runs them: each attacks the inputs still classified correctly,
+    and an input fooled once stays fooled. Returns the batch after each component and the final one."""
+    # x_adv: the clean batch, each input replaced by the first example that fooled it; robust: not fooled yet
+    ta, x_adv, found = import_torchattacks(), x.clone(), []
+    with torch.no_grad():
+        robust = model(x).argmax(1) == y                                         # (B,)
+    for name, (cls, kw) in autoattack_settings(eps, model.backbone.fc.out_features).items():
+        # RA-AA = 100 * #{b : no component fooled b} / n; a component sees only what the earlier ones left
+        idx = robust.nonzero().squeeze(1)
+        if len(idx):
+            adv = getattr(ta, cls)(model, seed=seed, **kw)(x[idx], y[idx]).detach()
+            with torch.no_grad():
+                fooled = model(adv).argmax(1) != y[idx]
+            x_adv[idx[fooled]], robust[idx[fooled]] = adv[fooled], False
+        if log:
+            log(f"    autoattack {name}: {int(robust.sum())} of {len(y)} robust")
+        found.append((f"autoattack/{name}", x_adv.clone()))
+    return found + [("autoattack", x_adv)]
 
 # The global router (the authors' code, --router global): one decision per image, from the image itself,
 # shared by every MoE layer, so an input runs one of N fixed pathways. The paper's Fig. A1 instead has a
@@ -1128,7 +1137,7 @@ class Parser(argparse.ArgumentParser):
 def settings_parser(defaults: bool = True) -> argparse.ArgumentParser:
     """The flags of Settings by group, each field's comment its help; defaults=False: only the flags given."""
     parser = Parser(usage="python advmoe.py [flags] | report DIR | bench [flags]", description="AdvMoE: "
-                    "train and evaluate one model (the flags below), or: 'report DIR' (every table from the "
+                    "train and evaluate one model (the flags below), or: 'report DIR' (the tables from the "
                     "result.json files below DIR), 'bench' (step time, images/s, GFLOPs per method).")
     types, group, text = {"str": str, "int": int, "float": float}, parser, []
     for line in (line.strip() for line in inspect.getsource(Settings).splitlines()):
@@ -1704,7 +1713,7 @@ def eval_only(s: Settings, given: set[str] = frozenset(), log=print) -> dict:
     return finish(model, data, s, out, ckpt["history"], ckpt["train_seconds"], device, log)
 
 # ==================================================================================================
-# 12. Report: every table of the paper from result.json files
+# 12. Report: Tables 1-2, Figs. 7-8 and the Sec. 4 study from result.json files (not Fig. 6, Table 3)
 # ==================================================================================================
 TABLE1 = ("sdense", "sparse", "moe", "advmoe", "dense")  # Table 1's rows; AT(Dense) is the reference
 # Insight 2's split of PGD examples, in % of the split n test images classified correctly when clean

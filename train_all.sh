@@ -170,7 +170,7 @@ if [[ $GRID == smoke ]]; then
   job advmoe_eval advmoe --eval-only "$(ckpt advmoe)"
 fi
 
-if [[ $GRID == paper ]]; then  # ---- GRID=paper (the default): every table of the paper, to the Runner below
+if [[ $GRID == paper ]]; then  # ---- GRID=paper (the default): Tables 1-2, Figs. 7-8, Sec. 4 (not Fig. 6, Table 3), to the Runner below
 # ---- Table 1: SA, RA (PGD-50), GFLOPs of AT(S-Dense), AT(Sparse), AT(MoE), AdvMoE and AT(Dense) --------
 # N = 2 experts, r = 0.5, TRADES (beta 6), 2-step training attack; eps 8/255 (CIFAR), 2/255 (Tiny/ImageNet).
 # AT(Sparse) prunes the AT(Dense) model of its cell (HYDRA: scores, then fine-tuning), so it runs after it.
