@@ -1632,6 +1632,8 @@ MODEL_FIELDS = ("arch", "method", "ratio", "n_experts", "router", "width", "shar
 IDENTITY = ("method", "dataset", "arch", "model_ratio", "model_experts") + MODEL_FIELDS[4:]
 # what a checkpoint that does not record a setting was trained with
 LEGACY = {"shared_bn": False, "router_standardize": True, "shared_core": False, "tie_epochs": 0}
+# switches results/ still holds runs of, removed from this file, and their defaults (report: recipe)
+REMOVED = {"layout": "position", "soft_epochs": 0}
 # flags of the run and of its evaluation: --resume and --eval-only may change them, not the recipe
 RUN_FIELDS = ("out", "resume", "eval_only", "device", "data_dir", "compile", "aa_n")
 EVAL_FIELDS = ("eval_n", "eval_attacks", "quick_eval_n", "square_queries", "test_steps")
@@ -1735,10 +1737,11 @@ def read_results(root: Path) -> list[dict]:
             print(f"advmoe: warning: skipping {p}, not a complete result.json ({e!r:.60})", file=sys.stderr)
     return results
 def recipe(r: dict) -> tuple:
-    """What a run trained and how: its settings (LEGACY where unrecorded) but the seed and the run flags."""
+    """What a run trained and how: its settings (LEGACY where unrecorded) but the seed and the run flags; a
+    switch since removed (REMOVED: its default then) still tells its runs apart where it was not at default."""
     known = {**LEGACY, **r["settings"]}
-    return tuple(sorted((k, str(v)) for k, v in known.items() if k in Settings.__dataclass_fields__
-                        and k not in RUN_FIELDS + ("seed", "quick_eval_n")))
+    return tuple(sorted((k, str(v)) for k, v in known.items() if k in Settings.__dataclass_fields__ and k not in
+                        RUN_FIELDS + ("seed", "quick_eval_n") or REMOVED.get(k, v) != v))
 def cell(runs: list[dict], get: Callable, digits: int = 2) -> str | None:
     """The mean over runs (the seeds of one recipe) of get(run), ± half the range (the number of runs)."""
     v = [x for x in map(get, runs) if x is not None]

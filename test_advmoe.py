@@ -558,6 +558,13 @@ def test_report_averages_the_seeds_of_a_recipe(good_checkpoint, tmp_path):
     (tmp_path / "moe_seed2" / "result.json").write_text(json.dumps(again))
     (row,) = rows("moe", "1, 2")
     assert f"| {moe_run['sa'] + 5:.2f} ± 5.00 (2) |" in row  # the mean over both seeds, ± half the range
+    # a run of a switch since removed (here --layout pathway) is another recipe, not a third seed of this one;
+    # at the removed switch's default it is the same recipe
+    for name, layout in (("moe_pathway", "pathway"), ("moe_position", "position")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "result.json").write_text(json.dumps(
+            {**again, "settings": {**again["settings"], "layout": layout}}))
+    assert len(rows("moe", "1, 2, 2")) == 1 and len(rows("moe", "2")) == 1
 
 
 def test_train_all_dry_run_lists_the_whole_grid():
