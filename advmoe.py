@@ -91,6 +91,15 @@ def straight_through(y: torch.Tensor, gate: Gate) -> torch.Tensor:
     graph to carry it, e.g. under torch.no_grad, s_b is a plain 1 and is skipped)."""
     return y * gate.scale.to(y.dtype)[:, None, None, None] if gate.scale.requires_grad else y
 
+@dataclasses.dataclass
+class Routing:
+    """The routing of one forward pass, passed down by the model's forward; each MoE layer appends its Gate.
+    Nothing is stored on a module, so TRADES' clean and adversarial forwards never mix their routings."""
+    dispatch: str                           # "sparse" here; "masked" | "soft": section 6
+    gates: list = dataclasses.field(default_factory=list)
+    shared: Gate | None = None              # the global router's gate, used by every layer (section 6)
+    random: torch.Generator | None = None   # route to uniformly random experts (evaluation, section 5)
+
 class MoEConv(nn.Module):
     """A conv (and its BatchNorm) whose output channels are split into N experts of `cout` channels; a router
     picks one expert per input (Fig. 1a). With N = 1 it is a plain conv (Dense, S-Dense). NOTE(ours),
@@ -105,7 +114,8 @@ class MoEConv(nn.Module):
         # Kaiming (fan_out) of one expert as a standalone conv: std = sqrt(2 / (cout * k * k))
         nn.init.normal_(self.weight, 0.0, math.sqrt(2.0 / (cout * kernel * kernel)))
         # NOTE(ours), deviation 14 (Settings' default; --no-shared-core: the paper's independent experts): a
-        # shared core W_shared, and `weight` holds the offsets D_e, 0 at init (filters forms W_e)
+        # shared core W_shared, and `weight` holds the offsets D_e, 0 at init (filters forms W_e). A first
+        # read can take core and shared_bn as off: W_e = weight[rows(e)], a BatchNorm per expert
         self.core = nn.Parameter(self.weight.detach()[:cout].clone()) if core and n_experts > 1 else None
         if self.core is not None:
             nn.init.zeros_(self.weight)
@@ -145,7 +155,8 @@ class MoEConv(nn.Module):
         # MoECNN picks on CUDA, and the soft attack's forward); skip on a first read
         if routing.dispatch != "sparse":
             return masked_forward(self, x, gate, soft=routing.dispatch == "soft")
-        # the sparse path: sort the batch by expert, run each expert on its slice, undo the sort. Only r*C
+        # the sparse path: sort the batch by expert, run each expert on its slice (an expert with no inputs is
+        # skipped; e keeps its index), undo the sort (order.argsort() is the inverse permutation). Only r*C
         # filters of the N*r*C run per input, so the cost is S-Dense's whatever N.
         # y_b = E_{e(b)}(x_b): one conv of r*C filters per expert, on the inputs routed to it
         order, sizes = gate.choice.argsort(), gate.choice.bincount(minlength=self.n).tolist()  # one host read
@@ -171,15 +182,6 @@ def router_head(cin: int, n_experts: int) -> nn.Linear:
     head = nn.Linear(cin, n_experts, bias=False)
     nn.init.normal_(head.weight, 0.0, 0.01)
     return head
-
-@dataclasses.dataclass
-class Routing:
-    """The routing of one forward pass, passed down by the model's forward; each MoE layer appends its Gate.
-    Nothing is stored on a module, so TRADES' clean and adversarial forwards never mix their routings."""
-    dispatch: str                           # "sparse" here; "masked" | "soft": section 6
-    gates: list = dataclasses.field(default_factory=list)
-    shared: Gate | None = None              # the global router's gate, used by every layer (section 6)
-    random: torch.Generator | None = None   # route to uniformly random experts (evaluation, section 5)
 
 # ==================================================================================================
 # 2. Attacks and losses: one l_inf PGD that maximizes any loss; TRADES
@@ -248,17 +250,25 @@ def trades_loss(logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor,
 # AdvMoE therefore alternates: the routers are fitted to the current experts (lower level), the experts to the
 # routers so fitted (upper level), each against an attack regenerated for the model as it then is. Every
 # method below is a step function over a list of batches; the training loop (section 9) only calls it.
-# Reading order: advmoe_step and joint_step, the optimizers they step, then what they call: robust_loss (a
-# fresh attack, then the loss), level (one SGD step of some parameters), the schedule, the batch streams.
+# Reading order: advmoe_step and joint_step, then what they call: training_attack and robust_loss (a fresh
+# attack, then the loss), level (one SGD step of some parameters), the optimizers, the schedule, the batches.
 # Eq. (1), the bi-level problem AdvMoE solves (psi: backbone and experts; phi: routers; D: the training set):
 #     min_psi L_TRADES(psi, phi*(psi); D)   s.t.   phi*(psi) = argmin_phi L_TRADES(psi, phi; D)
 # Algorithm 1 solves it by alternating optimization: one SGD step of each level per iteration, the lower
 # level's step standing in for the argmin. Routers and experts share the learning rate and schedule.
+#
+# All that the training loss and its inner attack read (Settings.objective builds it): the loss ("trades":
+# the paper's), beta, the attack's eps (pixel units), step alpha (1.25 eps / K, deviation 13) and K steps;
+# then the routing regularizer's settings (section 6).
+Objective = NamedTuple("Objective", [("loss", str), ("beta", float), ("eps", float), ("step_size", float),
+                                     ("steps", int), ("balance", float), ("supervision", float),
+                                     ("authors", bool)])
+
 def advmoe_step(model: nn.Module, opts: dict, batches: list, obj: Objective, reduce=None) -> dict:
     """One iteration of Algorithm 1, lines 3-5."""
     # 3: draw two different random batches B_phi and B_psi (two independent shuffles: batch_streams)
     (x_phi, y_phi), (x_psi, y_psi) = batches
-    # 4: lower level: with psi fixed, update phi by minimizing L_TRADES (+ R(phi): robust_loss) with a K-step
+    # 4: lower level: with psi fixed, update phi by minimizing L_TRADES (+ R(phi): level) with a K-step
     #    PGD attack, SGD on B_phi
     #    (psi's weights are fixed; its BatchNorm running statistics still update on B_phi: deviation 6)
     router_stats = level(model, opts["phi"], x_phi, y_phi, obj, regularize=True, reduce=reduce)
@@ -273,42 +283,6 @@ def joint_step(model: nn.Module, opts: dict, batches: list, obj: Objective, redu
     other only through the shared gradient step, which Insight 3 finds is not enough."""
     routers = any(g["name"] == "routers" for g in opts["all"].param_groups)
     return level(model, opts["all"], *batches[0], obj, regularize=routers, reduce=reduce)
-
-def make_optimizers(model: nn.Module, s, device) -> dict[str, torch.optim.Optimizer]:
-    """AdvMoE: one SGD for the routers phi and one for the backbone psi, same settings, one schedule (the
-    paper adds no hyper-parameter here; --router-lr scales phi's rate, deviation 7). Joint methods: one SGD
-    over everything, or over phi or psi alone (--train-params, the Sec. 4 study)."""
-    # each group keeps its base_lr, which set_lr scales every iteration
-    # fused: the CUDA kernel where there is one (True on CUDA; None: torch's default on the CPU)
-    kw = dict(lr=s.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=device.type == "cuda" or None)
-    phi = {"params": router_params(model), "base_lr": s.lr * s.router_lr, "name": "routers"}
-    # --shared-core: the experts' offsets D_e, held at 0 for the first --tie-epochs (upcycling), then trained
-    offsets = {m.weight for m in model.modules() if isinstance(m, MoEConv) and m.core is not None}
-    psi = [{"params": [p for p in backbone_params(model) if p not in offsets], "base_lr": s.lr,
-            "name": "backbone"}]
-    if offsets:  # a group of their own, which set_lr can hold at 0
-        psi.append({"params": [p for p in backbone_params(model) if p in offsets], "base_lr": s.lr,
-                    "name": "offsets"})
-    if s.method == "advmoe":
-        return {"phi": torch.optim.SGD([phi], **kw), "psi": torch.optim.SGD(psi, **kw)}
-    groups = {"all": psi + ([phi] if phi["params"] else []), "routers": [phi], "backbone": psi}
-    return {"all": torch.optim.SGD(groups[s.train_params], **kw)}
-
-# Every method: its step function and the number of batch streams it draws per iteration (AdvMoE reads two
-# batches per iteration: twice the images and backward passes of a joint method per epoch).
-STEPS = {"advmoe": (advmoe_step, 2), "moe": (joint_step, 1), "sdense": (joint_step, 1),
-         "dense": (joint_step, 1), "sparse": (joint_step, 1)}
-# NOTE(official code): SGD with momentum 0.9 and weight decay 5e-4 on every parameter, routers included.
-MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
-# NOTE(paper): TRADES' weight 1/lambda = beta = 6 for every method (the TRADES default).
-BETA = 6.0
-
-# All that the training loss and its inner attack read (Settings.objective builds it): the loss ("trades":
-# the paper's), beta, the attack's eps (pixel units), step alpha (1.25 eps / K, deviation 13) and K steps;
-# then the routing regularizer's settings (section 6).
-Objective = NamedTuple("Objective", [("loss", str), ("beta", float), ("eps", float), ("step_size", float),
-                                     ("steps", int), ("balance", float), ("supervision", float),
-                                     ("authors", bool)])
 
 def training_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objective) -> torch.Tensor:
     """The inner maximization of the training loss, K steps."""
@@ -349,9 +323,7 @@ def level(model: nn.Module, opt: torch.optim.Optimizer, x, y, obj: Objective, re
     """One adversarial-training update of the parameters `opt` holds; the others stay fixed. `reduce`, if
     given, acts on those parameters' gradients before the step (torchrun averages them over processes)."""
     objective, reg, stats = robust_loss(model, x, y, obj)
-    # R(phi) = 0.1 * N * sum_k f_k P_k by default: the Switch balance term (deviation 14; f_k the share of
-    # inputs routed to expert k, P_k its mean router probability), averaged over the gates. Section 6 also
-    # holds the options --router-supervision and --router authors (the authors' router loss).
+    # R(phi): 0 in the paper; by default the Switch balance term 0.1 N sum_k f_k P_k (deviation 14, section 6)
     # L = L_TRADES(psi, phi; B), + R(phi) where the routers are trained (regularize): AdvMoE's lower level,
     # or a joint method's one loss (whose R(phi) gradient then also reaches psi, through the pooled features)
     loss = objective + reg if regularize else objective
@@ -367,6 +339,35 @@ def level(model: nn.Module, opt: torch.optim.Optimizer, x, y, obj: Objective, re
         reduce(params)
     opt.step()
     return stats
+
+def make_optimizers(model: nn.Module, s, device) -> dict[str, torch.optim.Optimizer]:
+    """AdvMoE: one SGD for the routers phi and one for the backbone psi, same settings, one schedule (the
+    paper adds no hyper-parameter here; --router-lr scales phi's rate, deviation 7). Joint methods: one SGD
+    over everything, or over phi or psi alone (--train-params, the Sec. 4 study)."""
+    # each group keeps its base_lr, which set_lr scales every iteration
+    # fused: the CUDA kernel where there is one (True on CUDA; None: torch's default on the CPU)
+    kw = dict(lr=s.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=device.type == "cuda" or None)
+    phi = {"params": router_params(model), "base_lr": s.lr * s.router_lr, "name": "routers"}
+    # --shared-core: the experts' offsets D_e, held at 0 for the first --tie-epochs (upcycling), then trained
+    offsets = {m.weight for m in model.modules() if isinstance(m, MoEConv) and m.core is not None}
+    psi = [{"params": [p for p in backbone_params(model) if p not in offsets], "base_lr": s.lr,
+            "name": "backbone"}]
+    if offsets:  # a group of their own, which set_lr can hold at 0
+        psi.append({"params": [p for p in backbone_params(model) if p in offsets], "base_lr": s.lr,
+                    "name": "offsets"})
+    if s.method == "advmoe":
+        return {"phi": torch.optim.SGD([phi], **kw), "psi": torch.optim.SGD(psi, **kw)}
+    groups = {"all": psi + ([phi] if phi["params"] else []), "routers": [phi], "backbone": psi}
+    return {"all": torch.optim.SGD(groups[s.train_params], **kw)}
+
+# Every method: its step function and the number of batch streams it draws per iteration (AdvMoE reads two
+# batches per iteration: twice the images and backward passes of a joint method per epoch).
+STEPS = {"advmoe": (advmoe_step, 2), "moe": (joint_step, 1), "sdense": (joint_step, 1),
+         "dense": (joint_step, 1), "sparse": (joint_step, 1)}
+# NOTE(official code): SGD with momentum 0.9 and weight decay 5e-4 on every parameter, routers included.
+MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
+# NOTE(paper): TRADES' weight 1/lambda = beta = 6 for every method (the TRADES default).
+BETA = 6.0
 
 def set_lr(opts: dict, progress: float, tied: bool = False):
     """The one schedule of every level: lr_t = lr_0 (1 + cos(pi t / T)) / 2, per iteration; 0 for the
@@ -1738,10 +1739,11 @@ def read_results(root: Path) -> list[dict]:
     return results
 def recipe(r: dict) -> tuple:
     """What a run trained and how: its settings (LEGACY where unrecorded) but the seed and the run flags; a
-    switch since removed (REMOVED: its default then) still tells its runs apart where it was not at default."""
+    switch since removed (REMOVED: its default then) still tells its runs apart where not at its default."""
     known = {**LEGACY, **r["settings"]}
-    return tuple(sorted((k, str(v)) for k, v in known.items() if k in Settings.__dataclass_fields__ and k not in
-                        RUN_FIELDS + ("seed", "quick_eval_n") or REMOVED.get(k, v) != v))
+    run = RUN_FIELDS + ("seed", "quick_eval_n")
+    return tuple(sorted((k, str(v)) for k, v in known.items()
+                        if k in Settings.__dataclass_fields__ and k not in run or REMOVED.get(k, v) != v))
 def cell(runs: list[dict], get: Callable, digits: int = 2) -> str | None:
     """The mean over runs (the seeds of one recipe) of get(run), ± half the range (the number of runs)."""
     v = [x for x in map(get, runs) if x is not None]
