@@ -15,7 +15,7 @@ Usage
 Notation (paper -> code)
     psi      backbone and experts: every parameter whose name has no "router"    backbone_params()
     phi      routers (a gate per MoE layer, or the one global router)           router_params()
-    N, r     experts per MoE layer; an expert owns r*C of a layer's C channels  --n-experts, --ratio
+    N, r     experts per MoE layer; an expert has r*C filters (the layer N*r*C)  --n-experts, --ratio
     eps      l_inf radius in pixel units (inputs in [0,1]; the model normalizes them itself)
     K        PGD steps in training (2); 50 at test time                        --train-steps, --test-steps
     beta     TRADES weight 1/lambda (6)                                         BETA
@@ -26,7 +26,8 @@ Map (read in order; the method is sections 1-5)
                                      AT(Sparse)'s idea
     4. Backbones                     Spec makes Dense, S-Dense or MoE-CNN of ResNet18, WideResNet, VGG16,
                                      DenseNet; MoECNN wraps them
-    5. SA, RA (PGD-50), RA-AA, the routing under attack (Insight 2), GFLOPs: evaluate, routing_summary
+    5. SA, RA (PGD-50), RA-AA, the routing under attack (Insight 2), GFLOPs: adversaries, evaluate,
+       routing_counts
     6. Beside the method: masked (CUDA's path) and soft forwards, AutoAttack, the global router, the
        routing regularizers (the default balance term R(phi) among them)
     7-14. Operations: settings, data, the training loop, AT(Sparse)'s pruning, files, report, bench, CLI
@@ -104,7 +105,8 @@ class MoEConv(nn.Module):
     """A conv (and its BatchNorm) whose output channels are split into N experts of `cout` channels; a router
     picks one expert per input (Fig. 1a). With N = 1 it is a plain conv (Dense, S-Dense). NOTE(ours),
     deviation 3: expert e owns filters [e*cout, (e+1)*cout) of one (N*cout, cin, k, k) weight; every expert
-    writes the same cout pathway channels, and the next conv reads them by position."""
+    writes the same cout pathway channels, and the next conv reads them by position. A first read can take
+    core and shared_bn as off: W_e = weight[rows(e)], a BatchNorm per expert."""
     def __init__(self, cin: int, cout: int, kernel: int, stride: int, n_experts: int, bn: bool, router: bool,
                  shared_bn: bool = False, standardized: bool = True, core: bool = False):
         super().__init__()
@@ -113,9 +115,7 @@ class MoEConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(n_experts * cout, cin, kernel, kernel))
         # Kaiming (fan_out) of one expert as a standalone conv: std = sqrt(2 / (cout * k * k))
         nn.init.normal_(self.weight, 0.0, math.sqrt(2.0 / (cout * kernel * kernel)))
-        # NOTE(ours), deviation 14 (Settings' default; --no-shared-core: the paper's independent experts): a
-        # shared core W_shared, and `weight` holds the offsets D_e, 0 at init (filters forms W_e). A first
-        # read can take core and shared_bn as off: W_e = weight[rows(e)], a BatchNorm per expert
+        # NOTE(ours), deviation 14 (Settings' default): a core W_shared, `weight` the offsets D_e (0 at init)
         self.core = nn.Parameter(self.weight.detach()[:cout].clone()) if core and n_experts > 1 else None
         if self.core is not None:
             nn.init.zeros_(self.weight)
@@ -156,12 +156,11 @@ class MoEConv(nn.Module):
         if routing.dispatch != "sparse":
             return masked_forward(self, x, gate, soft=routing.dispatch == "soft")
         # the sparse path: sort the batch by expert, run each expert on its slice (an expert with no inputs is
-        # skipped; e keeps its index), undo the sort (order.argsort() is the inverse permutation). Only r*C
-        # filters of the N*r*C run per input, so the cost is S-Dense's whatever N.
-        # y_b = E_{e(b)}(x_b): one conv of r*C filters per expert, on the inputs routed to it
+        # skipped; e keeps its index), undo the sort (order.argsort() is the inverse permutation)
+        # y_b = E_{e(b)}(x_b): one conv of r*C filters per expert, on the inputs routed to it (S-Dense's cost)
         order, sizes = gate.choice.argsort(), gate.choice.bincount(minlength=self.n).tolist()  # one host read
         xs = x[order].split(sizes)                                                # N x (b_e, cin, H, W)
-        y = torch.cat([self.conv(xe, e) for e, xe in enumerate(xs) if len(xe)])  # (B, cout, H', W'), by e
+        y = torch.cat([self.conv(xe, e) for e, xe in enumerate(xs) if len(xe)])  # (B, cout, H', W'), sorted
         # each expert's BatchNorm on the inputs routed to it (adjacent in this order), or one for them all
         y = self.normalize(y, slice(None)) if self.shared_bn else torch.cat([
             self.normalize(ye, self.rows(e)) for e, ye in enumerate(y.split(sizes)) if len(ye)])
@@ -281,6 +280,7 @@ def joint_step(model: nn.Module, opts: dict, batches: list, obj: Objective, redu
     """AT(Dense), AT(S-Dense), AT(MoE) (and AT(Sparse)'s score learning, natural training): min over every
     trained parameter of L_TRADES at once, one batch, one attack: the routers and the experts adapt to each
     other only through the shared gradient step, which Insight 3 finds is not enough."""
+    # make_optimizers names phi's group "routers" (Dense and S-Dense have none)
     routers = any(g["name"] == "routers" for g in opts["all"].param_groups)
     return level(model, opts["all"], *batches[0], obj, regularize=routers, reduce=reduce)
 
@@ -297,7 +297,8 @@ def training_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Obj
 
 def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objective):
     """The training loss of one batch, the routing regularizer of its forwards, and the batch's accuracy,
-    clean and adversarial (with no attack, or no clean forward, the one forward stands in for both)."""
+    clean and adversarial (with no attack, or no clean forward, the one forward stands in for both). A first
+    read: the trades branch; reg is 0 in the paper."""
     # every forward returns its Gates: the routing regularizer reads those of the clean and adversarial ones
     forward = functools.partial(model, return_routing=True)
     if obj.loss == "trades":  # the paper's: a fresh attack against the model as it is now, x' = argmax KL
@@ -323,7 +324,8 @@ def level(model: nn.Module, opt: torch.optim.Optimizer, x, y, obj: Objective, re
     """One adversarial-training update of the parameters `opt` holds; the others stay fixed. `reduce`, if
     given, acts on those parameters' gradients before the step (torchrun averages them over processes)."""
     objective, reg, stats = robust_loss(model, x, y, obj)
-    # R(phi): 0 in the paper; by default the Switch balance term 0.1 N sum_k f_k P_k (deviation 14, section 6)
+    # R(phi): 0 in the paper; by default the Switch balance term 0.1 N sum_k f_k P_k, averaged over the
+    # clean and adversarial forwards' gates (deviation 14, section 6)
     # L = L_TRADES(psi, phi; B), + R(phi) where the routers are trained (regularize): AdvMoE's lower level,
     # or a joint method's one loss (whose R(phi) gradient then also reaches psi, through the pooled features)
     loss = objective + reg if regularize else objective
@@ -347,6 +349,7 @@ def make_optimizers(model: nn.Module, s, device) -> dict[str, torch.optim.Optimi
     # each group keeps its base_lr, which set_lr scales every iteration
     # fused: the CUDA kernel where there is one (True on CUDA; None: torch's default on the CPU)
     kw = dict(lr=s.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=device.type == "cuda" or None)
+    # a first read: phi = router_params, psi = backbone_params
     phi = {"params": router_params(model), "base_lr": s.lr * s.router_lr, "name": "routers"}
     # --shared-core: the experts' offsets D_e, held at 0 for the first --tie-epochs (upcycling), then trained
     offsets = {m.weight for m in model.modules() if isinstance(m, MoEConv) and m.core is not None}
