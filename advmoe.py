@@ -298,7 +298,7 @@ def training_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Obj
 def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objective):
     """The training loss of one batch, the routing regularizer of its forwards, and the batch's accuracy,
     clean and adversarial (with no attack, or no clean forward, the one forward stands in for both). A first
-    read: the trades branch; reg is 0 in the paper."""
+    read: the trades branch; reg is R(phi), 0 in the paper (see level)."""
     # every forward returns its Gates: the routing regularizer reads those of the clean and adversarial ones
     forward = functools.partial(model, return_routing=True)
     if obj.loss == "trades":  # the paper's: a fresh attack against the model as it is now, x' = argmax KL
