@@ -15,7 +15,7 @@ Usage
 Notation (paper -> code)
     psi      backbone and experts: every parameter whose name has no "router"    backbone_params()
     phi      routers (a gate per MoE layer, or the one global router)           router_params()
-    N, r     experts per MoE layer; an expert has r*C filters (the layer N*r*C)  --n-experts, --ratio
+    N, r     experts per MoE layer; an expert has r*C filters (+ the shared core) --n-experts, --ratio
     eps      l_inf radius in pixel units (inputs in [0,1]; the model normalizes them itself)
     K        PGD steps in training (2); 50 at test time                        --train-steps, --test-steps
     beta     TRADES weight 1/lambda (6)                                         BETA
@@ -27,7 +27,7 @@ Map (read in order; the method is sections 1-5)
     4. Backbones                     Spec makes Dense, S-Dense or MoE-CNN of ResNet18, WideResNet, VGG16,
                                      DenseNet; MoECNN wraps them
     5. SA, RA (PGD-50), RA-AA, the routing under attack (Insight 2), GFLOPs: adversaries, evaluate,
-       routing_counts
+       routing_counts, gflops_per_input
     6. Beside the method: masked (CUDA's path) and soft forwards, AutoAttack, the global router, the
        routing regularizers (the default balance term R(phi) among them)
     7-14. Operations: settings, data, the training loop, AT(Sparse)'s pruning, files, report, bench, CLI
@@ -81,7 +81,7 @@ def top1_gate(logits: torch.Tensor, random: torch.Generator | None = None) -> Ga
     choice = probs.argmax(-1) if random is None else torch.randint(
         probs.shape[1], probs.shape[:1], generator=random, device=probs.device)  # (B,)
     p = probs.gather(1, choice[:, None]).squeeze(1)                           # (B,) p_{e(b)}
-    # s_b = 1 + p_{e(b)} - sg(p_{e(b)}): value 1 (the hard one-hot), gradient that of p_{e(b)}, so with
+    # s_b = 1 + p_{e(b)} - sg(p_{e(b)}): value 1 (p - sg(p) is 0), gradient that of p_{e(b)}, so with
     # y_b = s_b E_e(x_b) the router gets dL/dp_{e(b)} = <dL/dy_b, E_e(x_b)> (sg: stop-gradient, detach)
     # NOTE(official code): theirs copies the hard one-hot's gradient to the N raw scores (no softmax); here it
     # flows through the softmax into every logit (both are "straight-through").
@@ -103,7 +103,8 @@ class Routing:
 
 class MoEConv(nn.Module):
     """A conv (and its BatchNorm) whose output channels are split into N experts of `cout` channels; a router
-    picks one expert per input (Fig. 1a). With N = 1 it is a plain conv (Dense, S-Dense). NOTE(ours),
+    picks one expert per input (Fig. 1a); cout is already r*C (Spec.conv scales the paper's C). With N = 1 it
+    is a plain conv (Dense, S-Dense). NOTE(ours),
     deviation 3: expert e owns filters [e*cout, (e+1)*cout) of one (N*cout, cin, k, k) weight; every expert
     writes the same cout pathway channels, and the next conv reads them by position. A first read can take
     core and shared_bn as off: W_e = weight[rows(e)], a BatchNorm per expert."""
@@ -115,7 +116,8 @@ class MoEConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(n_experts * cout, cin, kernel, kernel))
         # Kaiming (fan_out) of one expert as a standalone conv: std = sqrt(2 / (cout * k * k))
         nn.init.normal_(self.weight, 0.0, math.sqrt(2.0 / (cout * kernel * kernel)))
-        # NOTE(ours), deviation 14 (Settings' default): a core W_shared, `weight` the offsets D_e (0 at init)
+        # NOTE(ours), deviation 14 (Settings' default; a first read skips these three lines): a core
+        # W_shared, `weight` the offsets D_e (0 at init)
         self.core = nn.Parameter(self.weight.detach()[:cout].clone()) if core and n_experts > 1 else None
         if self.core is not None:
             nn.init.zeros_(self.weight)
@@ -136,8 +138,8 @@ class MoEConv(nn.Module):
         """Expert e's filters: (b, cin, H, W) -> (b, cout, H', W')."""
         return F.conv2d(x, self.filters(self.rows(e)), None, self.stride, self.padding)
     def normalize(self, y: torch.Tensor, s: slice) -> torch.Tensor:
-        """The BatchNorm's channels s on y (batch statistics in training, running ones in eval). Its running
-        statistics are slices (views) of the BatchNorm's buffers, updated in place."""
+        """The BatchNorm's channels s on y (batch statistics in training, running ones in eval). A slice of a
+        buffer is a view, so F.batch_norm's in-place update of the running statistics reaches the buffer."""
         bn = self.bn
         return y if bn is None else F.batch_norm(y, bn.running_mean[s], bn.running_var[s], bn.weight[s],
                                                   bn.bias[s], self.training, bn.momentum, bn.eps)
@@ -155,8 +157,8 @@ class MoEConv(nn.Module):
         # MoECNN picks on CUDA, and the soft attack's forward); skip on a first read
         if routing.dispatch != "sparse":
             return masked_forward(self, x, gate, soft=routing.dispatch == "soft")
-        # the sparse path: sort the batch by expert, run each expert on its slice (an expert with no inputs is
-        # skipped; e keeps its index), undo the sort (order.argsort() is the inverse permutation)
+        # the sparse path: sort the batch by expert, run each expert on its slice (split keeps empty pieces,
+        # so e is the expert's index; an empty one is skipped), undo the sort (order.argsort() inverts order)
         # y_b = E_{e(b)}(x_b): one conv of r*C filters per expert, on the inputs routed to it (S-Dense's cost)
         order, sizes = gate.choice.argsort(), gate.choice.bincount(minlength=self.n).tolist()  # one host read
         xs = x[order].split(sizes)                                                # N x (b_e, cin, H, W)
@@ -176,7 +178,7 @@ def standardize(z: torch.Tensor) -> torch.Tensor:
     return F.layer_norm(z, z.shape[1:])
 
 def router_head(cin: int, n_experts: int) -> nn.Linear:
-    """A router's linear map to N logits: no bias (a shared offset is what standardize removes) and a small
+    """A router's linear map to N logits: no bias (it would prefer one expert for every input) and a small
     init, so the probabilities start near 1/N and the first choices follow the input's features."""
     head = nn.Linear(cin, n_experts, bias=False)
     nn.init.normal_(head.weight, 0.0, 0.01)
@@ -223,15 +225,15 @@ def pgd(model: nn.Module, x: torch.Tensor, loss_fn: Callable[[torch.Tensor], tor
     return x_adv.detach()
 
 def kl_from_logits(p_logits: torch.Tensor, q_logits: torch.Tensor, reduction: str = "batchmean"):
-    """KL(p || q) from logits through log_softmax: finite where a softmax underflows (the official code's
-    router KL went NaN there)."""
-    # KL(p || q) = sum_c p_c (log p_c - log q_c)
+    """KL(p || q) from logits through log_softmax: finite where a softmax underflows."""
+    # KL(p || q) = sum_c p_c (log p_c - log q_c): F.kl_div(log q, log p, log_target=True)
     return F.kl_div(q_logits.float().log_softmax(-1), p_logits.float().log_softmax(-1), reduction=reduction,
                     log_target=True)
 
 def ce_objective(model: nn.Module, y: torch.Tensor, dispatch: str = "auto") -> Callable:
-    """The test attack's objective sum_b CE(f(x'_b), y_b): a sum, so an input's gradient does not shrink with
-    the batch size (PGD reads only its sign, but a small gradient could underflow)."""
+    """The objective of test PGD (and of the pgdat training attack), sum_b CE(f(x'_b), y_b): a sum, so an
+    input's gradient does not shrink with the batch size (PGD reads only its sign; a tiny one could
+    underflow)."""
     return lambda x_adv: F.cross_entropy(model(x_adv, dispatch=dispatch).float(), y, reduction="sum")
 
 def trades_loss(logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
@@ -239,6 +241,9 @@ def trades_loss(logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor,
     # As in TRADES' reference code, both sides of the KL carry gradient; only attack targets are
     # detached.
     return F.cross_entropy(logits.float(), y) + beta * kl_from_logits(logits, logits_adv)
+
+# NOTE(paper): TRADES' weight 1/lambda = beta = 6 for every method (the TRADES default).
+BETA = 6.0
 
 # ==================================================================================================
 # 3. Algorithm 1 (AdvMoE) and the baselines: each method is a step function
@@ -267,8 +272,8 @@ def advmoe_step(model: nn.Module, opts: dict, batches: list, obj: Objective, red
     """One iteration of Algorithm 1, lines 3-5."""
     # 3: draw two different random batches B_phi and B_psi (two independent shuffles: batch_streams)
     (x_phi, y_phi), (x_psi, y_psi) = batches
-    # 4: lower level: with psi fixed, update phi by minimizing L_TRADES (+ R(phi): level) with a K-step
-    #    PGD attack, SGD on B_phi
+    # 4: lower level: with psi fixed, update phi by minimizing L_TRADES (+ R(phi), by default the balance
+    #    term 0.1 N sum_k f_k P_k, deviation 14: level) with a K-step PGD attack, SGD on B_phi
     #    (psi's weights are fixed; its BatchNorm running statistics still update on B_phi: deviation 6)
     router_stats = level(model, opts["phi"], x_phi, y_phi, obj, regularize=True, reduce=reduce)
     # 5: upper level: with phi fixed (= phi*, one SGD step here, not the argmin), update psi by minimizing
@@ -302,7 +307,8 @@ def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objecti
     # every forward returns its Gates: the routing regularizer reads those of the clean and adversarial ones
     forward = functools.partial(model, return_routing=True)
     if obj.loss == "trades":  # the paper's: a fresh attack against the model as it is now, x' = argmax KL
-        (logits_adv, gates_adv), (logits, gates) = forward(training_attack(model, x, y, obj)), forward(x)
+        x_adv = training_attack(model, x, y, obj)
+        (logits_adv, gates_adv), (logits, gates) = forward(x_adv), forward(x)
         # CE(f(x), y) + beta KL(f(x) || f(x'))
         objective = trades_loss(logits, logits_adv, y, obj.beta)
     elif obj.loss == "pgdat":  # an option, Madry: CE(f(x'), y), x' = argmax CE; no clean forward
@@ -342,6 +348,9 @@ def level(model: nn.Module, opt: torch.optim.Optimizer, x, y, obj: Objective, re
     opt.step()
     return stats
 
+# NOTE(official code): SGD with momentum 0.9 and weight decay 5e-4 on every parameter, routers included.
+MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
+
 def make_optimizers(model: nn.Module, s, device) -> dict[str, torch.optim.Optimizer]:
     """AdvMoE: one SGD for the routers phi and one for the backbone psi, same settings, one schedule (the
     paper adds no hyper-parameter here; --router-lr scales phi's rate, deviation 7). Joint methods: one SGD
@@ -351,7 +360,8 @@ def make_optimizers(model: nn.Module, s, device) -> dict[str, torch.optim.Optimi
     kw = dict(lr=s.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=device.type == "cuda" or None)
     # a first read: phi = router_params, psi = backbone_params
     phi = {"params": router_params(model), "base_lr": s.lr * s.router_lr, "name": "routers"}
-    # --shared-core: the experts' offsets D_e, held at 0 for the first --tie-epochs (upcycling), then trained
+    # --shared-core (a first read can skip it): the experts' offsets D_e, a group held at 0 for the first
+    # --tie-epochs (upcycling), then trained
     offsets = {m.weight for m in model.modules() if isinstance(m, MoEConv) and m.core is not None}
     psi = [{"params": [p for p in backbone_params(model) if p not in offsets], "base_lr": s.lr,
             "name": "backbone"}]
@@ -367,10 +377,6 @@ def make_optimizers(model: nn.Module, s, device) -> dict[str, torch.optim.Optimi
 # batches per iteration: twice the images and backward passes of a joint method per epoch).
 STEPS = {"advmoe": (advmoe_step, 2), "moe": (joint_step, 1), "sdense": (joint_step, 1),
          "dense": (joint_step, 1), "sparse": (joint_step, 1)}
-# NOTE(official code): SGD with momentum 0.9 and weight decay 5e-4 on every parameter, routers included.
-MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
-# NOTE(paper): TRADES' weight 1/lambda = beta = 6 for every method (the TRADES default).
-BETA = 6.0
 
 def set_lr(opts: dict, progress: float, tied: bool = False):
     """The one schedule of every level: lr_t = lr_0 (1 + cos(pi t / T)) / 2, per iteration; 0 for the
@@ -386,8 +392,8 @@ def batch_streams(data, s, epoch: int):
     AdvMoE's B_phi and B_psi come from two independent shuffles of the training set, each a function of seed
     and epoch."""
     streams = range(STEPS[s.method][1])
-    # one seed per (run seed, epoch, stream), all distinct below 142,857 epochs (1,000,003 / 7): every
-    # epoch and stream has its own shuffle, and a resumed run draws the same ones
+    # one seed per (run seed, epoch, stream): every epoch and stream of a run has its own shuffle (distinct
+    # from another seed's below 142,857 epochs, 1,000,003 / 7), and a resumed run draws the same ones
     gens = [torch.Generator().manual_seed(s.seed * 1_000_003 + epoch * 7 + k) for k in streams]
     return zip(*(data.train_batches(s.batch_size, g) for g in gens))
 
@@ -429,7 +435,7 @@ class Spec:
     # Every conv of the blocks is made here: which of them is routed is decided in one place.
     def conv(self, cin, cout, kernel: int = 3, stride: int = 1, bn: bool = True, shared: bool = False):
         """A routed conv: N experts of r*cout filters, each reading the pathway's r*cin channels; shared=True:
-        one conv for all experts (stem, projection shortcut)."""
+        one conv for all experts (a projection shortcut; the stem is built by Stem)."""
         n = 1 if shared else self.n_experts  # a shared conv: N = 1, so no router either
         return MoEConv(self.width(cin), self.width(cout), kernel, stride, n, bn=bn, router=self.layer_router,
                        shared_bn=self.shared_bn, standardized=self.standardized, core=self.shared_core)
@@ -616,6 +622,7 @@ class MoECNN(nn.Module):
                  n_experts: int = 1, router: str = "layer", mean_std=MEAN_STD["cifar10"], width: float = 1.0,
                  shared_bn: bool = False, router_standardize: bool = True, shared_core: bool = False):
         super().__init__()
+        # (a first read: router "layer", so global_router is None)
         # NOTE(official code), --router authors: their routing has one BatchNorm shared by a layer's experts
         # and a router whose pooled features are not standardized (and which learns from its own loss only)
         authors = router == "authors"
@@ -668,7 +675,8 @@ def adversaries(name: str, model: nn.Module, x, y, s, steps: int, gen: torch.Gen
     """NOTE(ours), deviation 9: the attacks of --eval-attacks, as (label, x_adv) pairs, the soft attack and
     Square beside the paper's PGD (RA-worst over all). Hard top-1 routing can hide gradients, so PGD
     through the straight-through routers may overstate robustness: "soft" is the same PGD with a surrogate
-    gradient through routing, and Square is gradient-free (gradient masking cannot fool it). Labels: "pgd<K>",
+    gradient through routing (the hard forward, the gradient of sum_e p_e E_e(x): y = y_soft + sg(y_hard -
+    y_soft), section 6), and Square is gradient-free (gradient masking cannot fool it). Labels: "pgd<K>",
     "soft", "square", and AutoAttack's "autoattack/<component>" after each component, then "autoattack".
     A model without routers has no soft attack (it would be PGD again)."""
     if name == "pgd":  # the paper's RA: CE through the straight-through routers
@@ -767,8 +775,8 @@ def percent(correct: torch.Tensor) -> float:
 def routing_counts(choice, choice_adv, ok_adv, ok_clean, n_experts: int, layers=slice(None)):
     """From each input's pathway (B, L), clean and under attack, and whether it is classified correctly under
     attack and clean (B,): inputs per expert per layer (L, N), clean and under attack; flips per layer (L,);
-    the 4-way split's counts (4,) over the inputs correct when clean (one already wrong was not fooled), with
-    the router counted as fooled when the choice of one of `layers` moved."""
+    the 4-way split's counts (4,), over the inputs correct when clean only, with the router counted as fooled
+    when the choice of one of `layers` moved (router robustness: groups (1) + (3), no layer moved)."""
     # a layer "flips" an input when the attack moved its choice of expert there
     flipped = choice != choice_adv                                             # (B, L)
     fooled = flipped[:, layers].any(1)                                         # (B,) a layer's choice moved
