@@ -6,7 +6,7 @@ alternating adversarial training (Eq. 1, Algorithm 1) makes an MoE-CNN more robu
 AT(Sparse) and AT(MoE) at S-Dense's inference cost (Table 1).
 Usage
     python advmoe.py --dataset cifar10 --arch resnet18 --method advmoe      # train + evaluate one model
-    python advmoe.py --dataset synthetic --width 0.25 --epochs 3 --out runs/try   # offline, minutes on a CPU
+    python advmoe.py --dataset synthetic --width 0.25 --epochs 3 --out runs/try   # offline, on a CPU
     python advmoe.py --eval-only runs/try/checkpoint.pt                    # evaluate a checkpoint again
     python advmoe.py report runs/                                          # the tables, from result.json
     python advmoe.py bench --device cuda                                   # step time, images/s, GFLOPs
@@ -15,25 +15,19 @@ Usage
 Notation (paper -> code)
     psi      backbone and experts: every parameter whose name has no "router"    backbone_params()
     phi      routers (a gate per MoE layer, or the one global router)           router_params()
-    N, r     experts per MoE layer; an expert has r*C filters (+ the shared core) --n-experts, --ratio
+    N, r     experts per MoE layer; an expert has r*C filters                     --n-experts, --ratio
     eps      l_inf radius in pixel units (inputs in [0,1]; the model normalizes them itself)
     K        PGD steps in training (2); 50 at test time                        --train-steps, --test-steps
     beta     TRADES weight 1/lambda (6)                                         BETA
 Map (read in order; the method is sections 1-5)
-    1. Fig. 1a / A1, MoE layer       MoEConv: router, top-1 straight-through gate, one expert's conv + BN
-    2. Eq. (AT), TRADES              pgd, trades_loss
-    3. Eq. (1), Algorithm 1          advmoe_step; AT(Dense / S-Dense / MoE): joint_step; what they call;
-                                     AT(Sparse)'s idea
-    4. Backbones                     Spec makes Dense, S-Dense or MoE-CNN of ResNet18, WideResNet, VGG16,
-                                     DenseNet; MoECNN wraps them
-    5. SA, RA (PGD-50), RA-AA, the routing under attack (Insight 2), GFLOPs: adversaries, evaluate,
-       routing_counts, gflops_per_input
-    6. Beside the method: masked (CUDA's path) and soft forwards, AutoAttack, the global router, the
-       routing regularizers (the default balance term R(phi) among them)
+    1. Fig. 1a / A1: the MoE layer, MoEConv         2. Eq. (AT), TRADES: pgd, trades_loss
+    3. Eq. (1), Algorithm 1: advmoe_step; the baselines: joint_step; AT(Sparse)'s idea
+    4. Backbones: Spec makes Dense, S-Dense or an MoE-CNN of each of four; MoECNN wraps them
+    5. Evaluation: SA, RA (PGD-50), RA-AA, the routing under attack (Insight 2), GFLOPs
+    6. Beside the method: masked and soft forwards, AutoAttack, the global router, the routing regularizers
     7-14. Operations: settings, data, the training loop, AT(Sparse)'s pruning, files, report, bench, CLI
-    The deviations from the paper are listed at the end of the file; each is marked NOTE(ours) where made.
-    The main one: MoE experts share a core, upcycled and balanced (deviation 14), since independent experts
-    learned 16 points worse than S-Dense here; --no-shared-core (which turns all three off) is the paper's.
+    Deviations from the paper: listed at the end of the file, marked NOTE(ours) where made (the main one:
+    14, the default MoE recipe, met in section 1).
 """
 from __future__ import annotations
 
@@ -82,7 +76,8 @@ def top1_gate(logits: torch.Tensor, random: torch.Generator | None = None) -> Ga
         probs.shape[1], probs.shape[:1], generator=random, device=probs.device)  # (B,)
     p = probs.gather(1, choice[:, None]).squeeze(1)                           # (B,) p_{e(b)}
     # s_b = 1 + p_{e(b)} - sg(p_{e(b)}): value 1 (p - sg(p) is 0), gradient that of p_{e(b)}, so with
-    # y_b = s_b E_e(x_b) the router gets dL/dp_{e(b)} = <dL/dy_b, E_e(x_b)> (sg: stop-gradient, detach)
+    # y_b = s_b E_e(x_b) (E_e: expert e's conv + BatchNorm) the router gets dL/dp_{e(b)} = <dL/dy_b, E_e(x_b)>
+    # (sg: stop-gradient, detach): the router raises p_e where expert e's output lowers the loss
     # NOTE(official code): theirs copies the hard one-hot's gradient to the N raw scores (no softmax); here it
     # flows through the softmax into every logit (both are "straight-through").
     return Gate(logits, choice, 1.0 + (p - p.detach()))
@@ -95,7 +90,8 @@ def straight_through(y: torch.Tensor, gate: Gate) -> torch.Tensor:
 @dataclasses.dataclass
 class Routing:
     """The routing of one forward pass, passed down by the model's forward; each MoE layer appends its Gate.
-    Nothing is stored on a module, so TRADES' clean and adversarial forwards never mix their routings."""
+    Nothing is stored on a module, so TRADES' clean and adversarial forwards never mix their routings. A
+    first read: dispatch "sparse", shared and random None."""
     dispatch: str                           # "sparse" here; "masked" | "soft": section 6
     gates: list = dataclasses.field(default_factory=list)
     shared: Gate | None = None              # the global router's gate, used by every layer (section 6)
@@ -104,8 +100,8 @@ class Routing:
 class MoEConv(nn.Module):
     """A conv (and its BatchNorm) whose output channels are split into N experts of `cout` channels; a router
     picks one expert per input (Fig. 1a); cout is already r*C (Spec.conv scales the paper's C). With N = 1 it
-    is a plain conv (Dense, S-Dense). NOTE(ours),
-    deviation 3: expert e owns filters [e*cout, (e+1)*cout) of one (N*cout, cin, k, k) weight; every expert
+    is a plain conv (Dense, S-Dense). NOTE(ours), deviation 3 (the paper: experts as sub-networks of one
+    backbone): expert e owns filters [e*cout, (e+1)*cout) of one (N*cout, cin, k, k) weight; every expert
     writes the same cout pathway channels, and the next conv reads them by position. A first read can take
     core and shared_bn as off: W_e = weight[rows(e)], a BatchNorm per expert."""
     def __init__(self, cin: int, cout: int, kernel: int, stride: int, n_experts: int, bn: bool, router: bool,
@@ -116,22 +112,23 @@ class MoEConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(n_experts * cout, cin, kernel, kernel))
         # Kaiming (fan_out) of one expert as a standalone conv: std = sqrt(2 / (cout * k * k))
         nn.init.normal_(self.weight, 0.0, math.sqrt(2.0 / (cout * kernel * kernel)))
-        # NOTE(ours), deviation 14 (Settings' default; a first read skips these three lines): a core
-        # W_shared, `weight` the offsets D_e (0 at init)
+        # NOTE(ours), deviation 14 (Settings' default; a first read skips `core`): a core W_shared, `weight`
+        # the offsets D_e (0 at init)
         self.core = nn.Parameter(self.weight.detach()[:cout].clone()) if core and n_experts > 1 else None
         if self.core is not None:
             nn.init.zeros_(self.weight)
         # NOTE(ours), deviation 1: a BatchNorm per expert, stored as one BatchNorm over N*cout channels;
         # --shared-bn: one BatchNorm over the pathway's cout channels for every expert (the authors' code).
-        self.bn = nn.BatchNorm2d(cout if shared_bn else n_experts * cout) if bn else None
-        # the per-layer router (Fig. A1) on the layer's pooled input
+        self.bn = nn.BatchNorm2d(cout if self.shared_bn else n_experts * cout) if bn else None
+        # the per-layer router (Fig. A1) on the layer's pooled input: router_head (below), a linear map with
+        # no bias to N logits, initialized near 1/N
         self.router = router_head(cin, n_experts) if (router and n_experts > 1) else None
     def rows(self, e: int) -> slice:
         """Expert e's filters (and BatchNorm channels)."""
         return slice(e * self.cout, (e + 1) * self.cout)
     def filters(self, rows: slice = slice(None)) -> torch.Tensor:
-        """The filters of `rows` (whole experts): W_e; with a shared core W_e = W_shared + D_e, so every
-        routed input trains W_shared as S-Dense's conv: the same functions and cost (W_e formed first)."""
+        """The filters of `rows` (whole experts): W_e; with a shared core W_e = W_shared + D_e, formed before
+        the conv: still one r*C-filter conv per input, and every input's gradient reaches W_shared."""
         w = self.weight[rows]                                                     # (len(rows), cin, k, k)
         return w if self.core is None else w + self.core.repeat(len(w) // self.cout, 1, 1, 1)
     def conv(self, x: torch.Tensor, e: int) -> torch.Tensor:
@@ -153,8 +150,9 @@ class MoEConv(nn.Module):
         gate = routing.shared if routing.shared is not None else top1_gate(
             self.router(standardize(pooled) if self.standardized else pooled), routing.random)
         routing.gates.append(gate)
-        # "masked" and "soft" run every expert on every input, with the same values (section 6: the path
-        # MoECNN picks on CUDA, and the soft attack's forward); skip on a first read
+        # "masked" (what runs on CUDA: no host sync, N times the experts' FLOPs) and "soft" (the soft attack's
+        # forward) run every expert on every input, with the same values (section 6); the cost reported is the
+        # sparse path's (gflops_per_input): learn the sparse path below, skip these on a first read
         if routing.dispatch != "sparse":
             return masked_forward(self, x, gate, soft=routing.dispatch == "soft")
         # the sparse path: sort the batch by expert, run each expert on its slice (split keeps empty pieces,
@@ -163,7 +161,8 @@ class MoEConv(nn.Module):
         order, sizes = gate.choice.argsort(), gate.choice.bincount(minlength=self.n).tolist()  # one host read
         xs = x[order].split(sizes)                                                # N x (b_e, cin, H, W)
         y = torch.cat([self.conv(xe, e) for e, xe in enumerate(xs) if len(xe)])  # (B, cout, H', W'), sorted
-        # each expert's BatchNorm on the inputs routed to it (adjacent in this order), or one for them all
+        # each expert's BatchNorm on the inputs routed to it (adjacent in this order; y has no rows of an
+        # empty expert, so split(sizes) lines its pieces up with the experts again), or one for them all
         y = self.normalize(y, slice(None)) if self.shared_bn else torch.cat([
             self.normalize(ye, self.rows(e)) for e, ye in enumerate(y.split(sizes)) if len(ye)])
         # back in the batch's order; s_b multiplies in the router's gradient
@@ -196,7 +195,7 @@ def router_head(cin: int, n_experts: int) -> nn.Linear:
 @contextlib.contextmanager
 def evaluating(model: nn.Module):
     """Eval mode for the duration (BatchNorm running statistics), then every module's own mode back (a part
-    frozen in eval mode by --train-params stays frozen)."""
+    frozen in eval mode by --train-params, the Sec. 4 study, stays frozen)."""
     modes = [(m, m.training) for m in model.modules()]
     model.train(False)
     try:
@@ -233,7 +232,7 @@ def kl_from_logits(p_logits: torch.Tensor, q_logits: torch.Tensor, reduction: st
 def ce_objective(model: nn.Module, y: torch.Tensor, dispatch: str = "auto") -> Callable:
     """The objective of test PGD (and of the pgdat training attack), sum_b CE(f(x'_b), y_b): a sum, so an
     input's gradient does not shrink with the batch size (PGD reads only its sign; a tiny one could
-    underflow)."""
+    underflow). dispatch "auto": masked on CUDA, sparse on the CPU (MoECNN.forward)."""
     return lambda x_adv: F.cross_entropy(model(x_adv, dispatch=dispatch).float(), y, reduction="sum")
 
 def trades_loss(logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
@@ -254,16 +253,18 @@ BETA = 6.0
 # AdvMoE therefore alternates: the routers are fitted to the current experts (lower level), the experts to the
 # routers so fitted (upper level), each against an attack regenerated for the model as it then is. Every
 # method below is a step function over a list of batches; the training loop (section 9) only calls it.
-# Reading order: advmoe_step and joint_step, then what they call: training_attack and robust_loss (a fresh
-# attack, then the loss), level (one SGD step of some parameters), the optimizers, the schedule, the batches.
+# Reading order: advmoe_step, then what it calls, top-down: level (one SGD step of some parameters),
+# robust_loss (the loss of a fresh attack), training_attack; then the baselines' joint_step, the
+# optimizers, the schedule, the batches.
 # Eq. (1), the bi-level problem AdvMoE solves (psi: backbone and experts; phi: routers; D: the training set):
 #     min_psi L_TRADES(psi, phi*(psi); D)   s.t.   phi*(psi) = argmin_phi L_TRADES(psi, phi; D)
 # Algorithm 1 solves it by alternating optimization: one SGD step of each level per iteration, the lower
-# level's step standing in for the argmin. Routers and experts share the learning rate and schedule.
+# level's step standing in for the argmin. Routers and experts share the learning rate and its schedule.
 #
 # All that the training loss and its inner attack read (Settings.objective builds it): the loss ("trades":
 # the paper's), beta, the attack's eps (pixel units), step alpha (1.25 eps / K, deviation 13) and K steps;
-# then the routing regularizer's settings (section 6).
+# then the routing regularizer's settings (section 6; a first read: balance 0.1, supervision 0, authors
+# False).
 Objective = NamedTuple("Objective", [("loss", str), ("beta", float), ("eps", float), ("step_size", float),
                                      ("steps", int), ("balance", float), ("supervision", float),
                                      ("authors", bool)])
@@ -272,8 +273,8 @@ def advmoe_step(model: nn.Module, opts: dict, batches: list, obj: Objective, red
     """One iteration of Algorithm 1, lines 3-5."""
     # 3: draw two different random batches B_phi and B_psi (two independent shuffles: batch_streams)
     (x_phi, y_phi), (x_psi, y_psi) = batches
-    # 4: lower level: with psi fixed, update phi by minimizing L_TRADES (+ R(phi), by default the balance
-    #    term 0.1 N sum_k f_k P_k, deviation 14: level) with a K-step PGD attack, SGD on B_phi
+    # 4: lower level: with psi fixed, update phi by minimizing L_TRADES (+ R(phi): 0 in the paper, a balance
+    #    term by default, see level) with a K-step PGD attack, SGD on B_phi
     #    (psi's weights are fixed; its BatchNorm running statistics still update on B_phi: deviation 6)
     router_stats = level(model, opts["phi"], x_phi, y_phi, obj, regularize=True, reduce=reduce)
     # 5: upper level: with phi fixed (= phi*, one SGD step here, not the argmin), update psi by minimizing
@@ -281,30 +282,36 @@ def advmoe_step(model: nn.Module, opts: dict, batches: list, obj: Objective, red
     stats = level(model, opts["psi"], x_psi, y_psi, obj, regularize=False, reduce=reduce)
     return {**stats, "router_loss": router_stats["loss"]}
 
-def joint_step(model: nn.Module, opts: dict, batches: list, obj: Objective, reduce=None) -> dict:
-    """AT(Dense), AT(S-Dense), AT(MoE) (and AT(Sparse)'s score learning, natural training): min over every
-    trained parameter of L_TRADES at once, one batch, one attack: the routers and the experts adapt to each
-    other only through the shared gradient step, which Insight 3 finds is not enough."""
-    # make_optimizers names phi's group "routers" (Dense and S-Dense have none)
-    routers = any(g["name"] == "routers" for g in opts["all"].param_groups)
-    return level(model, opts["all"], *batches[0], obj, regularize=routers, reduce=reduce)
-
-def training_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objective) -> torch.Tensor:
-    """The inner maximization of the training loss, K steps."""
-    if obj.loss == "pgdat":  # Madry: max CE
-        return pgd(model, x, ce_objective(model, y), obj.eps, obj.step_size, obj.steps)
-    with torch.no_grad(), evaluating(model):
-        # P = f(x) in eval mode, computed once and fixed (a copy: CUDA graphs reuse their outputs)
-        target = model(x).clone()
-    # TRADES: max_delta KL(f(x) || f(x + delta)), started at x + 0.001 N(0, I)
-    return pgd(model, x, lambda xa: kl_from_logits(target, model(xa), "sum"), obj.eps, obj.step_size,
-               obj.steps, "normal")
+def level(model: nn.Module, opt: torch.optim.Optimizer, x, y, obj: Objective, regularize: bool,
+          reduce: Callable | None = None) -> dict:
+    """One adversarial-training update of the parameters `opt` holds; the others stay fixed. `reduce`, if
+    given, acts on those parameters' gradients before the step (torchrun averages them over processes)."""
+    objective, reg, stats = robust_loss(model, x, y, obj)
+    # R(phi): 0 in the paper; by default (deviation 14) the Switch balance term 0.1 N sum_k f_k P_k (f_k: the
+    # share of the inputs routed to expert k, P_k: its mean router probability), averaged over the clean and
+    # adversarial forwards' gates (section 6)
+    # L = L_TRADES(psi, phi; B), + R(phi) where the routers are trained (regularize): AdvMoE's lower level,
+    # or a joint method's one loss (whose R(phi) gradient then also reaches psi, through the pooled features)
+    loss = objective + reg if regularize else objective
+    # backward(inputs=...) leaves the other level's .grad untouched: its parameters are "fixed" in the
+    # sense of Algorithm 1 (they still shape this level's gradient through the forward)
+    params = [p for g in opt.param_groups for p in g["params"]]
+    opt.zero_grad(set_to_none=True)
+    if obj.authors:  # an option, --router authors: the routers learn from R(phi) alone (section 6; skip)
+        authors_backward(model, params, objective, reg)
+    else:
+        loss.backward(inputs=params)
+    if reduce:
+        reduce(params)
+    opt.step()
+    return stats
 
 def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objective):
     """The training loss of one batch, the routing regularizer of its forwards, and the batch's accuracy,
     clean and adversarial (with no attack, or no clean forward, the one forward stands in for both). A first
-    read: the trades branch; reg is R(phi), 0 in the paper (see level)."""
-    # every forward returns its Gates: the routing regularizer reads those of the clean and adversarial ones
+    read: the trades branch; reg is R(phi) (see level)."""
+    # model(x, return_routing=True) (MoECNN, section 4) also returns its Gates, one per MoE layer: the routing
+    # regularizer reads those of the clean and adversarial forwards
     forward = functools.partial(model, return_routing=True)
     if obj.loss == "trades":  # the paper's: a fresh attack against the model as it is now, x' = argmax KL
         x_adv = training_attack(model, x, y, obj)
@@ -325,28 +332,25 @@ def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objecti
         stats["router_reg"] = reg.detach()
     return objective, reg, stats
 
-def level(model: nn.Module, opt: torch.optim.Optimizer, x, y, obj: Objective, regularize: bool,
-          reduce: Callable | None = None) -> dict:
-    """One adversarial-training update of the parameters `opt` holds; the others stay fixed. `reduce`, if
-    given, acts on those parameters' gradients before the step (torchrun averages them over processes)."""
-    objective, reg, stats = robust_loss(model, x, y, obj)
-    # R(phi): 0 in the paper; by default the Switch balance term 0.1 N sum_k f_k P_k, averaged over the
-    # clean and adversarial forwards' gates (deviation 14, section 6)
-    # L = L_TRADES(psi, phi; B), + R(phi) where the routers are trained (regularize): AdvMoE's lower level,
-    # or a joint method's one loss (whose R(phi) gradient then also reaches psi, through the pooled features)
-    loss = objective + reg if regularize else objective
-    # backward(inputs=...) leaves the other level's .grad untouched: its parameters are "fixed" in the
-    # sense of Algorithm 1 (they still shape this level's gradient through the forward)
-    params = [p for g in opt.param_groups for p in g["params"]]
-    opt.zero_grad(set_to_none=True)
-    if obj.authors:  # --router authors: the routers learn from R(phi) alone (section 6)
-        authors_backward(model, params, objective, reg)
-    else:
-        loss.backward(inputs=params)
-    if reduce:
-        reduce(params)
-    opt.step()
-    return stats
+def training_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objective) -> torch.Tensor:
+    """The inner maximization of the training loss: K steps (2 by default) of 1.25 eps / K (5/255 at eps
+    8/255), in eval mode."""
+    if obj.loss == "pgdat":  # Madry: max CE
+        return pgd(model, x, ce_objective(model, y), obj.eps, obj.step_size, obj.steps)
+    with torch.no_grad(), evaluating(model):
+        # P = f(x) in eval mode, computed once and fixed (a copy: under --compile, CUDA graphs reuse outputs)
+        target = model(x).clone()
+    # TRADES: max_delta KL(f(x) || f(x + delta)), started at x + 0.001 N(0, I)
+    return pgd(model, x, lambda xa: kl_from_logits(target, model(xa), "sum"), obj.eps, obj.step_size,
+               obj.steps, "normal")
+
+def joint_step(model: nn.Module, opts: dict, batches: list, obj: Objective, reduce=None) -> dict:
+    """AT(Dense), AT(S-Dense), AT(MoE) (and AT(Sparse)'s score learning, natural training): min over every
+    trained parameter of L_TRADES at once, one batch, one attack: the routers and the experts adapt to each
+    other only through the shared gradient step (Sec. 4: not enough)."""
+    # make_optimizers names phi's group "routers" (Dense and S-Dense have none)
+    routers = any(g["name"] == "routers" for g in opts["all"].param_groups)
+    return level(model, opts["all"], *batches[0], obj, regularize=routers, reduce=reduce)
 
 # NOTE(official code): SGD with momentum 0.9 and weight decay 5e-4 on every parameter, routers included.
 MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
@@ -354,14 +358,14 @@ MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
 def make_optimizers(model: nn.Module, s, device) -> dict[str, torch.optim.Optimizer]:
     """AdvMoE: one SGD for the routers phi and one for the backbone psi, same settings, one schedule (the
     paper adds no hyper-parameter here; --router-lr scales phi's rate, deviation 7). Joint methods: one SGD
-    over everything, or over phi or psi alone (--train-params, the Sec. 4 study)."""
+    over everything, or over phi or psi alone (--train-params, default "all"; the Sec. 4 study)."""
     # each group keeps its base_lr, which set_lr scales every iteration
     # fused: the CUDA kernel where there is one (True on CUDA; None: torch's default on the CPU)
     kw = dict(lr=s.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=device.type == "cuda" or None)
     # a first read: phi = router_params, psi = backbone_params
     phi = {"params": router_params(model), "base_lr": s.lr * s.router_lr, "name": "routers"}
-    # --shared-core (a first read can skip it): the experts' offsets D_e, a group held at 0 for the first
-    # --tie-epochs (upcycling), then trained
+    # psi = backbone_params; with --shared-core (a first read skips it) the experts' offsets D_e are a group
+    # of their own, held at 0 for the first --tie-epochs (upcycling), then trained
     offsets = {m.weight for m in model.modules() if isinstance(m, MoEConv) and m.core is not None}
     psi = [{"params": [p for p in backbone_params(model) if p not in offsets], "base_lr": s.lr,
             "name": "backbone"}]
@@ -392,8 +396,8 @@ def batch_streams(data, s, epoch: int):
     AdvMoE's B_phi and B_psi come from two independent shuffles of the training set, each a function of seed
     and epoch."""
     streams = range(STEPS[s.method][1])
-    # one seed per (run seed, epoch, stream): every epoch and stream of a run has its own shuffle (distinct
-    # from another seed's below 142,857 epochs, 1,000,003 / 7), and a resumed run draws the same ones
+    # one seed per (run seed, epoch, stream): every epoch and stream has its own shuffle, and a resumed run
+    # draws the same ones
     gens = [torch.Generator().manual_seed(s.seed * 1_000_003 + epoch * 7 + k) for k in streams]
     return zip(*(data.train_batches(s.batch_size, g) for g in gens))
 
@@ -410,8 +414,8 @@ def batch_streams(data, s, epoch: int):
 # channel count times r) or an MoE-CNN (N experts of r*C channels per routed conv). Routed: every conv of the
 # blocks but the projection shortcuts; shared by the experts: the stem, projection shortcuts, pre-activation
 # BatchNorms and the classifier (deviations 4, 5). A pathway (one expert per routed conv) thus has exactly
-# S-Dense's shapes and cost. Reading order: Spec, ResNet-18 (the paper's main backbone; its stem is a shared
-# conv, Stem below), then MoECNN.
+# S-Dense's shapes and cost. Reading order: Spec, ResNet-18 (the paper's main backbone; its stem, Stem, is a
+# shared conv on the image: skip it), then MoECNN.
 @dataclasses.dataclass(frozen=True)
 class Spec:
     """What tells Dense (r = 1, N = 1), S-Dense (r < 1, N = 1) and MoE-CNN (N >= 2) apart, for any backbone.
@@ -450,8 +454,8 @@ class Spec:
 # 512 channels (times r in a pathway); the first block of stages 2-4 halves the resolution, and its 1x1
 # projection shortcut is shared by the experts. Routed: both 3x3 convs of every block, 16 MoE layers. At
 # CIFAR-10 Dense has 11.17 M parameters and 1.11 GFLOPs per image; S-Dense (r = 0.5) 2.80 M and 0.28; the
-# MoE-CNN (N = 2) 5.55 M, of which one pathway, 0.28 GFLOPs, runs per image: S-Dense's cost, twice its
-# weights (8.30 M with the default shared core: a core and N offsets per routed conv, deviation 14).
+# MoE-CNN (N = 2) 5.55 M, of which one pathway, 0.28 GFLOPs, runs per image: S-Dense's cost, about twice
+# its weights (8.30 M with the default shared core: a core and N offsets per routed conv, deviation 14).
 class BasicBlock(nn.Module):
     """ResNet block: relu(BN(conv2(relu(BN(conv1 x)))) + shortcut(x)); both 3x3 convs routed."""
     def __init__(self, spec: Spec, cin: int, cout: int, stride: int):
@@ -482,7 +486,7 @@ class ResNet18(nn.Module):
         return self.fc(x.mean((2, 3)))              # pool (B, r*512) -> (B, classes)
 
 # The stem and the other three backbones below repeat this pattern with their own blocks: a first read can
-# skip to MoECNN, which wraps them all.
+# skip to MoECNN, which wraps them all ("The model a method trains", about 120 lines on).
 #
 # The stem, the first conv on the RGB image, is shared by the experts and r*C wide (deviation 4): a pathway is
 # then exactly S-Dense, and the first routers pool the stem's r*C features rather than 3 colour channels.
@@ -666,8 +670,8 @@ def backbone_params(model: nn.Module) -> list[nn.Parameter]:
 # routing under attack (Insight 2) splits the PGD examples of the images correct when clean by whether the
 # routers' choices moved and whether the prediction did. Protocol: PGD-50, step eps/4, uniform start (Table
 # 1's RA); AutoAttack at its reference settings (Table 2); eval mode, float32, a random stream per attack.
-# A first read: adversaries, evaluate's docstring (the numbers), routing_counts (Insight 2's split) and
-# gflops_per_input; the bodies of evaluate and routing_summary are bookkeeping.
+# A first read: adversaries, evaluate's docstring (the numbers), routing_counts (Insight 2's split),
+# pathway_diversity and gflops_per_input; the bodies of evaluate and routing_summary are bookkeeping.
 EVAL_BATCH = 256  # images per batch of evaluation (the attacks' random starts are drawn per batch)
 
 def adversaries(name: str, model: nn.Module, x, y, s, steps: int, gen: torch.Generator | None = None,
@@ -708,7 +712,7 @@ def evaluate(model: nn.Module, data, s, steps: int | None = None, limit: int = 0
     so a bf16 re-classification could flip them back."""
     steps, device, classes = steps or s.test_steps, next(model.parameters()).device, model.backbone.fc
     attacks = ("pgd",) + tuple(a for a in attacks if a != "pgd")
-    # each attack, and the random routing, draws from its own stream, seeded by the run's seed and its name:
+    # each attack, and the random routing, draws from its own stream, seeded by the run's seed and its index:
     # adding an attack changes no other attack's RA, and an --eval-only gives a run's numbers again
     gens = {a: torch.Generator(device).manual_seed(1000 * s.seed + 2 * k)
             for k, a in enumerate(EVAL_ATTACKS + ("random routing",))}
@@ -770,8 +774,9 @@ def percent(correct: torch.Tensor) -> float:
 # The routing statistics, from each input's pathway (its expert at every MoE layer, (B, L)) clean and under
 # PGD, and whether it is classified correctly. Insight 2 asks which of the two ways in an attack took: it
 # moved the routers' choices (another pathway), or fooled the pathway chosen, or both; one that does neither
-# failed. Counts first (routing_counts), shares after (routing_summary): the split over uncollapsed layers is
-# the same count with fewer layers allowed to flip.
+# failed. Counts first (routing_counts), shares after (routing_summary). A layer is collapsed when one
+# expert takes 95% or more of the clean inputs: the split over the other layers is the same count with only
+# those allowed to flip.
 def routing_counts(choice, choice_adv, ok_adv, ok_clean, n_experts: int, layers=slice(None)):
     """From each input's pathway (B, L), clean and under attack, and whether it is classified correctly under
     attack and clean (B,): inputs per expert per layer (L, N), clean and under attack; flips per layer (L,);
@@ -842,12 +847,12 @@ def gflops_per_input(model: nn.Module, x: torch.Tensor) -> float:
 # ==================================================================================================
 # 6. Beside the method: masked and soft forwards, AutoAttack's assembly, the global router, the regularizers
 # ==================================================================================================
-# Nothing here changes the forward the method computes. A GPU prefers to run every expert on every input and
-# keep each input's own expert (the masked forward: CUDA trains on it; the tests' reference for the sparse
-# path); the same forward mixes the experts by the router's probabilities for the soft attack (section 5).
-# Then the plumbing of AutoAttack (section 5); the routing variants the paper does not train: one global
-# router for every layer (the authors' code); and the routing regularizers: the balance term, on by default
-# (section 3's R(phi), deviation 14: part of the default loss is computed here), the authors' router loss.
+# Nothing here changes the default forward; part of the default loss is computed here. A GPU prefers to run
+# every expert on every input and keep each input's own expert (the masked forward: CUDA trains on it; the
+# tests' reference for the sparse path); the same forward mixes the experts by the router's probabilities for
+# the soft attack (section 5). Then the plumbing of AutoAttack (section 5); the routing variants the paper
+# does not train: one global router for every layer (the authors' code); and the routing regularizers: the
+# balance term, on by default (section 3's R(phi), deviation 14), the authors' router loss.
 def masked_forward(self: MoEConv, x: torch.Tensor, gate: Gate, soft: bool = False):
     """The sparse path reads the group sizes on the host, which stalls a GPU once per layer; on CUDA ("auto")
     every expert runs on every input instead (static shapes, no host read, one graph for torch.compile) at N
@@ -982,8 +987,8 @@ def routing_regularizer(gates: list[Gate], gates_adv: list[Gate], y: torch.Tenso
     return total / max(len(gates + gates_adv), 1)
 
 # ==================================================================================================
-# OPERATIONS. The method ends with section 5 (section 6 is its speed path and variants); what follows runs
-# it: settings, data, the training loop, AT(Sparse)'s pruning mechanics, files, report, bench, command line.
+# OPERATIONS. The method ends with section 5 (section 6: its speed path, variants, regularizers); what follows
+# runs it: settings, data, the training loop, AT(Sparse)'s pruning mechanics, files, report, bench, CLI.
 # ==================================================================================================
 # 7. Settings
 # ==================================================================================================
@@ -1015,9 +1020,10 @@ class Settings:
     shared_bn: bool = False
     # routers read their pooled features standardized per input (deviation 2); --no-router-standardize: raw
     router_standardize: bool = True
-    # NOTE(ours), deviation 14: experts share a core, W_e = W_shared + D_e, D_e = 0 at init (same model and
-    # cost), and are upcycled: D_e stays 0 for the first --tie-epochs (default: a quarter of the epochs), then
-    # trains. Default: on for the MoE methods, off under --router authors (the authors' independent experts)
+    # NOTE(ours), deviation 14: experts share a core, W_e = W_shared + D_e, D_e = 0 at init (the same FLOPs,
+    # 1.5x the weights), and are upcycled: D_e stays 0 for the first --tie-epochs (default: a quarter of the
+    # epochs), then trains. Default: on for the MoE methods, off under --router authors (the authors'
+    # independent experts)
     shared_core: bool = None
     tie_epochs: int = None
     # checkpoint.pt whose weights start the run (sparse: the AT(Dense) run to prune)
