@@ -75,12 +75,12 @@ def top1_gate(logits: torch.Tensor, random: torch.Generator | None = None) -> Ga
     choice = probs.argmax(-1) if random is None else torch.randint(
         probs.shape[1], probs.shape[:1], generator=random, device=probs.device)  # (B,)
     p = probs.gather(1, choice[:, None]).squeeze(1)                           # (B,) p_{e(b)}
-    # s_b = 1 + p_{e(b)} - sg(p_{e(b)}): value 1 (p - sg(p) is 0), gradient that of p_{e(b)}, so with
-    # y_b = s_b E_e(x_b) (E_e: expert e's conv + BatchNorm) the router gets dL/dp_{e(b)} = <dL/dy_b, E_e(x_b)>
-    # (sg: stop-gradient, detach): the router raises p_e where expert e's output lowers the loss
+    # s_b = 1 + p_{e(b)} - sg(p_{e(b)}) (sg: stop-gradient, detach): value 1, gradient that of p_{e(b)}, so
+    # with y_b = s_b E_{e(b)}(x_b) (E_e: expert e's conv + BatchNorm) the router gets dL/dp_{e(b)} =
+    # <dL/dy_b, E_{e(b)}(x_b)>: SGD raises p_{e(b)} where scaling that expert's output up would lower the loss
+    return Gate(logits, choice, 1.0 + (p - p.detach()))
     # NOTE(official code): theirs copies the hard one-hot's gradient to the N raw scores (no softmax); here it
     # flows through the softmax into every logit (both are "straight-through").
-    return Gate(logits, choice, 1.0 + (p - p.detach()))
 
 def straight_through(y: torch.Tensor, gate: Gate) -> torch.Tensor:
     """y_b * s_b: the chosen expert's output in value, the router's gradient in the backward pass (with no
@@ -97,13 +97,29 @@ class Routing:
     shared: Gate | None = None              # the global router's gate, used by every layer (section 6)
     random: torch.Generator | None = None   # route to uniformly random experts (evaluation, section 5)
 
+def standardize(z: torch.Tensor) -> torch.Tensor:
+    """NOTE(ours), deviation 2. Pooled post-ReLU features share a large positive mean, so a plain linear
+    router gives every input nearly the same logits, and most layers route 95% of the inputs to one expert
+    before any training. Standardized per input, the logits depend on which channels respond, not how
+    strongly."""
+    # z_b <- (z_b - mean_c z_bc) / sqrt(var_c z_bc + 1e-5), (B, C)
+    return F.layer_norm(z, z.shape[1:])
+
+def router_head(cin: int, n_experts: int) -> nn.Linear:
+    """A router's linear map to N logits: no bias (it would prefer one expert for every input) and a small
+    init, so the probabilities start near 1/N and the first choices follow the input's features."""
+    head = nn.Linear(cin, n_experts, bias=False)
+    nn.init.normal_(head.weight, 0.0, 0.01)
+    return head
+
 class MoEConv(nn.Module):
     """A conv (and its BatchNorm) whose output channels are split into N experts of `cout` channels; a router
     picks one expert per input (Fig. 1a); cout is already r*C (Spec.conv scales the paper's C). With N = 1 it
     is a plain conv (Dense, S-Dense). NOTE(ours), deviation 3 (the paper: experts as sub-networks of one
     backbone): expert e owns filters [e*cout, (e+1)*cout) of one (N*cout, cin, k, k) weight; every expert
     writes the same cout pathway channels, and the next conv reads them by position. A first read can take
-    core and shared_bn as off: W_e = weight[rows(e)], a BatchNorm per expert."""
+    core and shared_bn as off: W_e = weight[rows(e)], a BatchNorm per expert (core is on by default,
+    deviation 14, and changes only W_e, to W_shared + D_e: the same FLOPs; `weight` then holds D_e)."""
     def __init__(self, cin: int, cout: int, kernel: int, stride: int, n_experts: int, bn: bool, router: bool,
                  shared_bn: bool = False, standardized: bool = True, core: bool = False):
         super().__init__()
@@ -120,8 +136,7 @@ class MoEConv(nn.Module):
         # NOTE(ours), deviation 1: a BatchNorm per expert, stored as one BatchNorm over N*cout channels;
         # --shared-bn: one BatchNorm over the pathway's cout channels for every expert (the authors' code).
         self.bn = nn.BatchNorm2d(cout if self.shared_bn else n_experts * cout) if bn else None
-        # the per-layer router (Fig. A1) on the layer's pooled input: router_head (below), a linear map with
-        # no bias to N logits, initialized near 1/N
+        # the per-layer router (Fig. A1) on the layer's pooled input: router_head (above)
         self.router = router_head(cin, n_experts) if (router and n_experts > 1) else None
     def rows(self, e: int) -> slice:
         """Expert e's filters (and BatchNorm channels)."""
@@ -150,13 +165,16 @@ class MoEConv(nn.Module):
         gate = routing.shared if routing.shared is not None else top1_gate(
             self.router(standardize(pooled) if self.standardized else pooled), routing.random)
         routing.gates.append(gate)
-        # "masked" (what runs on CUDA: no host sync, N times the experts' FLOPs) and "soft" (the soft attack's
-        # forward) run every expert on every input, with the same values (section 6); the cost reported is the
-        # sparse path's (gflops_per_input): learn the sparse path below, skip these on a first read
+        # "masked" (what runs on CUDA: no host sync, N times the experts' FLOPs) runs every expert on every
+        # input, with the sparse path's values and gradients (tested); "soft" (the soft attack's forward) has
+        # its values, another gradient (section 6). The cost reported is the sparse path's (gflops_per_input):
+        # learn the sparse path below, skip these on a first read
         if routing.dispatch != "sparse":
             return masked_forward(self, x, gate, soft=routing.dispatch == "soft")
         # the sparse path: sort the batch by expert, run each expert on its slice (split keeps empty pieces,
-        # so e is the expert's index; an empty one is skipped), undo the sort (order.argsort() inverts order)
+        # so e is the expert's index; an empty one is skipped: BatchNorm cannot train on no inputs), undo
+        # the sort. E.g. choice [1, 0, 1]: order e.g.
+        # [1, 0, 2], sizes [1, 2], slices (x1), (x0, x2); order.argsort() puts the outputs back in order.
         # y_b = E_{e(b)}(x_b): one conv of r*C filters per expert, on the inputs routed to it (S-Dense's cost)
         order, sizes = gate.choice.argsort(), gate.choice.bincount(minlength=self.n).tolist()  # one host read
         xs = x[order].split(sizes)                                                # N x (b_e, cin, H, W)
@@ -167,21 +185,6 @@ class MoEConv(nn.Module):
             self.normalize(ye, self.rows(e)) for e, ye in enumerate(y.split(sizes)) if len(ye)])
         # back in the batch's order; s_b multiplies in the router's gradient
         return straight_through(y[order.argsort()], gate)
-
-def standardize(z: torch.Tensor) -> torch.Tensor:
-    """NOTE(ours), deviation 2. Pooled post-ReLU features share a large positive mean, so a plain linear
-    router gives every input nearly the same logits, and most layers route 95% of the inputs to one expert
-    before any training. Standardized per input, the logits depend on which channels respond, not how
-    strongly."""
-    # z_b <- (z_b - mean_c z_bc) / sqrt(var_c z_bc + 1e-5), (B, C)
-    return F.layer_norm(z, z.shape[1:])
-
-def router_head(cin: int, n_experts: int) -> nn.Linear:
-    """A router's linear map to N logits: no bias (it would prefer one expert for every input) and a small
-    init, so the probabilities start near 1/N and the first choices follow the input's features."""
-    head = nn.Linear(cin, n_experts, bias=False)
-    nn.init.normal_(head.weight, 0.0, 0.01)
-    return head
 
 # ==================================================================================================
 # 2. Attacks and losses: one l_inf PGD that maximizes any loss; TRADES
@@ -194,8 +197,7 @@ def router_head(cin: int, n_experts: int) -> nn.Linear:
 # around each input, with the weight beta = 1/lambda.
 @contextlib.contextmanager
 def evaluating(model: nn.Module):
-    """Eval mode for the duration (BatchNorm running statistics), then every module's own mode back (a part
-    frozen in eval mode by --train-params, the Sec. 4 study, stays frozen)."""
+    """Eval mode for the duration (BatchNorm running statistics), then every module's own mode back."""
     modes = [(m, m.training) for m in model.modules()]
     model.train(False)
     try:
@@ -225,7 +227,7 @@ def pgd(model: nn.Module, x: torch.Tensor, loss_fn: Callable[[torch.Tensor], tor
 
 def kl_from_logits(p_logits: torch.Tensor, q_logits: torch.Tensor, reduction: str = "batchmean"):
     """KL(p || q) from logits through log_softmax: finite where a softmax underflows."""
-    # KL(p || q) = sum_c p_c (log p_c - log q_c): F.kl_div(log q, log p, log_target=True)
+    # KL(p || q) = sum_c p_c (log p_c - log q_c): F.kl_div(input=log q, target=log p) is KL(target || input)
     return F.kl_div(q_logits.float().log_softmax(-1), p_logits.float().log_softmax(-1), reduction=reduction,
                     log_target=True)
 
@@ -247,24 +249,19 @@ BETA = 6.0
 # ==================================================================================================
 # 3. Algorithm 1 (AdvMoE) and the baselines: each method is a step function
 # ==================================================================================================
-# Sec. 4 of the paper: training routers phi and experts psi jointly against one attack (AT(MoE)) leaves them
-# unadapted to each other. Adversarially training the routers alone makes routing robust but the prediction
-# fragile (Insights 1, 2); training the experts on top then lowers the routers' robustness (Insight 3).
-# AdvMoE therefore alternates: the routers are fitted to the current experts (lower level), the experts to the
-# routers so fitted (upper level), each against an attack regenerated for the model as it then is. Every
-# method below is a step function over a list of batches; the training loop (section 9) only calls it.
-# Reading order: advmoe_step, then what it calls, top-down: level (one SGD step of some parameters),
-# robust_loss (the loss of a fresh attack), training_attack; then the baselines' joint_step, the
-# optimizers, the schedule, the batches.
-# Eq. (1), the bi-level problem AdvMoE solves (psi: backbone and experts; phi: routers; D: the training set):
+# Sec. 4 of the paper: routers phi and experts psi trained jointly against one attack (AT(MoE)) do not adapt
+# to each other (Insights 1-3). AdvMoE alternates: the routers are fitted to the current experts (lower
+# level), the experts to the routers so fitted (upper level), each against a fresh attack. Eq. (1), with
+# psi: backbone and experts, phi: routers, D: the training set:
 #     min_psi L_TRADES(psi, phi*(psi); D)   s.t.   phi*(psi) = argmin_phi L_TRADES(psi, phi; D)
-# Algorithm 1 solves it by alternating optimization: one SGD step of each level per iteration, the lower
-# level's step standing in for the argmin. Routers and experts share the learning rate and its schedule.
+# Algorithm 1: one SGD step of each level per iteration, the lower level's step standing in for the argmin.
+# Every method is a step function over a list of batches, which the training loop (section 9) calls. Reading
+# order: advmoe_step, then top-down what it calls (level, robust_loss, training_attack); then the baselines'
+# joint_step, the optimizers, the schedule, the batches.
 #
-# All that the training loss and its inner attack read (Settings.objective builds it): the loss ("trades":
-# the paper's), beta, the attack's eps (pixel units), step alpha (1.25 eps / K, deviation 13) and K steps;
-# then the routing regularizer's settings (section 6; a first read: balance 0.1, supervision 0, authors
-# False).
+# What the training loss and its attack read (Settings.objective builds it): the loss ("trades": the
+# paper's), beta, the attack's eps (pixel units), step alpha (1.25 eps / K, deviation 13) and K steps; the
+# routing regularizer's settings (section 6; a first read: balance 0.1, supervision 0, authors False).
 Objective = NamedTuple("Objective", [("loss", str), ("beta", float), ("eps", float), ("step_size", float),
                                      ("steps", int), ("balance", float), ("supervision", float),
                                      ("authors", bool)])
@@ -273,28 +270,26 @@ def advmoe_step(model: nn.Module, opts: dict, batches: list, obj: Objective, red
     """One iteration of Algorithm 1, lines 3-5."""
     # 3: draw two different random batches B_phi and B_psi (two independent shuffles: batch_streams)
     (x_phi, y_phi), (x_psi, y_psi) = batches
-    # 4: lower level: with psi fixed, update phi by minimizing L_TRADES (+ R(phi): 0 in the paper, a balance
-    #    term by default, see level) with a K-step PGD attack, SGD on B_phi
-    #    (psi's weights are fixed; its BatchNorm running statistics still update on B_phi: deviation 6)
+    # 4: lower level: with psi fixed, update phi by minimizing L_TRADES (+ R(phi), see level) with a K-step
+    #    PGD attack, SGD on B_phi (psi's BatchNorm statistics, buffers, still update: deviation 6, part 2)
     router_stats = level(model, opts["phi"], x_phi, y_phi, obj, regularize=True, reduce=reduce)
-    # 5: upper level: with phi fixed (= phi*, one SGD step here, not the argmin), update psi by minimizing
+    # 5: upper level: with phi fixed (= phi*: one SGD step, not the argmin), update psi by minimizing
     #    L_TRADES with a K-step PGD attack made anew against (psi, phi*), SGD on B_psi
     stats = level(model, opts["psi"], x_psi, y_psi, obj, regularize=False, reduce=reduce)
     return {**stats, "router_loss": router_stats["loss"]}
 
 def level(model: nn.Module, opt: torch.optim.Optimizer, x, y, obj: Objective, regularize: bool,
           reduce: Callable | None = None) -> dict:
-    """One adversarial-training update of the parameters `opt` holds; the others stay fixed. `reduce`, if
-    given, acts on those parameters' gradients before the step (torchrun averages them over processes)."""
+    """One adversarial-training update of the parameters `opt` holds; the others stay fixed. `reduce`:
+    torchrun's average of their gradients."""
     objective, reg, stats = robust_loss(model, x, y, obj)
     # R(phi): 0 in the paper; by default (deviation 14) the Switch balance term 0.1 N sum_k f_k P_k (f_k: the
-    # share of the inputs routed to expert k, P_k: its mean router probability), averaged over the clean and
-    # adversarial forwards' gates (section 6)
+    # share of inputs routed to expert k, a count with no gradient; P_k: its mean router probability, through
+    # which R trains the routers), averaged over the MoE layers of both forwards
     # L = L_TRADES(psi, phi; B), + R(phi) where the routers are trained (regularize): AdvMoE's lower level,
-    # or a joint method's one loss (whose R(phi) gradient then also reaches psi, through the pooled features)
+    # or a joint method's one loss (there R(phi)'s gradient also reaches psi)
     loss = objective + reg if regularize else objective
-    # backward(inputs=...) leaves the other level's .grad untouched: its parameters are "fixed" in the
-    # sense of Algorithm 1 (they still shape this level's gradient through the forward)
+    # backward(inputs=...) leaves the other level's .grad untouched: its parameters are "fixed"
     params = [p for g in opt.param_groups for p in g["params"]]
     opt.zero_grad(set_to_none=True)
     if obj.authors:  # an option, --router authors: the routers learn from R(phi) alone (section 6; skip)
@@ -307,11 +302,9 @@ def level(model: nn.Module, opt: torch.optim.Optimizer, x, y, obj: Objective, re
     return stats
 
 def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objective):
-    """The training loss of one batch, the routing regularizer of its forwards, and the batch's accuracy,
-    clean and adversarial (with no attack, or no clean forward, the one forward stands in for both). A first
-    read: the trades branch; reg is R(phi) (see level)."""
-    # model(x, return_routing=True) (MoECNN, section 4) also returns its Gates, one per MoE layer: the routing
-    # regularizer reads those of the clean and adversarial forwards
+    """The training loss of one batch, R(phi) of its forwards, and the batch's accuracy, clean and
+    adversarial. A first read: the trades branch."""
+    # model(x, return_routing=True) (MoECNN, section 4) also returns a Gate per MoE layer, for R(phi)
     forward = functools.partial(model, return_routing=True)
     if obj.loss == "trades":  # the paper's: a fresh attack against the model as it is now, x' = argmax KL
         x_adv = training_attack(model, x, y, obj)
@@ -324,11 +317,10 @@ def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objecti
     else:  # an option, "natural" (Sec. 4's first stage, natural training): CE(f(x), y), no attack
         (logits, gates), gates_adv = forward(x), []
         logits_adv, objective = logits, F.cross_entropy(logits.float(), y)
-    # R(phi), from the gates of both forwards (section 6; see level)
     reg = routing_regularizer(gates, gates_adv, y, obj)
     stats = {"loss": objective.detach(), "acc": (logits.argmax(1) == y).float().mean(),
              "acc_adv": (logits_adv.argmax(1) == y).float().mean()}
-    if obj.balance or obj.supervision:  # logged: e.g. whether the routers learn the class-mod-N targets
+    if obj.balance or obj.supervision:  # logged
         stats["router_reg"] = reg.detach()
     return objective, reg, stats
 
@@ -338,7 +330,7 @@ def training_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Obj
     if obj.loss == "pgdat":  # Madry: max CE
         return pgd(model, x, ce_objective(model, y), obj.eps, obj.step_size, obj.steps)
     with torch.no_grad(), evaluating(model):
-        # P = f(x) in eval mode, computed once and fixed (a copy: under --compile, CUDA graphs reuse outputs)
+        # P = f(x), fixed (a copy: under --compile, CUDA graphs reuse outputs)
         target = model(x).clone()
     # TRADES: max_delta KL(f(x) || f(x + delta)), started at x + 0.001 N(0, I)
     return pgd(model, x, lambda xa: kl_from_logits(target, model(xa), "sum"), obj.eps, obj.step_size,
@@ -364,8 +356,9 @@ def make_optimizers(model: nn.Module, s, device) -> dict[str, torch.optim.Optimi
     kw = dict(lr=s.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=device.type == "cuda" or None)
     # a first read: phi = router_params, psi = backbone_params
     phi = {"params": router_params(model), "base_lr": s.lr * s.router_lr, "name": "routers"}
-    # psi = backbone_params; with --shared-core (a first read skips it) the experts' offsets D_e are a group
-    # of their own, held at 0 for the first --tie-epochs (upcycling), then trained
+    # psi = backbone_params; with the shared core (the default for moe and advmoe; a first read skips it) the
+    # experts' offsets D_e are a group of their own, held at 0 for the first --tie-epochs (upcycling), then
+    # trained
     offsets = {m.weight for m in model.modules() if isinstance(m, MoEConv) and m.core is not None}
     psi = [{"params": [p for p in backbone_params(model) if p not in offsets], "base_lr": s.lr,
             "name": "backbone"}]
@@ -486,7 +479,7 @@ class ResNet18(nn.Module):
         return self.fc(x.mean((2, 3)))              # pool (B, r*512) -> (B, classes)
 
 # The stem and the other three backbones below repeat this pattern with their own blocks: a first read can
-# skip to MoECNN, which wraps them all ("The model a method trains", about 120 lines on).
+# skip to the comment above BACKBONES and `class MoECNN`, which wraps them all (about 130 lines on).
 #
 # The stem, the first conv on the RGB image, is shared by the experts and r*C wide (deviation 4): a pathway is
 # then exactly S-Dense, and the first routers pool the stem's r*C features rather than 3 colour channels.
@@ -679,8 +672,8 @@ def adversaries(name: str, model: nn.Module, x, y, s, steps: int, gen: torch.Gen
     """NOTE(ours), deviation 9: the attacks of --eval-attacks, as (label, x_adv) pairs, the soft attack and
     Square beside the paper's PGD (RA-worst over all). Hard top-1 routing can hide gradients, so PGD
     through the straight-through routers may overstate robustness: "soft" is the same PGD with a surrogate
-    gradient through routing (the hard forward, the gradient of sum_e p_e E_e(x): y = y_soft + sg(y_hard -
-    y_soft), section 6), and Square is gradient-free (gradient masking cannot fool it). Labels: "pgd<K>",
+    gradient through routing (value: the hard output; gradient: as if the output were sum_e p_e E_e(x);
+    section 6), and Square is gradient-free (gradient masking cannot fool it). Labels: "pgd<K>",
     "soft", "square", and AutoAttack's "autoattack/<component>" after each component, then "autoattack".
     A model without routers has no soft attack (it would be PGD again)."""
     if name == "pgd":  # the paper's RA: CE through the straight-through routers
@@ -772,11 +765,11 @@ def percent(correct: torch.Tensor) -> float:
     return round(100 * correct.float().mean().item(), 2)
 
 # The routing statistics, from each input's pathway (its expert at every MoE layer, (B, L)) clean and under
-# PGD, and whether it is classified correctly. Insight 2 asks which of the two ways in an attack took: it
-# moved the routers' choices (another pathway), or fooled the pathway chosen, or both; one that does neither
-# failed. Counts first (routing_counts), shares after (routing_summary). A layer is collapsed when one
-# expert takes 95% or more of the clean inputs: the split over the other layers is the same count with only
-# those allowed to flip.
+# PGD, and whether it is classified correctly. Insight 2 splits the examples by which of the two ways in an
+# attack took: it moved the routers' choices (another pathway), fooled the pathway chosen, both, or neither
+# (a failed attack); the paper finds that routers made robust alone leave the prediction fragile. Counts
+# first (routing_counts), shares after (routing_summary). A layer is collapsed when one expert takes 95% or
+# more of the clean inputs; "uncollapsed": a router counts as fooled only if an uncollapsed layer flipped.
 def routing_counts(choice, choice_adv, ok_adv, ok_clean, n_experts: int, layers=slice(None)):
     """From each input's pathway (B, L), clean and under attack, and whether it is classified correctly under
     attack and clean (B,): inputs per expert per layer (L, N), clean and under attack; flips per layer (L,);
@@ -847,7 +840,8 @@ def gflops_per_input(model: nn.Module, x: torch.Tensor) -> float:
 # ==================================================================================================
 # 6. Beside the method: masked and soft forwards, AutoAttack's assembly, the global router, the regularizers
 # ==================================================================================================
-# Nothing here changes the default forward; part of the default loss is computed here. A GPU prefers to run
+# Nothing here changes what the method computes (the masked forward, CUDA's default, gives the sparse path's
+# values and gradients); part of the default loss is computed here. A GPU prefers to run
 # every expert on every input and keep each input's own expert (the masked forward: CUDA trains on it; the
 # tests' reference for the sparse path); the same forward mixes the experts by the router's probabilities for
 # the soft attack (section 5). Then the plumbing of AutoAttack (section 5); the routing variants the paper
