@@ -16,6 +16,7 @@ Notation (paper -> code)
     psi      backbone and experts: every parameter whose name has no "router"    backbone_params()
     phi      routers (a gate per MoE layer, or the one global router)           router_params()
     N, r     experts per MoE layer; an expert has r*C filters                     --n-experts, --ratio
+    S-Dense  the backbone with every layer's C channels times r: a pathway's shape and cost
     eps      l_inf radius in pixel units (inputs in [0,1]; the model normalizes them itself)
     K        PGD steps in training (2); 50 at test time                        --train-steps, --test-steps
     beta     TRADES weight 1/lambda (6)                                         BETA
@@ -118,8 +119,9 @@ class MoEConv(nn.Module):
     is a plain conv (Dense, S-Dense). NOTE(ours), deviation 3 (the paper: experts as sub-networks of one
     backbone): expert e owns filters [e*cout, (e+1)*cout) of one (N*cout, cin, k, k) weight; every expert
     writes the same cout pathway channels, and the next conv reads them by position. A first read can take
-    core and shared_bn as off: W_e = weight[rows(e)], a BatchNorm per expert (core is on by default,
-    deviation 14, and changes only W_e, to W_shared + D_e: the same FLOPs; `weight` then holds D_e)."""
+    core and shared_bn as off: W_e = weight[rows(e)], a BatchNorm per expert (core: off in this class,
+    turned on by Settings for moe and advmoe, deviation 14; it changes only W_e, to W_shared + D_e, the same
+    FLOPs, and `weight` then holds D_e)."""
     def __init__(self, cin: int, cout: int, kernel: int, stride: int, n_experts: int, bn: bool, router: bool,
                  shared_bn: bool = False, standardized: bool = True, core: bool = False):
         super().__init__()
@@ -165,16 +167,16 @@ class MoEConv(nn.Module):
         gate = routing.shared if routing.shared is not None else top1_gate(
             self.router(standardize(pooled) if self.standardized else pooled), routing.random)
         routing.gates.append(gate)
-        # "masked" (what runs on CUDA: no host sync, N times the experts' FLOPs) runs every expert on every
-        # input, with the sparse path's values and gradients (tested); "soft" (the soft attack's forward) has
-        # its values, another gradient (section 6). The cost reported is the sparse path's (gflops_per_input):
-        # learn the sparse path below, skip these on a first read
+        # A first read: skip to the sparse path below. "masked" (what runs on CUDA: no host sync, N times the
+        # experts' FLOPs) runs every expert on every input, with the sparse path's values and gradients
+        # (tested); "soft" (the soft attack's forward) has its values, another gradient (section 6). The cost
+        # reported is the sparse path's (gflops_per_input)
         if routing.dispatch != "sparse":
             return masked_forward(self, x, gate, soft=routing.dispatch == "soft")
         # the sparse path: sort the batch by expert, run each expert on its slice (split keeps empty pieces,
         # so e is the expert's index; an empty one is skipped: BatchNorm cannot train on no inputs), undo
-        # the sort. E.g. choice [1, 0, 1]: order e.g.
-        # [1, 0, 2], sizes [1, 2], slices (x1), (x0, x2); order.argsort() puts the outputs back in order.
+        # the sort. E.g. choice [1, 0, 1] -> order [1, 0, 2], sizes [1, 2]: expert 0 gets x1, expert 1 gets
+        # x0 and x2; order.argsort() puts the outputs back in the batch's order.
         # y_b = E_{e(b)}(x_b): one conv of r*C filters per expert, on the inputs routed to it (S-Dense's cost)
         order, sizes = gate.choice.argsort(), gate.choice.bincount(minlength=self.n).tolist()  # one host read
         xs = x[order].split(sizes)                                                # N x (b_e, cin, H, W)
@@ -271,7 +273,7 @@ def advmoe_step(model: nn.Module, opts: dict, batches: list, obj: Objective, red
     # 3: draw two different random batches B_phi and B_psi (two independent shuffles: batch_streams)
     (x_phi, y_phi), (x_psi, y_psi) = batches
     # 4: lower level: with psi fixed, update phi by minimizing L_TRADES (+ R(phi), see level) with a K-step
-    #    PGD attack, SGD on B_phi (psi's BatchNorm statistics, buffers, still update: deviation 6, part 2)
+    #    PGD attack, SGD on B_phi (psi's BatchNorm statistics, buffers, still update: deviation 6)
     router_stats = level(model, opts["phi"], x_phi, y_phi, obj, regularize=True, reduce=reduce)
     # 5: upper level: with phi fixed (= phi*: one SGD step, not the argmin), update psi by minimizing
     #    L_TRADES with a K-step PGD attack made anew against (psi, phi*), SGD on B_psi
@@ -285,7 +287,8 @@ def level(model: nn.Module, opt: torch.optim.Optimizer, x, y, obj: Objective, re
     objective, reg, stats = robust_loss(model, x, y, obj)
     # R(phi): 0 in the paper; by default (deviation 14) the Switch balance term 0.1 N sum_k f_k P_k (f_k: the
     # share of inputs routed to expert k, a count with no gradient; P_k: its mean router probability, through
-    # which R trains the routers), averaged over the MoE layers of both forwards
+    # which R trains the routers), averaged over the MoE layers of both forwards (routing_regularizer,
+    # section 6: its balance branch)
     # L = L_TRADES(psi, phi; B), + R(phi) where the routers are trained (regularize): AdvMoE's lower level,
     # or a joint method's one loss (there R(phi)'s gradient also reaches psi)
     loss = objective + reg if regularize else objective
@@ -479,7 +482,7 @@ class ResNet18(nn.Module):
         return self.fc(x.mean((2, 3)))              # pool (B, r*512) -> (B, classes)
 
 # The stem and the other three backbones below repeat this pattern with their own blocks: a first read can
-# skip to the comment above BACKBONES and `class MoECNN`, which wraps them all (about 130 lines on).
+# skip to the comment above BACKBONES and `class MoECNN`, which wraps them all.
 #
 # The stem, the first conv on the RGB image, is shared by the experts and r*C wide (deviation 4): a pathway is
 # then exactly S-Dense, and the first routers pool the stem's r*C features rather than 3 colour channels.
@@ -840,8 +843,8 @@ def gflops_per_input(model: nn.Module, x: torch.Tensor) -> float:
 # ==================================================================================================
 # 6. Beside the method: masked and soft forwards, AutoAttack's assembly, the global router, the regularizers
 # ==================================================================================================
-# Nothing here changes what the method computes (the masked forward, CUDA's default, gives the sparse path's
-# values and gradients); part of the default loss is computed here. A GPU prefers to run
+# The masked forward (CUDA's default) gives the sparse path's values and gradients; the balance term of the
+# default loss is computed here (routing_regularizer); the rest are options. A GPU prefers to run
 # every expert on every input and keep each input's own expert (the masked forward: CUDA trains on it; the
 # tests' reference for the sparse path); the same forward mixes the experts by the router's probabilities for
 # the soft attack (section 5). Then the plumbing of AutoAttack (section 5); the routing variants the paper
