@@ -76,12 +76,12 @@ def top1_gate(logits: torch.Tensor, random: torch.Generator | None = None) -> Ga
     choice = probs.argmax(-1) if random is None else torch.randint(
         probs.shape[1], probs.shape[:1], generator=random, device=probs.device)  # (B,)
     p = probs.gather(1, choice[:, None]).squeeze(1)                           # (B,) p_{e(b)}
+    # NOTE(official code): theirs copies the hard one-hot's gradient to the N raw scores (no softmax); here it
+    # flows through the softmax into every logit (both are "straight-through").
     # s_b = 1 + p_{e(b)} - sg(p_{e(b)}) (sg: stop-gradient, detach): value 1, gradient that of p_{e(b)}, so
     # with y_b = s_b E_{e(b)}(x_b) (E_e: expert e's conv + BatchNorm) the router gets dL/dp_{e(b)} =
     # <dL/dy_b, E_{e(b)}(x_b)>: SGD raises p_{e(b)} where scaling that expert's output up would lower the loss
     return Gate(logits, choice, 1.0 + (p - p.detach()))
-    # NOTE(official code): theirs copies the hard one-hot's gradient to the N raw scores (no softmax); here it
-    # flows through the softmax into every logit (both are "straight-through").
 
 def straight_through(y: torch.Tensor, gate: Gate) -> torch.Tensor:
     """y_b * s_b: the chosen expert's output in value, the router's gradient in the backward pass (with no
@@ -119,9 +119,9 @@ class MoEConv(nn.Module):
     is a plain conv (Dense, S-Dense). NOTE(ours), deviation 3 (the paper: experts as sub-networks of one
     backbone): expert e owns filters [e*cout, (e+1)*cout) of one (N*cout, cin, k, k) weight; every expert
     writes the same cout pathway channels, and the next conv reads them by position. A first read can take
-    core and shared_bn as off: W_e = weight[rows(e)], a BatchNorm per expert (core: off in this class,
-    turned on by Settings for moe and advmoe, deviation 14; it changes only W_e, to W_shared + D_e, the same
-    FLOPs, and `weight` then holds D_e)."""
+    core and shared_bn as off: W_e = weight[rows(e)], a BatchNorm per expert (core: off in this class; the
+    default for moe and advmoe unless --router authors or --no-shared-core, deviation 14; it changes only
+    W_e, to W_shared + D_e, the same FLOPs, and `weight` then holds D_e)."""
     def __init__(self, cin: int, cout: int, kernel: int, stride: int, n_experts: int, bn: bool, router: bool,
                  shared_bn: bool = False, standardized: bool = True, core: bool = False):
         super().__init__()
@@ -174,9 +174,9 @@ class MoEConv(nn.Module):
         if routing.dispatch != "sparse":
             return masked_forward(self, x, gate, soft=routing.dispatch == "soft")
         # the sparse path: sort the batch by expert, run each expert on its slice (split keeps empty pieces,
-        # so e is the expert's index; an empty one is skipped: BatchNorm cannot train on no inputs), undo
-        # the sort. E.g. choice [1, 0, 1] -> order [1, 0, 2], sizes [1, 2]: expert 0 gets x1, expert 1 gets
-        # x0 and x2; order.argsort() puts the outputs back in the batch's order.
+        # so e is the expert's index; an empty one has nothing to run and is skipped), undo the sort. E.g.
+        # choice [1, 0, 1] -> order [1, 0, 2], sizes [1, 2]: expert 0 gets x1, expert 1 gets x0 and x2;
+        # order.argsort() puts the outputs back in the batch's order.
         # y_b = E_{e(b)}(x_b): one conv of r*C filters per expert, on the inputs routed to it (S-Dense's cost)
         order, sizes = gate.choice.argsort(), gate.choice.bincount(minlength=self.n).tolist()  # one host read
         xs = x[order].split(sizes)                                                # N x (b_e, cin, H, W)
@@ -252,7 +252,7 @@ BETA = 6.0
 # 3. Algorithm 1 (AdvMoE) and the baselines: each method is a step function
 # ==================================================================================================
 # Sec. 4 of the paper: routers phi and experts psi trained jointly against one attack (AT(MoE)) do not adapt
-# to each other (Insights 1-3). AdvMoE alternates: the routers are fitted to the current experts (lower
+# to each other (Insight 3). AdvMoE alternates: the routers are fitted to the current experts (lower
 # level), the experts to the routers so fitted (upper level), each against a fresh attack. Eq. (1), with
 # psi: backbone and experts, phi: routers, D: the training set:
 #     min_psi L_TRADES(psi, phi*(psi); D)   s.t.   phi*(psi) = argmin_phi L_TRADES(psi, phi; D)
@@ -286,9 +286,9 @@ def level(model: nn.Module, opt: torch.optim.Optimizer, x, y, obj: Objective, re
     torchrun's average of their gradients."""
     objective, reg, stats = robust_loss(model, x, y, obj)
     # R(phi): 0 in the paper; by default (deviation 14) the Switch balance term 0.1 N sum_k f_k P_k (f_k: the
-    # share of inputs routed to expert k, a count with no gradient; P_k: its mean router probability, through
-    # which R trains the routers), averaged over the MoE layers of both forwards (routing_regularizer,
-    # section 6: its balance branch)
+    # share of inputs routed to expert k, from the hard choices, so with no gradient; P_k: its mean router
+    # probability, through which R trains the routers), averaged over the MoE layers of both forwards
+    # (routing_regularizer, section 6: its balance branch)
     # L = L_TRADES(psi, phi; B), + R(phi) where the routers are trained (regularize): AdvMoE's lower level,
     # or a joint method's one loss (there R(phi)'s gradient also reaches psi)
     loss = objective + reg if regularize else objective
@@ -329,7 +329,7 @@ def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objecti
 
 def training_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objective) -> torch.Tensor:
     """The inner maximization of the training loss: K steps (2 by default) of 1.25 eps / K (5/255 at eps
-    8/255), in eval mode."""
+    8/255, K = 2), in eval mode."""
     if obj.loss == "pgdat":  # Madry: max CE
         return pgd(model, x, ce_objective(model, y), obj.eps, obj.step_size, obj.steps)
     with torch.no_grad(), evaluating(model):
@@ -708,8 +708,9 @@ def evaluate(model: nn.Module, data, s, steps: int | None = None, limit: int = 0
     so a bf16 re-classification could flip them back."""
     steps, device, classes = steps or s.test_steps, next(model.parameters()).device, model.backbone.fc
     attacks = ("pgd",) + tuple(a for a in attacks if a != "pgd")
-    # each attack, and the random routing, draws from its own stream, seeded by the run's seed and its index:
-    # adding an attack changes no other attack's RA, and an --eval-only gives a run's numbers again
+    # each attack, and the random routing, draws from its own stream, seeded by the run's seed and its fixed
+    # index in EVAL_ATTACKS: adding an attack changes no other attack's RA, and an --eval-only gives a run's
+    # numbers again
     gens = {a: torch.Generator(device).manual_seed(1000 * s.seed + 2 * k)
             for k, a in enumerate(EVAL_ATTACKS + ("random routing",))}
     # label -> per batch, (b,) correct under it; paths: per batch, (B, L) each input's expert at every layer
@@ -1018,9 +1019,9 @@ class Settings:
     # routers read their pooled features standardized per input (deviation 2); --no-router-standardize: raw
     router_standardize: bool = True
     # NOTE(ours), deviation 14: experts share a core, W_e = W_shared + D_e, D_e = 0 at init (the same FLOPs,
-    # 1.5x the weights), and are upcycled: D_e stays 0 for the first --tie-epochs (default: a quarter of the
-    # epochs), then trains. Default: on for the MoE methods, off under --router authors (the authors'
-    # independent experts)
+    # 1.5x the weights at N = 2), and are upcycled: D_e stays 0 for the first --tie-epochs (default: a
+    # quarter of the epochs), then trains. Default: on for the MoE methods, off under --router authors (the
+    # authors' independent experts)
     shared_core: bool = None
     tie_epochs: int = None
     # checkpoint.pt whose weights start the run (sparse: the AT(Dense) run to prune)
