@@ -1944,3 +1944,5 @@ if __name__ == "__main__":
 #     N = 2), are tied for the first quarter of the epochs (upcycling) and trained with the Switch balance
 #     term 0.1 (results/moe_learnability, round 3: with independent experts the MoE-CNN learned 16 points
 #     worse than S-Dense; this recipe trails it by about 5). --no-shared-core (all three off) is the paper's.
+#     Under TRADES on it (results/cifar10_laptop, round 2) AT(MoE) and AdvMoE match AT(S-Dense): the paper's
+#     ordering AdvMoE > AT(MoE) is not seen at that scale.
