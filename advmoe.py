@@ -62,16 +62,14 @@ MEAN_STD = {  # per-channel mean and std; the model normalizes as its first laye
 # weight of N*r*C filters); a small router looks at the layer's input and picks one expert per input
 # (top-1, hard). Every input thus runs a pathway of r*C channels per layer, S-Dense's width, whatever N.
 # The choice is an argmax, so it has no gradient: the straight-through estimator below gives the router one.
-#
 # Gate: one MoE layer's routing decision for a batch, returned to the caller (never stored on a module):
 # logits (B, N) router scores, choice (B,) the chosen expert e(b), scale (B,) exactly 1.0 in value that
 # carries the router's gradient (straight-through).
 Gate = NamedTuple("Gate", [("logits", torch.Tensor), ("choice", torch.Tensor), ("scale", torch.Tensor)])
 
 def top1_gate(logits: torch.Tensor, random: torch.Generator | None = None) -> Gate:
-    """Hard top-1 routing: each input goes to its highest-scoring expert. The softmax runs in float32 (also
-    under bf16 autocast), so it adds no rounding of its own to the logits' order. random: a uniformly random
-    expert instead (evaluation's "does routing matter" check)."""
+    """Hard top-1 routing: each input goes to its highest-scoring expert (softmax in float32). random: a
+    uniformly random expert instead (evaluation's "does routing matter" check)."""
     probs = logits.float().softmax(-1)                                        # (B, N)
     choice = probs.argmax(-1) if random is None else torch.randint(
         probs.shape[1], probs.shape[:1], generator=random, device=probs.device)  # (B,)
@@ -99,10 +97,9 @@ class Routing:
     random: torch.Generator | None = None   # route to uniformly random experts (evaluation, section 5)
 
 def standardize(z: torch.Tensor) -> torch.Tensor:
-    """NOTE(ours), deviation 2. Pooled post-ReLU features share a large positive mean, so a plain linear
-    router gives every input nearly the same logits, and most layers route 95% of the inputs to one expert
-    before any training. Standardized per input, the logits depend on which channels respond, not how
-    strongly."""
+    """NOTE(ours), deviation 2: pooled post-ReLU features share a large positive mean, so a plain linear
+    router gives every input nearly the same logits (most layers send 95% to one expert before training);
+    standardized per input, the logits depend on which channels respond, not how strongly."""
     # z_b <- (z_b - mean_c z_bc) / sqrt(var_c z_bc + 1e-5), (B, C)
     return F.layer_norm(z, z.shape[1:])
 
@@ -114,14 +111,12 @@ def router_head(cin: int, n_experts: int) -> nn.Linear:
     return head
 
 class MoEConv(nn.Module):
-    """A conv (and its BatchNorm) whose output channels are split into N experts of `cout` channels; a router
-    picks one expert per input (Fig. 1a); cout is already r*C (Spec.conv scales the paper's C). With N = 1 it
-    is a plain conv (Dense, S-Dense). NOTE(ours), deviation 3 (the paper: experts as sub-networks of one
-    backbone): expert e owns filters [e*cout, (e+1)*cout) of one (N*cout, cin, k, k) weight; every expert
-    writes the same cout pathway channels, and the next conv reads them by position. A first read can take
-    core and shared_bn as off: W_e = weight[rows(e)], a BatchNorm per expert (core: off in this class; the
-    default for moe and advmoe unless --router authors or --no-shared-core, deviation 14; it changes only
-    W_e, to W_shared + D_e, the same FLOPs, and `weight` then holds D_e)."""
+    """A conv (and its BatchNorm) whose output channels are split into N experts of `cout` (= r*C) channels;
+    a router picks one expert per input (Fig. 1a). With N = 1 it is a plain conv (Dense, S-Dense).
+    NOTE(ours), deviation 3 (the paper: experts as sub-networks of one backbone): expert e owns filters
+    [e*cout, (e+1)*cout) of one (N*cout, cin, k, k) weight; every expert writes the same cout pathway
+    channels, and the next conv reads them by position. A first read can take core and shared_bn as off:
+    W_e = weight[rows(e)], a BatchNorm per expert (core, deviation 14: W_e = W_shared + D_e)."""
     def __init__(self, cin: int, cout: int, kernel: int, stride: int, n_experts: int, bn: bool, router: bool,
                  shared_bn: bool = False, standardized: bool = True, core: bool = False):
         super().__init__()
@@ -130,8 +125,7 @@ class MoEConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(n_experts * cout, cin, kernel, kernel))
         # Kaiming (fan_out) of one expert as a standalone conv: std = sqrt(2 / (cout * k * k))
         nn.init.normal_(self.weight, 0.0, math.sqrt(2.0 / (cout * kernel * kernel)))
-        # NOTE(ours), deviation 14 (Settings' default; a first read skips `core`): a core W_shared, `weight`
-        # the offsets D_e (0 at init)
+        # NOTE(ours), deviation 14 (moe and advmoe's default): a core W_shared; `weight` holds D_e, 0 at init
         self.core = nn.Parameter(self.weight.detach()[:cout].clone()) if core and n_experts > 1 else None
         if self.core is not None:
             nn.init.zeros_(self.weight)
@@ -167,10 +161,8 @@ class MoEConv(nn.Module):
         gate = routing.shared if routing.shared is not None else top1_gate(
             self.router(standardize(pooled) if self.standardized else pooled), routing.random)
         routing.gates.append(gate)
-        # A first read: skip to the sparse path below. "masked" (what runs on CUDA: no host sync, N times the
-        # experts' FLOPs) runs every expert on every input, with the sparse path's values and gradients
-        # (tested); "soft" (the soft attack's forward) has its values, another gradient (section 6). The cost
-        # reported is the sparse path's (gflops_per_input)
+        # "masked" (CUDA's: every expert on every input, the sparse path's values and gradients) and "soft"
+        # (the soft attack's) are in section 6; a first read skips to the sparse path
         if routing.dispatch != "sparse":
             return masked_forward(self, x, gate, soft=routing.dispatch == "soft")
         # the sparse path: sort the batch by expert, run each expert on its slice (split keeps empty pieces,
@@ -241,8 +233,7 @@ def ce_objective(model: nn.Module, y: torch.Tensor, dispatch: str = "auto") -> C
 
 def trades_loss(logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
     # (AT) CE(f(x), y) + beta * KL(f(x) || f(x + delta))
-    # As in TRADES' reference code, both sides of the KL carry gradient; only attack targets are
-    # detached.
+    # as in TRADES' reference code, both sides of the KL carry gradient (only attack targets are detached)
     return F.cross_entropy(logits.float(), y) + beta * kl_from_logits(logits, logits_adv)
 
 # NOTE(paper): TRADES' weight 1/lambda = beta = 6 for every method (the TRADES default).
@@ -257,13 +248,10 @@ BETA = 6.0
 # psi: backbone and experts, phi: routers, D: the training set:
 #     min_psi L_TRADES(psi, phi*(psi); D)   s.t.   phi*(psi) = argmin_phi L_TRADES(psi, phi; D)
 # Algorithm 1: one SGD step of each level per iteration, the lower level's step standing in for the argmin.
-# Every method is a step function over a list of batches, which the training loop (section 9) calls. Reading
-# order: advmoe_step, then top-down what it calls (level, robust_loss, training_attack); then the baselines'
-# joint_step, the optimizers, the schedule, the batches.
-#
-# What the training loss and its attack read (Settings.objective builds it): the loss ("trades": the
-# paper's), beta, the attack's eps (pixel units), step alpha (1.25 eps / K, deviation 13) and K steps; the
-# routing regularizer's settings (section 6; a first read: balance 0.1, supervision 0, authors False).
+# Reading order: advmoe_step, then what it calls (level, robust_loss, training_attack); then the baselines'
+# joint_step, the optimizers, the schedule, the batches (each method is a step function on a list of them).
+# Objective (Settings.objective): the loss ("trades": the paper's), beta, the attack's eps (pixels), step
+# alpha (1.25 eps / K, deviation 13) and K steps; R(phi)'s settings (first read: balance 0.1, the rest off).
 Objective = NamedTuple("Objective", [("loss", str), ("beta", float), ("eps", float), ("step_size", float),
                                      ("steps", int), ("balance", float), ("supervision", float),
                                      ("authors", bool)])
@@ -285,12 +273,10 @@ def level(model: nn.Module, opt: torch.optim.Optimizer, x, y, obj: Objective, re
     """One adversarial-training update of the parameters `opt` holds; the others stay fixed. `reduce`:
     torchrun's average of their gradients."""
     objective, reg, stats = robust_loss(model, x, y, obj)
-    # R(phi): 0 in the paper; by default (deviation 14) the Switch balance term 0.1 N sum_k f_k P_k (f_k: the
-    # share of inputs routed to expert k, from the hard choices, so with no gradient; P_k: its mean router
-    # probability, through which R trains the routers), averaged over the MoE layers of both forwards
-    # (routing_regularizer, section 6: its balance branch)
-    # L = L_TRADES(psi, phi; B), + R(phi) where the routers are trained (regularize): AdvMoE's lower level,
-    # or a joint method's one loss (there R(phi)'s gradient also reaches psi)
+    # L = L_TRADES(psi, phi; B), + R(phi) where the routers are trained (AdvMoE's lower level, or a joint
+    # method's one loss). R(phi): 0 in the paper; by default (deviation 14) the Switch balance term
+    # 0.1 N sum_k f_k P_k (f_k: the share routed to expert k, hard, no gradient; P_k: its mean router
+    # probability, which trains the routers), over the MoE layers of both forwards (section 6)
     loss = objective + reg if regularize else objective
     # backward(inputs=...) leaves the other level's .grad untouched: its parameters are "fixed"
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -354,20 +340,16 @@ def make_optimizers(model: nn.Module, s, device) -> dict[str, torch.optim.Optimi
     """AdvMoE: one SGD for the routers phi and one for the backbone psi, same settings, one schedule (the
     paper adds no hyper-parameter here; --router-lr scales phi's rate, deviation 7). Joint methods: one SGD
     over everything, or over phi or psi alone (--train-params, default "all"; the Sec. 4 study)."""
-    # each group keeps its base_lr, which set_lr scales every iteration
-    # fused: the CUDA kernel where there is one (True on CUDA; None: torch's default on the CPU)
+    # each group keeps its base_lr, which set_lr scales every iteration; fused: CUDA's kernel (None: CPU's)
     kw = dict(lr=s.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=device.type == "cuda" or None)
-    # a first read: phi = router_params, psi = backbone_params
     phi = {"params": router_params(model), "base_lr": s.lr * s.router_lr, "name": "routers"}
-    # psi = backbone_params; with the shared core (the default for moe and advmoe; a first read skips it) the
-    # experts' offsets D_e are a group of their own, held at 0 for the first --tie-epochs (upcycling), then
-    # trained
+    # psi = backbone_params; with the shared core (deviation 14) the experts' offsets D_e are a group of their
+    # own, held at 0 for the first --tie-epochs (upcycling), then trained
     offsets = {m.weight for m in model.modules() if isinstance(m, MoEConv) and m.core is not None}
-    psi = [{"params": [p for p in backbone_params(model) if p not in offsets], "base_lr": s.lr,
-            "name": "backbone"}]
+    backbone = backbone_params(model)
+    psi = [{"params": [p for p in backbone if p not in offsets], "base_lr": s.lr, "name": "backbone"}]
     if offsets:  # a group of their own, which set_lr can hold at 0
-        psi.append({"params": [p for p in backbone_params(model) if p in offsets], "base_lr": s.lr,
-                    "name": "offsets"})
+        psi.append({"params": [p for p in backbone if p in offsets], "base_lr": s.lr, "name": "offsets"})
     if s.method == "advmoe":
         return {"phi": torch.optim.SGD([phi], **kw), "psi": torch.optim.SGD(psi, **kw)}
     groups = {"all": psi + ([phi] if phi["params"] else []), "routers": [phi], "backbone": psi}
@@ -392,8 +374,7 @@ def batch_streams(data, s, epoch: int):
     AdvMoE's B_phi and B_psi come from two independent shuffles of the training set, each a function of seed
     and epoch."""
     streams = range(STEPS[s.method][1])
-    # one seed per (run seed, epoch, stream): every epoch and stream has its own shuffle, and a resumed run
-    # draws the same ones
+    # a seed per (run seed, epoch, stream): each its own shuffle, drawn again alike by a resumed run
     gens = [torch.Generator().manual_seed(s.seed * 1_000_003 + epoch * 7 + k) for k in streams]
     return zip(*(data.train_batches(s.batch_size, g) for g in gens))
 
@@ -412,8 +393,7 @@ def batch_streams(data, s, epoch: int):
 # BatchNorms and the classifier (deviations 4, 5). A pathway (one expert per routed conv) thus has exactly
 # S-Dense's shapes and cost. Reading order: Spec, ResNet-18 (the paper's main backbone; its stem, Stem, is a
 # shared conv on the image: skip it), then MoECNN.
-@dataclasses.dataclass(frozen=True)
-class Spec:
+class Spec(NamedTuple):
     """What tells Dense (r = 1, N = 1), S-Dense (r < 1, N = 1) and MoE-CNN (N >= 2) apart, for any backbone.
     Channel counts passed in are the paper's C (a tuple: a concatenation of groups, DenseNet). layer_router:
     a gate per MoE layer (False: the global router decides); base: --width W (Dense has round(W * C)
@@ -573,8 +553,7 @@ class DenseLayer(nn.Module):
         super().__init__()
         self.bn = spec.bn(chans)
         # the 1x1 conv reads every group so far: its router pools the whole concatenation
-        self.conv1 = spec.conv(chans, 4 * growth, 1)
-        self.conv2 = spec.conv(4 * growth, growth, bn=False)
+        self.conv1, self.conv2 = spec.conv(chans, 4 * growth, 1), spec.conv(4 * growth, growth, bn=False)
     def forward(self, x, routing):
         # (B, C, H, W) -> 1x1 conv (B, r*4k, H, W) -> 3x3 conv (B, r*k, H, W), appended: (B, C + r*k, H, W)
         return torch.cat([x, self.conv2(F.relu(self.conv1(F.relu(self.bn(x)), routing)), routing)], 1)
@@ -626,9 +605,8 @@ class MoECNN(nn.Module):
         # NOTE(official code), --router authors: their routing has one BatchNorm shared by a layer's experts
         # and a router whose pooled features are not standardized (and which learns from its own loss only)
         authors = router == "authors"
-        spec = Spec(ratio, n_experts, layer_router=router == "layer", base=width,
-                    shared_bn=shared_bn or authors, standardized=router_standardize and not authors,
-                    shared_core=shared_core)
+        spec = Spec(ratio, n_experts, layer_router=router == "layer", base=width, shared_core=shared_core,
+                    shared_bn=shared_bn or authors, standardized=router_standardize and not authors)
         self.backbone = BACKBONES[arch](spec, num_classes, image_size)
         self.global_router = GlobalRouter(n_experts, spec.standardized) \
             if (router != "layer" and n_experts > 1) else None
@@ -695,7 +673,7 @@ def adversaries(name: str, model: nn.Module, x, y, s, steps: int, gen: torch.Gen
     return autoattack(model, x, y, s.eps, s.seed, log)
 
 def evaluate(model: nn.Module, data, s, steps: int | None = None, limit: int = 0, attacks=("pgd",),
-             split: str = "test", log=None) -> dict:
+             split: str = "test", log=lambda line: None) -> dict:
     """In %, on the first `limit` images (n) of `split`, each attack at the training eps:
         SA        = 100 * #{b : f(x_b) = y_b} / n
         RA_a      = 100 * #{b : f(x'_b) = y_b} / n_a, x' = attack a's example; n_a = the images a saw (n; for
@@ -733,8 +711,7 @@ def evaluate(model: nn.Module, data, s, steps: int | None = None, limit: int = 0
                     correct.setdefault(label, []).append(logits.argmax(1) == y[:len(x_adv)])
                     if gates and label in paths:
                         paths[label].append(torch.stack([g.choice for g in gates], 1))
-            if log:
-                log(f"  evaluated {done + len(y)}/{data.eval_len(limit, split)} images of {split}")
+            log(f"  evaluated {done + len(y)}/{data.eval_len(limit, split)} images of {split}")
     # the numbers of the docstring; the AutoAttack components' labels ("autoattack/<name>") are reported, not
     # counted in RA-worst, which runs over the images every final attack saw
     ok = {k: torch.cat(v) for k, v in correct.items()}                           # label -> (n_a,)
@@ -759,9 +736,8 @@ def evaluate(model: nn.Module, data, s, steps: int | None = None, limit: int = 0
             "components": [{"name": k, "attack": cls, "settings": kw, "ra_after": ras.get(f"autoattack/{k}")}
                            for k, (cls, kw) in autoattack_settings(s.eps, classes.out_features).items()]}
     if paths["clean"]:
-        n_experts = max(m.n for m in model.modules() if isinstance(m, MoEConv))
         result["routing"] = routing_summary(*(torch.cat(p) for p in paths.values()), pgd_ok, ok["clean"],
-                                            n_experts)
+                                            max(m.n for m in model.modules() if isinstance(m, MoEConv)))
     return result
 
 def percent(correct: torch.Tensor) -> float:
@@ -1290,8 +1266,7 @@ def split_train(n: int, train_n: int, val_n: int) -> tuple[torch.Tensor, torch.T
         raise ConfigError(f"--train-n {train_n} plus --val-n {val_n} exceed the {n} training images: "
                           f"lower them")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(SPLIT_SEED))
-    train = perm[val_n:val_n + train_n] if train_n else perm[val_n:]
-    return train.sort().values, perm[:val_n].sort().values
+    return perm[val_n:val_n + (train_n or n)].sort().values, perm[:val_n].sort().values
 def load_data(s: Settings, device, shard: tuple = (0, 1)):
     root = Path(s.data_dir)
     if s.dataset in ("tinyimagenet", "imagenet"):
@@ -1480,11 +1455,10 @@ def channel_wiring(model: MoECNN) -> dict[nn.Module, tuple[tuple, str]]:
             if isinstance(block, WideBlock):  # its pre-activation BatchNorm
                 wire[block.bn1] = (reads, "")
         groups = (f"stage{stage}",)
-    elif isinstance(net, VGG16):
-        convs = [net.stem.conv] + [m for m in net.layers if isinstance(m, MoEConv)]
-        for k, conv in enumerate(convs, 1):
-            wire[conv] = ((f"conv{k - 1}",) if k > 1 else (), f"conv{k}")
-        groups = (f"conv{len(convs)}",)
+    elif isinstance(net, VGG16):  # a chain: conv k reads conv k-1's output (conv1: the stem's)
+        wire[net.stem.conv], groups = ((), "conv1"), ("conv1",)
+        for k, conv in enumerate((m for m in net.layers if isinstance(m, MoEConv)), 2):
+            wire[conv], groups = (groups, f"conv{k}"), (f"conv{k}",)
     else:  # DenseNet: layer k reads every group before it and appends its own; a transition starts anew
         wire[net.stem.conv], groups = ((), "stem"), ("stem",)
         for k, layer in enumerate(net.layers, 1):
@@ -1499,8 +1473,7 @@ def channel_wiring(model: MoECNN) -> dict[nn.Module, tuple[tuple, str]]:
     return wire
 def channel_groups(model: MoECNN) -> dict[str, int]:
     """Every channel group (see channel_wiring) and its number of channels."""
-    wire = channel_wiring(model)
-    return {wire[m][1]: m.weight.shape[0] for m in model.modules() if isinstance(m, MoEConv)}
+    return {g: m.weight.shape[0] for m, (_, g) in channel_wiring(model).items() if isinstance(m, MoEConv)}
 def top_k_mask(scores: torch.Tensor, k: int) -> torch.Tensor:
     """1 on the k highest scores, 0 elsewhere; straight-through, d mask / d scores = identity (HYDRA)."""
     return torch.zeros_like(scores).scatter_(0, scores.topk(k).indices, 1.0) + (scores - scores.detach())
@@ -1569,8 +1542,7 @@ def prune(s: Settings, data, device, log) -> tuple[dict, dict]:
     opt = torch.optim.SGD([{"params": list(pruner.scores.values()), "base_lr": s.lr, "name": "scores"}],
                           lr=s.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY)
     for epoch in range(s.prune_epochs):
-        t0 = time.perf_counter()
-        stats = train_epoch(pruner, {"all": opt}, data, phase, epoch, device, log)
+        t0, stats = time.perf_counter(), train_epoch(pruner, {"all": opt}, data, phase, epoch, device, log)
         history.append({"epoch": epoch + 1, **stats, "seconds": round(time.perf_counter() - t0, 2)})
         log(f"pruning epoch {epoch + 1}/{s.prune_epochs}: loss {stats['loss']:.4f}")
     keep = pruner.keep()
@@ -1585,8 +1557,7 @@ def prune(s: Settings, data, device, log) -> tuple[dict, dict]:
 def finish(model, data, s: Settings, out: Path, history: list, seconds: float, device, log, extra=None):
     """The final evaluation (and on the validation split every attack but AutoAttack), then result.json."""
     log(f"evaluating: SA and RA under PGD-{s.test_steps} on {s.eval_n or 'all'} test images")
-    t0 = time.perf_counter()
-    ev = evaluate(model, data, s, limit=s.eval_n, attacks=s.attacks, log=log)
+    t0, ev = time.perf_counter(), evaluate(model, data, s, limit=s.eval_n, attacks=s.attacks, log=log)
     no_aa = tuple(a for a in s.attacks if a != "autoattack")
     val = data.eval_len(split="val") and evaluate(model, data, s, attacks=no_aa, split="val", log=log)
     result = {"dataset": s.dataset, "arch": s.arch, "method": s.method, "ratio": s.model_ratio,
@@ -1614,7 +1585,6 @@ def git_commit() -> str | None:
     with contextlib.suppress(OSError, subprocess.SubprocessError):
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent, text=True,
                               capture_output=True, check=True).stdout.strip()
-    return None
 COMMIT = git_commit()  # read at import: the code that runs, even if the checkout moves on during a long run
 def atomic_write(path: Path, write: Callable[[str], None]):
     """Write a temporary file in the same folder, then rename it: a file is there whole, or not at all."""
@@ -1755,9 +1725,8 @@ def read_results(root: Path) -> list[dict]:
 def recipe(r: dict) -> tuple:
     """What a run trained and how: its settings (LEGACY where unrecorded) but the seed and the run flags; a
     switch since removed (REMOVED: its default then) still tells its runs apart where not at its default."""
-    known = {**LEGACY, **r["settings"]}
     run = RUN_FIELDS + ("seed", "quick_eval_n")
-    return tuple(sorted((k, str(v)) for k, v in known.items()
+    return tuple(sorted((k, str(v)) for k, v in {**LEGACY, **r["settings"]}.items()
                         if k in Settings.__dataclass_fields__ and k not in run or REMOVED.get(k, v) != v))
 def cell(runs: list[dict], get: Callable, digits: int = 2) -> str | None:
     """The mean over runs (the seeds of one recipe) of get(run), ± half the range (the number of runs)."""
@@ -1822,8 +1791,7 @@ def report(folder: str) -> str:
                            [r for r in runs if r["method"] == "advmoe"], {"RA": "ra"})
         fig8 = sorted((r for r in runs if r["n_experts"] in (1, 2)), key=lambda r: (r["ratio"], r["method"]))
         if len({r["ratio"] for r in fig8 if r["method"] != "dense"}) > 1:
-            lines += table(f"Fig. 8: SA / RA over r (N = 2), {dataset}, {arch}", fig8,
-                           {"SA": "sa", "RA": "ra"})
+            lines += table(f"Fig. 8: SA / RA over r (N = 2), {dataset}, {arch}", fig8, dict(SA="sa", RA="ra"))
     if aa := [r for r in rs if r.get("autoattack")]:  # (result.json has the RA after each component)
         lines += table("Table 2: AutoAttack (standard)", aa, {
             "method": "method", "SA": "sa", "RA (PGD, same images)": "autoattack.ra_pgd_same_images",
