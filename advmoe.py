@@ -17,18 +17,19 @@ Notation (paper -> code)
     phi      routers (a gate per MoE layer, or the one global router)           router_params()
     N, r     experts per MoE layer; an expert has r*C filters                     --n-experts, --ratio
     S-Dense  the backbone with every layer's C channels times r: a pathway's shape and cost
-    eps      l_inf radius in pixel units (inputs in [0,1]; the model normalizes them itself)
+    eps      l_inf radius on inputs in [0,1] (8/255 on CIFAR; the model normalizes them itself)
     K        PGD steps in training (2); 50 at test time                        --train-steps, --test-steps
     beta     TRADES weight 1/lambda (6)                                         BETA
 Map (read in order; the method is sections 1-5)
-    1. Fig. 1a / A1: the MoE layer, MoEConv         2. Eq. (AT), TRADES: pgd, trades_loss
-    3. Eq. (1), Algorithm 1: advmoe_step; the baselines: joint_step; AT(Sparse)'s idea
+    1. Fig. 1a / A1: the MoE layer, MoEConv
+    2. Eq. (1), Algorithm 1: advmoe_step; the baselines: joint_step; AT(Sparse)'s idea
+    3. The attack and the loss Algorithm 1 calls: pgd, trades_loss
     4. Backbones: Spec makes Dense, S-Dense or an MoE-CNN of each of four; MoECNN wraps them
     5. Evaluation: SA, RA (PGD-50), RA-AA, the routing under attack (Insight 2), GFLOPs
     6. Beside the method: masked and soft forwards, AutoAttack, the global router, the routing regularizers
     7-14. Operations: settings, data, the training loop, AT(Sparse)'s pruning, files, report, bench, CLI
     Deviations from the paper: listed at the end of the file, marked NOTE(ours) where made (the main one:
-    14, the default MoE recipe, met in section 1).
+    14, the default MoE recipe).
 """
 from __future__ import annotations
 
@@ -62,9 +63,8 @@ MEAN_STD = {  # per-channel mean and std; the model normalizes as its first laye
 # weight of N*r*C filters); a small router looks at the layer's input and picks one expert per input
 # (top-1, hard). Every input thus runs a pathway of r*C channels per layer, S-Dense's width, whatever N.
 # The choice is an argmax, so it has no gradient: the straight-through estimator below gives the router one.
-# Gate: one MoE layer's routing decision for a batch, returned to the caller (never stored on a module):
-# logits (B, N) router scores, choice (B,) the chosen expert e(b), scale (B,) exactly 1.0 in value that
-# carries the router's gradient (straight-through).
+# Gate: one MoE layer's routing decision for a batch: logits (B, N) router scores, choice (B,) the chosen
+# expert e(b), scale (B,) exactly 1.0 in value that carries the router's gradient (straight-through).
 Gate = NamedTuple("Gate", [("logits", torch.Tensor), ("choice", torch.Tensor), ("scale", torch.Tensor)])
 
 def top1_gate(logits: torch.Tensor, random: torch.Generator | None = None) -> Gate:
@@ -74,12 +74,10 @@ def top1_gate(logits: torch.Tensor, random: torch.Generator | None = None) -> Ga
     choice = probs.argmax(-1) if random is None else torch.randint(
         probs.shape[1], probs.shape[:1], generator=random, device=probs.device)  # (B,)
     p = probs.gather(1, choice[:, None]).squeeze(1)                           # (B,) p_{e(b)}
-    # NOTE(official code): theirs copies the hard one-hot's gradient to the N raw scores (no softmax); here it
-    # flows through the softmax into every logit (both are "straight-through").
     # s_b = 1 + p_{e(b)} - sg(p_{e(b)}) (sg: stop-gradient, detach): value 1, gradient that of p_{e(b)}, so
     # with y_b = s_b E_{e(b)}(x_b) (E_e: expert e's conv + BatchNorm) the router gets dL/dp_{e(b)} =
     # <dL/dy_b, E_{e(b)}(x_b)>: SGD raises p_{e(b)} where scaling that expert's output up would lower the loss
-    return Gate(logits, choice, 1.0 + (p - p.detach()))
+    return Gate(logits, choice, 1.0 + (p - p.detach()))  # NOTE(official code): theirs skips the softmax
 
 def straight_through(y: torch.Tensor, gate: Gate) -> torch.Tensor:
     """y_b * s_b: the chosen expert's output in value, the router's gradient in the backward pass (with no
@@ -98,7 +96,7 @@ class Routing:
 
 def standardize(z: torch.Tensor) -> torch.Tensor:
     """NOTE(ours), deviation 2: pooled post-ReLU features share a large positive mean, so a plain linear
-    router gives every input nearly the same logits (most layers send 95% to one expert before training);
+    router gives every input nearly the same logits (many layers send 95% to one expert before training);
     standardized per input, the logits depend on which channels respond, not how strongly."""
     # z_b <- (z_b - mean_c z_bc) / sqrt(var_c z_bc + 1e-5), (B, C)
     return F.layer_norm(z, z.shape[1:])
@@ -114,9 +112,9 @@ class MoEConv(nn.Module):
     """A conv (and its BatchNorm) whose output channels are split into N experts of `cout` (= r*C) channels;
     a router picks one expert per input (Fig. 1a). With N = 1 it is a plain conv (Dense, S-Dense).
     NOTE(ours), deviation 3 (the paper: experts as sub-networks of one backbone): expert e owns filters
-    [e*cout, (e+1)*cout) of one (N*cout, cin, k, k) weight; every expert writes the same cout pathway
-    channels, and the next conv reads them by position. A first read can take core and shared_bn as off:
-    W_e = weight[rows(e)], a BatchNorm per expert (core, deviation 14: W_e = W_shared + D_e)."""
+    [e*cout, (e+1)*cout) of one (N*cout, cin, k, k) weight; all experts write the same cout channels, which
+    the next conv reads by position. A first read: core and shared_bn off, so
+    W_e = weight[rows(e)] with its own BatchNorm (the default adds a shared core, deviation 14)."""
     def __init__(self, cin: int, cout: int, kernel: int, stride: int, n_experts: int, bn: bool, router: bool,
                  shared_bn: bool = False, standardized: bool = True, core: bool = False):
         super().__init__()
@@ -125,7 +123,7 @@ class MoEConv(nn.Module):
         self.weight = nn.Parameter(torch.empty(n_experts * cout, cin, kernel, kernel))
         # Kaiming (fan_out) of one expert as a standalone conv: std = sqrt(2 / (cout * k * k))
         nn.init.normal_(self.weight, 0.0, math.sqrt(2.0 / (cout * kernel * kernel)))
-        # NOTE(ours), deviation 14 (moe and advmoe's default): a core W_shared; `weight` holds D_e, 0 at init
+        # NOTE(ours), deviation 14 (a first read skips it): a core W_shared; `weight` then holds D_e = 0
         self.core = nn.Parameter(self.weight.detach()[:cout].clone()) if core and n_experts > 1 else None
         if self.core is not None:
             nn.init.zeros_(self.weight)
@@ -138,8 +136,7 @@ class MoEConv(nn.Module):
         """Expert e's filters (and BatchNorm channels)."""
         return slice(e * self.cout, (e + 1) * self.cout)
     def filters(self, rows: slice = slice(None)) -> torch.Tensor:
-        """The filters of `rows` (whole experts): W_e; with a shared core W_e = W_shared + D_e, formed before
-        the conv: still one r*C-filter conv per input, and every input's gradient reaches W_shared."""
+        """The filters of `rows` (whole experts): W_e (with a core, W_shared + D_e: still one conv)."""
         w = self.weight[rows]                                                     # (len(rows), cin, k, k)
         return w if self.core is None else w + self.core.repeat(len(w) // self.cout, 1, 1, 1)
     def conv(self, x: torch.Tensor, e: int) -> torch.Tensor:
@@ -155,33 +152,173 @@ class MoEConv(nn.Module):
         # N = 1 (Dense, S-Dense, a shared conv): the conv and its BatchNorm, nothing routed
         if self.n == 1:
             return self.normalize(self.conv(x, 0), slice(None))
-        # g_l(x) = top1(softmax(W_l std(GAP(x)))) (std: standardize, below), unless the global router decided
-        # once for every layer
+        # g_l(x) = top1(softmax(W_l std(GAP(x)))) (std: standardize), or the global router's one gate
         pooled = x.mean((2, 3))                                                   # (B, cin)
         gate = routing.shared if routing.shared is not None else top1_gate(
             self.router(standardize(pooled) if self.standardized else pooled), routing.random)
         routing.gates.append(gate)
-        # "masked" (CUDA's: every expert on every input, the sparse path's values and gradients) and "soft"
-        # (the soft attack's) are in section 6; a first read skips to the sparse path
+        # "masked" (CUDA's default: the same values and gradients) and "soft" (the soft attack's): section 6
         if routing.dispatch != "sparse":
             return masked_forward(self, x, gate, soft=routing.dispatch == "soft")
         # the sparse path: sort the batch by expert, run each expert on its slice (split keeps empty pieces,
         # so e is the expert's index; an empty one has nothing to run and is skipped), undo the sort. E.g.
-        # choice [1, 0, 1] -> order [1, 0, 2], sizes [1, 2]: expert 0 gets x1, expert 1 gets x0 and x2;
-        # order.argsort() puts the outputs back in the batch's order.
+        # choice [1, 0, 1] -> sizes [1, 2]: expert 0 gets x1, expert 1 gets x0 and x2; order.argsort() puts
+        # the outputs back in the batch's order.
         # y_b = E_{e(b)}(x_b): one conv of r*C filters per expert, on the inputs routed to it (S-Dense's cost)
         order, sizes = gate.choice.argsort(), gate.choice.bincount(minlength=self.n).tolist()  # one host read
         xs = x[order].split(sizes)                                                # N x (b_e, cin, H, W)
         y = torch.cat([self.conv(xe, e) for e, xe in enumerate(xs) if len(xe)])  # (B, cout, H', W'), sorted
-        # each expert's BatchNorm on the inputs routed to it (adjacent in this order; y has no rows of an
-        # empty expert, so split(sizes) lines its pieces up with the experts again), or one for them all
+        # each expert's BatchNorm on its rows (split(sizes) again), or one BatchNorm for them all
         y = self.normalize(y, slice(None)) if self.shared_bn else torch.cat([
             self.normalize(ye, self.rows(e)) for e, ye in enumerate(y.split(sizes)) if len(ye)])
         # back in the batch's order; s_b multiplies in the router's gradient
         return straight_through(y[order.argsort()], gate)
 
 # ==================================================================================================
-# 2. Attacks and losses: one l_inf PGD that maximizes any loss; TRADES
+# 2. Algorithm 1 (AdvMoE) and the baselines: each method is a step function
+# ==================================================================================================
+# Sec. 4 of the paper: routers phi and experts psi trained jointly against one attack (AT(MoE)) do not adapt
+# to each other (Insight 3). AdvMoE alternates: the routers are fitted to the current experts (lower
+# level), the experts to the routers so fitted (upper level), each against a fresh attack. Eq. (1), with
+# psi: backbone and experts, phi: routers, D: the training set:
+#     min_psi L_TRADES(psi, phi*(psi); D)   s.t.   phi*(psi) = argmin_phi L_TRADES(psi, phi; D)
+# Algorithm 1: one SGD step of each level per iteration, the lower level's step standing in for the argmin.
+# Each method is a step function on a list of batches. The attack and loss called here, pgd (projected
+# sign-gradient ascent on any loss, in eval mode) and trades_loss (CE + beta KL), are in section 3.
+# Objective (Settings.objective): the loss ("trades": the paper's), beta, the attack's eps (on [0,1] inputs),
+# step alpha (1.25 eps / K, deviation 13) and K steps; the weights of R(phi) (see level).
+Objective = NamedTuple("Objective", [("loss", str), ("beta", float), ("eps", float), ("step_size", float),
+                                     ("steps", int), ("balance", float), ("supervision", float),
+                                     ("authors", bool)])
+
+def advmoe_step(model: nn.Module, opts: dict, batches: list, obj: Objective, reduce=None) -> dict:
+    """One iteration of Algorithm 1, lines 3-5."""
+    # 3: draw two different random batches B_phi and B_psi (two independent shuffles: batch_streams)
+    (x_phi, y_phi), (x_psi, y_psi) = batches
+    # 4: lower level: with psi fixed, update phi by minimizing L_TRADES (+ R(phi), see level) with a K-step
+    #    PGD attack, SGD on B_phi (psi's BatchNorm statistics, buffers, still update: deviation 6)
+    router_stats = level(model, opts["phi"], x_phi, y_phi, obj, regularize=True, reduce=reduce)
+    # 5: upper level: with phi fixed (= phi*: one SGD step, not the argmin), update psi by minimizing
+    #    L_TRADES with a K-step PGD attack made anew against (psi, phi*), SGD on B_psi
+    stats = level(model, opts["psi"], x_psi, y_psi, obj, regularize=False, reduce=reduce)
+    return {**stats, "router_loss": router_stats["loss"]}
+
+def level(model: nn.Module, opt: torch.optim.Optimizer, x, y, obj: Objective, regularize: bool,
+          reduce: Callable | None = None) -> dict:
+    """One adversarial-training update of the parameters `opt` holds; the others stay fixed. `reduce`:
+    torchrun's average of their gradients."""
+    objective, reg, stats = robust_loss(model, x, y, obj)
+    # L = L_TRADES(psi, phi; B), + R(phi) where the routers are trained (AdvMoE's lower level, or a joint
+    # method's one loss). R(phi): 0 in the paper; by default the Switch balance term (deviation 14, section 6)
+    loss = objective + reg if regularize else objective
+    # backward(inputs=...) leaves the other level's .grad untouched: its parameters are "fixed"
+    params = [p for g in opt.param_groups for p in g["params"]]
+    opt.zero_grad(set_to_none=True)
+    if obj.authors:  # an option, --router authors: the routers learn from R(phi) alone (section 6; skip)
+        authors_backward(model, params, objective, reg)
+    else:
+        loss.backward(inputs=params)
+    if reduce:
+        reduce(params)
+    opt.step()
+    return stats
+
+def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objective):
+    """The training loss of one batch, R(phi) of its forwards, and the batch's accuracy, clean and
+    adversarial. A first read: the trades branch."""
+    # model(x, return_routing=True) (MoECNN, section 4) also returns a Gate per MoE layer, for R(phi)
+    forward = functools.partial(model, return_routing=True)
+    if obj.loss == "trades":  # the paper's: a fresh attack against the model as it is now, x' = argmax KL
+        x_adv = training_attack(model, x, y, obj)
+        (logits_adv, gates_adv), (logits, gates) = forward(x_adv), forward(x)
+        # CE(f(x), y) + beta KL(f(x) || f(x'))
+        objective = trades_loss(logits, logits_adv, y, obj.beta)
+    elif obj.loss == "pgdat":  # an option, Madry: CE(f(x'), y), x' = argmax CE; no clean forward
+        (logits_adv, gates_adv), gates = forward(training_attack(model, x, y, obj)), []
+        logits, objective = logits_adv, F.cross_entropy(logits_adv.float(), y)
+    else:  # an option, "natural" (Sec. 4's first stage, natural training): CE(f(x), y), no attack
+        (logits, gates), gates_adv = forward(x), []
+        logits_adv, objective = logits, F.cross_entropy(logits.float(), y)
+    reg = routing_regularizer(gates, gates_adv, y, obj)
+    stats = {"loss": objective.detach(), "acc": (logits.argmax(1) == y).float().mean(),
+             "acc_adv": (logits_adv.argmax(1) == y).float().mean()}
+    if obj.balance or obj.supervision:  # logged
+        stats["router_reg"] = reg.detach()
+    return objective, reg, stats
+
+def training_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objective) -> torch.Tensor:
+    """The inner maximization of the training loss: K steps (2 by default) of 1.25 eps / K (5/255 at eps
+    8/255, K = 2), in eval mode."""
+    if obj.loss == "trades":
+        with torch.no_grad(), evaluating(model):
+            target = model(x).clone()  # P = f(x), fixed (a copy: CUDA graphs reuse outputs)
+        # max_delta KL(f(x) || f(x + delta)), started at x + 0.001 N(0, I)
+        return pgd(model, x, lambda xa: kl_from_logits(target, model(xa), "sum"), obj.eps, obj.step_size,
+                   obj.steps, start="normal")
+    # an option, pgdat (Madry): max CE
+    return pgd(model, x, ce_objective(model, y), obj.eps, obj.step_size, obj.steps)
+
+def joint_step(model: nn.Module, opts: dict, batches: list, obj: Objective, reduce=None) -> dict:
+    """AT(Dense), AT(S-Dense), AT(MoE) (and AT(Sparse)'s score learning, natural training): min over every
+    trained parameter of L_TRADES at once, one batch, one attack: the routers and the experts adapt to each
+    other only through the shared gradient step (Sec. 4: not enough)."""
+    # make_optimizers names phi's group "routers" (Dense and S-Dense have none)
+    routers = any(g["name"] == "routers" for g in opts["all"].param_groups)
+    return level(model, opts["all"], *batches[0], obj, regularize=routers, reduce=reduce)
+
+# NOTE(official code): SGD with momentum 0.9 and weight decay 5e-4 on every parameter, routers included.
+MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
+
+def make_optimizers(model: nn.Module, s, device) -> dict[str, torch.optim.Optimizer]:
+    """AdvMoE: one SGD for the routers phi and one for the backbone psi, same settings, one schedule (the
+    paper adds no hyper-parameter here; --router-lr scales phi's rate, deviation 7). Joint methods: one SGD
+    over everything, or over phi or psi alone (--train-params, default "all"; the Sec. 4 study)."""
+    # each group keeps its base_lr, which set_lr scales every iteration; fused: CUDA's kernel (None: CPU's)
+    kw = dict(lr=s.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=device.type == "cuda" or None)
+    phi = {"params": router_params(model), "base_lr": s.lr * s.router_lr, "name": "routers"}
+    # psi = backbone_params; with the shared core (deviation 14; a first read skips it) the experts' offsets
+    # D_e are a group of their own, held at 0 for the first --tie-epochs (upcycling), then trained
+    offsets = {m.weight for m in model.modules() if isinstance(m, MoEConv) and m.core is not None}
+    backbone = backbone_params(model)
+    psi = [{"params": [p for p in backbone if p not in offsets], "base_lr": s.lr, "name": "backbone"}]
+    if offsets:  # a group of their own, which set_lr can hold at 0
+        psi.append({"params": [p for p in backbone if p in offsets], "base_lr": s.lr, "name": "offsets"})
+    if s.method == "advmoe":
+        return {"phi": torch.optim.SGD([phi], **kw), "psi": torch.optim.SGD(psi, **kw)}
+    groups = {"all": psi + ([phi] if phi["params"] else []), "routers": [phi], "backbone": psi}
+    return {"all": torch.optim.SGD(groups[s.train_params], **kw)}
+
+# Every method: its step function and the number of batch streams it draws per iteration (AdvMoE reads two
+# batches per iteration: twice the images and backward passes of a joint method per epoch).
+STEPS = {"advmoe": (advmoe_step, 2), "moe": (joint_step, 1), "sdense": (joint_step, 1),
+         "dense": (joint_step, 1), "sparse": (joint_step, 1)}
+
+def set_lr(opts: dict, progress: float, tied: bool = False):
+    """The one schedule of every level: lr_t = lr_0 (1 + cos(pi t / T)) / 2, per iteration; 0 for the
+    offsets of shared-core experts while they are tied (--tie-epochs). NOTE(official code): theirs steps it
+    per epoch."""
+    for opt in opts.values():
+        for group in opt.param_groups:
+            on = not (tied and group["name"] == "offsets")
+            group["lr"] = group["base_lr"] * 0.5 * (1 + math.cos(math.pi * progress)) * on
+
+def batch_streams(data, s, epoch: int):
+    """Alg. 1 line 3: each iteration's batches, one per stream of the method. NOTE(ours), deviation 6:
+    AdvMoE's B_phi and B_psi come from two independent shuffles of the training set, each a function of seed
+    and epoch."""
+    streams = range(STEPS[s.method][1])
+    # a seed per (run seed, epoch, stream): each its own shuffle, drawn again alike by a resumed run
+    gens = [torch.Generator().manual_seed(s.seed * 1_000_003 + epoch * 7 + k) for k in streams]
+    return zip(*(data.train_batches(s.batch_size, g) for g in gens))
+
+# AT(Sparse), the pruning baseline of Table 1 (HYDRA, for channels; deviation 8): start from a trained
+# AT(Dense) network, freeze its weights and learn one score per channel with the same training loss
+# (joint_step over the scores alone, epochs/5 epochs); keep the top r*C channels of every layer, which gives
+# S-Dense's shapes, then fine-tune that network with joint_step like any method. prune() (section 10) runs
+# the first phase; the training loop the second.
+
+# ==================================================================================================
+# 3. Attacks and losses: one l_inf PGD that maximizes any loss; TRADES
 # ==================================================================================================
 # Robustness is accuracy under the worst perturbation delta with |delta|_inf <= eps. Every gradient attack of
 # this file is one projected sign-gradient ascent (pgd) on some loss (AutoAttack's come from torchattacks):
@@ -240,164 +377,18 @@ def trades_loss(logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor,
 BETA = 6.0
 
 # ==================================================================================================
-# 3. Algorithm 1 (AdvMoE) and the baselines: each method is a step function
-# ==================================================================================================
-# Sec. 4 of the paper: routers phi and experts psi trained jointly against one attack (AT(MoE)) do not adapt
-# to each other (Insight 3). AdvMoE alternates: the routers are fitted to the current experts (lower
-# level), the experts to the routers so fitted (upper level), each against a fresh attack. Eq. (1), with
-# psi: backbone and experts, phi: routers, D: the training set:
-#     min_psi L_TRADES(psi, phi*(psi); D)   s.t.   phi*(psi) = argmin_phi L_TRADES(psi, phi; D)
-# Algorithm 1: one SGD step of each level per iteration, the lower level's step standing in for the argmin.
-# Reading order: advmoe_step, then what it calls (level, robust_loss, training_attack); then the baselines'
-# joint_step, the optimizers, the schedule, the batches (each method is a step function on a list of them).
-# Objective (Settings.objective): the loss ("trades": the paper's), beta, the attack's eps (pixels), step
-# alpha (1.25 eps / K, deviation 13) and K steps; R(phi)'s settings (first read: balance 0.1, the rest off).
-Objective = NamedTuple("Objective", [("loss", str), ("beta", float), ("eps", float), ("step_size", float),
-                                     ("steps", int), ("balance", float), ("supervision", float),
-                                     ("authors", bool)])
-
-def advmoe_step(model: nn.Module, opts: dict, batches: list, obj: Objective, reduce=None) -> dict:
-    """One iteration of Algorithm 1, lines 3-5."""
-    # 3: draw two different random batches B_phi and B_psi (two independent shuffles: batch_streams)
-    (x_phi, y_phi), (x_psi, y_psi) = batches
-    # 4: lower level: with psi fixed, update phi by minimizing L_TRADES (+ R(phi), see level) with a K-step
-    #    PGD attack, SGD on B_phi (psi's BatchNorm statistics, buffers, still update: deviation 6)
-    router_stats = level(model, opts["phi"], x_phi, y_phi, obj, regularize=True, reduce=reduce)
-    # 5: upper level: with phi fixed (= phi*: one SGD step, not the argmin), update psi by minimizing
-    #    L_TRADES with a K-step PGD attack made anew against (psi, phi*), SGD on B_psi
-    stats = level(model, opts["psi"], x_psi, y_psi, obj, regularize=False, reduce=reduce)
-    return {**stats, "router_loss": router_stats["loss"]}
-
-def level(model: nn.Module, opt: torch.optim.Optimizer, x, y, obj: Objective, regularize: bool,
-          reduce: Callable | None = None) -> dict:
-    """One adversarial-training update of the parameters `opt` holds; the others stay fixed. `reduce`:
-    torchrun's average of their gradients."""
-    objective, reg, stats = robust_loss(model, x, y, obj)
-    # L = L_TRADES(psi, phi; B), + R(phi) where the routers are trained (AdvMoE's lower level, or a joint
-    # method's one loss). R(phi): 0 in the paper; by default (deviation 14) the Switch balance term
-    # 0.1 N sum_k f_k P_k (f_k: the share routed to expert k, hard, no gradient; P_k: its mean router
-    # probability, which trains the routers), over the MoE layers of both forwards (section 6)
-    loss = objective + reg if regularize else objective
-    # backward(inputs=...) leaves the other level's .grad untouched: its parameters are "fixed"
-    params = [p for g in opt.param_groups for p in g["params"]]
-    opt.zero_grad(set_to_none=True)
-    if obj.authors:  # an option, --router authors: the routers learn from R(phi) alone (section 6; skip)
-        authors_backward(model, params, objective, reg)
-    else:
-        loss.backward(inputs=params)
-    if reduce:
-        reduce(params)
-    opt.step()
-    return stats
-
-def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objective):
-    """The training loss of one batch, R(phi) of its forwards, and the batch's accuracy, clean and
-    adversarial. A first read: the trades branch."""
-    # model(x, return_routing=True) (MoECNN, section 4) also returns a Gate per MoE layer, for R(phi)
-    forward = functools.partial(model, return_routing=True)
-    if obj.loss == "trades":  # the paper's: a fresh attack against the model as it is now, x' = argmax KL
-        x_adv = training_attack(model, x, y, obj)
-        (logits_adv, gates_adv), (logits, gates) = forward(x_adv), forward(x)
-        # CE(f(x), y) + beta KL(f(x) || f(x'))
-        objective = trades_loss(logits, logits_adv, y, obj.beta)
-    elif obj.loss == "pgdat":  # an option, Madry: CE(f(x'), y), x' = argmax CE; no clean forward
-        (logits_adv, gates_adv), gates = forward(training_attack(model, x, y, obj)), []
-        logits, objective = logits_adv, F.cross_entropy(logits_adv.float(), y)
-    else:  # an option, "natural" (Sec. 4's first stage, natural training): CE(f(x), y), no attack
-        (logits, gates), gates_adv = forward(x), []
-        logits_adv, objective = logits, F.cross_entropy(logits.float(), y)
-    reg = routing_regularizer(gates, gates_adv, y, obj)
-    stats = {"loss": objective.detach(), "acc": (logits.argmax(1) == y).float().mean(),
-             "acc_adv": (logits_adv.argmax(1) == y).float().mean()}
-    if obj.balance or obj.supervision:  # logged
-        stats["router_reg"] = reg.detach()
-    return objective, reg, stats
-
-def training_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objective) -> torch.Tensor:
-    """The inner maximization of the training loss: K steps (2 by default) of 1.25 eps / K (5/255 at eps
-    8/255, K = 2), in eval mode."""
-    if obj.loss == "pgdat":  # Madry: max CE
-        return pgd(model, x, ce_objective(model, y), obj.eps, obj.step_size, obj.steps)
-    with torch.no_grad(), evaluating(model):
-        # P = f(x), fixed (a copy: under --compile, CUDA graphs reuse outputs)
-        target = model(x).clone()
-    # TRADES: max_delta KL(f(x) || f(x + delta)), started at x + 0.001 N(0, I)
-    return pgd(model, x, lambda xa: kl_from_logits(target, model(xa), "sum"), obj.eps, obj.step_size,
-               obj.steps, "normal")
-
-def joint_step(model: nn.Module, opts: dict, batches: list, obj: Objective, reduce=None) -> dict:
-    """AT(Dense), AT(S-Dense), AT(MoE) (and AT(Sparse)'s score learning, natural training): min over every
-    trained parameter of L_TRADES at once, one batch, one attack: the routers and the experts adapt to each
-    other only through the shared gradient step (Sec. 4: not enough)."""
-    # make_optimizers names phi's group "routers" (Dense and S-Dense have none)
-    routers = any(g["name"] == "routers" for g in opts["all"].param_groups)
-    return level(model, opts["all"], *batches[0], obj, regularize=routers, reduce=reduce)
-
-# NOTE(official code): SGD with momentum 0.9 and weight decay 5e-4 on every parameter, routers included.
-MOMENTUM, WEIGHT_DECAY = 0.9, 5e-4
-
-def make_optimizers(model: nn.Module, s, device) -> dict[str, torch.optim.Optimizer]:
-    """AdvMoE: one SGD for the routers phi and one for the backbone psi, same settings, one schedule (the
-    paper adds no hyper-parameter here; --router-lr scales phi's rate, deviation 7). Joint methods: one SGD
-    over everything, or over phi or psi alone (--train-params, default "all"; the Sec. 4 study)."""
-    # each group keeps its base_lr, which set_lr scales every iteration; fused: CUDA's kernel (None: CPU's)
-    kw = dict(lr=s.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=device.type == "cuda" or None)
-    phi = {"params": router_params(model), "base_lr": s.lr * s.router_lr, "name": "routers"}
-    # psi = backbone_params; with the shared core (deviation 14) the experts' offsets D_e are a group of their
-    # own, held at 0 for the first --tie-epochs (upcycling), then trained
-    offsets = {m.weight for m in model.modules() if isinstance(m, MoEConv) and m.core is not None}
-    backbone = backbone_params(model)
-    psi = [{"params": [p for p in backbone if p not in offsets], "base_lr": s.lr, "name": "backbone"}]
-    if offsets:  # a group of their own, which set_lr can hold at 0
-        psi.append({"params": [p for p in backbone if p in offsets], "base_lr": s.lr, "name": "offsets"})
-    if s.method == "advmoe":
-        return {"phi": torch.optim.SGD([phi], **kw), "psi": torch.optim.SGD(psi, **kw)}
-    groups = {"all": psi + ([phi] if phi["params"] else []), "routers": [phi], "backbone": psi}
-    return {"all": torch.optim.SGD(groups[s.train_params], **kw)}
-
-# Every method: its step function and the number of batch streams it draws per iteration (AdvMoE reads two
-# batches per iteration: twice the images and backward passes of a joint method per epoch).
-STEPS = {"advmoe": (advmoe_step, 2), "moe": (joint_step, 1), "sdense": (joint_step, 1),
-         "dense": (joint_step, 1), "sparse": (joint_step, 1)}
-
-def set_lr(opts: dict, progress: float, tied: bool = False):
-    """The one schedule of every level: lr_t = lr_0 (1 + cos(pi t / T)) / 2, per iteration; 0 for the
-    offsets of shared-core experts while they are tied (--tie-epochs). NOTE(official code): theirs steps it
-    per epoch."""
-    for opt in opts.values():
-        for group in opt.param_groups:
-            on = not (tied and group["name"] == "offsets")
-            group["lr"] = group["base_lr"] * 0.5 * (1 + math.cos(math.pi * progress)) * on
-
-def batch_streams(data, s, epoch: int):
-    """Alg. 1 line 3: each iteration's batches, one per stream of the method. NOTE(ours), deviation 6:
-    AdvMoE's B_phi and B_psi come from two independent shuffles of the training set, each a function of seed
-    and epoch."""
-    streams = range(STEPS[s.method][1])
-    # a seed per (run seed, epoch, stream): each its own shuffle, drawn again alike by a resumed run
-    gens = [torch.Generator().manual_seed(s.seed * 1_000_003 + epoch * 7 + k) for k in streams]
-    return zip(*(data.train_batches(s.batch_size, g) for g in gens))
-
-# AT(Sparse), the pruning baseline of Table 1 (HYDRA, for channels; deviation 8): start from a trained
-# AT(Dense) network, freeze its weights and learn one score per channel with the same training loss
-# (joint_step over the scores alone, epochs/5 epochs); keep the top r*C channels of every layer, which gives
-# S-Dense's shapes, then fine-tune that network with joint_step like any method. prune() (section 10) runs
-# the first phase; the training loop the second.
-
-# ==================================================================================================
 # 4. Backbones, each written once; `Spec` makes the same class Dense, S-Dense or MoE-CNN
 # ==================================================================================================
 # Each backbone builds its convolutions through a Spec, so one class is Dense (r = 1, N = 1), S-Dense (every
 # channel count times r) or an MoE-CNN (N experts of r*C channels per routed conv). Routed: every conv of the
 # blocks but the projection shortcuts; shared by the experts: the stem, projection shortcuts, pre-activation
 # BatchNorms and the classifier (deviations 4, 5). A pathway (one expert per routed conv) thus has exactly
-# S-Dense's shapes and cost. Reading order: Spec, ResNet-18 (the paper's main backbone; its stem, Stem, is a
-# shared conv on the image: skip it), then MoECNN.
+# S-Dense's shapes and cost. Reading order: Spec, ResNet-18 (the paper's main backbone), then MoECNN.
 class Spec(NamedTuple):
     """What tells Dense (r = 1, N = 1), S-Dense (r < 1, N = 1) and MoE-CNN (N >= 2) apart, for any backbone.
     Channel counts passed in are the paper's C (a tuple: a concatenation of groups, DenseNet). layer_router:
     a gate per MoE layer (False: the global router decides); base: --width W (Dense has round(W * C)
-    channels); the last three: --shared-bn, deviation 2 (standardize), --shared-core."""
+    channels)."""
     ratio: float = 1.0
     n_experts: int = 1
     layer_router: bool = True
@@ -429,9 +420,8 @@ class Spec(NamedTuple):
 # ResNet-18 (He et al. 2016), CIFAR variant: a 3x3 stem, then 4 stages of 2 BasicBlocks with 64, 128, 256 and
 # 512 channels (times r in a pathway); the first block of stages 2-4 halves the resolution, and its 1x1
 # projection shortcut is shared by the experts. Routed: both 3x3 convs of every block, 16 MoE layers. At
-# CIFAR-10 Dense has 11.17 M parameters and 1.11 GFLOPs per image; S-Dense (r = 0.5) 2.80 M and 0.28; the
-# MoE-CNN (N = 2) 5.55 M, of which one pathway, 0.28 GFLOPs, runs per image: S-Dense's cost, about twice
-# its weights (8.30 M with the default shared core: a core and N offsets per routed conv, deviation 14).
+# CIFAR-10: Dense 11.17 M parameters, 1.11 GFLOPs per image; S-Dense (r = 0.5) 2.80 M, 0.28; the MoE-CNN
+# (N = 2) runs one pathway, S-Dense's 0.28 GFLOPs, with 5.55 M parameters (8.30 M with the shared core).
 class BasicBlock(nn.Module):
     """ResNet block: relu(BN(conv2(relu(BN(conv1 x)))) + shortcut(x)); both 3x3 convs routed."""
     def __init__(self, spec: Spec, cin: int, cout: int, stride: int):
@@ -462,7 +452,7 @@ class ResNet18(nn.Module):
         return self.fc(x.mean((2, 3)))              # pool (B, r*512) -> (B, classes)
 
 # The stem and the other three backbones below repeat this pattern with their own blocks: a first read can
-# skip to the comment above BACKBONES and `class MoECNN`, which wraps them all.
+# skip to "The model a method trains", above `class MoECNN`, which wraps them all.
 #
 # The stem, the first conv on the RGB image, is shared by the experts and r*C wide (deviation 4): a pathway is
 # then exactly S-Dense, and the first routers pool the stem's r*C features rather than 3 colour channels.
@@ -638,25 +628,23 @@ def backbone_params(model: nn.Module) -> list[nn.Parameter]:
 # 5. Evaluation: SA, RA (PGD-50), stronger attacks, AutoAttack, routing statistics, GFLOPs
 # ==================================================================================================
 # The paper reports SA (clean accuracy), RA under PGD-50 at the training eps, RA under AutoAttack (Table 2)
-# and GFLOPs. Hard top-1 routing is an argmax, so a gradient attack through it can understate an attacker
+# and GFLOPs. Hard top-1 routing is an argmax, so a gradient attack through it can overstate robustness
 # (gradient masking): the soft attack differentiates through the experts mixed by the routers' probabilities,
 # and Square needs no gradient. RA-worst counts an image robust only if it survives every attack run. The
 # routing under attack (Insight 2) splits the PGD examples of the images correct when clean by whether the
 # routers' choices moved and whether the prediction did. Protocol: PGD-50, step eps/4, uniform start (Table
 # 1's RA); AutoAttack at its reference settings (Table 2); eval mode, float32, a random stream per attack.
 # A first read: adversaries, evaluate's docstring (the numbers), routing_counts (Insight 2's split),
-# pathway_diversity and gflops_per_input; the bodies of evaluate and routing_summary are bookkeeping.
+# routing_summary's docstring, pathway_diversity and gflops_per_input (the bodies of evaluate and
+# routing_summary are bookkeeping).
 EVAL_BATCH = 256  # images per batch of evaluation (the attacks' random starts are drawn per batch)
 
 def adversaries(name: str, model: nn.Module, x, y, s, steps: int, gen: torch.Generator | None = None,
                 log=None) -> list[tuple[str, torch.Tensor]]:
     """NOTE(ours), deviation 9: the attacks of --eval-attacks, as (label, x_adv) pairs, the soft attack and
-    Square beside the paper's PGD (RA-worst over all). Hard top-1 routing can hide gradients, so PGD
-    through the straight-through routers may overstate robustness: "soft" is the same PGD with a surrogate
-    gradient through routing (value: the hard output; gradient: as if the output were sum_e p_e E_e(x);
-    section 6), and Square is gradient-free (gradient masking cannot fool it). Labels: "pgd<K>",
-    "soft", "square", and AutoAttack's "autoattack/<component>" after each component, then "autoattack".
-    A model without routers has no soft attack (it would be PGD again)."""
+    Square beside the paper's PGD (RA-worst over all; why: the section's header). Labels: "pgd<K>", "soft",
+    "square", and AutoAttack's "autoattack/<component>" after each component, then "autoattack". A model
+    without routers has no soft attack (it would be PGD again)."""
     if name == "pgd":  # the paper's RA: CE through the straight-through routers
         return [(f"pgd{steps}", pgd(model, x, ce_objective(model, y), s.eps, s.test_step_size, steps,
                                     generator=gen))]
@@ -679,7 +667,7 @@ def evaluate(model: nn.Module, data, s, steps: int | None = None, limit: int = 0
         RA_a      = 100 * #{b : f(x'_b) = y_b} / n_a, x' = attack a's example; n_a = the images a saw (n; for
                     AutoAttack the first --aa-n, with PGD's RA on the same images beside it); RA = RA_PGD
         RA-worst  = 100 * #{b : correct clean and under every attack} / #{b : every attack saw b}
-        4-way split of Insight 2 under PGD, over the split_n images correct when clean: routing_summary.
+        4-way split of Insight 2 under PGD, over the images correct when clean (routing_summary).
         SA with random routing: SA with every routing decision replaced by a uniformly random expert (does
                     the routing matter? If not, the experts are interchangeable: S-Dense with copies).
     Everything runs in float32: FAB and Square stop just past the decision boundary, and routing is an argmax,
@@ -748,13 +736,12 @@ def percent(correct: torch.Tensor) -> float:
 # PGD, and whether it is classified correctly. Insight 2 splits the examples by which of the two ways in an
 # attack took: it moved the routers' choices (another pathway), fooled the pathway chosen, both, or neither
 # (a failed attack); the paper finds that routers made robust alone leave the prediction fragile. Counts
-# first (routing_counts), shares after (routing_summary). A layer is collapsed when one expert takes 95% or
-# more of the clean inputs; "uncollapsed": a router counts as fooled only if an uncollapsed layer flipped.
+# first (routing_counts), shares after (routing_summary).
 def routing_counts(choice, choice_adv, ok_adv, ok_clean, n_experts: int, layers=slice(None)):
     """From each input's pathway (B, L), clean and under attack, and whether it is classified correctly under
     attack and clean (B,): inputs per expert per layer (L, N), clean and under attack; flips per layer (L,);
     the 4-way split's counts (4,), over the inputs correct when clean only, with the router counted as fooled
-    when the choice of one of `layers` moved (router robustness: groups (1) + (3), no layer moved)."""
+    when the choice of one of `layers` moved."""
     # a layer "flips" an input when the attack moved its choice of expert there
     flipped = choice != choice_adv                                             # (B, L)
     fooled = flipped[:, layers].any(1)                                         # (B,) a layer's choice moved
@@ -771,10 +758,10 @@ SPLIT_4WAY = ("neither", "router_only", "prediction_only", "both")  # Insight 2'
 
 def routing_summary(choice, choice_adv, ok_adv, ok_clean, n_experts: int) -> dict:
     """result["routing"]: expert usage per layer, clean and under PGD; how often PGD flips each layer's
-    choice; the 4-way split in % of the split_n clean-correct inputs, router robustness = (1) + (3) and MoE
-    robustness = (1) + (2); pathway diversity, clean and under PGD. A collapsed layer (one expert takes 95% or
-    more of the clean inputs) can hardly flip, so router robustness is also given over the other layers, with
-    their mean flip rate."""
+    choice; the 4-way split in % of the split_n clean-correct inputs, router robustness = neither +
+    prediction_only and MoE robustness = neither + router_only; pathway diversity, clean and under PGD. A
+    collapsed layer (one expert takes 95% or more of the clean inputs) can hardly flip, so router robustness
+    is also given over the other layers, with their mean flip rate."""
     # n inputs in all; m of them correct when clean, the split's denominator (NOTE(ours), deviation 10)
     n, m = len(choice), max(int(ok_clean.sum()), 1)
     usage, usage_adv, flips, split = routing_counts(choice, choice_adv, ok_adv, ok_clean, n_experts)
@@ -807,10 +794,10 @@ def pathway_diversity(choices: torch.Tensor) -> dict:
 
 def gflops_per_input(model: nn.Module, x: torch.Tensor) -> float:
     """NOTE(ours), deviation 11: FLOPs of one eval forward on the sparse path, counted by torch's
-    FlopCounterMode on the ops that run (a multiply-add counts 2), per input: for an MoE-CNN the chosen
-    pathway and the routers, nothing else. The paper's GFLOPs compare Dense, S-Dense and the MoE-CNN at
-    inference: an MoE-CNN's is S-Dense's plus its routers' (a pooled linear map per layer), whatever N.
-    Dense ResNet-18 at 32 px: 1.11 GFLOPs."""
+    FlopCounterMode on the convs and linear maps that run (a multiply-add counts 2), per input: for an
+    MoE-CNN the chosen pathway and the routers, nothing else. The paper's GFLOPs compare Dense, S-Dense and
+    the MoE-CNN at inference: an MoE-CNN's is S-Dense's plus its routers' (a pooled linear map per layer),
+    whatever N. Dense ResNet-18 at 32 px: 1.11 GFLOPs."""
     from torch.utils.flop_counter import FlopCounterMode
     # on the sparse path an MoE-CNN's count is what one input runs, not N experts' worth (the masked path's)
     with evaluating(model), torch.no_grad(), FlopCounterMode(display=False) as counter:
@@ -826,7 +813,7 @@ def gflops_per_input(model: nn.Module, x: torch.Tensor) -> float:
 # tests' reference for the sparse path); the same forward mixes the experts by the router's probabilities for
 # the soft attack (section 5). Then the plumbing of AutoAttack (section 5); the routing variants the paper
 # does not train: one global router for every layer (the authors' code); and the routing regularizers: the
-# balance term, on by default (section 3's R(phi), deviation 14), the authors' router loss.
+# balance term, on by default (section 2's R(phi), deviation 14), the authors' router loss.
 def masked_forward(self: MoEConv, x: torch.Tensor, gate: Gate, soft: bool = False):
     """The sparse path reads the group sizes on the host, which stalls a GPU once per layer; on CUDA ("auto")
     every expert runs on every input instead (static shapes, no host read, one graph for torch.compile) at N
@@ -1108,7 +1095,7 @@ class Settings:
     model_experts = property(lambda self: self.n_experts if self.method in MOE_METHODS else 1)
     name = property(lambda self: f"{self.dataset}_{self.arch}_{self.method}_r{self.model_ratio:g}"
                                  f"_n{self.model_experts}_s{self.seed}")
-    # what the method's functions read of these settings (section 3)
+    # what the method's functions read of these settings (section 2)
     objective = property(lambda self: Objective(self.loss, BETA, self.eps, self.train_step_size,
                                                 self.train_steps, self.balance, self.router_supervision,
                                                 self.router == "authors"))
