@@ -16,7 +16,7 @@ Notation (paper -> code)
     psi      backbone and experts: every parameter whose name has no "router"    backbone_params()
     phi      routers (a gate per MoE layer, or the one global router)           router_params()
     N, r     experts per MoE layer; an expert has r*C filters                     --n-experts, --ratio
-    S-Dense  the backbone with every layer's C channels times r: a pathway's shape and cost
+    S-Dense  the backbone with every layer's C channels times r
     eps      l_inf radius on inputs in [0,1] (8/255 on CIFAR; the model normalizes them itself)
     K        PGD steps in training (2); 50 at test time                        --train-steps, --test-steps
     beta     TRADES weight 1/lambda (6)                                         BETA
@@ -64,7 +64,7 @@ MEAN_STD = {  # per-channel mean and std; the model normalizes as its first laye
 # (top-1, hard). Every input thus runs a pathway of r*C channels per layer, S-Dense's width, whatever N.
 # The choice is an argmax, so it has no gradient: the straight-through estimator below gives the router one.
 # Gate: one MoE layer's routing decision for a batch: logits (B, N) router scores, choice (B,) the chosen
-# expert e(b), scale (B,) exactly 1.0 in value that carries the router's gradient (straight-through).
+# expert e(b), scale (B,) s_b, 1.0 in value (top1_gate).
 Gate = NamedTuple("Gate", [("logits", torch.Tensor), ("choice", torch.Tensor), ("scale", torch.Tensor)])
 
 def top1_gate(logits: torch.Tensor, random: torch.Generator | None = None) -> Gate:
@@ -77,7 +77,7 @@ def top1_gate(logits: torch.Tensor, random: torch.Generator | None = None) -> Ga
     # s_b = 1 + p_{e(b)} - sg(p_{e(b)}) (sg: stop-gradient, detach): value 1, gradient that of p_{e(b)}, so
     # with y_b = s_b E_{e(b)}(x_b) (E_e: expert e's conv + BatchNorm) the router gets dL/dp_{e(b)} =
     # <dL/dy_b, E_{e(b)}(x_b)>: SGD raises p_{e(b)} where scaling that expert's output up would lower the loss
-    return Gate(logits, choice, 1.0 + (p - p.detach()))  # NOTE(official code): theirs skips the softmax
+    return Gate(logits, choice, 1.0 + (p - p.detach()))  # NOTE(official code): theirs, no softmax
 
 def straight_through(y: torch.Tensor, gate: Gate) -> torch.Tensor:
     """y_b * s_b: the chosen expert's output in value, the router's gradient in the backward pass (with no
@@ -161,9 +161,8 @@ class MoEConv(nn.Module):
         if routing.dispatch != "sparse":
             return masked_forward(self, x, gate, soft=routing.dispatch == "soft")
         # the sparse path: sort the batch by expert, run each expert on its slice (split keeps empty pieces,
-        # so e is the expert's index; an empty one has nothing to run and is skipped), undo the sort. E.g.
-        # choice [1, 0, 1] -> sizes [1, 2]: expert 0 gets x1, expert 1 gets x0 and x2; order.argsort() puts
-        # the outputs back in the batch's order.
+        # so e is the expert's index), undo the sort. E.g. choice [1, 0, 1] -> sizes [1, 2]: expert 0 gets x1,
+        # expert 1 gets x0 and x2; order.argsort() puts the outputs back in the batch's order.
         # y_b = E_{e(b)}(x_b): one conv of r*C filters per expert, on the inputs routed to it (S-Dense's cost)
         order, sizes = gate.choice.argsort(), gate.choice.bincount(minlength=self.n).tolist()  # one host read
         xs = x[order].split(sizes)                                                # N x (b_e, cin, H, W)
@@ -186,7 +185,7 @@ class MoEConv(nn.Module):
 # Each method is a step function on a list of batches. The attack and loss called here, pgd (projected
 # sign-gradient ascent on any loss, in eval mode) and trades_loss (CE + beta KL), are in section 3.
 # Objective (Settings.objective): the loss ("trades": the paper's), beta, the attack's eps (on [0,1] inputs),
-# step alpha (1.25 eps / K, deviation 13) and K steps; the weights of R(phi) (see level).
+# step alpha (1.25 eps / K, deviation 13) and K steps; the weights of R(phi), a routing regularizer (level).
 Objective = NamedTuple("Objective", [("loss", str), ("beta", float), ("eps", float), ("step_size", float),
                                      ("steps", int), ("balance", float), ("supervision", float),
                                      ("authors", bool)])
@@ -198,7 +197,7 @@ def advmoe_step(model: nn.Module, opts: dict, batches: list, obj: Objective, red
     # 4: lower level: with psi fixed, update phi by minimizing L_TRADES (+ R(phi), see level) with a K-step
     #    PGD attack, SGD on B_phi (psi's BatchNorm statistics, buffers, still update: deviation 6)
     router_stats = level(model, opts["phi"], x_phi, y_phi, obj, regularize=True, reduce=reduce)
-    # 5: upper level: with phi fixed (= phi*: one SGD step, not the argmin), update psi by minimizing
+    # 5: upper level: with phi fixed (= phi*), update psi by minimizing
     #    L_TRADES with a K-step PGD attack made anew against (psi, phi*), SGD on B_psi
     stats = level(model, opts["psi"], x_psi, y_psi, obj, regularize=False, reduce=reduce)
     return {**stats, "router_loss": router_stats["loss"]}
@@ -209,7 +208,8 @@ def level(model: nn.Module, opt: torch.optim.Optimizer, x, y, obj: Objective, re
     torchrun's average of their gradients."""
     objective, reg, stats = robust_loss(model, x, y, obj)
     # L = L_TRADES(psi, phi; B), + R(phi) where the routers are trained (AdvMoE's lower level, or a joint
-    # method's one loss). R(phi): 0 in the paper; by default the Switch balance term (deviation 14, section 6)
+    # method's one loss). R(phi): 0 in the paper; by default the Switch balance term 0.1 N sum_k f_k P_k
+    # (deviation 14; f_k, P_k: section 6)
     loss = objective + reg if regularize else objective
     # backward(inputs=...) leaves the other level's .grad untouched: its parameters are "fixed"
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -251,7 +251,7 @@ def training_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Obj
     8/255, K = 2), in eval mode."""
     if obj.loss == "trades":
         with torch.no_grad(), evaluating(model):
-            target = model(x).clone()  # P = f(x), fixed (a copy: CUDA graphs reuse outputs)
+            target = model(x).clone()  # P = f(x), fixed (cloned for --compile)
         # max_delta KL(f(x) || f(x + delta)), started at x + 0.001 N(0, I)
         return pgd(model, x, lambda xa: kl_from_logits(target, model(xa), "sum"), obj.eps, obj.step_size,
                    obj.steps, start="normal")
@@ -273,7 +273,7 @@ def make_optimizers(model: nn.Module, s, device) -> dict[str, torch.optim.Optimi
     """AdvMoE: one SGD for the routers phi and one for the backbone psi, same settings, one schedule (the
     paper adds no hyper-parameter here; --router-lr scales phi's rate, deviation 7). Joint methods: one SGD
     over everything, or over phi or psi alone (--train-params, default "all"; the Sec. 4 study)."""
-    # each group keeps its base_lr, which set_lr scales every iteration; fused: CUDA's kernel (None: CPU's)
+    # fused: CUDA's kernel (None: the CPU's default)
     kw = dict(lr=s.lr, momentum=MOMENTUM, weight_decay=WEIGHT_DECAY, fused=device.type == "cuda" or None)
     phi = {"params": router_params(model), "base_lr": s.lr * s.router_lr, "name": "routers"}
     # psi = backbone_params; with the shared core (deviation 14; a first read skips it) the experts' offsets
@@ -387,8 +387,7 @@ BETA = 6.0
 class Spec(NamedTuple):
     """What tells Dense (r = 1, N = 1), S-Dense (r < 1, N = 1) and MoE-CNN (N >= 2) apart, for any backbone.
     Channel counts passed in are the paper's C (a tuple: a concatenation of groups, DenseNet). layer_router:
-    a gate per MoE layer (False: the global router decides); base: --width W (Dense has round(W * C)
-    channels)."""
+    a gate per MoE layer (False: the global router decides); base: --width W (1: the paper's networks)."""
     ratio: float = 1.0
     n_experts: int = 1
     layer_router: bool = True
@@ -591,9 +590,8 @@ class MoECNN(nn.Module):
                  n_experts: int = 1, router: str = "layer", mean_std=MEAN_STD["cifar10"], width: float = 1.0,
                  shared_bn: bool = False, router_standardize: bool = True, shared_core: bool = False):
         super().__init__()
-        # (a first read: router "layer", so global_router is None)
-        # NOTE(official code), --router authors: their routing has one BatchNorm shared by a layer's experts
-        # and a router whose pooled features are not standardized (and which learns from its own loss only)
+        # (a first read: router "layer", so global_router is None) NOTE(official code), --router authors:
+        # their routing shares a layer's BatchNorm among its experts and reads unstandardized features
         authors = router == "authors"
         spec = Spec(ratio, n_experts, layer_router=router == "layer", base=width, shared_core=shared_core,
                     shared_bn=shared_bn or authors, standardized=router_standardize and not authors)
@@ -664,8 +662,8 @@ def evaluate(model: nn.Module, data, s, steps: int | None = None, limit: int = 0
              split: str = "test", log=lambda line: None) -> dict:
     """In %, on the first `limit` images (n) of `split`, each attack at the training eps:
         SA        = 100 * #{b : f(x_b) = y_b} / n
-        RA_a      = 100 * #{b : f(x'_b) = y_b} / n_a, x' = attack a's example; n_a = the images a saw (n; for
-                    AutoAttack the first --aa-n, with PGD's RA on the same images beside it); RA = RA_PGD
+        RA_a      = 100 * #{b : f(x'_b) = y_b} / n_a, x' = attack a's example; n_a = the images a saw (n;
+                    AutoAttack: the first --aa-n); RA = RA_PGD
         RA-worst  = 100 * #{b : correct clean and under every attack} / #{b : every attack saw b}
         4-way split of Insight 2 under PGD, over the images correct when clean (routing_summary).
         SA with random routing: SA with every routing decision replaced by a uniformly random expert (does
@@ -740,8 +738,7 @@ def percent(correct: torch.Tensor) -> float:
 def routing_counts(choice, choice_adv, ok_adv, ok_clean, n_experts: int, layers=slice(None)):
     """From each input's pathway (B, L), clean and under attack, and whether it is classified correctly under
     attack and clean (B,): inputs per expert per layer (L, N), clean and under attack; flips per layer (L,);
-    the 4-way split's counts (4,), over the inputs correct when clean only, with the router counted as fooled
-    when the choice of one of `layers` moved."""
+    the 4-way split's counts (4,), over the inputs correct when clean only."""
     # a layer "flips" an input when the attack moved its choice of expert there
     flipped = choice != choice_adv                                             # (B, L)
     fooled = flipped[:, layers].any(1)                                         # (B,) a layer's choice moved
