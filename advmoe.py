@@ -14,7 +14,7 @@ Usage
     bash train_all.sh                                # Tables 1-2, Figs. 7-8, Sec. 4 (not Fig. 6, Table 3)
 Notation (paper -> code)
     psi      backbone and experts: every parameter whose name has no "router"    backbone_params()
-    phi      routers (a gate per MoE layer, or the one global router)           router_params()
+    phi      routers (one per MoE layer, or the one global router)               router_params()
     N, r     experts per MoE layer; an expert has r*C filters                     --n-experts, --ratio
     S-Dense  the backbone with every layer's C channels times r
     eps      l_inf radius on inputs in [0,1] (8/255 on CIFAR; the model normalizes them itself)
@@ -64,7 +64,7 @@ MEAN_STD = {  # per-channel mean and std; the model normalizes as its first laye
 # (top-1, hard). Every input thus runs a pathway of r*C channels per layer, S-Dense's width, whatever N.
 # The choice is an argmax, so it has no gradient: the straight-through estimator below gives the router one.
 # Gate: one MoE layer's routing decision for a batch: logits (B, N) router scores, choice (B,) the chosen
-# expert e(b), scale (B,) s_b, 1.0 in value (top1_gate).
+# expert e(b), scale (B,) s_b (top1_gate).
 Gate = NamedTuple("Gate", [("logits", torch.Tensor), ("choice", torch.Tensor), ("scale", torch.Tensor)])
 
 def top1_gate(logits: torch.Tensor, random: torch.Generator | None = None) -> Gate:
@@ -77,7 +77,8 @@ def top1_gate(logits: torch.Tensor, random: torch.Generator | None = None) -> Ga
     # s_b = 1 + p_{e(b)} - sg(p_{e(b)}) (sg: stop-gradient, detach): value 1, gradient that of p_{e(b)}, so
     # with y_b = s_b E_{e(b)}(x_b) (E_e: expert e's conv + BatchNorm) the router gets dL/dp_{e(b)} =
     # <dL/dy_b, E_{e(b)}(x_b)>: SGD raises p_{e(b)} where scaling that expert's output up would lower the loss
-    return Gate(logits, choice, 1.0 + (p - p.detach()))  # NOTE(official code): theirs, no softmax
+    # NOTE(official code): theirs passes the hard one-hot's gradient to the raw scores, skipping the softmax
+    return Gate(logits, choice, 1.0 + (p - p.detach()))
 
 def straight_through(y: torch.Tensor, gate: Gate) -> torch.Tensor:
     """y_b * s_b: the chosen expert's output in value, the router's gradient in the backward pass (with no
@@ -112,8 +113,8 @@ class MoEConv(nn.Module):
     """A conv (and its BatchNorm) whose output channels are split into N experts of `cout` (= r*C) channels;
     a router picks one expert per input (Fig. 1a). With N = 1 it is a plain conv (Dense, S-Dense).
     NOTE(ours), deviation 3 (the paper: experts as sub-networks of one backbone): expert e owns filters
-    [e*cout, (e+1)*cout) of one (N*cout, cin, k, k) weight; all experts write the same cout channels, which
-    the next conv reads by position. A first read: core and shared_bn off, so
+    [e*cout, (e+1)*cout) of one (N*cout, cin, k, k) weight; all experts write the same cout channels, and the
+    next conv reads them whichever expert ran. A first read: core and shared_bn off, so
     W_e = weight[rows(e)] with its own BatchNorm (the default adds a shared core, deviation 14)."""
     def __init__(self, cin: int, cout: int, kernel: int, stride: int, n_experts: int, bn: bool, router: bool,
                  shared_bn: bool = False, standardized: bool = True, core: bool = False):
@@ -185,7 +186,7 @@ class MoEConv(nn.Module):
 # Each method is a step function on a list of batches. The attack and loss called here, pgd (projected
 # sign-gradient ascent on any loss, in eval mode) and trades_loss (CE + beta KL), are in section 3.
 # Objective (Settings.objective): the loss ("trades": the paper's), beta, the attack's eps (on [0,1] inputs),
-# step alpha (1.25 eps / K, deviation 13) and K steps; the weights of R(phi), a routing regularizer (level).
+# step alpha (1.25 eps / K, deviation 13) and K steps; the rest set R(phi), a routing regularizer.
 Objective = NamedTuple("Objective", [("loss", str), ("beta", float), ("eps", float), ("step_size", float),
                                      ("steps", int), ("balance", float), ("supervision", float),
                                      ("authors", bool)])
@@ -209,7 +210,7 @@ def level(model: nn.Module, opt: torch.optim.Optimizer, x, y, obj: Objective, re
     objective, reg, stats = robust_loss(model, x, y, obj)
     # L = L_TRADES(psi, phi; B), + R(phi) where the routers are trained (AdvMoE's lower level, or a joint
     # method's one loss). R(phi): 0 in the paper; by default the Switch balance term 0.1 N sum_k f_k P_k
-    # (deviation 14; f_k, P_k: section 6)
+    # (deviation 14; f_k: the share routed to k, P_k: its mean router probability)
     loss = objective + reg if regularize else objective
     # backward(inputs=...) leaves the other level's .grad untouched: its parameters are "fixed"
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -260,8 +261,8 @@ def training_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Obj
 
 def joint_step(model: nn.Module, opts: dict, batches: list, obj: Objective, reduce=None) -> dict:
     """AT(Dense), AT(S-Dense), AT(MoE) (and AT(Sparse)'s score learning, natural training): min over every
-    trained parameter of L_TRADES at once, one batch, one attack: the routers and the experts adapt to each
-    other only through the shared gradient step (Sec. 4: not enough)."""
+    trained parameter of L_TRADES (or --loss's) at once, one batch, one attack: the routers and the experts
+    adapt to each other only through the shared gradient step (Sec. 4: not enough)."""
     # make_optimizers names phi's group "routers" (Dense and S-Dense have none)
     routers = any(g["name"] == "routers" for g in opts["all"].param_groups)
     return level(model, opts["all"], *batches[0], obj, regularize=routers, reduce=reduce)
@@ -369,7 +370,7 @@ def ce_objective(model: nn.Module, y: torch.Tensor, dispatch: str = "auto") -> C
     return lambda x_adv: F.cross_entropy(model(x_adv, dispatch=dispatch).float(), y, reduction="sum")
 
 def trades_loss(logits: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float) -> torch.Tensor:
-    # (AT) CE(f(x), y) + beta * KL(f(x) || f(x + delta))
+    # TRADES: CE(f(x), y) + beta * KL(f(x) || f(x + delta))
     # as in TRADES' reference code, both sides of the KL carry gradient (only attack targets are detached)
     return F.cross_entropy(logits.float(), y) + beta * kl_from_logits(logits, logits_adv)
 
@@ -382,12 +383,12 @@ BETA = 6.0
 # Each backbone builds its convolutions through a Spec, so one class is Dense (r = 1, N = 1), S-Dense (every
 # channel count times r) or an MoE-CNN (N experts of r*C channels per routed conv). Routed: every conv of the
 # blocks but the projection shortcuts; shared by the experts: the stem, projection shortcuts, pre-activation
-# BatchNorms and the classifier (deviations 4, 5). A pathway (one expert per routed conv) thus has exactly
-# S-Dense's shapes and cost. Reading order: Spec, ResNet-18 (the paper's main backbone), then MoECNN.
+# BatchNorms (WRN, DenseNet) and the classifier (deviations 4, 5). A pathway (one expert per routed conv)
+# thus has exactly S-Dense's shapes and cost. Reading order: Spec, ResNet-18 (the main backbone), then MoECNN.
 class Spec(NamedTuple):
     """What tells Dense (r = 1, N = 1), S-Dense (r < 1, N = 1) and MoE-CNN (N >= 2) apart, for any backbone.
     Channel counts passed in are the paper's C (a tuple: a concatenation of groups, DenseNet). layer_router:
-    a gate per MoE layer (False: the global router decides); base: --width W (1: the paper's networks)."""
+    a router per MoE layer (False: the global router decides); base: --width W (1: the paper's networks)."""
     ratio: float = 1.0
     n_experts: int = 1
     layer_router: bool = True
@@ -396,8 +397,9 @@ class Spec(NamedTuple):
     standardized: bool = True
     shared_core: bool = False
     def width(self, channels: int | tuple) -> int:
-        """Channels of a tensor in the pathway (= S-Dense): r * round(W * C), at least 1; of a concatenation,
-        the sum of its groups' widths (so a pruned Dense network and S-Dense have the same shapes)."""
+        """Channels of a tensor in the pathway (= S-Dense): round(r * round(W * C)), at least 1; of a
+        concatenation, the sum of its groups' widths (so a pruned Dense network and S-Dense have the same
+        shapes)."""
         if isinstance(channels, tuple):  # DenseNet only
             return sum(self.width(c) for c in channels)
         # e.g. ResNet-18's 64 at W = 0.25: 16 Dense channels, 8 in a pathway at r = 0.5
@@ -450,8 +452,8 @@ class ResNet18(nn.Module):
             x = block(x, routing)
         return self.fc(x.mean((2, 3)))              # pool (B, r*512) -> (B, classes)
 
-# The stem and the other three backbones below repeat this pattern with their own blocks: a first read can
-# skip to "The model a method trains", above `class MoECNN`, which wraps them all.
+# Below: the shared stem, then three more backbones in the same pattern with their own blocks. A first read
+# can skip to "The model a method trains", above `class MoECNN`, which wraps them all.
 #
 # The stem, the first conv on the RGB image, is shared by the experts and r*C wide (deviation 4): a pathway is
 # then exactly S-Dense, and the first routers pool the stem's r*C features rather than 3 colour channels.
@@ -590,8 +592,8 @@ class MoECNN(nn.Module):
                  n_experts: int = 1, router: str = "layer", mean_std=MEAN_STD["cifar10"], width: float = 1.0,
                  shared_bn: bool = False, router_standardize: bool = True, shared_core: bool = False):
         super().__init__()
-        # (a first read: router "layer", so global_router is None) NOTE(official code), --router authors:
-        # their routing shares a layer's BatchNorm among its experts and reads unstandardized features
+        # NOTE(official code), --router authors: their routing shares a layer's BatchNorm among its experts
+        # and reads unstandardized features
         authors = router == "authors"
         spec = Spec(ratio, n_experts, layer_router=router == "layer", base=width, shared_core=shared_core,
                     shared_bn=shared_bn or authors, standardized=router_standardize and not authors)
@@ -612,7 +614,7 @@ class MoECNN(nn.Module):
         logits = self.backbone(x, routing)
         return (logits, routing.gates) if return_routing else logits
 
-# Algorithm 1's two levels split the parameters by name: phi is every router (a gate per MoE layer, or the
+# Algorithm 1's two levels split the parameters by name: phi is every router (one per MoE layer, or the
 # global router), psi everything else, the experts' filters and BatchNorms included.
 def router_params(model: nn.Module) -> list[nn.Parameter]:
     """phi: the routers' parameters."""
@@ -628,10 +630,9 @@ def backbone_params(model: nn.Module) -> list[nn.Parameter]:
 # The paper reports SA (clean accuracy), RA under PGD-50 at the training eps, RA under AutoAttack (Table 2)
 # and GFLOPs. Hard top-1 routing is an argmax, so a gradient attack through it can overstate robustness
 # (gradient masking): the soft attack differentiates through the experts mixed by the routers' probabilities,
-# and Square needs no gradient. RA-worst counts an image robust only if it survives every attack run. The
-# routing under attack (Insight 2) splits the PGD examples of the images correct when clean by whether the
-# routers' choices moved and whether the prediction did. Protocol: PGD-50, step eps/4, uniform start (Table
-# 1's RA); AutoAttack at its reference settings (Table 2); eval mode, float32, a random stream per attack.
+# and Square needs no gradient. RA-worst counts an image robust only if it survives every attack run.
+# Protocol: PGD-50, step eps/4, uniform start (Table 1's RA); AutoAttack at its reference settings (Table 2);
+# eval mode, float32, a random stream per attack. Then the routing under attack (Insight 2).
 # A first read: adversaries, evaluate's docstring (the numbers), routing_counts (Insight 2's split),
 # routing_summary's docstring, pathway_diversity and gflops_per_input (the bodies of evaluate and
 # routing_summary are bookkeeping).
@@ -755,10 +756,10 @@ SPLIT_4WAY = ("neither", "router_only", "prediction_only", "both")  # Insight 2'
 
 def routing_summary(choice, choice_adv, ok_adv, ok_clean, n_experts: int) -> dict:
     """result["routing"]: expert usage per layer, clean and under PGD; how often PGD flips each layer's
-    choice; the 4-way split in % of the split_n clean-correct inputs, router robustness = neither +
-    prediction_only and MoE robustness = neither + router_only; pathway diversity, clean and under PGD. A
-    collapsed layer (one expert takes 95% or more of the clean inputs) can hardly flip, so router robustness
-    is also given over the other layers, with their mean flip rate."""
+    choice; the 4-way split in % of the split_n clean-correct inputs, router robustness (choices unmoved) =
+    neither + prediction_only and MoE robustness = neither + router_only; pathway diversity, clean and under
+    PGD. A collapsed layer (one expert takes 95% or more of the clean inputs) can hardly flip, so router
+    robustness is also given over the other layers, with their mean flip rate."""
     # n inputs in all; m of them correct when clean, the split's denominator (NOTE(ours), deviation 10)
     n, m = len(choice), max(int(ok_clean.sum()), 1)
     usage, usage_adv, flips, split = routing_counts(choice, choice_adv, ok_adv, ok_clean, n_experts)
@@ -893,9 +894,9 @@ def autoattack(model: nn.Module, x, y, eps: float, seed: int, log=None) -> list[
         found.append((f"autoattack/{name}", x_adv.clone()))
     return found + [("autoattack", x_adv)]
 
-# The global router (the authors' code, --router global): one decision per image, from the image itself,
-# shared by every MoE layer, so an input runs one of N fixed pathways. The paper's Fig. A1 instead has a
-# router per layer, reading that layer's input; results/moe_learnability/ compares both.
+# The global router (the authors' architecture, --router global): one decision per image, from the image
+# itself, shared by every MoE layer, so an input runs one of N fixed pathways. The paper's Fig. A1 instead has
+# a router per layer, reading that layer's input; results/moe_learnability/ compares both.
 class GlobalRouter(nn.Module):
     """NOTE(ours), deviation 7: an image-level router (theirs a ResNet-20-like CNN on the raw image, this
     three conv-BN-ReLU layers of 16/32/64 channels on the normalized one), its pooled features standardized
@@ -970,7 +971,7 @@ class Settings:
     n_experts: int = 2
     # W: base channel multiplier of every backbone (1: the paper's networks; NOTE(ours), deviation 12)
     width: float = 1.0
-    # layer: a gate per MoE layer (the paper) | global: one image-level router, trained by the task loss |
+    # layer: a router per MoE layer (the paper) | global: one image-level router, trained by the task loss |
     # authors: the authors' code: a global router trained only by 6 CE(y mod N) (+ 6 KL(clean || adversarial)
     # of its outputs under an attack), no task gradient, one BatchNorm shared by the experts, unstandardized
     router: str = "layer"
