@@ -29,7 +29,7 @@ Map (read in order; the method is sections 1-5)
     6. Beside the method: masked and soft forwards, AutoAttack, the global router, the routing regularizers
     7-14. Operations: settings, data, the training loop, AT(Sparse)'s pruning, files, report, bench, CLI
     Deviations from the paper: listed at the end of the file, marked NOTE(ours) where made (the main one:
-    14, the default MoE recipe).
+    14, the default MoE recipe); NOTE(official code) and NOTE(paper): what the authors' code or the paper does.
 """
 from __future__ import annotations
 
@@ -64,7 +64,7 @@ MEAN_STD = {  # per-channel mean and std; the model normalizes as its first laye
 # (top-1, hard). Every input thus runs a pathway of r*C channels per layer, S-Dense's width, whatever N.
 # The choice is an argmax, so it has no gradient: the straight-through estimator below gives the router one.
 # Gate: one MoE layer's routing decision for a batch: logits (B, N) router scores, choice (B,) the chosen
-# expert e(b), scale (B,) s_b (top1_gate).
+# expert e(b), scale (B,) the router's straight-through factor (top1_gate).
 Gate = NamedTuple("Gate", [("logits", torch.Tensor), ("choice", torch.Tensor), ("scale", torch.Tensor)])
 
 def top1_gate(logits: torch.Tensor, random: torch.Generator | None = None) -> Gate:
@@ -110,8 +110,8 @@ def router_head(cin: int, n_experts: int) -> nn.Linear:
     return head
 
 class MoEConv(nn.Module):
-    """A conv (and its BatchNorm) whose output channels are split into N experts of `cout` (= r*C) channels;
-    a router picks one expert per input (Fig. 1a). With N = 1 it is a plain conv (Dense, S-Dense).
+    """A conv (and its BatchNorm) with N experts of `cout` (= r*C) filters each; a router picks one expert per
+    input (Fig. 1a). With N = 1 it is a plain conv (Dense, S-Dense).
     NOTE(ours), deviation 3 (the paper: experts as sub-networks of one backbone): expert e owns filters
     [e*cout, (e+1)*cout) of one (N*cout, cin, k, k) weight; all experts write the same cout channels, and the
     next conv reads them whichever expert ran. A first read: core and shared_bn off, so
@@ -210,7 +210,7 @@ def level(model: nn.Module, opt: torch.optim.Optimizer, x, y, obj: Objective, re
     objective, reg, stats = robust_loss(model, x, y, obj)
     # L = L_TRADES(psi, phi; B), + R(phi) where the routers are trained (AdvMoE's lower level, or a joint
     # method's one loss). R(phi): 0 in the paper; by default the Switch balance term 0.1 N sum_k f_k P_k
-    # (deviation 14; f_k: the share routed to k, P_k: its mean router probability)
+    # (deviation 14; f_k: the share routed to k, P_k: its mean router probability), averaged over layers
     loss = objective + reg if regularize else objective
     # backward(inputs=...) leaves the other level's .grad untouched: its parameters are "fixed"
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -282,7 +282,7 @@ def make_optimizers(model: nn.Module, s, device) -> dict[str, torch.optim.Optimi
     offsets = {m.weight for m in model.modules() if isinstance(m, MoEConv) and m.core is not None}
     backbone = backbone_params(model)
     psi = [{"params": [p for p in backbone if p not in offsets], "base_lr": s.lr, "name": "backbone"}]
-    if offsets:  # a group of their own, which set_lr can hold at 0
+    if offsets:
         psi.append({"params": [p for p in backbone if p in offsets], "base_lr": s.lr, "name": "offsets"})
     if s.method == "advmoe":
         return {"phi": torch.optim.SGD([phi], **kw), "psi": torch.optim.SGD(psi, **kw)}
@@ -381,8 +381,8 @@ BETA = 6.0
 # 4. Backbones, each written once; `Spec` makes the same class Dense, S-Dense or MoE-CNN
 # ==================================================================================================
 # Each backbone builds its convolutions through a Spec, so one class is Dense (r = 1, N = 1), S-Dense (every
-# channel count times r) or an MoE-CNN (N experts of r*C channels per routed conv). Routed: every conv of the
-# blocks but the projection shortcuts; shared by the experts: the stem, projection shortcuts, pre-activation
+# channel count times r) or an MoE-CNN (N experts of r*C channels per routed conv). Routed: every conv but the
+# stem and the projection shortcuts; shared by the experts: the stem, projection shortcuts, pre-activation
 # BatchNorms (WRN, DenseNet) and the classifier (deviations 4, 5). A pathway (one expert per routed conv)
 # thus has exactly S-Dense's shapes and cost. Reading order: Spec, ResNet-18 (the main backbone), then MoECNN.
 class Spec(NamedTuple):
@@ -398,8 +398,7 @@ class Spec(NamedTuple):
     shared_core: bool = False
     def width(self, channels: int | tuple) -> int:
         """Channels of a tensor in the pathway (= S-Dense): round(r * round(W * C)), at least 1; of a
-        concatenation, the sum of its groups' widths (so a pruned Dense network and S-Dense have the same
-        shapes)."""
+        concatenation, the sum of its groups' widths."""
         if isinstance(channels, tuple):  # DenseNet only
             return sum(self.width(c) for c in channels)
         # e.g. ResNet-18's 64 at W = 0.25: 16 Dense channels, 8 in a pathway at r = 0.5
@@ -576,10 +575,10 @@ class DenseNet(nn.Module):
         return self.fc(F.relu(self.bn(x)).mean((2, 3)))
 
 # The model a method trains: the inputs in [0,1] are normalized by the model itself (so an attack's eps-ball
-# lives in pixel units), then the backbone, which creates no state: the forward creates one Routing, every MoE
-# layer appends its Gate to it, and the caller gets them back (return_routing=True) for the routing
-# regularizer, the 4-way split and the routing statistics. With the global router its one Gate is decided
-# before the backbone runs and every MoE layer uses it.
+# lives in pixel units), then the backbone: the forward creates one Routing, every MoE layer appends its Gate
+# to it, and the caller gets them back (return_routing=True) for the routing regularizer, the 4-way split and
+# the routing statistics. With the global router its one Gate is decided before the backbone runs and every
+# MoE layer uses it.
 BACKBONES = {"resnet18": ResNet18, "wrn28_10": WideResNet, "vgg16": VGG16, "densenet": DenseNet}
 
 class MoECNN(nn.Module):
@@ -592,8 +591,8 @@ class MoECNN(nn.Module):
                  n_experts: int = 1, router: str = "layer", mean_std=MEAN_STD["cifar10"], width: float = 1.0,
                  shared_bn: bool = False, router_standardize: bool = True, shared_core: bool = False):
         super().__init__()
-        # NOTE(official code), --router authors: their routing shares a layer's BatchNorm among its experts
-        # and reads unstandardized features
+        # (a first read skips this) NOTE(official code), --router authors: their routing shares a layer's
+        # BatchNorm among its experts and reads unstandardized features
         authors = router == "authors"
         spec = Spec(ratio, n_experts, layer_router=router == "layer", base=width, shared_core=shared_core,
                     shared_bn=shared_bn or authors, standardized=router_standardize and not authors)
@@ -632,7 +631,7 @@ def backbone_params(model: nn.Module) -> list[nn.Parameter]:
 # (gradient masking): the soft attack differentiates through the experts mixed by the routers' probabilities,
 # and Square needs no gradient. RA-worst counts an image robust only if it survives every attack run.
 # Protocol: PGD-50, step eps/4, uniform start (Table 1's RA); AutoAttack at its reference settings (Table 2);
-# eval mode, float32, a random stream per attack. Then the routing under attack (Insight 2).
+# eval mode, float32, seeded by the run's seed. Then the routing under attack (Insight 2).
 # A first read: adversaries, evaluate's docstring (the numbers), routing_counts (Insight 2's split),
 # routing_summary's docstring, pathway_diversity and gflops_per_input (the bodies of evaluate and
 # routing_summary are bookkeeping).
@@ -641,9 +640,9 @@ EVAL_BATCH = 256  # images per batch of evaluation (the attacks' random starts a
 def adversaries(name: str, model: nn.Module, x, y, s, steps: int, gen: torch.Generator | None = None,
                 log=None) -> list[tuple[str, torch.Tensor]]:
     """NOTE(ours), deviation 9: the attacks of --eval-attacks, as (label, x_adv) pairs, the soft attack and
-    Square beside the paper's PGD (RA-worst over all; why: the section's header). Labels: "pgd<K>", "soft",
-    "square", and AutoAttack's "autoattack/<component>" after each component, then "autoattack". A model
-    without routers has no soft attack (it would be PGD again)."""
+    Square beside the paper's PGD (RA-worst over all; why: the section's header). Labels: "pgd<steps>",
+    "soft", "square", and AutoAttack's "autoattack/<component>" after each component, then "autoattack". A
+    model without routers has no soft attack (it would be PGD again)."""
     if name == "pgd":  # the paper's RA: CE through the straight-through routers
         return [(f"pgd{steps}", pgd(model, x, ce_objective(model, y), s.eps, s.test_step_size, steps,
                                     generator=gen))]
@@ -673,9 +672,9 @@ def evaluate(model: nn.Module, data, s, steps: int | None = None, limit: int = 0
     so a bf16 re-classification could flip them back."""
     steps, device, classes = steps or s.test_steps, next(model.parameters()).device, model.backbone.fc
     attacks = ("pgd",) + tuple(a for a in attacks if a != "pgd")
-    # each attack, and the random routing, draws from its own stream, seeded by the run's seed and its fixed
-    # index in EVAL_ATTACKS: adding an attack changes no other attack's RA, and an --eval-only gives a run's
-    # numbers again
+    # PGD, the soft attack and the random routing each draw from their own stream, seeded by the run's seed
+    # and a fixed index (Square and AutoAttack seed torchattacks with the run's seed): adding an attack
+    # changes no other attack's RA, and an --eval-only gives a run's numbers again
     gens = {a: torch.Generator(device).manual_seed(1000 * s.seed + 2 * k)
             for k, a in enumerate(EVAL_ATTACKS + ("random routing",))}
     # label -> per batch, (b,) correct under it; paths: per batch, (B, L) each input's expert at every layer
@@ -731,15 +730,17 @@ def percent(correct: torch.Tensor) -> float:
     """100 * (the share of True in `correct`), 2 decimals: SA, RA_a, RA-worst."""
     return round(100 * correct.float().mean().item(), 2)
 
+SPLIT_4WAY = ("neither", "router_only", "prediction_only", "both")  # Insight 2's groups (1)-(4)
 # The routing statistics, from each input's pathway (its expert at every MoE layer, (B, L)) clean and under
 # PGD, and whether it is classified correctly. Insight 2 splits the examples by which of the two ways in an
 # attack took: it moved the routers' choices (another pathway), fooled the pathway chosen, both, or neither
-# (a failed attack); the paper finds that routers made robust alone leave the prediction fragile. Counts
+# the paper finds that routers made robust alone leave the prediction fragile. Counts
 # first (routing_counts), shares after (routing_summary).
 def routing_counts(choice, choice_adv, ok_adv, ok_clean, n_experts: int, layers=slice(None)):
     """From each input's pathway (B, L), clean and under attack, and whether it is classified correctly under
     attack and clean (B,): inputs per expert per layer (L, N), clean and under attack; flips per layer (L,);
-    the 4-way split's counts (4,), over the inputs correct when clean only."""
+    the 4-way split's counts (4,), over the inputs correct when clean only (`layers`: those whose flips
+    count)."""
     # a layer "flips" an input when the attack moved its choice of expert there
     flipped = choice != choice_adv                                             # (B, L)
     fooled = flipped[:, layers].any(1)                                         # (B,) a layer's choice moved
@@ -751,8 +752,6 @@ def routing_counts(choice, choice_adv, ok_adv, ok_clean, n_experts: int, layers=
 def rounded(t: torch.Tensor, n: int = 1) -> list:
     """t / n as nested lists of numbers with 4 decimals (for JSON)."""
     return (t.double() / n).round(decimals=4).tolist()
-
-SPLIT_4WAY = ("neither", "router_only", "prediction_only", "both")  # Insight 2's groups (1)-(4)
 
 def routing_summary(choice, choice_adv, ok_adv, ok_clean, n_experts: int) -> dict:
     """result["routing"]: expert usage per layer, clean and under PGD; how often PGD flips each layer's
