@@ -29,7 +29,7 @@ Map (read in order; the method is sections 1-5)
     6. Beside the method: masked and soft forwards, AutoAttack, the global router, the routing regularizers
     7-14. Operations: settings, data, the training loop, AT(Sparse)'s pruning, files, report, bench, CLI
     Deviations from the paper: listed at the end of the file, marked NOTE(ours) where made (the main one:
-    14, the default MoE recipe); NOTE(official code) and NOTE(paper): what the authors' code or the paper does.
+    14, the default MoE recipe); NOTE(official code), NOTE(paper): what the authors' code or the paper does.
 """
 from __future__ import annotations
 
