@@ -186,7 +186,8 @@ class MoEConv(nn.Module):
 # Each method is a step function on a list of batches. The attack and loss called here, pgd (projected
 # sign-gradient ascent on any loss, in eval mode) and trades_loss (CE + beta KL), are in section 3.
 # Objective (Settings.objective): the loss ("trades": the paper's), beta, the attack's eps (on [0,1] inputs),
-# step alpha (1.25 eps / K, deviation 13) and K steps; the rest set R(phi), a routing regularizer.
+# step alpha (1.25 eps / K, deviation 13) and K steps; balance, supervision: R(phi)'s weights; authors:
+# section 6.
 Objective = NamedTuple("Objective", [("loss", str), ("beta", float), ("eps", float), ("step_size", float),
                                      ("steps", int), ("balance", float), ("supervision", float),
                                      ("authors", bool)])
@@ -196,7 +197,7 @@ def advmoe_step(model: nn.Module, opts: dict, batches: list, obj: Objective, red
     # 3: draw two different random batches B_phi and B_psi (two independent shuffles: batch_streams)
     (x_phi, y_phi), (x_psi, y_psi) = batches
     # 4: lower level: with psi fixed, update phi by minimizing L_TRADES (+ R(phi), see level) with a K-step
-    #    PGD attack, SGD on B_phi (psi's BatchNorm statistics, buffers, still update: deviation 6)
+    #    PGD attack, SGD on B_phi (BatchNorm running statistics still update on B_phi: deviation 6)
     router_stats = level(model, opts["phi"], x_phi, y_phi, obj, regularize=True, reduce=reduce)
     # 5: upper level: with phi fixed (= phi*), update psi by minimizing
     #    L_TRADES with a K-step PGD attack made anew against (psi, phi*), SGD on B_psi
@@ -210,7 +211,8 @@ def level(model: nn.Module, opt: torch.optim.Optimizer, x, y, obj: Objective, re
     objective, reg, stats = robust_loss(model, x, y, obj)
     # L = L_TRADES(psi, phi; B), + R(phi) where the routers are trained (AdvMoE's lower level, or a joint
     # method's one loss). R(phi): 0 in the paper; by default the Switch balance term 0.1 N sum_k f_k P_k
-    # (deviation 14; f_k: the share routed to k, P_k: its mean router probability), averaged over layers
+    # (deviation 14; f_k: the share routed to k, P_k: its mean router probability), averaged over the gates
+    # of both forwards
     loss = objective + reg if regularize else objective
     # backward(inputs=...) leaves the other level's .grad untouched: its parameters are "fixed"
     params = [p for g in opt.param_groups for p in g["params"]]
@@ -730,12 +732,12 @@ def percent(correct: torch.Tensor) -> float:
     """100 * (the share of True in `correct`), 2 decimals: SA, RA_a, RA-worst."""
     return round(100 * correct.float().mean().item(), 2)
 
-SPLIT_4WAY = ("neither", "router_only", "prediction_only", "both")  # Insight 2's groups (1)-(4)
+SPLIT_4WAY = ("neither", "router_only", "prediction_only", "both")  # Insight 2's (1)-(4): what was fooled
 # The routing statistics, from each input's pathway (its expert at every MoE layer, (B, L)) clean and under
 # PGD, and whether it is classified correctly. Insight 2 splits the examples by which of the two ways in an
-# attack took: it moved the routers' choices (another pathway), fooled the pathway chosen, both, or neither
-# the paper finds that routers made robust alone leave the prediction fragile. Counts
-# first (routing_counts), shares after (routing_summary).
+# attack took: it moved the routers' choices (another pathway), fooled the pathway chosen, both, or neither.
+# The paper finds that routers made robust alone leave the prediction fragile. Counts first (routing_counts),
+# shares after (routing_summary).
 def routing_counts(choice, choice_adv, ok_adv, ok_clean, n_experts: int, layers=slice(None)):
     """From each input's pathway (B, L), clean and under attack, and whether it is classified correctly under
     attack and clean (B,): inputs per expert per layer (L, N), clean and under attack; flips per layer (L,);
