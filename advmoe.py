@@ -233,6 +233,7 @@ def robust_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, obj: Objecti
     forward = functools.partial(model, return_routing=True)
     if obj.loss == "trades":  # the paper's: a fresh attack against the model as it is now, x' = argmax KL
         x_adv = training_attack(model, x, y, obj)
+        # x' first, so the clean batch updates BatchNorm's running statistics last (as TRADES' code does)
         (logits_adv, gates_adv), (logits, gates) = forward(x_adv), forward(x)
         # CE(f(x), y) + beta KL(f(x) || f(x'))
         objective = trades_loss(logits, logits_adv, y, obj.beta)
