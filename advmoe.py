@@ -61,7 +61,7 @@ MEAN_STD = {  # per-channel mean and std; the model normalizes as its first laye
 # ==================================================================================================
 # An MoE layer (Fig. 1a) replaces one convolution of the backbone with N experts of r*C filters each (one
 # weight of N*r*C filters); a small router looks at the layer's input and picks one expert per input
-# (top-1, hard). Every input thus runs a pathway of r*C channels per layer, S-Dense's width, whatever N.
+# (top-1, hard). Every input is thus computed by a pathway of r*C channels per layer, S-Dense's width.
 # The choice is an argmax, so it has no gradient: the straight-through estimator below gives the router one.
 # Gate: one MoE layer's routing decision for a batch: logits (B, N) router scores, choice (B,) the chosen
 # expert e(b), scale (B,) the router's straight-through factor (top1_gate).
